@@ -1,0 +1,13 @@
+"""User-facing errors.
+
+A :class:`VFSError` carries one clear sentence for the person who gave the input. The command
+line prints it on stderr and exits non-zero without a traceback; library callers can catch it.
+"""
+
+
+class VFSError(Exception):
+    """An error caused by the user's input, with a message meant to be shown as is."""
+
+
+class InputError(VFSError):
+    """An input file or argument cannot be used (missing, unreadable, wrong kind of data)."""

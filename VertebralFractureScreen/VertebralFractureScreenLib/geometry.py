@@ -1,0 +1,71 @@
+"""Voxel-grid geometry: IJK→RAS matrices and point transforms.
+
+A grid is described by a 4x4 homogeneous matrix ``ijk_to_ras`` in millimetres: column 0 is the
+step in RAS of one voxel along ``i`` (the array's last axis), column 1 along ``j``, column 2 along
+``k`` (the array's first axis), column 3 the RAS position of voxel ``(0, 0, 0)``'s centre.
+Arrays are indexed ``[k, j, i]``; point arrays here are ``(N, 3)`` in ``(i, j, k)`` or ``(R, A, S)``
+order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+"""Flips the first two axes: LPS (DICOM, ITK) ↔ RAS (Slicer, NIfTI world)."""
+
+
+def voxel_spacing(ijk_to_ras: np.ndarray) -> np.ndarray:
+    """Voxel size in mm along ``(i, j, k)`` (lengths of the matrix's first three columns)."""
+    return np.linalg.norm(np.asarray(ijk_to_ras, dtype=float)[:3, :3], axis=0)
+
+
+def voxel_volume_ml(ijk_to_ras: np.ndarray) -> float:
+    """Volume of one voxel in millilitres (|det| of the 3x3 part, mm³ / 1000)."""
+    return abs(float(np.linalg.det(np.asarray(ijk_to_ras, dtype=float)[:3, :3]))) / 1000.0
+
+
+def direction_cosines(ijk_to_ras: np.ndarray) -> np.ndarray:
+    """Unit direction of the ``i``, ``j``, ``k`` axes in RAS, as the columns of a 3x3 matrix."""
+    m = np.asarray(ijk_to_ras, dtype=float)[:3, :3]
+    return m / voxel_spacing(ijk_to_ras)
+
+
+def make_ijk_to_ras(spacing, origin=(0.0, 0.0, 0.0), directions=None) -> np.ndarray:
+    """Build an IJK→RAS matrix from spacing ``(si, sj, sk)`` mm, the RAS origin of voxel (0,0,0)
+    and a 3x3 matrix whose columns are the unit RAS directions of i, j, k (identity by default)."""
+    d = np.eye(3) if directions is None else np.asarray(directions, dtype=float)
+    m = np.eye(4)
+    m[:3, :3] = d * np.asarray(spacing, dtype=float)[None, :]
+    m[:3, 3] = origin
+    return m
+
+
+def ijk_to_ras_points(ijk_to_ras: np.ndarray, ijk: np.ndarray) -> np.ndarray:
+    """Transform ``(N, 3)`` continuous voxel indices ``(i, j, k)`` to RAS mm."""
+    m = np.asarray(ijk_to_ras, dtype=float)
+    return np.asarray(ijk, dtype=float) @ m[:3, :3].T + m[:3, 3]
+
+
+def ras_to_ijk_points(ijk_to_ras: np.ndarray, ras: np.ndarray) -> np.ndarray:
+    """Transform ``(N, 3)`` RAS mm points to continuous voxel indices ``(i, j, k)``."""
+    inv = np.linalg.inv(np.asarray(ijk_to_ras, dtype=float))
+    return np.asarray(ras, dtype=float) @ inv[:3, :3].T + inv[:3, 3]
+
+
+def grid_corners_ras(ijk_to_ras: np.ndarray, shape_kji) -> np.ndarray:
+    """RAS positions ``(8, 3)`` of the outer corners (voxel edges, not centres) of a grid."""
+    nk, nj, ni = shape_kji
+    corners = np.array(
+        [[i, j, k] for i in (-0.5, ni - 0.5) for j in (-0.5, nj - 0.5) for k in (-0.5, nk - 0.5)], dtype=float
+    )
+    return ijk_to_ras_points(ijk_to_ras, corners)
+
+
+def rotation_matrix(degrees_lr: float = 0.0, degrees_ap: float = 0.0, degrees_si: float = 0.0) -> np.ndarray:
+    """3x3 rotation about the R (x), A (y) and S (z) axes, applied in that order, in degrees."""
+    ax, ay, az = np.deg2rad([degrees_lr, degrees_ap, degrees_si])
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
