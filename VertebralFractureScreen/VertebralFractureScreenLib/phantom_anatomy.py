@@ -1,0 +1,230 @@
+"""Anatomy of the synthetic spine phantom: level dimensions, the spine curve and vertebra frames.
+
+Everything here is in the phantom's *anatomy frame*: millimetres, axes x → patient right,
+y → anterior, z → superior (RAS-aligned before the whole-anatomy rotation is applied).
+
+The spine is a smooth curve ``c(s)`` parameterised by arc length ``s`` (mm, increasing cranially).
+Its tangent leans anteriorly by the sagittal angle ``theta(s)`` and to the right by the coronal
+angle ``phi(s)``. Lordosis and kyphosis are constant-curvature arcs over the lumbar and
+thoracic spine; scoliosis is a sinusoidal coronal curve. Each vertebra is a rigid body centred
+on the curve, in the curve's frame at its centre:
+
+* ``e_cc`` — cranio-caudal axis (the curve tangent, pointing superior),
+* ``e_ap`` — antero-posterior axis (pointing anterior, i.e. away from the spinal canal),
+* ``e_lr`` — left-right axis (pointing to the patient's right), ``e_lr = e_ap × e_cc``.
+
+Dimensions are typical adult values, interpolated linearly between anchor levels (body heights
+and widths after Panjabi et al., Spine 1991/1992, rounded; they only need to be plausible).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .levels import LEVELS, level_position
+
+# Anchor values per level: (level, body height, body width LR, body depth AP, disc height below)
+# in mm. The "disc below" of S1 is unused.
+_ANCHORS = (
+    ("C7", 13.0, 24.0, 15.0, 4.0),
+    ("T1", 14.0, 26.0, 15.0, 4.0),
+    ("T4", 16.0, 28.0, 18.0, 4.5),
+    ("T8", 18.5, 32.0, 24.0, 5.0),
+    ("T12", 22.0, 40.0, 28.0, 6.5),
+    ("L1", 24.0, 42.0, 30.0, 8.0),
+    ("L3", 26.0, 48.0, 33.0, 10.0),
+    ("L5", 26.0, 52.0, 34.0, 11.0),
+    ("S1", 25.0, 50.0, 32.0, 0.0),
+)
+
+# Physiological anterior/posterior height ratio Ha/Hp of normal vertebrae: mild wedging at the
+# thoraco-lumbar junction and in the mid-thoracic kyphosis, and L5's short posterior wall
+# (Ha > Hp). These are the known false-positive sources for morphometry (SPEC §4).
+PHYSIOLOGICAL_HA_HP = {
+    "T6": 0.95, "T7": 0.94, "T8": 0.94, "T9": 0.95,
+    "T11": 0.93, "T12": 0.91, "L1": 0.93,
+    "L5": 1.14,
+}
+
+
+@dataclass(frozen=True)
+class LevelDimensions:
+    """Nominal size of one vertebra (mm)."""
+
+    level: str
+    height_mm: float  # mean of anterior and posterior height of the normal body
+    width_mm: float  # left-right
+    depth_mm: float  # antero-posterior
+    disc_below_mm: float
+    canal_half_width_mm: float
+    canal_half_depth_mm: float
+    pedicle_width_mm: float
+    lamina_thickness_mm: float
+    spinous_length_mm: float
+    transverse_length_mm: float
+    normal_ha_hp: float
+
+
+def level_dimensions(level: str) -> LevelDimensions:
+    """Nominal dimensions of ``level``, interpolated between anchor levels."""
+    position = level_position(level)
+    xs = [level_position(a[0]) for a in _ANCHORS]
+    if position < xs[0]:
+        position = xs[0]  # C1–C6: use C7 sizes, the phantom is not meant for the neck
+    values = [float(np.interp(position, xs, [a[k] for a in _ANCHORS])) for k in range(1, 5)]
+    lumbar = level.startswith(("L", "S"))
+    return LevelDimensions(
+        level=level,
+        height_mm=values[0],
+        width_mm=values[1],
+        depth_mm=values[2],
+        disc_below_mm=values[3],
+        canal_half_width_mm=11.0 if lumbar else 8.0,
+        canal_half_depth_mm=8.0 if lumbar else 7.5,
+        pedicle_width_mm=9.0 if lumbar else 7.0,
+        lamina_thickness_mm=6.0 if lumbar else 5.0,
+        spinous_length_mm=28.0 if lumbar else 30.0,
+        transverse_length_mm=18.0 if lumbar else 20.0,
+        normal_ha_hp=PHYSIOLOGICAL_HA_HP.get(level, 1.0),
+    )
+
+
+class SpineCurve:
+    """The spine's centre line ``c(s)`` and its moving frame, sampled every ``step_mm``.
+
+    ``s`` is arc length in mm, increasing cranially, with ``s = 0`` at the centre of L3 (or of
+    the level given as ``origin_level``). Sagittal and coronal angles are integrated from
+    constant curvatures: ``lordosis_deg`` is the change of the sagittal angle from the L1 to the
+    S1 body centre, ``kyphosis_deg`` from T12 to T4; ``scoliosis_deg`` is the peak-to-peak
+    coronal angle of a single sinusoidal curve centred on ``scoliosis_apex``.
+    """
+
+    def __init__(
+        self,
+        level_centres_s: dict[str, float],
+        lordosis_deg: float = 40.0,
+        kyphosis_deg: float = 35.0,
+        scoliosis_deg: float = 0.0,
+        scoliosis_apex: str = "T12",
+        s_range: tuple[float, float] = (-300.0, 650.0),
+        step_mm: float = 0.25,
+    ):
+        self.s = np.arange(s_range[0], s_range[1] + step_mm, step_mm)
+        centre = level_centres_s
+        # Sagittal angle theta(s): anterior lean of the tangent (radians). Lumbar lordosis:
+        # the angle decreases going cranially (apex anterior); thoracic kyphosis: it increases.
+        s_l1, s_s1 = centre["L1"], centre["S1"]
+        s_t4, s_t12 = centre["T4"], centre["T12"]
+        kappa_lumbar = -np.deg2rad(lordosis_deg) / (s_l1 - s_s1)
+        kappa_thoracic = np.deg2rad(kyphosis_deg) / (s_t4 - s_t12)
+        curvature = np.where(
+            (self.s >= s_s1) & (self.s <= s_l1),
+            kappa_lumbar,
+            np.where((self.s >= s_t12) & (self.s <= s_t4), kappa_thoracic, 0.0),
+        )
+        theta = _cumulative_integral(curvature, step_mm)
+        theta -= np.interp(centre["L3"], self.s, theta)  # L3 stands upright: lordosis apex
+        # Coronal angle phi(s): a half sine wave over +-2 levels' spans around the apex.
+        s_apex = centre[scoliosis_apex]
+        half_span = 120.0
+        phase = np.clip((self.s - s_apex) / half_span, -1.0, 1.0)
+        phi = np.deg2rad(scoliosis_deg) / 2.0 * np.sin(np.pi / 2.0 * phase)
+
+        tangent = np.stack([np.sin(phi), np.cos(phi) * np.sin(theta), np.cos(phi) * np.cos(theta)], axis=1)
+        points = np.zeros_like(tangent)
+        points[:, 0] = _cumulative_integral(tangent[:, 0], step_mm)
+        points[:, 1] = _cumulative_integral(tangent[:, 1], step_mm)
+        points[:, 2] = _cumulative_integral(tangent[:, 2], step_mm)
+        points -= np.array([np.interp(0.0, self.s, points[:, a]) for a in range(3)])
+        anterior = np.array([0.0, 1.0, 0.0])
+        e_ap = anterior[None, :] - (tangent @ anterior)[:, None] * tangent
+        e_ap /= np.linalg.norm(e_ap, axis=1, keepdims=True)
+        e_lr = np.cross(e_ap, tangent)
+        self.points = points
+        self.e_cc = tangent
+        self.e_ap = e_ap
+        self.e_lr = e_lr
+        self.step_mm = step_mm
+        # Derivative of the tangent, for the volume element of tube coordinates.
+        self.dtangent = np.gradient(tangent, step_mm, axis=0)
+
+    def sample(self, s: np.ndarray, table: np.ndarray) -> np.ndarray:
+        """Linearly interpolate a per-sample ``(n, c)`` table at arc lengths ``s`` (clamped to the
+        sampled range). The samples are uniform, so the index is arithmetic, not a search."""
+        x = (np.clip(np.asarray(s, dtype=float), self.s[0], self.s[-1]) - self.s[0]) / self.step_mm
+        index = np.minimum(x.astype(np.intp), len(self.s) - 2)
+        weight = (x - index)[..., None]
+        return table[index] * (1.0 - weight) + table[index + 1] * weight
+
+    def frame(self, s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Centre ``c(s)`` and unit axes ``(e_lr, e_ap, e_cc)`` at one arc length, orthonormalised."""
+        c = self.sample(np.array([s]), self.points)[0]
+        cc = self.sample(np.array([s]), self.e_cc)[0]
+        cc /= np.linalg.norm(cc)
+        ap = self.sample(np.array([s]), self.e_ap)[0]
+        ap -= (ap @ cc) * cc
+        ap /= np.linalg.norm(ap)
+        lr = np.cross(ap, cc)
+        return c, lr, ap, cc
+
+    def tube_coordinates(self, q: np.ndarray, iterations: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Arc length ``s`` of the foot point on the curve and the offsets ``(n_ap, n_lr)`` (mm) of
+        anatomy-frame points ``q`` (N, 3) in the plane normal to the curve there.
+
+        Newton iterations on ``g(s) = (q - c(s)) · t(s) = 0`` from a guess by height; valid for
+        offsets well below the radius of curvature (≥ 250 mm for the default curves).
+        """
+        z_of_s = self.points[:, 2]
+        s = np.interp(q[:, 2], z_of_s, self.s)
+        newton_table = np.concatenate([self.points, self.e_cc, self.dtangent], axis=1)
+        for _ in range(iterations):
+            sampled = self.sample(s, newton_table)
+            d = q - sampled[:, 0:3]
+            g = np.einsum("ij,ij->i", d, sampled[:, 3:6])
+            dg = -1.0 + np.einsum("ij,ij->i", d, sampled[:, 6:9])
+            s = np.clip(s - g / dg, self.s[0], self.s[-1])
+        sampled = self.sample(s, np.concatenate([self.points, self.e_ap, self.e_lr], axis=1))
+        d = q - sampled[:, 0:3]
+        n_ap = np.einsum("ij,ij->i", d, sampled[:, 3:6])
+        n_lr = np.einsum("ij,ij->i", d, sampled[:, 6:9])
+        return s, n_ap, n_lr
+
+    def from_tube_coordinates(self, s, n_ap, n_lr) -> np.ndarray:
+        """Anatomy-frame points from tube coordinates (inverse of :meth:`tube_coordinates`)."""
+        return (
+            self.sample(s, self.points)
+            + np.asarray(n_ap)[:, None] * self.sample(s, self.e_ap)
+            + np.asarray(n_lr)[:, None] * self.sample(s, self.e_lr)
+        )
+
+    def tube_volume_element(self, s, n_ap, n_lr) -> np.ndarray:
+        """|det| of the map from tube coordinates to space: ``1 - n_ap κ_ap - n_lr κ_lr``, where
+        ``κ_ap = e_ap · dt/ds`` and ``κ_lr = e_lr · dt/ds`` are the curvature components."""
+        dt = self.sample(s, self.dtangent)
+        kappa_ap = np.einsum("ij,ij->i", dt, self.sample(s, self.e_ap))
+        kappa_lr = np.einsum("ij,ij->i", dt, self.sample(s, self.e_lr))
+        return 1.0 - np.asarray(n_ap) * kappa_ap - np.asarray(n_lr) * kappa_lr
+
+
+def _cumulative_integral(values: np.ndarray, step: float) -> np.ndarray:
+    """Trapezoidal running integral starting at 0."""
+    out = np.zeros_like(values, dtype=float)
+    out[1:] = np.cumsum((values[1:] + values[:-1]) * 0.5 * step)
+    return out
+
+
+def layout_levels(heights_top: dict[str, float], heights_bottom: dict[str, float]) -> dict[str, float]:
+    """Arc length of every level's body centre, stacking bodies and discs from S1 upwards.
+
+    ``heights_top[level]`` / ``heights_bottom[level]`` are the largest extents (mm) of the body's
+    superior / inferior endplate from its centre along the cranio-caudal axis. ``s = 0`` at L3.
+    """
+    order = [name for name in LEVELS if level_position(name) >= level_position("C7")][::-1]  # S1 … C7
+    s = {order[0]: 0.0}
+    for lower, upper in zip(order[:-1], order[1:]):
+        disc = level_dimensions(upper).disc_below_mm
+        s[upper] = s[lower] + heights_top[lower] + disc + heights_bottom[upper]
+    shift = s["L3"]
+    return {name: value - shift for name, value in s.items()}
