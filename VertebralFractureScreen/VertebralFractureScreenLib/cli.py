@@ -80,7 +80,8 @@ def _add_phantom_parser(commands) -> None:
     p.add_argument("--contrast", action="store_true", help="contrast-enhanced aorta (250 HU)")
     p.add_argument("--noise", type=float, default=0.0, help="Gaussian noise SD in HU (default 0)")
     p.add_argument("--psf-fwhm", type=float, default=0.0, help="Gaussian blur FWHM in mm (default 0)")
-    p.add_argument("--supersampling", type=int, default=3, help="odd sub-samples per axis for partial volume")
+    p.add_argument("--supersampling", type=int, default=None,
+                   help="odd sub-samples per axis for partial volume (default: sub-sample spacing ≤ 0.5 mm)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=("nii.gz", "nrrd"), default="nii.gz", help="image file format")
     p.set_defaults(run=_run_phantom)

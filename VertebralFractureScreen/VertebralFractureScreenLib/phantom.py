@@ -48,6 +48,7 @@ from scipy import ndimage
 
 from . import __version__, levels as lv
 from .geometry import make_ijk_to_ras, rotation_matrix
+from .grading import genant_grade, is_borderline
 from .phantom_anatomy import SpineCurve, level_dimensions, layout_levels
 
 FRACTURE_SHAPES = ("wedge", "biconcave", "crush")
@@ -63,22 +64,6 @@ AP_FRACTIONS = {"ha": 0.15, "hm": 0.50, "hp": 0.85}
 """Where Ha, Hm, Hp are measured: fraction of the body depth from the anterior wall (SPEC §4)."""
 
 VERSE_SACRUM = 26  # VerSe's sacrum id; the phantom's S1 and sacrum are written with it.
-
-
-def genant_grade(height_loss: float) -> int:
-    """Genant semi-quantitative grade of a height loss fraction (Genant et al., JBMR 1993)."""
-    if height_loss < 0.20:
-        return 0
-    if height_loss < 0.25:
-        return 1
-    if height_loss <= 0.40:
-        return 2
-    return 3
-
-
-def is_borderline(height_loss: float, margin: float = 0.03) -> bool:
-    """True when the loss lies within ``margin`` of a Genant grade boundary (20, 25, 40 %)."""
-    return any(abs(height_loss - boundary) < margin for boundary in (0.20, 0.25, 0.40))
 
 
 @dataclass(frozen=True)
@@ -146,7 +131,7 @@ class PhantomSpec:
     aorta_hu: float | None = None  # None: 40 HU native, 250 HU with contrast
     noise_hu: float = 0.0
     psf_fwhm_mm: float = 0.0
-    supersampling: int = 3
+    supersampling: int | None = None  # odd sub-samples per axis; None: sub-sample spacing ≤ 0.5 mm
     seed: int = 0
 
     def __post_init__(self):
@@ -154,7 +139,7 @@ class PhantomSpec:
             raise ValueError("the phantom needs at least one level")
         for name in self.levels:
             lv.level_position(name)
-        if self.supersampling < 1 or self.supersampling % 2 == 0:
+        if self.supersampling is not None and (self.supersampling < 1 or self.supersampling % 2 == 0):
             raise ValueError("supersampling must be an odd number ≥ 1 (the centre sample labels the voxel)")
         if min(self.spacing) <= 0:
             raise ValueError("voxel spacing must be positive")
@@ -167,6 +152,13 @@ class PhantomSpec:
         for fraction in (self.autochthon_fat_fraction, self.iliopsoas_fat_fraction):
             if not 0.0 <= fraction <= 0.5:
                 raise ValueError("intramuscular fat fractions must lie in [0, 0.5]")
+
+    def subsamples_per_axis(self) -> tuple[int, int, int]:
+        """Odd number of partial-volume sub-samples along i, j, k."""
+        if self.supersampling is not None:
+            return (self.supersampling,) * 3
+        counts = [int(np.ceil(s / 0.5 - 1e-9)) for s in self.spacing]
+        return tuple(max(1, c + 1 - c % 2) for c in counts)
 
     def trabecular_hu_of(self, level: str) -> float:
         if isinstance(self.trabecular_hu, dict):
@@ -665,14 +657,15 @@ def make_phantom(spec: PhantomSpec = PhantomSpec(), chunk_voxels: int = 400_000)
         for key in maps:
             maps[key][k0:k1] = painted[key].reshape(k1 - k0, nj, ni)
 
-    # Pass 2, partial volume: voxels next to a change of HU are the mean of ss³ sub-voxel
-    # samples (the centre sample is among them, ss being odd). Structures at least one voxel
+    # Pass 2, partial volume: voxels next to a change of HU are the mean of sub-voxel samples
+    # on a regular grid (the centre sample is among them, the counts being odd). Structures at least one voxel
     # thick always show up at some centre, so every boundary they make is found this way.
-    ss = spec.supersampling
-    if ss > 1:
+    counts = spec.subsamples_per_axis()
+    if max(counts) > 1:
         boundary = ndimage.maximum_filter(hu, size=3) != ndimage.minimum_filter(hu, size=3)
         kji = np.argwhere(boundary)
-        offsets = np.array([(np.array(m) + 0.5) / ss - 0.5 for m in itertools.product(range(ss), repeat=3)])
+        axes = [(np.arange(n) + 0.5) / n - 0.5 for n in counts]
+        offsets = np.array(list(itertools.product(*axes)))
         step = max(1, chunk_voxels // len(offsets))
         for start in range(0, len(kji), step):
             block = kji[start:start + step]
@@ -772,7 +765,18 @@ def _truth(spec, scene: SpineScene, ijk_to_ras, anatomy_to_ras, shape, total_map
 
 def _muscle_truth(spec, scene: SpineScene, ijk_to_ras, anatomy_to_ras, shape, step: float = 0.5) -> list[dict]:
     """Per muscle and level slab: volume (ml, by the tube's exact volume element), lean HU, fat
-    fraction (fine sampling) and the fraction of the slab's volume inside the field of view."""
+    fraction (fine sampling) and the fraction of the slab's volume inside the field of view.
+
+    ``slab_planes_ras`` gives the slab's limits in RAS: the mid-disc planes ``below`` and
+    ``above`` (normal to the spine curve), each as a ``point`` on the curve and a unit ``normal``
+    pointing cranially; the slab is where ``(x - below.point) · below.normal >= 0`` and
+    ``(x - above.point) · above.normal <= 0`` (near the spine)."""
+    rot, shift = anatomy_to_ras[:3, :3], anatomy_to_ras[:3, 3]
+
+    def plane(s_value: float) -> dict:
+        c, _, _, e_cc = scene.curve.frame(s_value)
+        return {"point": (rot @ c + shift).tolist(), "normal": (rot @ e_cc).tolist()}
+
     ras_to_ijk = np.linalg.inv(ijk_to_ras)
     anatomy_to_ijk = ras_to_ijk @ anatomy_to_ras
     nk, nj, ni = shape
@@ -817,7 +821,8 @@ def _muscle_truth(spec, scene: SpineScene, ijk_to_ras, anatomy_to_ras, shape, st
             in_fov = fov_w / total_w
             rows.append({"muscle": tube.name, "level": name, "volume_ml": volume / 1000.0,
                          "lean_hu": spec.muscle_hu, "fat_hu": spec.fat_hu, "imat_fraction": fraction,
-                         "fov_fraction": in_fov, "slab_mm": [s_lo, s_hi]})
+                         "fov_fraction": in_fov, "slab_mm": [s_lo, s_hi],
+                         "slab_planes_ras": {"below": plane(s_lo), "above": plane(s_hi)}})
             if name in lv.LUMBAR_LEVELS:
                 lumbar.setdefault(tube.name, []).append((volume / 1000.0, fraction, in_fov, name))
     for muscle, parts in lumbar.items():
@@ -826,7 +831,10 @@ def _muscle_truth(spec, scene: SpineScene, ijk_to_ras, anatomy_to_ras, shape, st
         vol = sum(p[0] for p in parts)
         rows.append({"muscle": muscle, "level": "lumbar", "volume_ml": vol, "lean_hu": spec.muscle_hu,
                      "fat_hu": spec.fat_hu, "imat_fraction": sum(p[0] * p[1] for p in parts) / vol,
-                     "fov_fraction": sum(p[0] * p[2] for p in parts) / vol})
+                     "fov_fraction": sum(p[0] * p[2] for p in parts) / vol,
+                     "slab_mm": [scene._slab_limits("L5")[0], scene._slab_limits("L1")[1]],
+                     "slab_planes_ras": {"below": plane(scene._slab_limits("L5")[0]),
+                                         "above": plane(scene._slab_limits("L1")[1])}})
     return rows
 
 
