@@ -1,0 +1,311 @@
+"""Semi-quantitative fracture grading from vertebral heights (SPEC §4).
+
+Pure functions, no I/O. Input: one record per vertebra, cranial to caudal, with ``level``,
+``complete``, ``ha_mm``, ``hm_mm`` and ``hp_mm`` (a :class:`~.morphometry.VertebraHeights`, any
+object with those attributes, or a mapping with those keys such as the phantom's
+``truth["vertebrae"]`` rows). Output: one :class:`VertebraGrade` per input record, same order.
+
+Definitions (Ha, Hm, Hp: anterior, middle and posterior heights; ``r`` the level's expected
+normal Ha/Hp from :data:`NORMAL_HA_HP`):
+
+* ``ha_hp = Ha/Hp`` and ``hm_hp = Hm/Hp`` as measured;
+* **wedge loss** ``1 - (Ha/Hp) / r``;
+* **biconcave loss** ``1 - (Hm/Hp) / m`` with ``m = (1 + r) / 2`` (the middle height of a normal
+  body lies halfway between its anterior and posterior heights);
+* **crush loss** ``1 - Hp / Hp_ref`` where ``Hp_ref`` is the level's *expected* posterior height
+  from its adjacent complete vertebrae (see :func:`grade_spine`);
+* **height loss** = the largest of the three, clipped to [0, 1]; **shape** its argmax,
+  ``normal`` below grade 1; **Genant grade** and **borderline** from :func:`genant_grade` and
+  :func:`is_borderline`.
+
+Losses are taken relative to each level's expected *normal shape*, not to a flat box: that is
+how the physiological wedging of T11–L1 (and of the mid-thoracic kyphosis) and L5's short
+posterior wall (Ha > Hp) are kept from being called fractures (SPEC §4 false-positive sources).
+Schmorl's nodes are handled upstream (heights are medians over bundles of lines in
+:mod:`.morphometry`) and scoliosis by measuring in each vertebra's own frame; a level
+misidentification shows here only as a gap in the level sequence, which is flagged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from . import levels as lv
+
+# ------------------------------------------------------------------------------------------------
+# Genant grade
+# ------------------------------------------------------------------------------------------------
+
+GRADE_BOUNDARIES = (0.20, 0.25, 0.40)
+"""Height-loss fractions where the Genant grade steps 0→1, 1→2 and 2→3 (Genant et al., JBMR 1993)."""
+
+BORDERLINE_MARGIN = 0.03
+"""A loss within this distance (3 percentage points) of a grade boundary is ``borderline``."""
+
+CRUSH_SUSPECT_RATIO = 0.80
+"""A vertebra whose Hp is below this fraction of what a neighbour predicts is not used as a
+reference for its neighbours (it may be crushed itself)."""
+
+LOSS_DECIMALS = 9
+"""Losses are rounded to this many decimals, so that a ratio exactly on a grade boundary grades as
+the boundary says instead of by floating-point noise (1 - 0.8 = 0.19999999999999996)."""
+
+SHAPES = ("wedge", "biconcave", "crush")
+"""Fracture shapes, in the order used to break a tie of equal losses."""
+
+
+def genant_grade(height_loss: float) -> int:
+    """Genant semi-quantitative grade of a height-loss fraction (Genant et al., JBMR 1993):
+    0 below 0.20, 1 for [0.20, 0.25), 2 for [0.25, 0.40], 3 above 0.40.
+
+    Raises ``ValueError`` for NaN (an unmeasured vertebra has no grade)."""
+    if math.isnan(height_loss):
+        raise ValueError("a NaN height loss has no Genant grade")
+    if height_loss < 0.20:
+        return 0
+    if height_loss < 0.25:
+        return 1
+    if height_loss <= 0.40:
+        return 2
+    return 3
+
+
+def is_borderline(height_loss: float, margin: float = BORDERLINE_MARGIN) -> bool:
+    """True when the loss lies strictly within ``margin`` of a Genant grade boundary (20, 25, 40 %)."""
+    return any(abs(height_loss - boundary) < margin for boundary in GRADE_BOUNDARIES)
+
+
+# ------------------------------------------------------------------------------------------------
+# Normal shape
+# ------------------------------------------------------------------------------------------------
+
+NORMAL_HA_HP: dict[str, float] = {
+    "T6": 0.95, "T7": 0.94, "T8": 0.94, "T9": 0.95,
+    "T11": 0.93, "T12": 0.91, "L1": 0.93,
+    "L5": 1.14,
+}
+"""Expected Ha/Hp of a normal (unfractured) vertebra per level; 1.0 for levels not listed.
+
+Mild physiological anterior wedging in the mid-thoracic kyphosis (T6–T9) and at the
+thoraco-lumbar junction (T11–L1), and L5's short posterior wall (anterior taller than posterior).
+The values approximate published normal values for adult vertebrae; they are round numbers
+chosen for this product, not taken from one specific study. They are the same table the
+synthetic phantom uses for its normal vertebrae (``phantom_anatomy.PHYSIOLOGICAL_HA_HP``; a test
+checks that the two agree)."""
+
+
+def normal_ha_hp(level: str, normal_shape: Mapping[str, float] = NORMAL_HA_HP) -> float:
+    """Expected normal Ha/Hp of ``level`` (1.0 when the table does not list it)."""
+    return float(normal_shape.get(str(level).upper(), 1.0))
+
+
+def normal_hm_hp(level: str, normal_shape: Mapping[str, float] = NORMAL_HA_HP) -> float:
+    """Expected normal Hm/Hp of ``level``: ``(1 + Ha/Hp) / 2``, the middle height of a normal body
+    lying halfway between its anterior and posterior heights."""
+    return 0.5 * (1.0 + normal_ha_hp(level, normal_shape))
+
+
+# ------------------------------------------------------------------------------------------------
+# Grading
+# ------------------------------------------------------------------------------------------------
+
+NAN = float("nan")
+
+
+@dataclass
+class VertebraGrade:
+    """Grade of one vertebra. Ratios and losses are fractions (NaN when not available); losses
+    are relative to the level's expected normal shape and may be negative before clipping
+    (only ``height_loss`` is clipped to [0, 1]).
+
+    ``flags`` holds the grading's own flags only (not the morphometry's):
+
+    * ``not_graded``: S1 (or a level outside C1–S1), never graded;
+    * ``heights_missing``: marked complete but a height is NaN or not positive — treated as
+      incomplete (``complete`` is then False);
+    * ``one_sided_reference``: Hp_ref from one neighbour only;
+    * ``no_reference``: no usable neighbour, no crush criterion (``crush_loss`` NaN);
+    * ``crushed_neighbour_excluded``: a neighbour was left out of Hp_ref as crush-suspect;
+    * ``level_gap``: the level next to this one on that side is absent from the input (possible
+      level misidentification or missing vertebra); no reference is taken across the gap.
+    """
+
+    level: str
+    complete: bool
+    ha_hp: float = NAN
+    hm_hp: float = NAN
+    hp_ref_mm: float = NAN
+    hp_ref_ratio: float = NAN
+    wedge_loss: float = NAN
+    biconcave_loss: float = NAN
+    crush_loss: float = NAN
+    height_loss: float = NAN
+    genant_grade: int | None = None
+    shape: str = ""
+    borderline: bool = False
+    flags: list[str] = field(default_factory=list)
+
+    @property
+    def graded(self) -> bool:
+        return self.genant_grade is not None
+
+    @property
+    def fractured(self) -> bool:
+        return self.genant_grade is not None and self.genant_grade >= 1
+
+
+def _field(record, name: str):
+    if isinstance(record, Mapping):
+        return record.get(name)
+    return getattr(record, name, None)
+
+
+def _height(record, name: str) -> float:
+    value = _field(record, name)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return NAN
+    return value if math.isfinite(value) and value > 0.0 else NAN
+
+
+def _round(value: float) -> float:
+    return round(value, LOSS_DECIMALS) if math.isfinite(value) else NAN
+
+
+def _position(level: str) -> int | None:
+    try:
+        return lv.level_position(level)
+    except ValueError:
+        return None
+
+
+def grade_spine(heights: Iterable, normal_shape: Mapping[str, float] = NORMAL_HA_HP) -> list[VertebraGrade]:
+    """Grade every vertebra of one spine (SPEC §4). Returns one :class:`VertebraGrade` per input
+    record, in input order.
+
+    **Who is graded.** A vertebra is graded when it is ``complete`` and its Ha, Hm, Hp are finite
+    and positive. Others get ``genant_grade = None`` and ``shape = ''``: they never produce a
+    fracture call and are never used as a reference. S1 is never graded and never a reference
+    (it is not a free vertebral body); levels outside C1–S1 (e.g. VerSe's L6/T13) are not graded.
+
+    **Reference height.** The expected posterior height of a level from its neighbours, one level
+    above and one below (only the immediately adjacent levels; a missing, incomplete or S1
+    neighbour leaves that side empty; nothing is taken across a gap in the level sequence).
+    Each neighbour ``n`` predicts ``Hp_n · m_n / m`` for this level, where ``m = (1 + r) / 2`` is
+    a level's normal Hm/Hp: ``Hp · m`` is the mean height of a body of normal shape, which
+    varies smoothly along the spine, whereas Hp alone jumps where the normal shape changes. With
+    all ``r = 1`` this is exactly the mean of the neighbours' Hp (SPEC §4's example); for L5,
+    whose only reference is L4 (S1 never is one), it expects ``Hp_L5 = Hp_L4 / 1.07`` because of
+    L5's short posterior wall, instead of calling that shortness a crush. ``Hp_ref`` is the mean
+    of the predictions; ``hp_ref_ratio = Hp / Hp_ref`` and ``crush_loss = 1 - hp_ref_ratio``.
+    A neighbour's Hp is robust to its own wedge or biconcave fracture but not to a crush, so in
+    a first pass every gradeable vertebra whose Hp is below :data:`CRUSH_SUSPECT_RATIO` of the
+    prediction of *either* neighbour is marked crush-suspect (checking each neighbour separately
+    keeps two adjacent crushes from hiding each other), and the second pass leaves suspects out
+    of their neighbours' references.
+
+    ``normal_shape`` maps level → expected normal Ha/Hp (default :data:`NORMAL_HA_HP`; 1.0 for
+    levels not in it).
+    """
+    records = list(heights)
+    levels = [str(_field(r, "level") or "").upper() for r in records]
+    seen: set[str] = set()
+    for name in levels:
+        if name in seen:
+            raise ValueError(f"level {name} occurs twice in the heights to grade")
+        seen.add(name)
+
+    positions = [_position(name) for name in levels]
+    by_position = {p: i for i, p in enumerate(positions) if p is not None}
+    s1 = lv.level_position("S1")
+
+    grades: list[VertebraGrade] = []
+    gradeable: list[bool] = []
+    hp: list[float] = []
+    for record, name, position in zip(records, levels, positions):
+        a, m, p = (_height(record, key) for key in ("ha_mm", "hm_mm", "hp_mm"))
+        hp.append(p)
+        measured = all(math.isfinite(x) for x in (a, m, p))
+        complete = bool(_field(record, "complete")) and measured
+        grade = VertebraGrade(level=name, complete=complete)
+        if bool(_field(record, "complete")) and not measured:
+            grade.flags.append("heights_missing")
+        if measured:
+            grade.ha_hp, grade.hm_hp = a / p, m / p
+        ok = complete and position is not None and position != s1
+        if position is None or position == s1:
+            grade.flags.append("not_graded")
+        gradeable.append(ok)
+        grades.append(grade)
+
+    # Neighbours one level above and below, and gaps in the level sequence.
+    present = sorted(by_position)
+    first, last = (present[0], present[-1]) if present else (0, -1)
+    neighbours: list[list[int]] = []
+    for i, position in enumerate(positions):
+        found = []
+        if position is not None:
+            for step in (-1, 1):
+                j = by_position.get(position + step)
+                if j is None:
+                    if first <= position + step <= last:
+                        grades[i].flags.append("level_gap")
+                elif gradeable[j]:
+                    found.append(j)
+        neighbours.append(found)
+
+    m_norm = [normal_hm_hp(name, normal_shape) for name in levels]
+
+    def prediction(i: int, j: int) -> float:
+        """Hp that neighbour ``j`` predicts for vertebra ``i``."""
+        return hp[j] * m_norm[j] / m_norm[i]
+
+    suspect = [gradeable[i] and any(hp[i] < CRUSH_SUSPECT_RATIO * prediction(i, j) for j in neighbours[i])
+               for i in range(len(records))]
+
+    for i, grade in enumerate(grades):
+        if not gradeable[i]:
+            continue
+        used = [j for j in neighbours[i] if not suspect[j]]
+        if len(used) < len(neighbours[i]):
+            grade.flags.append("crushed_neighbour_excluded")
+        if used:
+            grade.hp_ref_mm = sum(prediction(i, j) for j in used) / len(used)
+            grade.hp_ref_ratio = hp[i] / grade.hp_ref_mm
+            if len(used) == 1:
+                grade.flags.append("one_sided_reference")
+        else:
+            grade.flags.append("no_reference")
+
+        grade.wedge_loss = _round(1.0 - grade.ha_hp / normal_ha_hp(levels[i], normal_shape))
+        grade.biconcave_loss = _round(1.0 - grade.hm_hp / m_norm[i])
+        grade.crush_loss = _round(1.0 - grade.hp_ref_ratio)
+        losses = {"wedge": grade.wedge_loss, "biconcave": grade.biconcave_loss, "crush": grade.crush_loss}
+        finite = {shape: loss for shape, loss in losses.items() if math.isfinite(loss)}
+        worst = max(SHAPES, key=lambda s: finite.get(s, -math.inf))  # first of equal maxima
+        grade.height_loss = min(1.0, max(0.0, finite[worst]))
+        grade.genant_grade = genant_grade(grade.height_loss)
+        grade.shape = worst if grade.genant_grade >= 1 else "normal"
+        grade.borderline = is_borderline(grade.height_loss)
+    return grades
+
+
+def exam_fracture_summary(grades: Sequence[VertebraGrade]) -> dict:
+    """Fracture summary of one exam (for ``exam.json``, SPEC §5).
+
+    ``max_grade``: highest Genant grade among graded vertebrae (None when none was graded);
+    ``fractured_levels``: levels with grade ≥ 1, cranial to caudal as given; ``count``: their
+    number; ``graded_levels``: number of graded vertebrae; ``borderline_levels``: graded levels
+    whose loss lies near a grade boundary."""
+    graded = [g for g in grades if g.genant_grade is not None]
+    fractured = [g.level for g in graded if g.genant_grade >= 1]
+    return {
+        "max_grade": max((g.genant_grade for g in graded), default=None),
+        "fractured_levels": fractured,
+        "count": len(fractured),
+        "graded_levels": len(graded),
+        "borderline_levels": [g.level for g in graded if g.borderline],
+    }
