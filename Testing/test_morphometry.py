@@ -1,0 +1,98 @@
+"""Vertebral morphometry against phantom truth: frames, body separation, heights (SPEC §4).
+
+The phantoms here are small (three to four levels) so the file stays fast; the accuracy benchmark
+over a large phantom suite lives in ``Testing/benchmarks/bench_morphometry.py``.
+"""
+
+import numpy as np
+import pytest
+
+from VertebralFractureScreenLib.morphometry import measure_heights, spine_tangents
+from VertebralFractureScreenLib.phantom import Fracture, PhantomSpec, make_phantom
+
+FRACTURES = (Fracture("L1", "wedge", 0.3), Fracture("L2", "biconcave", 0.3), Fracture("L3", "crush", 0.25))
+
+
+@pytest.fixture(scope="module")
+def phantom_1mm():
+    """1 mm isotropic, rotated against the grid, noise 10 HU, one fracture of each shape."""
+    spec = PhantomSpec(levels=("T12", "L1", "L2", "L3", "L4"), spacing=(1.0, 1.0, 1.0), supersampling=3,
+                       rotation_deg=(8.0, -5.0, 12.0), noise_hu=10.0, fractures=FRACTURES, seed=3)
+    return make_phantom(spec)
+
+
+def _errors(results, truth, keys=("ha_mm", "hm_mm", "hp_mm")):
+    by_level = {v["level"]: v for v in truth["vertebrae"]}
+    return np.array([getattr(r, k) - by_level[r.level][k] for r in results if by_level[r.level]["complete"]
+                     for k in keys])
+
+
+def _angle_deg(a, b):
+    return float(np.degrees(np.arccos(np.clip(abs(np.dot(a, b)), -1.0, 1.0))))
+
+
+def test_frames_follow_the_anatomy(phantom_1mm):
+    results = measure_heights(phantom_1mm.total, phantom_1mm.ijk_to_ras, body_labels=phantom_1mm.vertebrae_body)
+    truth = {v["level"]: v for v in phantom_1mm.truth["vertebrae"]}
+    assert [r.level for r in results] == ["T12", "L1", "L2", "L3", "L4"]
+    for r in results:
+        axes = truth[r.level]["axes_ras"]
+        assert _angle_deg(r.frame.cc, axes["cc"]) < 4.0, r.level
+        assert _angle_deg(r.frame.ap, axes["ap"]) < 4.0, r.level
+        assert np.dot(r.frame.ap, axes["ap"]) > 0  # anterior, not posterior
+        assert np.allclose(np.cross(r.frame.ap, r.frame.cc), r.frame.lr)
+
+
+@pytest.mark.parametrize("use_body_map", [True, False], ids=["vertebrae_body", "shape"])
+def test_heights_with_ct_are_sub_voxel(phantom_1mm, use_body_map):
+    body = phantom_1mm.vertebrae_body if use_body_map else None
+    results = measure_heights(phantom_1mm.total, phantom_1mm.ijk_to_ras, body_labels=body, ct=phantom_1mm.ct)
+    errors = _errors(results, phantom_1mm.truth)
+    assert np.median(np.abs(errors)) <= 0.3
+    assert np.max(np.abs(errors)) <= 0.8
+    assert all(r.endplate_method == "ct" for r in results)
+
+
+def test_heights_from_masks_only(phantom_1mm):
+    """VerSe-style input: no CT, no body map: heights within about a voxel."""
+    results = measure_heights(phantom_1mm.verse, phantom_1mm.ijk_to_ras, convention="verse")
+    errors = _errors(results, phantom_1mm.truth)
+    assert len(errors) == 15
+    assert np.median(np.abs(errors)) <= 0.6
+    assert np.max(np.abs(errors)) <= 1.5
+    assert all(r.endplate_method == "mask" for r in results)
+
+
+def test_shape_separated_body_matches_body_map(phantom_1mm):
+    with_map = measure_heights(phantom_1mm.total, phantom_1mm.ijk_to_ras, body_labels=phantom_1mm.vertebrae_body)
+    by_shape = measure_heights(phantom_1mm.total, phantom_1mm.ijk_to_ras)
+    truth = {v["level"]: v for v in phantom_1mm.truth["vertebrae"]}
+    for a, b in zip(with_map, by_shape):
+        assert b.body_volume_ml == pytest.approx(a.body_volume_ml, rel=0.08)
+        assert a.body_volume_ml == pytest.approx(truth[a.level]["body_volume_ml"], rel=0.03)
+        assert b.depth_mm == pytest.approx(truth[b.level]["body_depth_mm"], abs=1.0)
+
+
+def test_cut_vertebra_is_incomplete():
+    spec = PhantomSpec(levels=("L1", "L2", "L3"), spacing=(2.0, 2.0, 2.0), supersampling=1)
+    full = make_phantom(spec)
+    nk = full.total.shape[0]
+    cut = PhantomSpec(levels=spec.levels, spacing=spec.spacing, supersampling=1,
+                      size_ijk=(full.total.shape[2], full.total.shape[1], nk - 8))
+    phantom = make_phantom(cut)
+    results = {r.level: r for r in measure_heights(phantom.total, phantom.ijk_to_ras)}
+    truth = {v["level"]: v["complete"] for v in phantom.truth["vertebrae"]}
+    for level, result in results.items():
+        assert result.complete == truth[level], level
+        if not truth[level]:
+            assert "touches_field_of_view_edge" in result.flags
+
+
+def test_spine_tangents_of_a_circle_are_exact():
+    """Centroids on a circular arc with unequal spacing: the parabola fit gives the tangent."""
+    radius = 250.0
+    angles = np.radians([30.0, 22.0, 15.5, 7.0, 0.0])  # cranial first
+    points = [np.array([0.0, radius * (1 - np.cos(a)), radius * np.sin(a)]) for a in angles]
+    for point, tangent, angle in zip(points, spine_tangents(points), angles):
+        expected = np.array([0.0, np.sin(angle), np.cos(angle)])
+        assert _angle_deg(tangent, expected) < 0.3

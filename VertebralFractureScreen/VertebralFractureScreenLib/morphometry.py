@@ -1,0 +1,512 @@
+"""Vertebral morphometry: each vertebra's body, its own frame, and its heights (SPEC §4).
+
+Inputs are arrays on one voxel grid (indexed ``[k, j, i]``) and the grid's IJK→RAS matrix:
+a vertebra label map (``totalsegmentator`` or ``verse`` ids), optionally the
+``vertebrae_body`` map (1 = bodies, 2 = discs) and optionally the CT in HU. Outputs are in RAS
+millimetres and do not depend on how the anatomy lies on the voxel grid.
+
+Method, per vertebra (all work on a crop around the vertebra):
+
+1. **Frame.** The cranio-caudal axis ``cc`` is the tangent of the spine's centre line through the
+   body centroids: a parabola through the vertebra and its neighbours (two on one side at the
+   ends of the column), so lordosis, kyphosis and scoliosis tilt each vertebra's axis as they
+   tilt the vertebra. The antero-posterior axis ``ap`` points from the centroid of the posterior
+   elements to the centroid of the body (so it follows axial rotation and scanner tilt), made
+   orthogonal to ``cc``; ``lr = ap × cc`` points to the patient's right. Two passes: the first on
+   whole-vertebra centroids and patient-anterior, the second on body centroids.
+2. **Body.** From ``vertebrae_body`` when given (body = vertebra ∩ bodies). Otherwise the body is
+   separated from the posterior elements by the vertebra's own shape: in the mid-sagittal plane
+   the spinal canal splits the mask into the body (the most anterior large part) and the arch;
+   every vertebra voxel anterior to the body's posterior wall there is body.
+3. **Depth.** Anterior and posterior walls from the body mask's occupancy along ``ap``, averaged
+   over the central band (``|u| ≤ 15 %`` of the width) and the central half of the height.
+4. **Heights** Ha, Hm, Hp at 15 / 50 / 85 % of the depth from the anterior wall, each from a
+   bundle of cranio-caudal lines spread over the central band (and ±2.5 % of the depth):
+
+   * with the CT, each endplate is located by its cortical plate: the CT profiles of the bundle
+     are averaged, a linear baseline between the body's interior and the disc is removed, and the
+     centroid of the bright plate (samples above half its peak) gives the plate's centre with
+     sub-voxel precision (a symmetric blur — partial volume, PSF, interpolation — does not move
+     a centroid). The outer surface lies half a plate thickness beyond:
+     ``ENDPLATE_CORTEX_MM`` / 2;
+   * without the CT (or when no plate stands out), the endplate is where the body mask's
+     interpolated occupancy crosses one half; the median over the bundle's lines is taken.
+
+Vertebrae touching the edge of the field of view, or with implausible bodies, are returned with
+``complete = False`` and flags saying why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from . import levels as lv
+from .geometry import voxel_spacing, voxel_volume_ml
+
+AP_FRACTIONS = {"ha": 0.15, "hm": 0.50, "hp": 0.85}
+"""Measurement positions: fraction of the body depth from the anterior wall (SPEC §4)."""
+
+ENDPLATE_CORTEX_MM = 1.0
+"""Assumed thickness of the endplates' cortical plate (mm); the outer surface is taken half of it
+beyond the plate's centre. Reported endplate thickness is about 0.5–1.5 mm depending on level and
+region; an error ``d`` here changes every height by ``d``, ratios hardly at all."""
+
+CENTRAL_BAND = 0.15
+"""Half-width of the band of lines across the body's left-right width, as a fraction of it."""
+
+CROP_MARGIN_MM = 12.0
+
+# Plausibility limits of a vertebral body (adult T1–S1).
+MIN_BODY_VOLUME_ML = 2.0
+HEIGHT_LIMITS_MM = (4.0, 60.0)
+DEPTH_LIMITS_MM = (8.0, 70.0)
+
+
+@dataclass(frozen=True, eq=False)
+class VertebraFrame:
+    """A vertebra's own frame in RAS mm: origin at the body centroid, unit axes ``lr`` (patient
+    right), ``ap`` (anterior) and ``cc`` (superior), ``lr = ap × cc``."""
+
+    centre: np.ndarray
+    lr: np.ndarray
+    ap: np.ndarray
+    cc: np.ndarray
+
+    @property
+    def rotation(self) -> np.ndarray:
+        """Rows ``lr, ap, cc``: maps RAS offsets to local ``(u, v, w)``."""
+        return np.stack([self.lr, self.ap, self.cc])
+
+    def to_local(self, ras: np.ndarray) -> np.ndarray:
+        return (np.asarray(ras, dtype=float) - self.centre) @ self.rotation.T
+
+    def to_ras(self, local: np.ndarray) -> np.ndarray:
+        return np.asarray(local, dtype=float) @ self.rotation + self.centre
+
+
+@dataclass
+class VertebraHeights:
+    """Morphometry of one vertebral body. Heights in mm (NaN when not measured)."""
+
+    level: str
+    label: int
+    complete: bool
+    ha_mm: float = float("nan")
+    hm_mm: float = float("nan")
+    hp_mm: float = float("nan")
+    depth_mm: float = float("nan")
+    width_mm: float = float("nan")
+    body_volume_ml: float = float("nan")
+    frame: VertebraFrame | None = None
+    height_lines_ras: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    """Superior and inferior end point (RAS mm) of each measured height line, keyed ha/hm/hp."""
+    endplate_method: str = ""
+    flags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Vertebra:
+    """Working state of one vertebra during measurement."""
+
+    level: str
+    label: int
+    slices: tuple[slice, slice, slice]
+    origin_ijk: np.ndarray  # (i, j, k) of the crop's first voxel
+    mask: np.ndarray  # whole vertebra, bool, crop
+    touches_edge: bool
+    centroid: np.ndarray = None
+    body: np.ndarray = None
+    body_centroid: np.ndarray = None
+    posterior_centroid: np.ndarray = None
+    flags: list[str] = field(default_factory=list)
+
+
+class _CropSampler:
+    """Samples arrays of one crop at RAS points (trilinear, or nearest for labels)."""
+
+    def __init__(self, ijk_to_ras: np.ndarray, origin_ijk: np.ndarray):
+        self.ras_to_crop = np.linalg.inv(ijk_to_ras)
+        self.ras_to_crop[:3, 3] -= origin_ijk
+
+    def __call__(self, array: np.ndarray, ras: np.ndarray, order: int = 1, cval: float = 0.0) -> np.ndarray:
+        ijk = ras @ self.ras_to_crop[:3, :3].T + self.ras_to_crop[:3, 3]
+        return ndimage.map_coordinates(array, ijk[:, ::-1].T, order=order, mode="constant", cval=cval,
+                                       prefilter=False)
+
+
+def _voxel_centres_ras(mask: np.ndarray, ijk_to_ras: np.ndarray, origin_ijk: np.ndarray) -> np.ndarray:
+    kji = np.argwhere(mask)
+    ijk = kji[:, ::-1] + origin_ijk
+    return ijk @ ijk_to_ras[:3, :3].T + ijk_to_ras[:3, 3]
+
+
+def _extent_along(direction: np.ndarray, ijk_to_ras: np.ndarray) -> float:
+    """Length (mm) of one voxel's footprint along a unit RAS direction."""
+    return float(np.sum(np.abs(np.linalg.inv(ijk_to_ras[:3, :3]) @ direction) * voxel_spacing(ijk_to_ras) ** 2))
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v)
+
+
+def spine_tangents(centroids: list[np.ndarray]) -> list[np.ndarray]:
+    """Unit tangents (pointing cranially) of the curve through centroids ordered cranial to caudal.
+
+    A parabola in the chord-length parameter is fitted through each point and its neighbours
+    (the next two at the ends); its derivative at the point is the tangent. One point: superior.
+    """
+    n = len(centroids)
+    if n == 1:
+        return [np.array([0.0, 0.0, 1.0])]
+    pts = np.asarray(centroids, dtype=float)
+    if n == 2:
+        t = _unit(pts[0] - pts[1])
+        return [t, t]
+    chord = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(pts, axis=0), axis=1))])
+    tangents = []
+    for index in range(n):
+        lo = min(max(index - 1, 0), n - 3)
+        sel = slice(lo, lo + 3)
+        s = chord[sel] - chord[index]
+        coeffs = np.polyfit(s, pts[sel], 2)  # (3, 3): rows a, b, c of a s² + b s + c
+        tangents.append(_unit(-coeffs[1]))  # chord grows caudally; the tangent points cranially
+    return tangents
+
+
+def _frames(vertebrae: list[_Vertebra], centroids: list[np.ndarray], ap_hints: list[np.ndarray | None]):
+    frames = []
+    for vertebra, centre, tangent, hint in zip(vertebrae, centroids, spine_tangents(centroids), ap_hints):
+        anterior = np.array([0.0, 1.0, 0.0]) if hint is None else hint
+        ap = anterior - (anterior @ tangent) * tangent
+        if np.linalg.norm(ap) < 1e-6:
+            ap = np.array([1.0, 0.0, 0.0]) - tangent[0] * tangent
+        ap = _unit(ap)
+        frames.append(VertebraFrame(np.asarray(centre, dtype=float), np.cross(ap, tangent), ap, tangent))
+    return frames
+
+
+def _separate_body(vertebra: _Vertebra, frame: VertebraFrame, sample: _CropSampler, step: float) -> np.ndarray | None:
+    """Body part of a whole-vertebra mask, cut at the posterior wall found in the mid-sagittal plane."""
+    mask_f = vertebra.mask.astype(np.float32)
+    v = np.arange(-90.0, 90.0 + step, step)
+    w = np.arange(-45.0, 45.0 + step, step)
+    vv, ww = np.meshgrid(v, w, indexing="ij")
+    plane = np.zeros(vv.shape, dtype=np.float32)
+    offsets = (-2.0, -1.0, 0.0, 1.0, 2.0)
+    for u in offsets:
+        local = np.stack([np.full(vv.size, u), vv.ravel(), ww.ravel()], axis=1)
+        plane += sample(mask_f, frame.to_ras(local)).reshape(vv.shape)
+    plane /= len(offsets)
+    parts, count = ndimage.label(plane >= 0.5)
+    if count == 0:
+        return None
+    areas = ndimage.sum_labels(np.ones_like(plane), parts, index=np.arange(1, count + 1))
+    mean_v = ndimage.mean(vv, parts, index=np.arange(1, count + 1))
+    large = np.nonzero(areas >= 0.3 * areas.max())[0]
+    body_part = large[np.argmax(mean_v[large])] + 1
+    in_body = parts == body_part
+    rows = np.nonzero(in_body.any(axis=0))[0]  # w indices
+    central = rows[len(rows) // 4 : max(len(rows) // 4 + 1, 3 * len(rows) // 4)]
+    posterior_wall = np.median([vv[in_body[:, r], r].min() for r in central if in_body[:, r].any()])
+    ras = _voxel_centres_ras(vertebra.mask, np.linalg.inv(sample.ras_to_crop), np.zeros(3))
+    local_v = frame.to_local(ras)[:, 1]
+    body = np.zeros_like(vertebra.mask)
+    kji = np.argwhere(vertebra.mask)
+    keep = local_v >= posterior_wall - 0.5 * step
+    body[tuple(kji[keep].T)] = True
+    return body
+
+
+def _crossing(profile: np.ndarray, coords: np.ndarray, start: int, direction: int, level: float = 0.5) -> float:
+    """Position where ``profile`` falls below ``level`` walking from index ``start``; linear
+    interpolation between samples. NaN if it never does."""
+    index = start
+    last = len(profile) - 1
+    while 0 <= index + direction <= last and profile[index + direction] >= level:
+        index += direction
+    nxt = index + direction
+    if not 0 <= nxt <= last:
+        return float("nan")
+    a, b = profile[index], profile[nxt]
+    t = (a - level) / (a - b) if a != b else 0.5
+    return float(coords[index] + t * (coords[nxt] - coords[index]))
+
+
+def _box_cdf(ijk_to_ras: np.ndarray, normal: np.ndarray, step: float = 0.02):
+    """Cumulative distribution, along the unit direction ``normal``, of a voxel's volume: the
+    convolution of three boxes whose widths are the voxel edges projected on ``normal``. A voxel
+    whose centre lies at signed distance ``d`` below a plane has ``cdf(d)`` of its volume below it."""
+    widths = np.abs(np.asarray(normal) @ np.asarray(ijk_to_ras, dtype=float)[:3, :3])
+    kernel = np.ones(1)
+    for width in widths:
+        n = max(1, int(round(width / step)))
+        kernel = np.convolve(kernel, np.ones(n) / n)
+    x = (np.arange(len(kernel)) - (len(kernel) - 1) / 2.0) * step
+    values = np.cumsum(kernel) / kernel.sum()
+    return lambda d: np.interp(d, x, values, left=0.0, right=1.0)
+
+
+def _fit_endplate(values: np.ndarray, local: np.ndarray, direction: int, edge_guess: float, v_centre: float,
+                  slope_guess: float, frame: VertebraFrame, ijk_to_ras: np.ndarray, cortex_mm: float,
+                  search: float) -> tuple[float, float]:
+    """Outer surface of one endplate, fitted to the CT values of the voxels around it.
+
+    ``values`` are the HU of voxels whose centres have local coordinates ``local`` (N, 3);
+    ``direction`` is +1 for a superior endplate (body below), -1 for an inferior one. The endplate
+    is a plane ``w = e + g (v - v_centre)``; each voxel's HU is modelled as its exact partial-volume
+    mix of disc (outside), a cortical plate of ``cortex_mm`` just inside the surface, and trabecular
+    bone: ``HU = a + b·inside + c·plate``, where ``inside`` and ``plate`` are the shares of the
+    voxel's volume beyond the plane (a box kernel, see :func:`_box_cdf`). ``a, b, c`` are solved by
+    least squares for each ``(e, g)`` on a grid around the mask's estimate; the best fit wins.
+    Returns ``(e, g)``, or NaNs when no fit has a bright plate (``c > 0``)."""
+    if len(values) < 8:
+        return float("nan"), float("nan")
+    edges = edge_guess + np.arange(-search, search + 1e-9, 0.05)
+    best = (float("nan"), float("nan"), np.inf)
+    for slope in slope_guess + np.arange(-0.3, 0.3 + 1e-9, 0.1):
+        normal = _unit(frame.cc - slope * frame.ap)
+        cdf = _box_cdf(ijk_to_ras, normal)
+        scale = 1.0 / np.sqrt(1.0 + slope * slope)
+        plane = local[:, 2] - slope * (local[:, 1] - v_centre)  # w measured along the plane's offset
+        depth = direction * (edges[:, None] - plane[None, :]) * scale  # distance inside the body, mm
+        inside = cdf(depth)
+        plate = inside - cdf(depth - cortex_mm)
+        design = np.stack([np.ones_like(inside), inside, plate], axis=2)  # (edges, voxels, 3)
+        gram = np.einsum("evi,evj->eij", design, design)
+        rhs = np.einsum("evi,v->ei", design, values)
+        ok = np.linalg.cond(gram) < 1e8
+        if not ok.any():
+            continue
+        coef = np.full((len(edges), 3), np.nan)
+        coef[ok] = np.linalg.solve(gram[ok], rhs[ok][..., None])[..., 0]
+        residual = np.sum((np.einsum("evi,ei->ev", design, np.nan_to_num(coef)) - values) ** 2, axis=1)
+        residual[~ok | ~(coef[:, 2] > 0)] = np.inf
+        index = int(np.argmin(residual))
+        if residual[index] < best[2]:
+            best = (float(edges[index]), float(slope), float(residual[index]))
+    return best[0], best[1]
+
+
+def _measure_body(vertebra: _Vertebra, frame: VertebraFrame, sample: _CropSampler, labels_crop: np.ndarray,
+                  ct_crop: np.ndarray | None, ijk_to_ras: np.ndarray, cortex_mm: float) -> VertebraHeights:
+    result = VertebraHeights(vertebra.level, vertebra.label, complete=not vertebra.touches_edge, frame=frame,
+                             flags=list(vertebra.flags))
+    if vertebra.touches_edge:
+        result.flags.append("touches_field_of_view_edge")
+    body = vertebra.body
+    result.body_volume_ml = float(body.sum()) * voxel_volume_ml(ijk_to_ras)
+    ras = _voxel_centres_ras(body, np.linalg.inv(sample.ras_to_crop), np.zeros(3))
+    local = frame.to_local(ras)
+    s_w = _extent_along(frame.cc, ijk_to_ras)
+    s_v = _extent_along(frame.ap, ijk_to_ras)
+    fine = 0.2
+    u_lo, u_hi = np.percentile(local[:, 0], [0.5, 99.5])
+    width = u_hi - u_lo + _extent_along(frame.lr, ijk_to_ras)
+    u_mid = 0.5 * (u_lo + u_hi)
+    w_lo, w_hi = local[:, 2].min(), local[:, 2].max()
+    v_lo, v_hi = local[:, 1].min(), local[:, 1].max()
+    band = max(CENTRAL_BAND * width, 1.0)
+    us = u_mid + np.linspace(-band, band, 7)
+    body_f = body.astype(np.float32)
+
+    # Depth: walls where the band-averaged occupancy crosses one half, over the central half height.
+    vs = np.arange(v_lo - 2 * s_v, v_hi + 2 * s_v, fine)
+    ws = np.linspace(w_lo + 0.25 * (w_hi - w_lo), w_hi - 0.25 * (w_hi - w_lo), 7)
+    depth_us = u_mid + np.linspace(-1.0, 1.0, 3) * max(0.05 * width, 1.0)
+    uu, vv, ww = np.meshgrid(depth_us, vs, ws, indexing="ij")
+    occupancy = sample(body_f, frame.to_ras(np.stack([uu.ravel(), vv.ravel(), ww.ravel()], axis=1)))
+    depth_profile = occupancy.reshape(uu.shape).mean(axis=(0, 2))
+    centre_index = int(np.argmax(depth_profile))
+    v_ant = _crossing(depth_profile, vs, centre_index, +1)
+    v_post = _crossing(depth_profile, vs, centre_index, -1)
+    result.width_mm = float(width)
+    result.depth_mm = float(v_ant - v_post)
+
+    ws = np.arange(w_lo - 2.5 * s_w - 3.0, w_hi + 2.5 * s_w + 3.0, fine)
+    if ct_crop is not None:
+        everywhere = np.ones(ct_crop.shape, dtype=bool)
+        voxel_local = frame.to_local(_voxel_centres_ras(everywhere, np.linalg.inv(sample.ras_to_crop), np.zeros(3)))
+        ct_flat = ct_crop.ravel()
+        other_body_flat = np.isin(labels_crop, (0, vertebra.label), invert=True).ravel()
+        column_half = max(0.025 * result.depth_mm, 0.5 * s_v)
+    methods = set()
+    for key, fraction in AP_FRACTIONS.items():
+        v_f = v_ant - fraction * (v_ant - v_post)
+        vs_f = v_f + np.array([-0.025, 0.0, 0.025]) * result.depth_mm
+        uu, vv, ww = np.meshgrid(us, vs_f, ws, indexing="ij")
+        pts = frame.to_ras(np.stack([uu.ravel(), vv.ravel(), ww.ravel()], axis=1))
+        occ = sample(body_f, pts).reshape(-1, len(ws))
+        start = int(np.argmin(np.abs(ws)))
+        tops, bottoms = [], []
+        for line in occ:
+            if line[start] < 0.5:
+                inside = np.nonzero(line >= 0.5)[0]
+                if not len(inside):
+                    continue
+                index = inside[np.argmin(np.abs(inside - start))]
+            else:
+                index = start
+            tops.append(_crossing(line, ws, index, +1))
+            bottoms.append(_crossing(line, ws, index, -1))
+        if not tops:
+            continue
+        top_mask, bottom_mask = float(np.nanmedian(tops)), float(np.nanmedian(bottoms))
+        top, bottom, method = top_mask, bottom_mask, "mask"
+        if ct_crop is not None:
+            near = (np.abs(voxel_local[:, 0] - u_mid) <= band) & (np.abs(voxel_local[:, 1] - v_f) <= column_half)
+            search = 0.5 * s_w + 0.3
+            slope_top = _mask_slope(body_f, frame, sample, us, v_f, ws, +1, result.depth_mm)
+            slope_bottom = _mask_slope(body_f, frame, sample, us, v_f, ws, -1, result.depth_mm)
+            fits = []
+            for direction, edge, slope in ((+1, top_mask, slope_top), (-1, bottom_mask, slope_bottom)):
+                w_rel = direction * (voxel_local[:, 2] - edge)
+                limit = _outer_limit(voxel_local, near, other_body_flat, edge, direction, 2.0 * s_w + 1.5)
+                window = near & (w_rel >= -(2.0 * s_w + 1.5)) & (w_rel <= limit - 0.5 * s_w)
+                fits.append(_fit_endplate(ct_flat[window], voxel_local[window], direction, edge, v_f, slope,
+                                          frame, ijk_to_ras, cortex_mm, search)[0])
+            if np.isfinite(fits[0]) and np.isfinite(fits[1]):
+                top, bottom, method = fits[0], fits[1], "ct"
+        methods.add(method)
+        setattr(result, f"{key}_mm", top - bottom)
+        result.height_lines_ras[key] = (frame.to_ras(np.array([[u_mid, v_f, top]]))[0],
+                                       frame.to_ras(np.array([[u_mid, v_f, bottom]]))[0])
+    result.endplate_method = "ct" if methods == {"ct"} else ("mask" if methods == {"mask"} else "mixed")
+    if ct_crop is not None and result.endplate_method != "ct":
+        result.flags.append("endplate_from_mask")
+    _check_plausible(result)
+    return result
+
+
+def _outer_limit(local, near, other, edge, direction, reach):
+    """How far beyond an endplate's mask edge (mm, along ``direction``) its fit may look: ``reach``,
+    but no further than halfway to the next vertebra in the same column of voxels."""
+    beyond = near & other & ((local[:, 2] - edge) * direction > 0)
+    if beyond.any():
+        return min(reach, 0.5 * float(np.min((local[beyond, 2] - edge) * direction)))
+    return reach
+
+
+def _mask_slope(body_f, frame, sample, us, v_f, ws, direction, depth):
+    """Slope ``dw/dv`` of an endplate near ``v_f`` from the mask: its crossings 3 mm (or 10 % of
+    the depth) either side, median over the band's lines."""
+    dv = max(3.0, 0.1 * depth)
+    edges = []
+    for v in (v_f - dv, v_f + dv):
+        uu, ww = np.meshgrid(us, ws, indexing="ij")
+        pts = frame.to_ras(np.stack([uu.ravel(), np.full(uu.size, v), ww.ravel()], axis=1))
+        occ = sample(body_f, pts).reshape(len(us), len(ws))
+        start = int(np.argmin(np.abs(ws)))
+        crossings = [_crossing(line, ws, start, direction) for line in occ if line[start] >= 0.5]
+        edges.append(np.nanmedian(crossings) if crossings else np.nan)
+    slope = (edges[1] - edges[0]) / (2 * dv)
+    return float(slope) if np.isfinite(slope) else 0.0
+
+
+def _check_plausible(result: VertebraHeights) -> None:
+    reasons = []
+    heights = [result.ha_mm, result.hm_mm, result.hp_mm]
+    if not all(np.isfinite(heights)):
+        reasons.append("heights_not_measurable")
+    elif min(heights) < HEIGHT_LIMITS_MM[0] or max(heights) > HEIGHT_LIMITS_MM[1]:
+        reasons.append("implausible_height")
+    if not (DEPTH_LIMITS_MM[0] <= result.depth_mm <= DEPTH_LIMITS_MM[1]):
+        reasons.append("implausible_depth")
+    if result.body_volume_ml < MIN_BODY_VOLUME_ML:
+        reasons.append("implausible_body_volume")
+    if reasons:
+        result.complete = False
+        result.flags.extend(reasons)
+
+
+def _set_body(vertebra: _Vertebra, body: np.ndarray, ijk_to_ras: np.ndarray) -> None:
+    """Store a vertebra's body mask with the centroids of the body and of the rest (posterior
+    elements) in RAS."""
+    vertebra.body = body
+    vertebra.body_centroid = _voxel_centres_ras(body, ijk_to_ras, vertebra.origin_ijk).mean(axis=0)
+    rest = vertebra.mask & ~body
+    vertebra.posterior_centroid = (_voxel_centres_ras(rest, ijk_to_ras, vertebra.origin_ijk).mean(axis=0)
+                                   if rest.sum() >= 10 else None)
+
+
+def measure_heights(
+    labels: np.ndarray,
+    ijk_to_ras: np.ndarray,
+    *,
+    convention: str = "totalsegmentator",
+    body_labels: np.ndarray | None = None,
+    ct: np.ndarray | None = None,
+    levels: tuple[str, ...] | None = None,
+    cortex_mm: float = ENDPLATE_CORTEX_MM,
+) -> list[VertebraHeights]:
+    """Measure every vertebra of ``labels`` (cranial to caudal).
+
+    ``labels``: vertebra label map ``[k, j, i]`` in ``convention``; ``body_labels``: optional
+    ``vertebrae_body`` map on the same grid; ``ct``: optional CT in HU on the same grid (enables
+    sub-voxel endplates); ``levels``: report only these (all present vertebrae still define the
+    spine's centre line). Returns one :class:`VertebraHeights` per vertebra present.
+    """
+    ijk_to_ras = np.asarray(ijk_to_ras, dtype=float)
+    ids = lv.vertebra_ids(convention)
+    by_label = {label: level for level, label in ids.items()}
+    max_label = max(ids.values())
+    objects = ndimage.find_objects(labels, max_label=max_label)
+    spacing = voxel_spacing(ijk_to_ras)
+    margin = np.ceil(CROP_MARGIN_MM / spacing).astype(int)  # (i, j, k)
+    shape = labels.shape
+    vertebrae: list[_Vertebra] = []
+    for label, slices in enumerate(objects, start=1):
+        if slices is None or label not in by_label:
+            continue
+        touches = any(s.start == 0 or s.stop == n for s, n in zip(slices, shape))
+        grown = tuple(slice(max(0, s.start - m), min(n, s.stop + m))
+                      for s, m, n in zip(slices, margin[::-1], shape))
+        crop = labels[grown]
+        origin = np.array([grown[2].start, grown[1].start, grown[0].start], dtype=float)
+        vertebrae.append(_Vertebra(by_label[label], label, grown, origin, crop == label, touches))
+    vertebrae.sort(key=lambda v: lv.level_position(v.level))
+    if not vertebrae:
+        return []
+
+    step = float(max(0.5, min(spacing)))
+    samplers = [_CropSampler(ijk_to_ras, v.origin_ijk) for v in vertebrae]
+    for v in vertebrae:
+        v.centroid = _voxel_centres_ras(v.mask, ijk_to_ras, v.origin_ijk).mean(axis=0)
+    # Pass 1: frames from whole-vertebra centroids and patient-anterior; find the bodies.
+    frames = _frames(vertebrae, [v.centroid for v in vertebrae], [None] * len(vertebrae))
+    for v, frame, sample in zip(vertebrae, frames, samplers):
+        body = None
+        if body_labels is not None:
+            body = v.mask & (body_labels[v.slices] == lv.BODY_LABEL)
+            if body.sum() == 0:
+                v.flags.append("no_body_in_vertebrae_body_map")
+                body = None
+        if body is None:
+            body = _separate_body(v, frame, sample, step)
+            if body is None or body.sum() == 0:
+                body = v.mask.copy()
+                v.flags.append("body_not_separated")
+        _set_body(v, body, ijk_to_ras)
+    # Passes 2–3: frames from body centroids, AP from the posterior elements to the body; bodies
+    # found by shape are cut again in the refined frames.
+    for _ in range(2):
+        hints = [None if v.posterior_centroid is None else _unit(v.body_centroid - v.posterior_centroid)
+                 for v in vertebrae]
+        frames = _frames(vertebrae, [v.body_centroid for v in vertebrae], hints)
+        if body_labels is not None:
+            break
+        for v, frame, sample in zip(vertebrae, frames, samplers):
+            if "body_not_separated" in v.flags:
+                continue
+            body = _separate_body(v, frame, sample, step)
+            if body is not None and body.sum() > 0:
+                _set_body(v, body, ijk_to_ras)
+    results = []
+    for v, frame, sample in zip(vertebrae, frames, samplers):
+        if levels is not None and v.level not in levels:
+            continue
+        ct_crop = None if ct is None else ct[v.slices].astype(np.float32)
+        results.append(_measure_body(v, frame, sample, labels[v.slices], ct_crop, ijk_to_ras, cortex_mm))
+    return results
