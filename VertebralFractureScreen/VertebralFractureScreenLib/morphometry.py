@@ -251,7 +251,7 @@ def _box_cdf(ijk_to_ras: np.ndarray, normal: np.ndarray, step: float = 0.02):
 
 def _fit_endplate(values: np.ndarray, local: np.ndarray, direction: int, edge_guess: float, v_centre: float,
                   slope_guess: float, frame: VertebraFrame, ijk_to_ras: np.ndarray, cortex_mm: float,
-                  search: float) -> tuple[float, float]:
+                  search: float, plate_contrast: float | None = None) -> tuple[float, float, float]:
     """Outer surface of one endplate, fitted to the CT values of the voxels around it.
 
     ``values`` are the HU of voxels whose centres have local coordinates ``local`` (N, 3);
@@ -261,11 +261,14 @@ def _fit_endplate(values: np.ndarray, local: np.ndarray, direction: int, edge_gu
     bone: ``HU = a + b·inside + c·plate``, where ``inside`` and ``plate`` are the shares of the
     voxel's volume beyond the plane (a box kernel, see :func:`_box_cdf`). ``a, b, c`` are solved by
     least squares for each ``(e, g)`` on a grid around the mask's estimate; the best fit wins.
-    Returns ``(e, g)``, or NaNs when no fit has a bright plate (``c > 0``)."""
+    When the plate lies inside one slice of voxels its contrast ``c`` and the surface position
+    trade off; ``plate_contrast`` then fixes ``c`` (measured on the body's walls).
+    Returns ``(e, g, c)``, or NaNs when no fit has a bright plate (``c > 0``)."""
     if len(values) < 8:
-        return float("nan"), float("nan")
+        return float("nan"), float("nan"), float("nan")
     edges = edge_guess + np.arange(-search, search + 1e-9, 0.05)
-    best = (float("nan"), float("nan"), np.inf)
+    best = (float("nan"), float("nan"), np.inf, float("nan"))
+    free = plate_contrast is None
     for slope in slope_guess + np.arange(-0.3, 0.3 + 1e-9, 0.1):
         normal = _unit(frame.cc - slope * frame.ap)
         cdf = _box_cdf(ijk_to_ras, normal)
@@ -274,20 +277,26 @@ def _fit_endplate(values: np.ndarray, local: np.ndarray, direction: int, edge_gu
         depth = direction * (edges[:, None] - plane[None, :]) * scale  # distance inside the body, mm
         inside = cdf(depth)
         plate = inside - cdf(depth - cortex_mm)
-        design = np.stack([np.ones_like(inside), inside, plate], axis=2)  # (edges, voxels, 3)
+        if free:
+            design = np.stack([np.ones_like(inside), inside, plate], axis=2)  # (edges, voxels, 3)
+            target = np.broadcast_to(values, inside.shape)
+        else:
+            design = np.stack([np.ones_like(inside), inside], axis=2)
+            target = values[None, :] - plate_contrast * plate
         gram = np.einsum("evi,evj->eij", design, design)
-        rhs = np.einsum("evi,v->ei", design, values)
+        rhs = np.einsum("evi,ev->ei", design, target)
         ok = np.linalg.cond(gram) < 1e8
         if not ok.any():
             continue
-        coef = np.full((len(edges), 3), np.nan)
+        coef = np.full((len(edges), design.shape[2]), np.nan)
         coef[ok] = np.linalg.solve(gram[ok], rhs[ok][..., None])[..., 0]
-        residual = np.sum((np.einsum("evi,ei->ev", design, np.nan_to_num(coef)) - values) ** 2, axis=1)
-        residual[~ok | ~(coef[:, 2] > 0)] = np.inf
+        residual = np.sum((np.einsum("evi,ei->ev", design, np.nan_to_num(coef)) - target) ** 2, axis=1)
+        contrast = coef[:, 2] if free else np.full(len(edges), plate_contrast)
+        residual[~ok | ~(contrast > 0)] = np.inf
         index = int(np.argmin(residual))
         if residual[index] < best[2]:
-            best = (float(edges[index]), float(slope), float(residual[index]))
-    return best[0], best[1]
+            best = (float(edges[index]), float(slope), float(residual[index]), float(contrast[index]))
+    return best[0], best[1], best[3]
 
 
 def _measure_body(vertebra: _Vertebra, frame: VertebraFrame, sample: _CropSampler, labels_crop: np.ndarray,
@@ -332,6 +341,8 @@ def _measure_body(vertebra: _Vertebra, frame: VertebraFrame, sample: _CropSample
         ct_flat = ct_crop.ravel()
         other_body_flat = np.isin(labels_crop, (0, vertebra.label), invert=True).ravel()
         column_half = max(0.025 * result.depth_mm, 0.5 * s_v)
+        plate_contrast = _wall_plate_contrast(ct_flat, voxel_local, frame, ijk_to_ras, u_mid, band, v_ant, v_post,
+                                              w_lo, w_hi, s_v, cortex_mm)
     methods = set()
     for key, fraction in AP_FRACTIONS.items():
         v_f = v_ant - fraction * (v_ant - v_post)
@@ -366,7 +377,7 @@ def _measure_body(vertebra: _Vertebra, frame: VertebraFrame, sample: _CropSample
                 limit = _outer_limit(voxel_local, near, other_body_flat, edge, direction, 2.0 * s_w + 1.5)
                 window = near & (w_rel >= -(2.0 * s_w + 1.5)) & (w_rel <= limit - 0.5 * s_w)
                 fits.append(_fit_endplate(ct_flat[window], voxel_local[window], direction, edge, v_f, slope,
-                                          frame, ijk_to_ras, cortex_mm, search)[0])
+                                          frame, ijk_to_ras, cortex_mm, search, plate_contrast)[0])
             if np.isfinite(fits[0]) and np.isfinite(fits[1]):
                 top, bottom, method = fits[0], fits[1], "ct"
         methods.add(method)
@@ -378,6 +389,30 @@ def _measure_body(vertebra: _Vertebra, frame: VertebraFrame, sample: _CropSample
         result.flags.append("endplate_from_mask")
     _check_plausible(result)
     return result
+
+
+def _wall_plate_contrast(ct_flat, voxel_local, frame, ijk_to_ras, u_mid, band, v_ant, v_post, w_lo, w_hi, s_v,
+                         cortex_mm) -> float | None:
+    """Contrast of the cortical plate (HU over trabecular bone, for a plate of ``cortex_mm``)
+    fitted on the anterior and posterior walls, where the grid is usually finer than across the
+    endplates. Median of the walls that give a fit; None when neither does."""
+    swapped = VertebraFrame(frame.centre, -frame.lr, frame.cc, frame.ap)  # wall normal plays "cc"
+    local = voxel_local[:, [0, 2, 1]] * np.array([-1.0, 1.0, 1.0])
+    height = w_hi - w_lo
+    central = (np.abs(voxel_local[:, 0] - u_mid) <= band) & (np.abs(voxel_local[:, 2] - 0.5 * (w_lo + w_hi))
+                                                             <= 0.2 * height)
+    reach = 2.0 * s_v + 1.5
+    contrasts = []
+    for direction, edge in ((+1, v_ant), (-1, v_post)):
+        if not np.isfinite(edge):
+            continue
+        rel = direction * (voxel_local[:, 1] - edge)
+        window = central & (rel >= -reach) & (rel <= reach)
+        _, _, contrast = _fit_endplate(ct_flat[window], local[window], direction, edge, 0.0, 0.0, swapped,
+                                       ijk_to_ras, cortex_mm, 0.5 * s_v + 0.3)
+        if np.isfinite(contrast):
+            contrasts.append(contrast)
+    return float(np.median(contrasts)) if contrasts else None
 
 
 def _outer_limit(local, near, other, edge, direction, reach):
