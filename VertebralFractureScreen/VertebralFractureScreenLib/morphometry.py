@@ -137,10 +137,24 @@ class _CropSampler:
                                        prefilter=False)
 
 
-def _voxel_centres_ras(mask: np.ndarray, ijk_to_ras: np.ndarray, origin_ijk: np.ndarray) -> np.ndarray:
-    kji = np.argwhere(mask)
-    ijk = kji[:, ::-1] + origin_ijk
-    return ijk @ ijk_to_ras[:3, :3].T + ijk_to_ras[:3, 3]
+def _centroid_ras(mask: np.ndarray, ijk_to_ras: np.ndarray, origin_ijk: np.ndarray) -> np.ndarray:
+    """RAS centroid (mm) of a crop's mask whose first voxel is ``origin_ijk`` of the grid."""
+    kji = np.asarray(ndimage.center_of_mass(mask))
+    return (kji[::-1] + origin_ijk) @ ijk_to_ras[:3, :3].T + ijk_to_ras[:3, 3]
+
+
+def _local_grid(frame: "VertebraFrame", crop_ijk_to_ras: np.ndarray, shape_kji) -> np.ndarray:
+    """Local ``(u, v, w)`` (mm, float32) of every voxel centre of a crop, shape ``(k, j, i, 3)``.
+    The map is affine, so it is built from three axis vectors by broadcasting (no big matmul)."""
+    to_local = frame.rotation @ crop_ijk_to_ras[:3, :3]  # columns: local step per i, j, k
+    offset = frame.rotation @ (crop_ijk_to_ras[:3, 3] - frame.centre)
+    nk, nj, ni = shape_kji
+    grid = np.empty((nk, nj, ni, 3), dtype=np.float32)
+    grid[...] = (np.arange(ni, dtype=np.float32)[:, None] * to_local[:, 0].astype(np.float32))[None, None]
+    grid += (np.arange(nj, dtype=np.float32)[:, None] * to_local[:, 1].astype(np.float32))[None, :, None]
+    grid += (np.arange(nk, dtype=np.float32)[:, None] * to_local[:, 2].astype(np.float32))[:, None, None]
+    grid += offset.astype(np.float32)
+    return grid
 
 
 def _extent_along(direction: np.ndarray, ijk_to_ras: np.ndarray) -> float:
@@ -211,13 +225,8 @@ def _separate_body(vertebra: _Vertebra, frame: VertebraFrame, sample: _CropSampl
     rows = np.nonzero(in_body.any(axis=0))[0]  # w indices
     central = rows[len(rows) // 4 : max(len(rows) // 4 + 1, 3 * len(rows) // 4)]
     posterior_wall = np.median([vv[in_body[:, r], r].min() for r in central if in_body[:, r].any()])
-    ras = _voxel_centres_ras(vertebra.mask, np.linalg.inv(sample.ras_to_crop), np.zeros(3))
-    local_v = frame.to_local(ras)[:, 1]
-    body = np.zeros_like(vertebra.mask)
-    kji = np.argwhere(vertebra.mask)
-    keep = local_v >= posterior_wall - 0.5 * step
-    body[tuple(kji[keep].T)] = True
-    return body
+    local_v = _local_grid(frame, np.linalg.inv(sample.ras_to_crop), vertebra.mask.shape)[..., 1]
+    return vertebra.mask & (local_v >= posterior_wall - 0.5 * step)
 
 
 def _crossing(profile: np.ndarray, coords: np.ndarray, start: int, direction: int, level: float = 0.5) -> float:
@@ -307,8 +316,8 @@ def _measure_body(vertebra: _Vertebra, frame: VertebraFrame, sample: _CropSample
         result.flags.append("touches_field_of_view_edge")
     body = vertebra.body
     result.body_volume_ml = float(body.sum()) * voxel_volume_ml(ijk_to_ras)
-    ras = _voxel_centres_ras(body, np.linalg.inv(sample.ras_to_crop), np.zeros(3))
-    local = frame.to_local(ras)
+    grid = _local_grid(frame, np.linalg.inv(sample.ras_to_crop), body.shape)
+    local = grid[body].astype(float)
     s_w = _extent_along(frame.cc, ijk_to_ras)
     s_v = _extent_along(frame.ap, ijk_to_ras)
     fine = 0.2
@@ -336,10 +345,11 @@ def _measure_body(vertebra: _Vertebra, frame: VertebraFrame, sample: _CropSample
 
     ws = np.arange(w_lo - 2.5 * s_w - 3.0, w_hi + 2.5 * s_w + 3.0, fine)
     if ct_crop is not None:
-        everywhere = np.ones(ct_crop.shape, dtype=bool)
-        voxel_local = frame.to_local(_voxel_centres_ras(everywhere, np.linalg.inv(sample.ras_to_crop), np.zeros(3)))
-        ct_flat = ct_crop.ravel()
-        other_body_flat = np.isin(labels_crop, (0, vertebra.label), invert=True).ravel()
+        # Voxels of the central band only (all fits look there), with their local coordinates.
+        in_band = np.abs(grid[..., 0] - u_mid) <= band + 1e-3
+        voxel_local = grid[in_band].astype(float)
+        ct_flat = ct_crop[in_band]
+        other_body_flat = np.isin(labels_crop[in_band], (0, vertebra.label), invert=True)
         column_half = max(0.025 * result.depth_mm, 0.5 * s_v)
         plate_contrast = _wall_plate_contrast(ct_flat, voxel_local, frame, ijk_to_ras, u_mid, band, v_ant, v_post,
                                               w_lo, w_hi, s_v, cortex_mm)
@@ -460,9 +470,9 @@ def _set_body(vertebra: _Vertebra, body: np.ndarray, ijk_to_ras: np.ndarray) -> 
     """Store a vertebra's body mask with the centroids of the body and of the rest (posterior
     elements) in RAS."""
     vertebra.body = body
-    vertebra.body_centroid = _voxel_centres_ras(body, ijk_to_ras, vertebra.origin_ijk).mean(axis=0)
+    vertebra.body_centroid = _centroid_ras(body, ijk_to_ras, vertebra.origin_ijk)
     rest = vertebra.mask & ~body
-    vertebra.posterior_centroid = (_voxel_centres_ras(rest, ijk_to_ras, vertebra.origin_ijk).mean(axis=0)
+    vertebra.posterior_centroid = (_centroid_ras(rest, ijk_to_ras, vertebra.origin_ijk)
                                    if rest.sum() >= 10 else None)
 
 
@@ -508,7 +518,7 @@ def measure_heights(
     step = float(max(0.5, min(spacing)))
     samplers = [_CropSampler(ijk_to_ras, v.origin_ijk) for v in vertebrae]
     for v in vertebrae:
-        v.centroid = _voxel_centres_ras(v.mask, ijk_to_ras, v.origin_ijk).mean(axis=0)
+        v.centroid = _centroid_ras(v.mask, ijk_to_ras, v.origin_ijk)
     # Pass 1: frames from whole-vertebra centroids and patient-anterior; find the bodies.
     frames = _frames(vertebrae, [v.centroid for v in vertebrae], [None] * len(vertebrae))
     for v, frame, sample in zip(vertebrae, frames, samplers):
