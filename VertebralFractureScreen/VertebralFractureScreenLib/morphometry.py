@@ -308,97 +308,115 @@ def _fit_endplate(values: np.ndarray, local: np.ndarray, direction: int, edge_gu
     return best[0], best[1], best[3]
 
 
-def _measure_body(vertebra: _Vertebra, frame: VertebraFrame, sample: _CropSampler, labels_crop: np.ndarray,
-                  ct_crop: np.ndarray | None, ijk_to_ras: np.ndarray, cortex_mm: float) -> VertebraHeights:
-    result = VertebraHeights(vertebra.level, vertebra.label, complete=not vertebra.touches_edge, frame=frame,
-                             flags=list(vertebra.flags))
-    if vertebra.touches_edge:
-        result.flags.append("touches_field_of_view_edge")
-    body = vertebra.body
-    result.body_volume_ml = float(body.sum()) * voxel_volume_ml(ijk_to_ras)
-    grid = _local_grid(frame, np.linalg.inv(sample.ras_to_crop), body.shape)
-    local = grid[body].astype(float)
-    s_w = _extent_along(frame.cc, ijk_to_ras)
-    s_v = _extent_along(frame.ap, ijk_to_ras)
-    fine = 0.2
-    u_lo, u_hi = np.percentile(local[:, 0], [0.5, 99.5])
-    width = u_hi - u_lo + _extent_along(frame.lr, ijk_to_ras)
-    u_mid = 0.5 * (u_lo + u_hi)
-    w_lo, w_hi = local[:, 2].min(), local[:, 2].max()
-    v_lo, v_hi = local[:, 1].min(), local[:, 1].max()
-    band = max(CENTRAL_BAND * width, 1.0)
-    us = u_mid + np.linspace(-band, band, 7)
-    body_f = body.astype(np.float32)
+class _BodyMeasurement:
+    """Measurement of one vertebral body in two steps: the geometry (body, depth, the band's voxels)
+    when made, then the heights in :meth:`finish` with the exam's endplate plate contrast."""
 
-    # Depth: walls where the band-averaged occupancy crosses one half, over the central half height.
-    vs = np.arange(v_lo - 2 * s_v, v_hi + 2 * s_v, fine)
-    ws = np.linspace(w_lo + 0.25 * (w_hi - w_lo), w_hi - 0.25 * (w_hi - w_lo), 7)
-    depth_us = u_mid + np.linspace(-1.0, 1.0, 3) * max(0.05 * width, 1.0)
-    uu, vv, ww = np.meshgrid(depth_us, vs, ws, indexing="ij")
-    occupancy = sample(body_f, frame.to_ras(np.stack([uu.ravel(), vv.ravel(), ww.ravel()], axis=1)))
-    depth_profile = occupancy.reshape(uu.shape).mean(axis=(0, 2))
-    centre_index = int(np.argmax(depth_profile))
-    v_ant = _crossing(depth_profile, vs, centre_index, +1)
-    v_post = _crossing(depth_profile, vs, centre_index, -1)
-    result.width_mm = float(width)
-    result.depth_mm = float(v_ant - v_post)
+    def __init__(self, vertebra: _Vertebra, frame: VertebraFrame, sample: _CropSampler, labels_crop: np.ndarray,
+                 ct_crop: np.ndarray | None, ijk_to_ras: np.ndarray, cortex_mm: float):
+        self.vertebra, self.frame, self.sample = vertebra, frame, sample
+        self.ijk_to_ras, self.cortex_mm, self.has_ct = ijk_to_ras, cortex_mm, ct_crop is not None
+        result = VertebraHeights(vertebra.level, vertebra.label, complete=not vertebra.touches_edge, frame=frame,
+                                 flags=list(vertebra.flags))
+        if vertebra.touches_edge:
+            result.flags.append("touches_field_of_view_edge")
+        self.result = result
+        body = vertebra.body
+        result.body_volume_ml = float(body.sum()) * voxel_volume_ml(ijk_to_ras)
+        grid = _local_grid(frame, np.linalg.inv(sample.ras_to_crop), body.shape)
+        local = grid[body].astype(float)
+        self.s_w = s_w = _extent_along(frame.cc, ijk_to_ras)
+        self.s_v = s_v = _extent_along(frame.ap, ijk_to_ras)
+        fine = 0.2
+        u_lo, u_hi = np.percentile(local[:, 0], [0.5, 99.5])
+        width = u_hi - u_lo + _extent_along(frame.lr, ijk_to_ras)
+        self.u_mid = u_mid = 0.5 * (u_lo + u_hi)
+        self.w_lo, self.w_hi = w_lo, w_hi = local[:, 2].min(), local[:, 2].max()
+        v_lo, v_hi = local[:, 1].min(), local[:, 1].max()
+        self.band = band = max(CENTRAL_BAND * width, 1.0)
+        self.us = u_mid + np.linspace(-band, band, 7)
+        self.body_f = body_f = body.astype(np.float32)
 
-    ws = np.arange(w_lo - 2.5 * s_w - 3.0, w_hi + 2.5 * s_w + 3.0, fine)
-    if ct_crop is not None:
-        # Voxels of the central band only (all fits look there), with their local coordinates.
-        in_band = np.abs(grid[..., 0] - u_mid) <= band + 1e-3
-        voxel_local = grid[in_band].astype(float)
-        ct_flat = ct_crop[in_band]
-        other_body_flat = np.isin(labels_crop[in_band], (0, vertebra.label), invert=True)
-        column_half = max(0.025 * result.depth_mm, 0.5 * s_v)
-        plate_contrast = _wall_plate_contrast(ct_flat, voxel_local, frame, ijk_to_ras, u_mid, band, v_ant, v_post,
-                                              w_lo, w_hi, s_v, cortex_mm)
-    methods = set()
-    for key, fraction in AP_FRACTIONS.items():
-        v_f = v_ant - fraction * (v_ant - v_post)
-        vs_f = v_f + np.array([-0.025, 0.0, 0.025]) * result.depth_mm
-        uu, vv, ww = np.meshgrid(us, vs_f, ws, indexing="ij")
-        pts = frame.to_ras(np.stack([uu.ravel(), vv.ravel(), ww.ravel()], axis=1))
-        occ = sample(body_f, pts).reshape(-1, len(ws))
-        start = int(np.argmin(np.abs(ws)))
-        tops, bottoms = [], []
-        for line in occ:
-            if line[start] < 0.5:
-                inside = np.nonzero(line >= 0.5)[0]
-                if not len(inside):
-                    continue
-                index = inside[np.argmin(np.abs(inside - start))]
-            else:
-                index = start
-            tops.append(_crossing(line, ws, index, +1))
-            bottoms.append(_crossing(line, ws, index, -1))
-        if not tops:
-            continue
-        top_mask, bottom_mask = float(np.nanmedian(tops)), float(np.nanmedian(bottoms))
-        top, bottom, method = top_mask, bottom_mask, "mask"
+        # Depth: walls where the band-averaged occupancy crosses one half, over the central half height.
+        vs = np.arange(v_lo - 2 * s_v, v_hi + 2 * s_v, fine)
+        ws = np.linspace(w_lo + 0.25 * (w_hi - w_lo), w_hi - 0.25 * (w_hi - w_lo), 7)
+        depth_us = u_mid + np.linspace(-1.0, 1.0, 3) * max(0.05 * width, 1.0)
+        uu, vv, ww = np.meshgrid(depth_us, vs, ws, indexing="ij")
+        occupancy = sample(body_f, frame.to_ras(np.stack([uu.ravel(), vv.ravel(), ww.ravel()], axis=1)))
+        depth_profile = occupancy.reshape(uu.shape).mean(axis=(0, 2))
+        centre_index = int(np.argmax(depth_profile))
+        self.v_ant = _crossing(depth_profile, vs, centre_index, +1)
+        self.v_post = _crossing(depth_profile, vs, centre_index, -1)
+        result.width_mm = float(width)
+        result.depth_mm = float(self.v_ant - self.v_post)
+        self.ws = np.arange(w_lo - 2.5 * s_w - 3.0, w_hi + 2.5 * s_w + 3.0, fine)
         if ct_crop is not None:
-            near = (np.abs(voxel_local[:, 0] - u_mid) <= band) & (np.abs(voxel_local[:, 1] - v_f) <= column_half)
-            search = 0.5 * s_w + 0.3
-            slope_top = _mask_slope(body_f, frame, sample, us, v_f, ws, +1, result.depth_mm)
-            slope_bottom = _mask_slope(body_f, frame, sample, us, v_f, ws, -1, result.depth_mm)
-            fits = []
-            for direction, edge, slope in ((+1, top_mask, slope_top), (-1, bottom_mask, slope_bottom)):
-                w_rel = direction * (voxel_local[:, 2] - edge)
-                limit = _outer_limit(voxel_local, near, other_body_flat, edge, direction, 2.0 * s_w + 1.5)
-                window = near & (w_rel >= -(2.0 * s_w + 1.5)) & (w_rel <= limit - 0.5 * s_w)
-                fits.append(_fit_endplate(ct_flat[window], voxel_local[window], direction, edge, v_f, slope,
-                                          frame, ijk_to_ras, cortex_mm, search, plate_contrast)[0])
-            if np.isfinite(fits[0]) and np.isfinite(fits[1]):
-                top, bottom, method = fits[0], fits[1], "ct"
-        methods.add(method)
-        setattr(result, f"{key}_mm", top - bottom)
-        result.height_lines_ras[key] = (frame.to_ras(np.array([[u_mid, v_f, top]]))[0],
-                                       frame.to_ras(np.array([[u_mid, v_f, bottom]]))[0])
-    result.endplate_method = "ct" if methods == {"ct"} else ("mask" if methods == {"mask"} else "mixed")
-    if ct_crop is not None and result.endplate_method != "ct":
-        result.flags.append("endplate_from_mask")
-    _check_plausible(result)
-    return result
+            # Voxels of the central band only (all fits look there), with their local coordinates.
+            in_band = np.abs(grid[..., 0] - u_mid) <= band + 1e-3
+            self.voxel_local = grid[in_band].astype(float)
+            self.ct_flat = ct_crop[in_band]
+            self.other_body_flat = np.isin(labels_crop[in_band], (0, vertebra.label), invert=True)
+
+    def wall_contrast(self) -> float | None:
+        """The cortical plate's contrast fitted on this body's anterior and posterior walls."""
+        if not self.has_ct:
+            return None
+        return _wall_plate_contrast(self.ct_flat, self.voxel_local, self.frame, self.ijk_to_ras, self.u_mid,
+                                    self.band, self.v_ant, self.v_post, self.w_lo, self.w_hi, self.s_v,
+                                    self.cortex_mm)
+
+    def finish(self, plate_contrast: float | None) -> VertebraHeights:
+        """Heights Ha, Hm, Hp and their lines; ``plate_contrast`` as for :func:`_fit_endplate`."""
+        result, frame, sample = self.result, self.frame, self.sample
+        s_w, u_mid, band, us, ws, body_f = self.s_w, self.u_mid, self.band, self.us, self.ws, self.body_f
+        v_ant, v_post = self.v_ant, self.v_post
+        column_half = max(0.05 * result.depth_mm, self.s_v)
+        methods = set()
+        for key, fraction in AP_FRACTIONS.items():
+            v_f = v_ant - fraction * (v_ant - v_post)
+            vs_f = v_f + np.array([-0.025, 0.0, 0.025]) * result.depth_mm
+            uu, vv, ww = np.meshgrid(us, vs_f, ws, indexing="ij")
+            pts = frame.to_ras(np.stack([uu.ravel(), vv.ravel(), ww.ravel()], axis=1))
+            occ = sample(body_f, pts).reshape(-1, len(ws))
+            start = int(np.argmin(np.abs(ws)))
+            tops, bottoms = [], []
+            for line in occ:
+                if line[start] < 0.5:
+                    inside = np.nonzero(line >= 0.5)[0]
+                    if not len(inside):
+                        continue
+                    index = inside[np.argmin(np.abs(inside - start))]
+                else:
+                    index = start
+                tops.append(_crossing(line, ws, index, +1))
+                bottoms.append(_crossing(line, ws, index, -1))
+            if not tops:
+                continue
+            top_mask, bottom_mask = float(np.nanmedian(tops)), float(np.nanmedian(bottoms))
+            top, bottom, method = top_mask, bottom_mask, "mask"
+            if self.has_ct:
+                voxel_local = self.voxel_local
+                near = (np.abs(voxel_local[:, 0] - u_mid) <= band) & (np.abs(voxel_local[:, 1] - v_f) <= column_half)
+                search = 0.5 * s_w + 0.3
+                fits = []
+                for direction, edge in ((+1, top_mask), (-1, bottom_mask)):
+                    slope = _mask_slope(body_f, frame, sample, us, v_f, ws, direction, result.depth_mm)
+                    w_rel = direction * (voxel_local[:, 2] - edge)
+                    limit = _outer_limit(voxel_local, near, self.other_body_flat, edge, direction, 2.0 * s_w + 1.5)
+                    window = near & (w_rel >= -(2.0 * s_w + 1.5)) & (w_rel <= limit - 0.5 * s_w)
+                    fits.append(_fit_endplate(self.ct_flat[window], voxel_local[window], direction, edge, v_f, slope,
+                                              frame, self.ijk_to_ras, self.cortex_mm, search, plate_contrast)[0])
+                if np.isfinite(fits[0]) and np.isfinite(fits[1]):
+                    top, bottom, method = fits[0], fits[1], "ct"
+            methods.add(method)
+            setattr(result, f"{key}_mm", top - bottom)
+            result.height_lines_ras[key] = (frame.to_ras(np.array([[u_mid, v_f, top]]))[0],
+                                           frame.to_ras(np.array([[u_mid, v_f, bottom]]))[0])
+        result.endplate_method = "ct" if methods == {"ct"} else ("mask" if methods == {"mask"} else "mixed")
+        if self.has_ct and result.endplate_method != "ct":
+            result.flags.append("endplate_from_mask")
+        _check_plausible(result)
+        return result
 
 
 def _wall_plate_contrast(ct_flat, voxel_local, frame, ijk_to_ras, u_mid, band, v_ant, v_post, w_lo, w_hi, s_v,
@@ -548,10 +566,14 @@ def measure_heights(
             body = _separate_body(v, frame, sample, step)
             if body is not None and body.sum() > 0:
                 _set_body(v, body, ijk_to_ras)
-    results = []
-    for v, frame, sample in zip(vertebrae, frames, samplers):
-        if levels is not None and v.level not in levels:
-            continue
-        ct_crop = None if ct is None else ct[v.slices].astype(np.float32)
-        results.append(_measure_body(v, frame, sample, labels[v.slices], ct_crop, ijk_to_ras, cortex_mm))
-    return results
+    measurements = [
+        _BodyMeasurement(v, frame, sample, labels[v.slices], None if ct is None else ct[v.slices].astype(np.float32),
+                         ijk_to_ras, cortex_mm)
+        for v, frame, sample in zip(vertebrae, frames, samplers)
+        if levels is None or v.level in levels
+    ]
+    # The endplates' cortical plate: one contrast for the exam, the median over the vertebrae's
+    # walls, so that a vertebra whose walls and endplates all lie along the grid borrows it.
+    contrasts = [c for c in (m.wall_contrast() for m in measurements) if c is not None]
+    plate_contrast = float(np.median(contrasts)) if contrasts else None
+    return [m.finish(plate_contrast) for m in measurements]
