@@ -18,8 +18,9 @@ Method, per vertebra (all work on a crop around the vertebra):
    separated from the posterior elements by the vertebra's own shape: in the mid-sagittal plane
    the spinal canal splits the mask into the body (the most anterior large part) and the arch;
    every vertebra voxel anterior to the body's posterior wall there is body.
-3. **Depth.** Anterior and posterior walls from the body mask's occupancy along ``ap``, averaged
-   over the central band (``|u| ≤ 15 %`` of the width) and the central half of the height.
+3. **Depth.** Anterior and posterior walls from the body mask's occupancy along ``ap`` in the
+   mid-sagittal plane, row by row over the height: the posterior wall of the median row, the
+   anterior wall of the 85th percentile (a wedge fracture keeps its anterior wall only low down).
 4. **Heights** Ha, Hm, Hp at 15 / 50 / 85 % of the depth from the anterior wall, each from a
    bundle of cranio-caudal lines spread over the central band (and ±2.5 % of the depth):
 
@@ -337,16 +338,26 @@ class _BodyMeasurement:
         self.us = u_mid + np.linspace(-band, band, 7)
         self.body_f = body_f = body.astype(np.float32)
 
-        # Depth: walls where the band-averaged occupancy crosses one half, over the central half height.
+        # Depth: per row of the height (rims excluded), the walls are where the occupancy averaged
+        # over the mid-sagittal lines crosses one half. The posterior wall is the median row's; the
+        # anterior wall the 85th percentile's, because a wedge fracture leaves the anterior wall
+        # only in the lowest rows (a few rows at least survive up to a 70 % wedge).
         vs = np.arange(v_lo - 2 * s_v, v_hi + 2 * s_v, fine)
-        ws = np.linspace(w_lo + 0.25 * (w_hi - w_lo), w_hi - 0.25 * (w_hi - w_lo), 7)
+        rim = min(s_w, 0.2 * (w_hi - w_lo))
+        ws = np.linspace(w_lo + rim, w_hi - rim, 15)
         depth_us = u_mid + np.linspace(-1.0, 1.0, 3) * max(0.05 * width, 1.0)
         uu, vv, ww = np.meshgrid(depth_us, vs, ws, indexing="ij")
         occupancy = sample(body_f, frame.to_ras(np.stack([uu.ravel(), vv.ravel(), ww.ravel()], axis=1)))
-        depth_profile = occupancy.reshape(uu.shape).mean(axis=(0, 2))
-        centre_index = int(np.argmax(depth_profile))
-        self.v_ant = _crossing(depth_profile, vs, centre_index, +1)
-        self.v_post = _crossing(depth_profile, vs, centre_index, -1)
+        rows = occupancy.reshape(uu.shape).mean(axis=0).T  # (w rows, v)
+        anterior, posterior = [], []
+        for row in rows:
+            if row.max() < 0.5:
+                continue
+            centre_index = int(np.argmax(row))
+            anterior.append(_crossing(row, vs, centre_index, +1))
+            posterior.append(_crossing(row, vs, centre_index, -1))
+        self.v_ant = float(np.nanpercentile(anterior, 85)) if anterior else float("nan")
+        self.v_post = float(np.nanmedian(posterior)) if posterior else float("nan")
         result.width_mm = float(width)
         result.depth_mm = float(self.v_ant - self.v_post)
         self.ws = np.arange(w_lo - 2.5 * s_w - 3.0, w_hi + 2.5 * s_w + 3.0, fine)
