@@ -96,3 +96,26 @@ def test_spine_tangents_of_a_circle_are_exact():
     for point, tangent, angle in zip(points, spine_tangents(points), angles):
         expected = np.array([0.0, np.sin(angle), np.cos(angle)])
         assert _angle_deg(tangent, expected) < 0.3
+
+
+def test_real_example_ct(example_data):
+    """TotalSegmentator's example CT (3 mm, T11–S1): L1–L5 complete and graded, none grade ≥ 2;
+    T11 and T12, cut by the field of view, incomplete and never graded."""
+    from VertebralFractureScreenLib.grading import grade_spine
+    from VertebralFractureScreenLib.imageio import read_ct, read_labelmap
+
+    ct = read_ct(example_data / "example_ct.nii.gz")
+    labels = read_labelmap(example_data / "spine_report" / "totalseg.nii.gz", reference=ct)
+    bodies = read_labelmap(example_data / "spine_report" / "totalseg_vertebrae_body.nii.gz", reference=ct)
+    heights = measure_heights(labels.array, ct.ijk_to_ras, body_labels=bodies.array, ct=ct.array)
+    grades = {g.level: g for g in grade_spine(heights)}
+    by_level = {h.level: h for h in heights}
+    for level in ("L1", "L2", "L3", "L4", "L5"):
+        assert by_level[level].complete, by_level[level].flags
+        assert grades[level].genant_grade is not None and grades[level].genant_grade < 2
+        for value in (by_level[level].ha_mm, by_level[level].hm_mm, by_level[level].hp_mm):
+            assert 18.0 < value < 35.0  # adult lumbar body heights
+    for level in ("T11", "T12"):
+        assert not by_level[level].complete
+        assert "touches_field_of_view_edge" in by_level[level].flags
+        assert grades[level].genant_grade is None

@@ -407,7 +407,10 @@ class _BodyMeasurement:
             top, bottom, method = top_mask, bottom_mask, "mask"
             if self.has_ct:
                 voxel_local = self.voxel_local
-                near = (np.abs(voxel_local[:, 0] - u_mid) <= band) & (np.abs(voxel_local[:, 1] - v_f) <= column_half)
+                # Voxels that reach the anterior or posterior wall's cortex break the endplate model.
+                clear = 0.5 * self.s_v + self.cortex_mm + 0.5
+                near = ((np.abs(voxel_local[:, 0] - u_mid) <= band) & (np.abs(voxel_local[:, 1] - v_f) <= column_half)
+                        & (voxel_local[:, 1] <= v_ant - clear) & (voxel_local[:, 1] >= v_post + clear))
                 search = 0.5 * s_w + 0.3
                 fits = []
                 for direction, edge in ((+1, top_mask), (-1, bottom_mask)):
