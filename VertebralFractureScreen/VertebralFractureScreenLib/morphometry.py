@@ -276,7 +276,8 @@ def _fit_endplate(values: np.ndarray, local: np.ndarray, direction: int, edge_gu
     Returns ``(e, g, c)``, or NaNs when no fit has a bright plate (``c > 0``)."""
     if len(values) < 8:
         return float("nan"), float("nan"), float("nan")
-    edges = edge_guess + np.arange(-search, search + 1e-9, 0.05)
+    step = 0.1
+    edges = edge_guess + np.arange(-search, search + 1e-9, step)
     best = (float("nan"), float("nan"), np.inf, float("nan"))
     free = plate_contrast is None
     for slope in slope_guess + np.arange(-0.3, 0.3 + 1e-9, 0.1):
@@ -295,17 +296,24 @@ def _fit_endplate(values: np.ndarray, local: np.ndarray, direction: int, edge_gu
             target = values[None, :] - plate_contrast * plate
         gram = np.einsum("evi,evj->eij", design, design)
         rhs = np.einsum("evi,ev->ei", design, target)
-        ok = np.linalg.cond(gram) < 1e8
+        ok = np.abs(np.linalg.det(gram)) > 1e-9 * np.prod(np.diagonal(gram, axis1=1, axis2=2), axis=1)
         if not ok.any():
             continue
-        coef = np.full((len(edges), design.shape[2]), np.nan)
+        coef = np.zeros((len(edges), design.shape[2]))
         coef[ok] = np.linalg.solve(gram[ok], rhs[ok][..., None])[..., 0]
-        residual = np.sum((np.einsum("evi,ei->ev", design, np.nan_to_num(coef)) - target) ** 2, axis=1)
+        # Residual sum of squares from the normal equations: |y|² − cᵀ Xᵀ y.
+        residual = np.einsum("ev,ev->e", target, target) - np.einsum("ei,ei->e", coef, rhs)
         contrast = coef[:, 2] if free else np.full(len(edges), plate_contrast)
         residual[~ok | ~(contrast > 0)] = np.inf
         index = int(np.argmin(residual))
         if residual[index] < best[2]:
-            best = (float(edges[index]), float(slope), float(residual[index]), float(contrast[index]))
+            edge = float(edges[index])
+            if 0 < index < len(edges) - 1 and np.all(np.isfinite(residual[index - 1:index + 2])):
+                r0, r1, r2 = residual[index - 1:index + 2]  # parabola through the minimum and its neighbours
+                curvature = r0 - 2 * r1 + r2
+                if curvature > 0:
+                    edge += 0.5 * step * (r0 - r2) / curvature
+            best = (edge, float(slope), float(residual[index]), float(contrast[index]))
     return best[0], best[1], best[3]
 
 
