@@ -420,21 +420,29 @@ class _BodyMeasurement:
                 near = ((np.abs(voxel_local[:, 0] - u_mid) <= band) & (np.abs(voxel_local[:, 1] - v_f) <= column_half)
                         & (voxel_local[:, 1] <= v_ant - clear) & (voxel_local[:, 1] >= v_post + clear))
                 search = 0.5 * s_w + 0.3
-                fits = []
+                fits, fitted = [], 0
                 for direction, edge in ((+1, top_mask), (-1, bottom_mask)):
                     slope = _mask_slope(body_f, frame, sample, us, v_f, ws, direction, result.depth_mm)
                     w_rel = direction * (voxel_local[:, 2] - edge)
                     limit = _outer_limit(voxel_local, near, self.other_body_flat, edge, direction, 2.0 * s_w + 1.5)
                     window = near & (w_rel >= -(2.0 * s_w + 1.5)) & (w_rel <= limit - 0.5 * s_w)
-                    fits.append(_fit_endplate(self.ct_flat[window], voxel_local[window], direction, edge, v_f, slope,
-                                              frame, self.ijk_to_ras, self.cortex_mm, search, plate_contrast)[0])
-                if np.isfinite(fits[0]) and np.isfinite(fits[1]):
-                    top, bottom, method = fits[0], fits[1], "ct"
+                    # The disc must be seen beyond the endplate (not cut by the field of view or
+                    # squeezed by a thin disc), or intensities and position cannot be told apart.
+                    outside = np.count_nonzero(window & (w_rel > 0.5 * s_w))
+                    if outside < max(4, 0.1 * np.count_nonzero(window)):
+                        fits.append(edge)
+                        continue
+                    fit = _fit_endplate(self.ct_flat[window], voxel_local[window], direction, edge, v_f, slope,
+                                        frame, self.ijk_to_ras, self.cortex_mm, search, plate_contrast)[0]
+                    fits.append(fit if np.isfinite(fit) else edge)
+                    fitted += np.isfinite(fit)
+                top, bottom = fits
+                method = "ct" if fitted == 2 else ("mixed" if fitted else "mask")
             methods.add(method)
             setattr(result, f"{key}_mm", top - bottom)
             result.height_lines_ras[key] = (frame.to_ras(np.array([[u_mid, v_f, top]]))[0],
                                            frame.to_ras(np.array([[u_mid, v_f, bottom]]))[0])
-        result.endplate_method = "ct" if methods == {"ct"} else ("mask" if methods == {"mask"} else "mixed")
+        result.endplate_method = methods.pop() if len(methods) == 1 else "mixed"
         if self.has_ct and result.endplate_method != "ct":
             result.flags.append("endplate_from_mask")
         _check_plausible(result)
