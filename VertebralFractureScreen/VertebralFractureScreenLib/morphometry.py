@@ -144,6 +144,17 @@ def _centroid_ras(mask: np.ndarray, ijk_to_ras: np.ndarray, origin_ijk: np.ndarr
     return (kji[::-1] + origin_ijk) @ ijk_to_ras[:3, :3].T + ijk_to_ras[:3, 3]
 
 
+def _local_coordinate(frame: "VertebraFrame", crop_ijk_to_ras: np.ndarray, shape_kji, axis: int) -> np.ndarray:
+    """One local coordinate (0 = u, 1 = v, 2 = w; mm, float32) of every voxel centre of a crop."""
+    row = frame.rotation[axis]
+    steps = (row @ crop_ijk_to_ras[:3, :3]).astype(np.float32)
+    nk, nj, ni = shape_kji
+    return ((np.arange(ni, dtype=np.float32) * steps[0])[None, None, :]
+            + (np.arange(nj, dtype=np.float32) * steps[1])[None, :, None]
+            + (np.arange(nk, dtype=np.float32) * steps[2] + np.float32(row @ (crop_ijk_to_ras[:3, 3] - frame.centre)))
+            [:, None, None])
+
+
 def _local_grid(frame: "VertebraFrame", crop_ijk_to_ras: np.ndarray, shape_kji) -> np.ndarray:
     """Local ``(u, v, w)`` (mm, float32) of every voxel centre of a crop, shape ``(k, j, i, 3)``.
     The map is affine, so it is built from three axis vectors by broadcasting (no big matmul)."""
@@ -226,7 +237,7 @@ def _separate_body(vertebra: _Vertebra, frame: VertebraFrame, sample: _CropSampl
     rows = np.nonzero(in_body.any(axis=0))[0]  # w indices
     central = rows[len(rows) // 4 : max(len(rows) // 4 + 1, 3 * len(rows) // 4)]
     posterior_wall = np.median([vv[in_body[:, r], r].min() for r in central if in_body[:, r].any()])
-    local_v = _local_grid(frame, np.linalg.inv(sample.ras_to_crop), vertebra.mask.shape)[..., 1]
+    local_v = _local_coordinate(frame, np.linalg.inv(sample.ras_to_crop), vertebra.mask.shape, 1)
     return vertebra.mask & (local_v >= posterior_wall - 0.5 * step)
 
 
@@ -288,21 +299,21 @@ def _fit_endplate(values: np.ndarray, local: np.ndarray, direction: int, edge_gu
         depth = direction * (edges[:, None] - plane[None, :]) * scale  # distance inside the body, mm
         inside = cdf(depth)
         plate = inside - cdf(depth - cortex_mm)
-        if free:
-            design = np.stack([np.ones_like(inside), inside, plate], axis=2)  # (edges, voxels, 3)
-            target = np.broadcast_to(values, inside.shape)
-        else:
-            design = np.stack([np.ones_like(inside), inside], axis=2)
-            target = values[None, :] - plate_contrast * plate
-        gram = np.einsum("evi,evj->eij", design, design)
-        rhs = np.einsum("evi,ev->ei", design, target)
+        # Normal equations of y = a + b·inside (+ c·plate), per candidate edge, from column sums.
+        columns = [np.ones_like(inside), inside] + ([plate] if free else [])
+        target = np.broadcast_to(values, inside.shape) if free else values[None, :] - plate_contrast * plate
+        gram = np.empty((len(edges), len(columns), len(columns)))
+        for i, ci in enumerate(columns):
+            for j in range(i, len(columns)):
+                gram[:, i, j] = gram[:, j, i] = (ci * columns[j]).sum(axis=1)
+        rhs = np.stack([(c * target).sum(axis=1) for c in columns], axis=1)
         ok = np.abs(np.linalg.det(gram)) > 1e-9 * np.prod(np.diagonal(gram, axis1=1, axis2=2), axis=1)
         if not ok.any():
             continue
-        coef = np.zeros((len(edges), design.shape[2]))
+        coef = np.zeros((len(edges), len(columns)))
         coef[ok] = np.linalg.solve(gram[ok], rhs[ok][..., None])[..., 0]
         # Residual sum of squares from the normal equations: |y|² − cᵀ Xᵀ y.
-        residual = np.einsum("ev,ev->e", target, target) - np.einsum("ei,ei->e", coef, rhs)
+        residual = (target * target).sum(axis=1) - (coef * rhs).sum(axis=1)
         contrast = coef[:, 2] if free else np.full(len(edges), plate_contrast)
         residual[~ok | ~(contrast > 0)] = np.inf
         index = int(np.argmin(residual))
@@ -330,11 +341,17 @@ class _BodyMeasurement:
         if vertebra.touches_edge:
             result.flags.append("touches_field_of_view_edge")
         self.result = result
-        body = vertebra.body
-        result.body_volume_ml = float(body.sum()) * voxel_volume_ml(ijk_to_ras)
-        grid = _local_grid(frame, np.linalg.inv(sample.ras_to_crop), body.shape)
-        local = grid[body].astype(float)
+        result.body_volume_ml = float(vertebra.body.sum()) * voxel_volume_ml(ijk_to_ras)
         self.s_w = s_w = _extent_along(frame.cc, ijk_to_ras)
+        # Local coordinates only around the body (the endplate fits look up to 2 s_w + 1.5 mm beyond).
+        reach = np.ceil((2.5 * s_w + 3.0) / voxel_spacing(ijk_to_ras)).astype(int)[::-1]  # (k, j, i)
+        box = ndimage.find_objects(vertebra.body.astype(np.uint8))[0]
+        box = tuple(slice(max(0, s.start - r), min(n, s.stop + r)) for s, r, n in zip(box, reach, vertebra.body.shape))
+        box_to_ras = np.linalg.inv(sample.ras_to_crop)
+        box_to_ras[:3, 3] += box_to_ras[:3, :3] @ np.array([box[2].start, box[1].start, box[0].start], dtype=float)
+        body = vertebra.body[box]
+        grid = _local_grid(frame, box_to_ras, body.shape)
+        local = grid[body].astype(float)
         self.s_v = s_v = _extent_along(frame.ap, ijk_to_ras)
         fine = 0.2
         u_lo, u_hi = np.percentile(local[:, 0], [0.5, 99.5])
@@ -344,7 +361,7 @@ class _BodyMeasurement:
         v_lo, v_hi = local[:, 1].min(), local[:, 1].max()
         self.band = band = max(CENTRAL_BAND * width, 1.0)
         self.us = u_mid + np.linspace(-band, band, 7)
-        self.body_f = body_f = body.astype(np.float32)
+        self.body_f = body_f = vertebra.body.astype(np.float32)  # whole crop: the sampler's frame
 
         # Depth: per row of the height (rims excluded), the walls are where the occupancy averaged
         # over the mid-sagittal lines crosses one half. The posterior wall is the median row's; the
@@ -373,8 +390,8 @@ class _BodyMeasurement:
             # Voxels of the central band only (all fits look there), with their local coordinates.
             in_band = np.abs(grid[..., 0] - u_mid) <= band + 1e-3
             self.voxel_local = grid[in_band].astype(float)
-            self.ct_flat = ct_crop[in_band]
-            self.other_body_flat = np.isin(labels_crop[in_band], (0, vertebra.label), invert=True)
+            self.ct_flat = ct_crop[box][in_band]
+            self.other_body_flat = np.isin(labels_crop[box][in_band], (0, vertebra.label), invert=True)
 
     def wall_contrast(self) -> float | None:
         """The cortical plate's contrast fitted on this body's anterior and posterior walls."""
