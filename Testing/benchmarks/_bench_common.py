@@ -246,3 +246,12 @@ def peak_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     except Exception:  # pragma: no cover
         return float("nan")
+
+
+def add_common_arguments(parser) -> None:
+    """Options both benchmarks share: the phantom cache, re-rendering, TotalSegmentator on/off."""
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
+                        help=f"cache directory of rendered phantoms (default {DEFAULT_CACHE})")
+    parser.add_argument("--rerender", action="store_true", help="render again even when cached")
+    parser.add_argument("--no-ts", action="store_true", help="skip TotalSegmentator's spine-report measurement")
+    parser.add_argument("--verbose", action="store_true", help="show TotalSegmentator's own printing")

@@ -452,14 +452,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small subset of short spines (a few minutes)")
-    parser.add_argument("--cache", type=Path, default=bc.DEFAULT_CACHE,
-                        help=f"cache directory of rendered phantoms and the CSV dump (default {bc.DEFAULT_CACHE})")
+    bc.add_common_arguments(parser)  # the CSV dump goes into --cache too
     parser.add_argument("--jobs", type=int, default=1, help="processes for rendering missing phantoms (default 1)")
     parser.add_argument("--only", default="", help="run only the cases whose name contains this text")
-    parser.add_argument("--rerender", action="store_true", help="render again even when cached")
-    parser.add_argument("--no-ts", action="store_true", help="skip TotalSegmentator's spine-report measurement")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
-    parser.add_argument("--verbose", action="store_true", help="show TotalSegmentator's own printing")
     args = parser.parse_args(argv)
 
     cases = [c for c in build_suite() if (c.quick or not args.quick) and args.only in c.name]

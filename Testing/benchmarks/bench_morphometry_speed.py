@@ -94,12 +94,8 @@ def accuracy_line(name: str, truth: dict, measured: dict[str, tuple[float, float
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", type=Path, default=bc.DEFAULT_CACHE,
-                        help=f"cache directory of rendered phantoms (default {bc.DEFAULT_CACHE})")
+    bc.add_common_arguments(parser)
     parser.add_argument("--repeat", type=int, default=3, help="runs of our morphometry; the best counts (default 3)")
-    parser.add_argument("--rerender", action="store_true", help="render again even when cached")
-    parser.add_argument("--no-ts", action="store_true", help="skip TotalSegmentator's spine-report measurement")
-    parser.add_argument("--verbose", action="store_true", help="show TotalSegmentator's own printing")
     args = parser.parse_args(argv)
     cache = args.cache.expanduser()
 
