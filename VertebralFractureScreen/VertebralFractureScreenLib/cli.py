@@ -8,6 +8,7 @@ short message that asks for a bug report (``VFS_DEBUG=1`` shows the traceback).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -129,8 +130,6 @@ def _run_phantom(args) -> int:
     started = time.perf_counter()
     paths = write_phantom(spec, args.out, file_format=args.format)
     elapsed = time.perf_counter() - started
-    import json
-
     truth = json.loads(paths["truth"].read_text())
     nk, nj, ni = truth["grid"]["shape_kji"]
     print(f"phantom written to {args.out} in {elapsed:.1f} s: {ni}x{nj}x{nk} voxels")
