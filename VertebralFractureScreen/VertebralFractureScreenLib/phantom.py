@@ -28,8 +28,9 @@ grade 1 for 20–25 %, 2 for 25–40 %, 3 above 40 %). Heights are the endplate 
 vertebra's cranio-caudal axis, in its mid-sagittal plane, at 15 / 50 / 85 % of the body's depth
 from the anterior wall (SPEC §4).
 
-Rendering: the CT is the mean of ``supersampling³`` sub-voxel samples (partial-volume effect);
-label maps take the tissue at the voxel centre. Optional Gaussian point-spread function and
+Rendering: label maps take the tissue at the voxel centre; the CT of a voxel next to a change of
+HU is the mean of sub-voxel samples on a regular grid (``supersampling`` per axis, by default as
+many as keep them ≤ 0.5 mm apart), which gives the partial-volume effect. Optional Gaussian point-spread function and
 Gaussian noise follow. Everything is computed in the anatomy frame and mapped through the
 whole-anatomy rotation and the grid's IJK→RAS matrix, so any spacing, grid orientation and
 rotation of the anatomy against the voxel grid is exact.
