@@ -160,22 +160,18 @@ def _local_coordinate(frame: "VertebraFrame", crop_ijk_to_ras: np.ndarray, shape
 
 
 def _local_grid(frame: "VertebraFrame", crop_ijk_to_ras: np.ndarray, shape_kji) -> np.ndarray:
-    """Local ``(u, v, w)`` (mm, float32) of every voxel centre of a crop, shape ``(k, j, i, 3)``.
-    The map is affine, so it is built from three axis vectors by broadcasting (no big matmul)."""
-    to_local = frame.rotation @ crop_ijk_to_ras[:3, :3]  # columns: local step per i, j, k
-    offset = frame.rotation @ (crop_ijk_to_ras[:3, 3] - frame.centre)
-    nk, nj, ni = shape_kji
-    grid = np.empty((nk, nj, ni, 3), dtype=np.float32)
-    grid[...] = (np.arange(ni, dtype=np.float32)[:, None] * to_local[:, 0].astype(np.float32))[None, None]
-    grid += (np.arange(nj, dtype=np.float32)[:, None] * to_local[:, 1].astype(np.float32))[None, :, None]
-    grid += (np.arange(nk, dtype=np.float32)[:, None] * to_local[:, 2].astype(np.float32))[:, None, None]
-    grid += offset.astype(np.float32)
-    return grid
+    """Local ``(u, v, w)`` (mm, float32) of every voxel centre of a crop, shape ``(k, j, i, 3)``."""
+    return np.stack([_local_coordinate(frame, crop_ijk_to_ras, shape_kji, axis) for axis in range(3)], axis=-1)
+
+
+def _edge_projections(direction: np.ndarray, ijk_to_ras: np.ndarray) -> np.ndarray:
+    """Lengths (mm) of a voxel's three edges projected on a unit RAS direction."""
+    return np.abs(np.asarray(direction) @ np.asarray(ijk_to_ras, dtype=float)[:3, :3])
 
 
 def _extent_along(direction: np.ndarray, ijk_to_ras: np.ndarray) -> float:
     """Length (mm) of one voxel's footprint along a unit RAS direction."""
-    return float(np.sum(np.abs(np.linalg.inv(ijk_to_ras[:3, :3]) @ direction) * voxel_spacing(ijk_to_ras) ** 2))
+    return float(_edge_projections(direction, ijk_to_ras).sum())
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -264,9 +260,8 @@ def _box_cdf(ijk_to_ras: np.ndarray, normal: np.ndarray, step: float = 0.02):
     """Cumulative distribution, along the unit direction ``normal``, of a voxel's volume: the
     convolution of three boxes whose widths are the voxel edges projected on ``normal``. A voxel
     whose centre lies at signed distance ``d`` below a plane has ``cdf(d)`` of its volume below it."""
-    widths = np.abs(np.asarray(normal) @ np.asarray(ijk_to_ras, dtype=float)[:3, :3])
     kernel = np.ones(1)
-    for width in widths:
+    for width in _edge_projections(normal, ijk_to_ras):
         n = max(1, int(round(width / step)))
         kernel = np.convolve(kernel, np.ones(n) / n)
     x = (np.arange(len(kernel)) - (len(kernel) - 1) / 2.0) * step
