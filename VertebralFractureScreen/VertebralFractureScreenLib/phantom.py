@@ -843,10 +843,6 @@ def _muscle_truth(spec, scene: SpineScene, ijk_to_ras, anatomy_to_ras, shape, st
 # Writing
 # ------------------------------------------------------------------------------------------------
 
-PHANTOM_FILES = {
-    "ct": "ct", "total": "total", "vertebrae_body": "vertebrae_body", "verse": "verse", "tissue": "tissue",
-}
-
 
 def write_phantom(spec: PhantomSpec, out_dir, file_format: str = "nii.gz") -> dict[str, Path]:
     """Render ``spec`` and write ``ct``, ``total``, ``vertebrae_body``, ``verse`` and ``tissue``
@@ -863,7 +859,7 @@ def write_phantom(spec: PhantomSpec, out_dir, file_format: str = "nii.gz") -> di
     arrays = {"ct": phantom.ct, "total": phantom.total, "vertebrae_body": phantom.vertebrae_body,
               "verse": phantom.verse, "tissue": phantom.tissue}
     for key, array in arrays.items():
-        path = out / f"{PHANTOM_FILES[key]}.{file_format}"
+        path = out / f"{key}.{file_format}"
         write_volume(path, Volume(array, phantom.ijk_to_ras))
         paths[key] = path
     truth_path = out / "truth.json"
