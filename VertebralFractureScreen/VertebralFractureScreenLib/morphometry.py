@@ -24,13 +24,13 @@ Method, per vertebra (all work on a crop around the vertebra):
 4. **Heights** Ha, Hm, Hp at 15 / 50 / 85 % of the depth from the anterior wall, each from a
    bundle of cranio-caudal lines spread over the central band (and ±2.5 % of the depth):
 
-   * with the CT, each endplate is located by its cortical plate: the CT profiles of the bundle
-     are averaged, a linear baseline between the body's interior and the disc is removed, and the
-     centroid of the bright plate (samples above half its peak) gives the plate's centre with
-     sub-voxel precision (a symmetric blur — partial volume, PSF, interpolation — does not move
-     a centroid). The outer surface lies half a plate thickness beyond:
-     ``ENDPLATE_CORTEX_MM`` / 2;
-   * without the CT (or when no plate stands out), the endplate is where the body mask's
+   * with the CT, each endplate is fitted on the CT voxels of the central band around it
+     (:func:`_fit_endplate_profile`): a profile ``w(v)`` over the whole depth, piecewise linear
+     through its heights at the three positions, whose voxels are modelled by their exact partial
+     volume of disc, a cortical plate of ``cortex_mm`` and trabecular bone. The plate's contrast
+     is fitted once per exam on the anterior and posterior walls; the disc's HU per endplate when
+     the disc is seen beyond it, otherwise the exam's median (a thin disc at thick slices);
+   * without the CT (or when no fit is possible), the endplate is where the body mask's
      interpolated occupancy crosses one half; the median over the bundle's lines is taken.
 
 Vertebrae touching the edge of the field of view, or with implausible bodies, are returned with
@@ -327,6 +327,120 @@ def _fit_endplate(values: np.ndarray, local: np.ndarray, direction: int, edge_gu
     return best[0], best[1], best[3]
 
 
+def _solve_linear(columns: list[np.ndarray], target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least squares ``target ≈ Σ coef_i · columns_i`` for each row (candidate) of ``(K, N)``
+    arrays, from the normal equations. Returns ``coef (K, m)`` and the residual sum of squares
+    ``(K,)`` (inf where the system is singular)."""
+    m = len(columns)
+    gram = np.empty((target.shape[0], m, m))
+    for i, ci in enumerate(columns):
+        for j in range(i, m):
+            gram[:, i, j] = gram[:, j, i] = (ci * columns[j]).sum(axis=1)
+    rhs = np.stack([(c * target).sum(axis=1) for c in columns], axis=1)
+    ok = np.abs(np.linalg.det(gram)) > 1e-9 * np.prod(np.diagonal(gram, axis1=1, axis2=2), axis=1)
+    coef = np.zeros((target.shape[0], m))
+    if ok.any():
+        coef[ok] = np.linalg.solve(gram[ok], rhs[ok][..., None])[..., 0]
+    residual = (target * target).sum(axis=1) - (coef * rhs).sum(axis=1)  # |y|² − cᵀ Xᵀ y
+    residual[~ok] = np.inf
+    return coef, residual
+
+
+def _parabolic_minimum(values: np.ndarray, residual: np.ndarray) -> float:
+    """Position of the smallest ``residual`` over equally spaced ``values``, refined by the
+    parabola through it and its neighbours."""
+    index = int(np.argmin(residual))
+    best = float(values[index])
+    if 0 < index < len(values) - 1 and np.all(np.isfinite(residual[index - 1:index + 2])):
+        r0, r1, r2 = residual[index - 1:index + 2]
+        curvature = r0 - 2 * r1 + r2
+        if curvature > 0:
+            best += 0.5 * (values[1] - values[0]) * (r0 - r2) / curvature
+    return best
+
+
+def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int, knots_v: np.ndarray,
+                          edges_guess: np.ndarray, frame: VertebraFrame, ijk_to_ras: np.ndarray, cortex_mm: float,
+                          search: float, plate_contrast: float | None, disc_hu: float | None = None,
+                          sweeps: int = 3) -> tuple[np.ndarray, float] | None:
+    """Outer surface of one endplate over the body's depth, fitted to the CT values of the voxels
+    around it.
+
+    The endplate is a profile ``w(v)``, piecewise linear through its heights at the measurement
+    positions ``knots_v`` (and extended linearly beyond them): a wedge, a crush or physiological
+    wedging is exactly such a profile, a biconcave depression nearly. Each voxel's HU is modelled
+    as its exact partial-volume mix (a box kernel along the local normal, :func:`_box_cdf`) of
+    disc outside, a cortical plate of ``cortex_mm`` just inside the surface, and trabecular bone:
+    ``HU = a + b·inside + c·plate``. ``a, b`` (and ``c`` unless ``plate_contrast`` fixes it; ``a``
+    is the disc's HU unless ``disc_hu`` fixes it) are solved by least squares; the knot heights by coordinate descent on a 0.1 mm grid within
+    ``search`` of the mask's estimate ``edges_guess``, refined by a parabola. Every voxel of the
+    depth informs the disc and bone intensities and the slopes, so the fit holds at 3 mm slices
+    where the few voxels around one measurement position cannot. ``direction`` is +1 for a
+    superior endplate, -1 for an inferior one. Returns the surface's ``w`` at ``knots_v`` (same
+    order) and the disc HU ``a``, or None when no fit has a bright plate."""
+    order = np.argsort(knots_v)
+    kv, guess = np.asarray(knots_v, dtype=float)[order], np.asarray(edges_guess, dtype=float)[order]
+    if len(values) < 8:
+        return None
+    v, w = local[:, 1], local[:, 2]
+    segment = np.clip(np.searchsorted(kv, v) - 1, 0, len(kv) - 2)
+    segments = [segment == g for g in range(len(kv) - 1)]
+    dv = np.diff(kv)
+    free, disc_fixed = plate_contrast is None, disc_hu is not None
+    offsets = np.arange(-search, search + 1e-9, 0.1)
+
+    def residuals(candidates: np.ndarray, cdfs) -> np.ndarray:
+        slopes = np.diff(candidates, axis=1) / dv  # (K, segments)
+        slope = slopes[:, segment]
+        surface = candidates[:, segment] + slope * (v - kv[segment])
+        depth = direction * (surface - w) / np.sqrt(1.0 + slope * slope)  # inside the body, mm
+        inside, plate = np.empty_like(depth), np.empty_like(depth)
+        for cdf, in_segment in zip(cdfs, segments):
+            inside[:, in_segment] = cdf(depth[:, in_segment])
+            plate[:, in_segment] = inside[:, in_segment] - cdf(depth[:, in_segment] - cortex_mm)
+        columns = ([] if disc_fixed else [np.ones_like(inside)]) + [inside] + ([plate] if free else [])
+        target = values[None, :] - (disc_hu if disc_fixed else 0.0) - (0.0 if free else plate_contrast * plate)
+        coef, residual = _solve_linear(columns, np.broadcast_to(target, inside.shape))
+        if free:
+            residual[~(coef[:, -1] > 0)] = np.inf
+        return residual, (np.full(len(coef), disc_hu) if disc_fixed else coef[:, 0])
+
+    def slope_cdfs(knots):
+        return [_box_cdf(ijk_to_ras, _unit(frame.cc - slope * frame.ap)) for slope in np.diff(knots) / dv]
+
+    def line_searches(knots, directions):
+        """Repeated line searches along ``directions``; the final knots, residual and disc HU."""
+        for _ in range(sweeps):
+            cdfs = slope_cdfs(knots)
+            for direction_k in directions:
+                candidates = knots[None, :] + offsets[:, None] * direction_k[None, :]
+                residual, _ = residuals(candidates, cdfs)
+                residual[~np.all(np.abs(candidates - guess) <= search + 1e-9, axis=1)] = np.inf  # near the mask
+                if np.isfinite(residual).any():
+                    knots = knots + _parabolic_minimum(offsets, residual) * direction_k
+        residual, discs = residuals(knots[None, :], slope_cdfs(knots))
+        return knots, float(residual[0]), float(discs[0])
+
+    # A straight endplate first (shift and tilt), then each knot alone: the knots are correlated,
+    # and moving one at a time can stall where shifting or tilting all would not. The bend is kept
+    # only when the data ask for it (Bayesian information criterion, one parameter more): at thick
+    # slices a straight endplate lying along the slices otherwise bends to fit the partial volume.
+    shift, tilt = np.ones(len(kv)), 2.0 * (kv - 0.5 * (kv[0] + kv[-1])) / max(kv[-1] - kv[0], 1e-6)
+    straight, rss_straight, disc_straight = line_searches(guess.copy(), [shift, tilt])
+    bent, rss_bent, disc_bent = line_searches(straight.copy(), [shift, tilt] + list(np.eye(len(kv))))
+    n = len(values)
+    if np.isfinite(rss_bent) and (not np.isfinite(rss_straight) or n * np.log(max(rss_straight, 1e-9)
+                                                                             / max(rss_bent, 1e-9)) > np.log(n)):
+        knots, disc = bent, disc_bent
+    elif np.isfinite(rss_straight):
+        knots, disc = straight, disc_straight
+    else:
+        return None
+    result = np.empty_like(knots)
+    result[order] = knots
+    return result, disc
+
+
 class _BodyMeasurement:
     """Measurement of one vertebral body in two steps: the geometry (body, depth, the band's voxels)
     when made, then the heights in :meth:`finish` with the exam's endplate plate contrast."""
@@ -400,69 +514,115 @@ class _BodyMeasurement:
                                     self.band, self.v_ant, self.v_post, self.w_lo, self.w_hi, self.s_v,
                                     self.cortex_mm)
 
-    def finish(self, plate_contrast: float | None) -> VertebraHeights:
-        """Heights Ha, Hm, Hp and their lines; ``plate_contrast`` as for :func:`_fit_endplate`."""
+    def mask_endplates(self) -> None:
+        """The mask's endplates at each measurement position (median over the bundle of lines):
+        ``knots_v`` (3,) and ``edges`` (3, 2: superior, inferior), the starting point of the fits."""
         result, frame, sample = self.result, self.frame, self.sample
-        s_w, u_mid, band, us, ws, body_f = self.s_w, self.u_mid, self.band, self.us, self.ws, self.body_f
-        v_ant, v_post = self.v_ant, self.v_post
-        column_half = max(0.05 * result.depth_mm, self.s_v)
-        methods = set()
-        for key, fraction in AP_FRACTIONS.items():
-            v_f = v_ant - fraction * (v_ant - v_post)
+        knots_v, mask_edges = [], []
+        for fraction in AP_FRACTIONS.values():
+            v_f = self.v_ant - fraction * (self.v_ant - self.v_post)
             vs_f = v_f + np.array([-0.025, 0.0, 0.025]) * result.depth_mm
-            uu, vv, ww = np.meshgrid(us, vs_f, ws, indexing="ij")
-            pts = frame.to_ras(np.stack([uu.ravel(), vv.ravel(), ww.ravel()], axis=1))
-            occ = sample(body_f, pts).reshape(-1, len(ws))
-            start = int(np.argmin(np.abs(ws)))
-            tops, bottoms = [], []
-            for line in occ:
-                if line[start] < 0.5:
-                    inside = np.nonzero(line >= 0.5)[0]
-                    if not len(inside):
-                        continue
-                    index = inside[np.argmin(np.abs(inside - start))]
-                else:
-                    index = start
-                tops.append(_crossing(line, ws, index, +1))
-                bottoms.append(_crossing(line, ws, index, -1))
-            if not tops:
+            uu, vv, ww = np.meshgrid(self.us, vs_f, self.ws, indexing="ij")
+            occ = sample(self.body_f, frame.to_ras(np.stack([uu.ravel(), vv.ravel(), ww.ravel()], axis=1)))
+            knots_v.append(v_f)
+            mask_edges.append(_mask_edges(occ.reshape(-1, len(self.ws)), self.ws))
+        self.knots_v, self.mask_edges = np.array(knots_v), np.array(mask_edges)
+        self.edges = self.mask_edges.copy()
+        self.fitted = [False, False]
+
+    def fit_endplates(self, plate_contrast: float | None, disc_hu: float | None = None) -> list[float]:
+        """Fit the endplates not fitted yet on the CT (:func:`_fit_endplate_profile`). An endplate
+        whose disc is not seen beyond it (a thin disc at thick slices, the field of view) is fitted
+        only when ``disc_hu`` (the exam's disc HU) is given. Returns the disc HU of the fits made
+        with the disc in view."""
+        discs = []
+        if not self.has_ct or not np.all(np.isfinite(self.mask_edges)):
+            return discs
+        for side, direction in enumerate((+1, -1)):
+            if self.fitted[side]:
                 continue
-            top_mask, bottom_mask = float(np.nanmedian(tops)), float(np.nanmedian(bottoms))
-            top, bottom, method = top_mask, bottom_mask, "mask"
-            if self.has_ct:
-                voxel_local = self.voxel_local
-                # Voxels that reach the anterior or posterior wall's cortex break the endplate model.
-                clear = 0.5 * self.s_v + self.cortex_mm + 0.5
-                near = ((np.abs(voxel_local[:, 0] - u_mid) <= band) & (np.abs(voxel_local[:, 1] - v_f) <= column_half)
-                        & (voxel_local[:, 1] <= v_ant - clear) & (voxel_local[:, 1] >= v_post + clear))
-                search = 0.5 * s_w + 0.3
-                fits, fitted = [], 0
-                for direction, edge in ((+1, top_mask), (-1, bottom_mask)):
-                    slope = _mask_slope(body_f, frame, sample, us, v_f, ws, direction, result.depth_mm)
-                    w_rel = direction * (voxel_local[:, 2] - edge)
-                    limit = _outer_limit(voxel_local, near, self.other_body_flat, edge, direction, 2.0 * s_w + 1.5)
-                    window = near & (w_rel >= -(2.0 * s_w + 1.5)) & (w_rel <= limit - 0.5 * s_w)
-                    # The disc must be seen beyond the endplate (not cut by the field of view or
-                    # squeezed by a thin disc), or intensities and position cannot be told apart.
-                    outside = np.count_nonzero(window & (w_rel > 0.5 * s_w))
-                    if outside < max(4, 0.1 * np.count_nonzero(window)):
-                        fits.append(edge)
-                        continue
-                    fit = _fit_endplate(self.ct_flat[window], voxel_local[window], direction, edge, v_f, slope,
-                                        frame, self.ijk_to_ras, self.cortex_mm, search, plate_contrast)[0]
-                    fits.append(fit if np.isfinite(fit) else edge)
-                    fitted += np.isfinite(fit)
-                top, bottom = fits
-                method = "ct" if fitted == 2 else ("mixed" if fitted else "mask")
-            methods.add(method)
-            setattr(result, f"{key}_mm", top - bottom)
-            result.height_lines_ras[key] = (frame.to_ras(np.array([[u_mid, v_f, top]]))[0],
-                                           frame.to_ras(np.array([[u_mid, v_f, bottom]]))[0])
-        result.endplate_method = methods.pop() if len(methods) == 1 else "mixed"
+            fit = self._fit_profile(direction, self.mask_edges[:, side], plate_contrast, disc_hu)
+            if fit is not None:
+                self.edges[:, side], disc = fit
+                self.fitted[side] = True
+                if disc_hu is None:
+                    discs.append(disc)
+        return discs
+
+    def finish(self) -> VertebraHeights:
+        """Heights Ha, Hm, Hp and their lines from the endplates found."""
+        result, frame = self.result, self.frame
+        for (key, v_f), (top, bottom) in zip(zip(AP_FRACTIONS, self.knots_v), self.edges):
+            if not np.isfinite(top - bottom):
+                continue
+            setattr(result, f"{key}_mm", float(top - bottom))
+            result.height_lines_ras[key] = (frame.to_ras(np.array([[self.u_mid, v_f, top]]))[0],
+                                           frame.to_ras(np.array([[self.u_mid, v_f, bottom]]))[0])
+        fitted = sum(self.fitted)
+        result.endplate_method = "ct" if fitted == 2 else ("mixed" if fitted else "mask")
         if self.has_ct and result.endplate_method != "ct":
             result.flags.append("endplate_from_mask")
         _check_plausible(result)
         return result
+
+    def _fit_profile(self, direction: int, mask_edges: np.ndarray, plate_contrast: float | None,
+                     disc_hu: float | None) -> tuple[np.ndarray, float] | None:
+        """One endplate's outer surface at the measurement positions and the disc HU, fitted on the
+        voxels of the central band around it; None when the disc is not seen and ``disc_hu`` is
+        None, or when the fit fails."""
+        local, s_w, knots_v = self.voxel_local, self.s_w, self.knots_v
+        clear = 0.5 * self.s_v + self.cortex_mm + 0.5  # keep off the anterior and posterior walls' cortex
+        near = ((np.abs(local[:, 0] - self.u_mid) <= self.band) & (local[:, 1] <= self.v_ant - clear)
+                & (local[:, 1] >= self.v_post + clear))
+        order = np.argsort(knots_v)
+        mask_w = np.interp(local[:, 1], knots_v[order], mask_edges[order])
+        w_rel = direction * (local[:, 2] - mask_w)  # mm beyond the mask's endplate
+        reach = 2.0 * s_w + 1.5
+        limit = _outer_limits(local[:, 1], w_rel, near & self.other_body_flat, reach, self.s_v)
+        window = near & (w_rel >= -reach) & (w_rel <= limit - 0.5 * s_w)
+        # The disc must be seen beyond the endplate, or its intensity and the endplate's position
+        # cannot be told apart: then the exam's disc HU is needed.
+        outside = np.count_nonzero(window & (w_rel > 0.5 * s_w))
+        if outside < max(4, 0.1 * np.count_nonzero(window)):
+            if disc_hu is None:
+                return None
+        else:
+            disc_hu = None
+        return _fit_endplate_profile(self.ct_flat[window], local[window], direction, knots_v, mask_edges, self.frame,
+                                     self.ijk_to_ras, self.cortex_mm, 0.5 * s_w + 0.8, plate_contrast, disc_hu)
+
+
+def _mask_edges(occupancy: np.ndarray, ws: np.ndarray) -> tuple[float, float]:
+    """Superior and inferior endplate of a bundle of cranio-caudal lines through the body mask
+    (rows of ``occupancy`` sampled at ``ws``): where the occupancy crosses one half walking out
+    from the body's centre, median over the lines."""
+    start = int(np.argmin(np.abs(ws)))
+    tops, bottoms = [], []
+    for line in occupancy:
+        if line[start] < 0.5:
+            inside = np.nonzero(line >= 0.5)[0]
+            if not len(inside):
+                continue
+            index = inside[np.argmin(np.abs(inside - start))]
+        else:
+            index = start
+        tops.append(_crossing(line, ws, index, +1))
+        bottoms.append(_crossing(line, ws, index, -1))
+    if not tops:
+        return float("nan"), float("nan")
+    return float(np.nanmedian(tops)), float(np.nanmedian(bottoms))
+
+
+def _outer_limits(v: np.ndarray, w_rel: np.ndarray, other: np.ndarray, reach: float, bin_mm: float) -> np.ndarray:
+    """Per voxel, how far beyond the endplate (mm) a fit may look: ``reach``, but no further than
+    halfway to the next vertebra in the same column (bins of ``bin_mm`` along ``v`` and their
+    neighbours)."""
+    bins = np.floor((v - v.min()) / bin_mm).astype(int)
+    nearest = np.full(bins.max() + 3, np.inf)
+    beyond = other & (w_rel > 0)
+    np.minimum.at(nearest, bins[beyond] + 1, w_rel[beyond])
+    nearest = np.minimum(np.minimum(nearest[:-2], nearest[1:-1]), nearest[2:])
+    return np.minimum(reach, 0.5 * nearest[bins])
 
 
 def _wall_plate_contrast(ct_flat, voxel_local, frame, ijk_to_ras, u_mid, band, v_ant, v_post, w_lo, w_hi, s_v,
@@ -487,31 +647,6 @@ def _wall_plate_contrast(ct_flat, voxel_local, frame, ijk_to_ras, u_mid, band, v
         if np.isfinite(contrast):
             contrasts.append(contrast)
     return float(np.median(contrasts)) if contrasts else None
-
-
-def _outer_limit(local, near, other, edge, direction, reach):
-    """How far beyond an endplate's mask edge (mm, along ``direction``) its fit may look: ``reach``,
-    but no further than halfway to the next vertebra in the same column of voxels."""
-    beyond = near & other & ((local[:, 2] - edge) * direction > 0)
-    if beyond.any():
-        return min(reach, 0.5 * float(np.min((local[beyond, 2] - edge) * direction)))
-    return reach
-
-
-def _mask_slope(body_f, frame, sample, us, v_f, ws, direction, depth):
-    """Slope ``dw/dv`` of an endplate near ``v_f`` from the mask: its crossings 3 mm (or 10 % of
-    the depth) either side, median over the band's lines."""
-    dv = max(3.0, 0.1 * depth)
-    edges = []
-    for v in (v_f - dv, v_f + dv):
-        uu, ww = np.meshgrid(us, ws, indexing="ij")
-        pts = frame.to_ras(np.stack([uu.ravel(), np.full(uu.size, v), ww.ravel()], axis=1))
-        occ = sample(body_f, pts).reshape(len(us), len(ws))
-        start = int(np.argmin(np.abs(ws)))
-        crossings = [_crossing(line, ws, start, direction) for line in occ if line[start] >= 0.5]
-        edges.append(np.nanmedian(crossings) if crossings else np.nan)
-    slope = (edges[1] - edges[0]) / (2 * dv)
-    return float(slope) if np.isfinite(slope) else 0.0
 
 
 def _check_plausible(result: VertebraHeights) -> None:
@@ -622,4 +757,13 @@ def measure_heights(
     # walls, so that a vertebra whose walls and endplates all lie along the grid borrows it.
     contrasts = [c for c in (m.wall_contrast() for m in measurements) if c is not None]
     plate_contrast = float(np.median(contrasts)) if contrasts else None
-    return [m.finish(plate_contrast) for m in measurements]
+    # Endplates whose disc is seen first; then those behind a thin disc or at the field of view's
+    # edge, with the exam's disc HU (median of the first fits).
+    discs = []
+    for m in measurements:
+        m.mask_endplates()
+        discs += m.fit_endplates(plate_contrast)
+    if discs:
+        for m in measurements:
+            m.fit_endplates(plate_contrast, float(np.median(discs)))
+    return [m.finish() for m in measurements]
