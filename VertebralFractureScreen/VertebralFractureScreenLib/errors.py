@@ -11,3 +11,13 @@ class VFSError(Exception):
 
 class InputError(VFSError):
     """An input file or argument cannot be used (missing, unreadable, wrong kind of data)."""
+
+
+class DependencyError(VFSError):
+    """Something the requested step needs is not installed or not available on this machine
+    (an optional package such as TotalSegmentator, or its model weights)."""
+
+
+class SegmentationError(VFSError):
+    """TotalSegmentator ran but could not produce a usable segmentation (out of memory, its worker
+    processes died, it stopped, or its output does not fit the CT)."""

@@ -59,6 +59,7 @@ __all__ = [
     "write_volume",
     "write_segmentation_nrrd",
     "is_dicom_folder",
+    "atomic_write",
     "volume_from_sitk",
     "volume_to_sitk",
 ]
@@ -1053,7 +1054,7 @@ def _extension(path: Path, allowed) -> str:
     raise InputError(f"cannot write {path}: the file name must end with one of {', '.join(allowed)}")
 
 
-def _atomic_write(path: Path, extension: str, write) -> None:
+def atomic_write(path: Path, extension: str, write) -> None:
     """Call ``write(temporary_path)`` for a hidden file next to ``path`` (same extension, so
     SimpleITK still picks the format), flush it to disk, then move it over ``path``.
 
@@ -1103,7 +1104,7 @@ def write_volume(path, volume: Volume, compress: bool = True) -> None:
         if not np.allclose(directions.T @ directions, np.eye(3), atol=1e-6):
             raise InputError(f"cannot write {path}: NIfTI cannot store a sheared voxel grid; use .nrrd")
     image = volume_to_sitk(volume)
-    _atomic_write(path, extension, lambda temporary: sitk.WriteImage(image, temporary, bool(compress)))
+    atomic_write(path, extension, lambda temporary: sitk.WriteImage(image, temporary, bool(compress)))
 
 
 def _segment_color(label: int) -> tuple[float, float, float]:
@@ -1227,4 +1228,4 @@ def write_segmentation_nrrd(path, labelmap: Volume, segment_names: dict[int, str
             f.write(header)
             f.write(payload)
 
-    _atomic_write(path, extension, write)
+    atomic_write(path, extension, write)
