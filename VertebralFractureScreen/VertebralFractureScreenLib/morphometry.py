@@ -338,15 +338,16 @@ def _solve_linear(columns: list[np.ndarray], target: np.ndarray) -> tuple[np.nda
     ``(K,)`` (inf where the system is singular)."""
     m = len(columns)
     gram = np.empty((target.shape[0], m, m))
+    columns = [np.broadcast_to(c, target.shape) for c in columns]
     for i, ci in enumerate(columns):
         for j in range(i, m):
-            gram[:, i, j] = gram[:, j, i] = (ci * columns[j]).sum(axis=1)
-    rhs = np.stack([(c * target).sum(axis=1) for c in columns], axis=1)
+            gram[:, i, j] = gram[:, j, i] = np.einsum("kn,kn->k", ci, columns[j])
+    rhs = np.stack([np.einsum("kn,kn->k", c, target) for c in columns], axis=1)
     ok = np.abs(np.linalg.det(gram)) > 1e-9 * np.prod(np.diagonal(gram, axis1=1, axis2=2), axis=1)
     coef = np.zeros((target.shape[0], m))
     if ok.any():
         coef[ok] = np.linalg.solve(gram[ok], rhs[ok][..., None])[..., 0]
-    residual = (target * target).sum(axis=1) - (coef * rhs).sum(axis=1)  # |y|² − cᵀ Xᵀ y
+    residual = np.einsum("kn,kn->k", target, target) - (coef * rhs).sum(axis=1)  # |y|² − cᵀ Xᵀ y
     residual[~ok] = np.inf
     return coef, residual
 
@@ -367,7 +368,7 @@ def _parabolic_minimum(values: np.ndarray, residual: np.ndarray) -> float:
 def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int, knots_v: np.ndarray,
                           edges_guess: np.ndarray, frame: VertebraFrame, ijk_to_ras: np.ndarray, cortex_mm: float,
                           search: float, plate_contrast: float | None, disc_hu: float | None = None,
-                          sweeps: int = 3, local_half: float | None = None) -> tuple[np.ndarray, float] | None:
+                          sweeps: int = 2, local_half: float | None = None) -> tuple[np.ndarray, float] | None:
     """Outer surface of one endplate over the body's depth, fitted to the CT values of the voxels
     around it.
 
@@ -390,20 +391,25 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
         return None
     v, w = local[:, 1], local[:, 2]
     segment = np.clip(np.searchsorted(kv, v) - 1, 0, len(kv) - 2)
-    segments = [segment == g for g in range(len(kv) - 1)]
     dv = np.diff(kv)
+    # The profile is linear in its knots: surface(v) = basis(v) @ knots (hat functions, extended
+    # linearly beyond the end knots), so a line search only adds a multiple of basis @ direction.
+    t = (v - kv[segment]) / dv[segment]
+    basis = np.zeros((len(v), len(kv)))
+    basis[np.arange(len(v)), segment] = 1.0 - t
+    basis[np.arange(len(v)), segment + 1] = t
     free, disc_fixed = plate_contrast is None, disc_hu is not None
-    offsets = np.arange(-search, search + 1e-9, 0.1)
+    offsets = np.arange(-search, search + 1e-9, 0.2)
 
-    def residuals(candidates: np.ndarray, cdfs) -> np.ndarray:
-        slopes = np.diff(candidates, axis=1) / dv  # (K, segments)
-        slope = slopes[:, segment]
-        surface = candidates[:, segment] + slope * (v - kv[segment])
-        depth = direction * (surface - w) / np.sqrt(1.0 + slope * slope)  # inside the body, mm
-        inside, plate = np.empty_like(depth), np.empty_like(depth)
-        for cdf, in_segment in zip(cdfs, segments):
-            inside[:, in_segment] = cdf(depth[:, in_segment])
-            plate[:, in_segment] = inside[:, in_segment] - cdf(depth[:, in_segment] - cortex_mm)
+    def residuals(surfaces: np.ndarray, knots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Residual and disc HU for candidate surfaces ``(K, N)`` near the profile ``knots``, whose
+        slopes set the partial-volume kernel and the distance along the normal (they vary little
+        within a line search)."""
+        slopes = np.diff(knots) / dv
+        cdf = _box_cdf(ijk_to_ras, _unit(frame.cc - float(np.mean(slopes)) * frame.ap))
+        depth = (direction / np.sqrt(1.0 + slopes[segment] ** 2)) * (surfaces - w)  # inside the body, mm
+        inside = cdf(depth)
+        plate = inside - cdf(depth - cortex_mm)
         columns = ([] if disc_fixed else [np.ones_like(inside)]) + [inside] + ([plate] if free else [])
         target = values[None, :] - (disc_hu if disc_fixed else 0.0) - (0.0 if free else plate_contrast * plate)
         coef, residual = _solve_linear(columns, np.broadcast_to(target, inside.shape))
@@ -411,20 +417,17 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
             residual[~(coef[:, -1] > 0)] = np.inf
         return residual, (np.full(len(coef), disc_hu) if disc_fixed else coef[:, 0])
 
-    def slope_cdfs(knots):
-        return [_box_cdf(ijk_to_ras, _unit(frame.cc - slope * frame.ap)) for slope in np.diff(knots) / dv]
-
     def line_searches(knots, directions):
         """Repeated line searches along ``directions``; the final knots, residual and disc HU."""
         for _ in range(sweeps):
-            cdfs = slope_cdfs(knots)
             for direction_k in directions:
                 candidates = knots[None, :] + offsets[:, None] * direction_k[None, :]
-                residual, _ = residuals(candidates, cdfs)
+                surfaces = (basis @ knots)[None, :] + offsets[:, None] * (basis @ direction_k)[None, :]
+                residual, _ = residuals(surfaces, knots)
                 residual[~np.all(np.abs(candidates - guess) <= search + 1e-9, axis=1)] = np.inf  # near the mask
                 if np.isfinite(residual).any():
                     knots = knots + _parabolic_minimum(offsets, residual) * direction_k
-        residual, discs = residuals(knots[None, :], slope_cdfs(knots))
+        residual, discs = residuals((basis @ knots)[None, :], knots)
         return knots, float(residual[0]), float(discs[0])
 
     # A straight endplate first (shift and tilt), then each knot alone: the knots are correlated,
@@ -433,7 +436,7 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
     # slices a straight endplate lying along the slices otherwise bends to fit the partial volume.
     shift, tilt = np.ones(len(kv)), 2.0 * (kv - 0.5 * (kv[0] + kv[-1])) / max(kv[-1] - kv[0], 1e-6)
     straight, rss_straight, disc_straight = line_searches(guess.copy(), [shift, tilt])
-    bent, rss_bent, disc_bent = line_searches(straight.copy(), [shift, tilt] + list(np.eye(len(kv))))
+    bent, rss_bent, disc_bent = line_searches(straight.copy(), list(np.eye(len(kv))))
     n = len(values)
     if np.isfinite(rss_bent) and (not np.isfinite(rss_straight) or n * np.log(max(rss_straight, 1e-9)
                                                                              / max(rss_bent, 1e-9)) > np.log(n)):
