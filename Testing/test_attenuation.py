@@ -1,0 +1,288 @@
+"""Bone attenuation against phantom truth: trabecular ROI, bone summary, contrast (SPEC §4).
+
+The phantoms are small and coarse so the file stays fast; the accuracy benchmark over spacings,
+rotations and noise levels is ``Testing/benchmarks/bench_attenuation.py``. Truth used here: the
+phantom's ``trabecular_hu`` per vertebra and its tissue map, the body's analytic shape (elliptic
+wall, endplate surfaces) from the phantom's scene, and the aorta's HU.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from VertebralFractureScreenLib import attenuation as at
+from VertebralFractureScreenLib import levels as lv
+from VertebralFractureScreenLib.grading import grade_spine
+from VertebralFractureScreenLib.imageio import read_ct, read_labelmap
+from VertebralFractureScreenLib.morphometry import measure_heights
+from VertebralFractureScreenLib.phantom import TISSUES, Fracture, PhantomSpec, SpineScene, make_phantom
+
+TRABECULAR = {"T12": 180.0, "L1": 95.0, "L2": 130.0}
+NO_FAT = dict(autochthon_fat_fraction=0.0, iliopsoas_fat_fraction=0.0)  # fewer edges: faster rendering
+
+
+class Exam:
+    """A rendered phantom with its morphometry and grades."""
+
+    def __init__(self, spec: PhantomSpec):
+        self.spec = spec
+        self.phantom = make_phantom(spec)
+        p = self.phantom
+        self.heights = measure_heights(p.total, p.ijk_to_ras, body_labels=p.vertebrae_body, ct=p.ct)
+        self.grades = grade_spine(self.heights)
+        self.truth = {v["level"]: v for v in p.truth["vertebrae"]}
+
+    def rois(self, **kwargs):
+        p = self.phantom
+        kwargs.setdefault("body_labels", p.vertebrae_body)
+        kwargs.setdefault("grades", self.grades)
+        return at.measure_trabecular(p.ct, p.total, p.ijk_to_ras, self.heights, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def rotated():
+    """2.5 mm voxels, anatomy rotated against the grid, partial volume rendered, L1 wedge-fractured,
+    contrast-enhanced aorta, no noise."""
+    return Exam(PhantomSpec(levels=("T12", "L1", "L2"), spacing=(2.5, 2.5, 2.5), supersampling=3,
+                            rotation_deg=(15.0, -5.0, 10.0), fractures=(Fracture("L1", "wedge", 0.35),),
+                            trabecular_hu=TRABECULAR, contrast=True, **NO_FAT))
+
+
+@pytest.fixture(scope="module")
+def thoracic():
+    """Small mid-thoracic bodies at 3 mm (partial volume rendered), tilted; native aorta."""
+    return Exam(PhantomSpec(levels=("T5", "T6", "T7"), spacing=(3.0, 3.0, 3.0), supersampling=3,
+                            rotation_deg=(0.0, 10.0, 0.0), trabecular_hu=120.0, **NO_FAT))
+
+
+# ------------------------------------------------------------------------------------------------
+# geometry truth of an ROI
+# ------------------------------------------------------------------------------------------------
+
+_ANGLES = np.linspace(0.0, 2.0 * np.pi, 2881)
+_CORNERS = np.array(list(itertools.product((-0.5, 0.5), repeat=3)))
+
+
+def roi_voxels_ijk(slices, roi):
+    index = np.nonzero(roi)
+    return np.stack([index[2] + slices[2].start, index[1] + slices[1].start, index[0] + slices[0].start],
+                    axis=1).astype(float)
+
+
+def true_local(exam: Exam, level: str, ijk: np.ndarray):
+    """The phantom's own body coordinates (u, v, w) of voxel positions ``ijk`` (N, 3)."""
+    p = exam.phantom
+    to_anatomy = np.linalg.inv(np.asarray(p.truth["anatomy_to_ras"])) @ p.ijk_to_ras
+    scene = SpineScene(exam.spec)
+    model = scene.models[level]
+    return model, model.local(ijk @ to_anatomy[:3, :3].T + to_anatomy[:3, 3])
+
+
+def distance_to_surface(model, u, v, w):
+    """Distance (mm, positive inside) to the true outer surface of the body: elliptic wall or
+    endplate along the body's axis."""
+    a, b = model.half_width, model.half_depth
+    wall = np.sqrt(np.min((u[:, None] - a * np.cos(_ANGLES)[None]) ** 2
+                          + (v[:, None] - b * np.sin(_ANGLES)[None]) ** 2, axis=1))
+    wall = np.where((u / a) ** 2 + (v / b) ** 2 <= 1.0, wall, -wall)
+    top, bottom = model.endplates(u, v)
+    return np.minimum(wall, np.minimum(top - w, w - bottom))
+
+
+def corner_distance(exam: Exam, level: str, ijk: np.ndarray) -> np.ndarray:
+    """Smallest distance of each voxel's corners to the body's true surface."""
+    model, (u, v, w) = true_local(exam, level, (ijk[:, None, :] + _CORNERS[None]).reshape(-1, 3))
+    return distance_to_surface(model, u, v, w).reshape(len(ijk), -1).min(axis=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# trabecular ROI
+# ------------------------------------------------------------------------------------------------
+
+
+def test_roi_is_pure_trabecular_bone(rotated):
+    """Noise-free CT with rendered partial volume: any voxel reaching cortex (700 HU) or disc would
+    move the mean, median or SD away from the level's trabecular HU."""
+    rois = rotated.rois()
+    assert [r.level for r in rois] == ["T12", "L1", "L2"]
+    for roi in rois:
+        truth = rotated.truth[roi.level]["trabecular_hu"]
+        assert roi.voxels >= (10 if roi.fractured else at.ROI_MIN_VOXELS), roi.level  # L1 lost 35 % anteriorly
+        assert roi.mean_hu == pytest.approx(truth, abs=1e-9), roi.level
+        assert roi.median_hu == truth and roi.sd_hu == 0.0, roi.level
+        assert roi.volume_ml == pytest.approx(roi.voxels * 2.5 ** 3 / 1000.0)
+        slices, mask, _ = at.trabecular_roi_mask(next(h for h in rotated.heights if h.level == roi.level),
+                                                 rotated.phantom.total, rotated.phantom.ijk_to_ras,
+                                                 body_labels=rotated.phantom.vertebrae_body)
+        assert mask.sum() == roi.voxels
+        assert np.all(rotated.phantom.tissue[slices][mask] == TISSUES["trabecular_bone"])
+    flags = {r.level: r.flags for r in rois}
+    assert "fractured" in flags["L1"] and "fractured" not in flags["L2"]
+    assert {r.level: r.fractured for r in rois} == {"T12": False, "L1": True, "L2": False}
+
+
+def test_roi_obeys_its_definition_in_true_geometry(rotated):
+    """Against the phantom's analytic body: every ROI voxel lies wholly 3 mm or more inside the
+    body's outer surface, its centre in the central half of the height and out of the posterior
+    fifth; and the ROI is not needlessly small: at least half the voxels that satisfy the same
+    definition exactly (corners >= 3 mm inside) are in it."""
+    p = rotated.phantom
+    for h in rotated.heights:
+        slices, roi, _ = at.trabecular_roi_mask(h, p.total, p.ijk_to_ras, body_labels=p.vertebrae_body)
+        ijk = roi_voxels_ijk(slices, roi)
+        assert corner_distance(rotated, h.level, ijk).min() >= at.ROI_MARGIN_MM, h.level
+        model, (u, v, w) = true_local(rotated, h.level, ijk)
+        top, bottom = model.endplates(np.zeros_like(v), v)
+        quarter = 0.25 * (top - bottom)
+        tolerance = 0.5  # mm: how far the measured walls and endplates may be off at 2.5 mm voxels
+        assert np.all(w <= top - quarter + tolerance) and np.all(w >= bottom + quarter - tolerance), h.level
+        depth = 2.0 * model.half_depth
+        assert np.all(v >= -model.half_depth + at.POSTERIOR_EXCLUDED * depth - tolerance), h.level
+
+        # The same definition on every body voxel, with the true geometry.
+        body = (p.total == h.label) & (p.vertebrae_body == lv.BODY_LABEL)
+        candidates = np.argwhere(body)[:, ::-1].astype(float)
+        model, (u, v, w) = true_local(rotated, h.level, candidates)
+        top, bottom = model.endplates(np.zeros_like(v), v)
+        quarter = 0.25 * (top - bottom)
+        ideal = ((v >= -model.half_depth + at.POSTERIOR_EXCLUDED * depth) & (w <= top - quarter)
+                 & (w >= bottom + quarter))
+        ideal[ideal] = corner_distance(rotated, h.level, candidates[ideal]) >= at.ROI_MARGIN_MM
+        assert roi.sum() >= 0.5 * ideal.sum(), (h.level, int(roi.sum()), int(ideal.sum()))
+
+
+def test_small_thoracic_bodies_at_3mm_shrink_and_say_so(thoracic):
+    rois = thoracic.rois()
+    p = thoracic.phantom
+    for roi, h in zip(rois, thoracic.heights):
+        slices, mask, _ = at.trabecular_roi_mask(h, p.total, p.ijk_to_ras, body_labels=p.vertebrae_body)
+        if roi.voxels:
+            assert np.all(p.tissue[slices][mask] == TISSUES["trabecular_bone"]), roi.level
+            assert corner_distance(thoracic, roi.level, roi_voxels_ijk(slices, mask)).min() >= at.ROI_MARGIN_MM
+            assert roi.mean_hu == 120.0 and roi.sd_hu == 0.0
+        small = roi.voxels < at.ROI_MIN_VOXELS or roi.volume_ml < at.ROI_MIN_ML
+        assert ("roi_small" in roi.flags or "roi_empty" in roi.flags) == small, roi.level
+        assert roi.usable == (roi.complete and not small)
+    assert any("roi_small" in r.flags or "roi_empty" in r.flags for r in rois)  # T5-T7 at 3 mm are tight
+
+
+def test_roi_without_body_map_and_in_a_cut_vertebra(rotated):
+    """Without ``vertebrae_body`` the posterior elements are in the mask, but the ROI stays in the
+    body; a vertebra cut by the field of view is measured, flagged and stays trabecular."""
+    p = rotated.phantom
+    without_map = rotated.rois(body_labels=None)
+    for roi in without_map:
+        assert roi.mean_hu == rotated.truth[roi.level]["trabecular_hu"] and roi.sd_hu == 0.0
+    # Cut away the slices above T12's mid-height (k is roughly cranio-caudal here).
+    t12 = np.argwhere(p.total == lv.TOTAL_VERTEBRA_IDS["T12"])
+    k_cut = int(np.median(t12[:, 0]))
+    ct, total, body, tissue = (a[:k_cut + 1] for a in (p.ct, p.total, p.vertebrae_body, p.tissue))
+    heights = measure_heights(total, p.ijk_to_ras, body_labels=body, ct=ct)
+    rois = {r.level: r for r in at.measure_trabecular(ct, total, p.ijk_to_ras, heights, body_labels=body)}
+    assert not rois["T12"].complete and "incomplete_vertebra" in rois["T12"].flags
+    assert not rois["T12"].usable
+    for h in heights:
+        slices, mask, _ = at.trabecular_roi_mask(h, total, p.ijk_to_ras, body_labels=body)
+        if mask is not None:
+            assert np.all(tissue[slices][mask] == TISSUES["trabecular_bone"]), h.level
+
+
+# ------------------------------------------------------------------------------------------------
+# bone summary
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hu, category", [(60.0, "osteoporosis-likely"), (110.0, "osteoporosis-likely"),
+                                          (110.5, "low-bone-density-possible"), (160.0, "low-bone-density-possible"),
+                                          (160.5, "normal"), (250.0, "normal")])
+def test_opportunistic_category_thresholds(hu, category):
+    assert at.opportunistic_category(hu) == category
+
+
+def test_category_of_nan_is_an_error():
+    with pytest.raises(ValueError):
+        at.opportunistic_category(float("nan"))
+
+
+def test_bone_summary_falls_back_from_a_fractured_l1(rotated):
+    rois = rotated.rois()
+    contrast = at.measure_contrast(rotated.phantom.ct, rotated.phantom.total, rotated.phantom.ijk_to_ras)
+    summary = at.bone_summary(rois, contrast)
+    assert summary.l1_level == "L2"
+    assert summary.l1_hu == pytest.approx(TRABECULAR["L2"])
+    assert summary.category == at.opportunistic_category(TRABECULAR["L2"]) == "low-bone-density-possible"
+    assert any("L1" in w and "L2" in w and "fractured" in w for w in summary.warnings)
+    assert summary.lumbar_levels == ["L2"] and summary.lumbar_mean_hu == pytest.approx(TRABECULAR["L2"])
+    assert summary.excluded_lumbar == {"L1": "fractured", "L3": "missing", "L4": "missing", "L5": "missing"}
+    assert summary.per_level_hu == pytest.approx(TRABECULAR)
+    assert summary.contrast_enhanced is True and any("contrast" in w for w in summary.warnings)
+    json.dumps(summary.to_dict())
+
+
+def test_bone_summary_without_grades_uses_l1_and_warns(rotated):
+    summary = at.bone_summary(rotated.rois(grades=None))
+    assert summary.l1_level == "L1" and summary.category == "osteoporosis-likely"  # 95 HU
+    assert summary.lumbar_mean_hu == pytest.approx((TRABECULAR["L1"] + TRABECULAR["L2"]) / 2)
+    assert any("unknown" in w for w in summary.warnings)
+
+
+def test_bone_summary_without_lumbar_vertebrae(thoracic):
+    summary = at.bone_summary(thoracic.rois())
+    assert summary.category is None and summary.l1_hu is None and summary.lumbar_mean_hu is None
+    assert summary.warnings and set(summary.excluded_lumbar) == set(lv.LUMBAR_LEVELS)
+
+
+# ------------------------------------------------------------------------------------------------
+# contrast
+# ------------------------------------------------------------------------------------------------
+
+
+def test_contrast_from_the_aortas_central_lumen(rotated, thoracic):
+    p = rotated.phantom
+    result = at.measure_contrast(p.ct, p.total, p.ijk_to_ras)
+    assert p.truth["aorta"]["contrast_enhanced"] and result.contrast_enhanced is True
+    assert result.aorta_hu == pytest.approx(p.truth["aorta"]["hu"], abs=1.0)
+    # The whole mask is biased by partial volume with the tissue around the aorta; the core is not.
+    whole = float(p.ct[p.total == lv.TOTAL_AORTA].mean())
+    assert abs(whole - p.truth["aorta"]["hu"]) > 3.0
+    native = at.measure_contrast(thoracic.phantom.ct, thoracic.phantom.total, thoracic.phantom.ijk_to_ras)
+    assert native.contrast_enhanced is False
+    assert native.aorta_hu == pytest.approx(thoracic.phantom.truth["aorta"]["hu"], abs=1.0)
+    assert result.aorta_voxels > 0 and not result.warnings
+
+
+def test_no_aorta_label_says_so(rotated):
+    p = rotated.phantom
+    result = at.measure_contrast(p.ct, p.verse, p.ijk_to_ras)
+    assert result.aorta_hu is None and result.contrast_enhanced is None
+    assert result.warnings and "aorta" in result.warnings[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# real CT
+# ------------------------------------------------------------------------------------------------
+
+
+def test_example_ct_trabecular_hu_is_plausible(example_data):
+    ct = read_ct(example_data / "example_ct.nii.gz")
+    labels = read_labelmap(example_data / "spine_report" / "totalseg.nii.gz", reference=ct)
+    body = read_labelmap(example_data / "spine_report" / "totalseg_vertebrae_body.nii.gz", reference=ct)
+    heights = measure_heights(labels.array, ct.ijk_to_ras, body_labels=body.array, ct=ct.array)
+    rois = {r.level: r for r in at.measure_trabecular(ct.array, labels.array, ct.ijk_to_ras, heights,
+                                                       body_labels=body.array, grades=grade_spine(heights))}
+    for level in lv.LUMBAR_LEVELS:
+        roi = rois[level]
+        assert roi.complete and roi.voxels >= at.ROI_MIN_VOXELS, level
+        assert 50.0 <= roi.mean_hu <= 300.0, (level, roi.mean_hu)
+        # Trabecular bone is less dense than the whole vertebra with its cortex (spine report's mean).
+        report = json.loads((example_data / "spine_report" / "spine_report.json").read_text())["results"]
+        assert roi.mean_hu < report[f"vertebrae_{level}_intensity"] + 20.0, level
+    summary = at.bone_summary(list(rois.values()))
+    assert summary.category in at.CATEGORIES and summary.lumbar_mean_hu is not None
+    seg = read_labelmap(example_data / "example_seg_fast_force_split.nii.gz", reference=ct)
+    contrast = at.measure_contrast(ct.array, seg.array, ct.ijk_to_ras)
+    assert contrast.aorta_hu is not None and -50.0 < contrast.aorta_hu < 500.0
