@@ -381,3 +381,28 @@ def test_vfs_errors_are_the_cli_s_one_sentence_errors():
     from VertebralFractureScreenLib.errors import SegmentationError
 
     assert issubclass(DependencyError, VFSError) and issubclass(SegmentationError, VFSError)
+
+
+@needs_totalsegmentator
+def test_vfscreen_screen_without_seg_segments_then_screens(offline, trap, tmp_path, capsys):
+    """``vfscreen screen CT`` with no ``--seg``: TotalSegmentator segments (the fake model calls
+    every voxel L1), the label maps are kept under OUT/segmentation/ and the screening runs on
+    them: a vertebra filling the whole field of view is reported incomplete, never graded."""
+    from VertebralFractureScreenLib.cli import main
+
+    ct_path = tmp_path / "ct.nii.gz"
+    imageio.write_volume(ct_path, _phantom_ct("RAS"))
+    out = tmp_path / "out"
+    requests_before = len(trap.requests)
+    assert main(["screen", str(ct_path), "--out", str(out), "--quality", "fast", "--body"]) == 0, capsys.readouterr().err
+    assert (out / "segmentation" / segmentation.TOTAL_FILE).exists()
+    exam = json.loads((out / "exam.json").read_text())
+    assert exam["inputs"]["segmented_by"].startswith("TotalSegmentator")
+    assert exam["levels_present"] == ["L1"] and exam["levels_complete"] == []
+    assert exam["fracture"]["max_grade"] is None
+    rows = (out / "vertebrae.csv").read_text().splitlines()
+    assert rows[1].split(",")[1:3] == ["L1", "false"]
+    # A second run reuses the segmentation instead of segmenting again.
+    assert main(["screen", str(ct_path), "--out", str(out), "--quality", "fast", "--body"]) == 0
+    assert "reused" in json.loads((out / "exam.json").read_text())["inputs"]["segmented_by"]
+    assert trap.requests[requests_before:] == []  # statistics off: nothing tried to reach the network

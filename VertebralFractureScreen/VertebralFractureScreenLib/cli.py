@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .errors import VFSError
+from .errors import InputError, VFSError
 
 EXIT_INPUT_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
@@ -140,6 +140,120 @@ def _run_phantom(args) -> int:
     return 0
 
 
+def _add_screen_parser(commands) -> None:
+    p = commands.add_parser(
+        "screen",
+        help="screen one CT exam (SPEC §5 outputs)",
+        description="Screen one CT for vertebral fractures: heights, Genant grades, trabecular HU, muscles and a "
+                    "QC picture, written to --out as vertebrae.csv, muscles.csv, exam.json and qc.png. Without "
+                    "--seg, TotalSegmentator segments the CT (its label maps are kept in OUT/segmentation/).",
+    )
+    p.add_argument("ct", type=Path, help="CT: NIfTI, NRRD, MetaImage file or DICOM series folder (HU)")
+    p.add_argument("--seg", type=Path, help="segmentation with vertebra labels (NIfTI/NRRD label map or .seg.nrrd)")
+    p.add_argument("--body-seg", type=Path, help="vertebrae_body segmentation (1 = bodies, 2 = discs)")
+    p.add_argument("--labels", choices=("totalsegmentator", "verse"), default="totalsegmentator",
+                   help="label convention of --seg (default: totalsegmentator)")
+    p.add_argument("--out", type=Path, help="output folder (default: <CT name>_vfscreen beside the CT)")
+    p.add_argument("--exam-id", help="exam name in the outputs (default: the CT's file name)")
+    p.add_argument("--levels", default="T4-L5", help="levels to report, e.g. T4-L5 (default)")
+    p.add_argument("--series", help="SeriesInstanceUID to read when the DICOM folder holds several series")
+    p.add_argument("--model", type=Path, help="fracture model (JSON) to apply (not available yet)")
+    p.add_argument("--quality", choices=("fast", "normal"), default="normal",
+                   help="TotalSegmentator model: fast (3 mm) or normal (1.5 mm, default)")
+    p.add_argument("--device", default="cpu", help="TotalSegmentator device: cpu (default), gpu, gpu:N")
+    p.add_argument("--body", action="store_true", help="also run TotalSegmentator's vertebrae_body task")
+    p.add_argument("--no-qc", action="store_true", help="skip the QC picture")
+    p.set_defaults(run=_run_screen)
+
+
+def _parse_levels(text: str) -> tuple[str, ...]:
+    from . import levels as lv
+
+    try:
+        return lv.parse_level_range(text)
+    except ValueError as error:
+        raise VFSError(f"{error}.") from None
+
+
+def _default_out(ct: Path) -> Path:
+    name = ct.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return ct.parent / f"{name}_vfscreen"
+
+
+def _run_screen(args) -> int:
+    from .screening import screen_exam
+
+    if args.model is not None:
+        raise VFSError("--model is not available yet: fracture models arrive with 'vfscreen train'.")
+    out = args.out or _default_out(args.ct)
+    if out.exists() and not out.is_dir():
+        raise VFSError(f"output path {out} exists and is not a folder.")
+    try:
+        result = screen_exam(args.ct, seg=args.seg, body_seg=args.body_seg, convention=args.labels,
+                             exam_id=args.exam_id, levels=_parse_levels(args.levels), series_uid=args.series,
+                             out_dir=out, quality=args.quality, device=args.device, segment_body=args.body)
+    except InputError as error:  # the library names its argument; on the command line it is --series
+        raise InputError(str(error).replace("series_uid", "--series")) from None
+    result.write(out, qc=not args.no_qc)
+    print(result.table())
+    print(result.summary())
+    print(f"results in {out}")
+    return 0
+
+
+def _add_demo_parser(commands) -> None:
+    p = commands.add_parser(
+        "demo",
+        help="make a phantom with fractures, screen it and print the results",
+        description="Render a small synthetic spine CT with three fractures (a wedge, a biconcave and a crush "
+                    "fracture) in a temporary folder, screen it and print the per-vertebra table and the exam "
+                    "summary beside the phantom's truth.",
+    )
+    p.add_argument("--out", type=Path, help="keep the phantom and the results in this folder")
+    p.set_defaults(run=_run_demo)
+
+
+DEMO_FRACTURES = ("T12:biconcave:0.3", "L1:wedge:0.35", "L3:crush:0.45")
+
+
+def _run_demo(args) -> int:
+    import tempfile
+
+    from . import levels as lv
+    from .phantom import Fracture, PhantomSpec, write_phantom
+    from .screening import screen_exam
+
+    spec = PhantomSpec(levels=lv.parse_level_range("T11-L5"), spacing=(1.5, 1.5, 1.5), fov="body",
+                       fractures=tuple(Fracture.parse(f) for f in DEMO_FRACTURES), noise_hu=15.0, seed=7)
+    with tempfile.TemporaryDirectory(prefix="vfscreen-demo-") as scratch:
+        root = args.out or Path(scratch)
+        started = time.perf_counter()
+        print(f"rendering a phantom spine T11–L5 at 1.5 mm with fractures {', '.join(DEMO_FRACTURES)} ...")
+        paths = write_phantom(spec, root / "phantom")
+        rendered = time.perf_counter() - started
+        started = time.perf_counter()
+        result = screen_exam(paths["ct"], seg=paths["total"], body_seg=paths["vertebrae_body"], exam_id="demo-phantom")
+        out = root / "results"
+        result.write(out)
+        screened = time.perf_counter() - started
+        truth = {v["level"]: v for v in json.loads(paths["truth"].read_text())["vertebrae"]}
+        print(f"phantom rendered in {rendered:.1f} s; screened (with QC picture) in {screened:.1f} s\n")
+        lines = result.table().splitlines()
+        print(lines[0] + "   truth: grade shape")
+        for line, row in zip(lines[1:], result.vertebrae):
+            t = truth.get(row["level"], {})
+            print(f"{line}   {t.get('genant_grade', '–')}     {t.get('shape', '')}")
+        print()
+        print(result.summary())
+        print("\nThis is a synthetic phantom: a demonstration, not a clinical result.")
+        print(f"results in {out}" if args.out else "(run 'vfscreen demo --out DIR' to keep the files)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog="vfscreen",
@@ -147,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"vfscreen {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
+    _add_screen_parser(commands)
+    _add_demo_parser(commands)
     _add_phantom_parser(commands)
     return parser
 

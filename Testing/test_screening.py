@@ -1,0 +1,226 @@
+"""Screening one exam end to end (``screening.screen_exam``, ``vfscreen screen``, ``vfscreen demo``):
+the SPEC §5 files against a phantom's truth, paths and in-memory inputs giving the same numbers,
+and every kind of bad input refused with one sentence, a non-zero exit, no output that looks
+complete and the inputs untouched."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from VertebralFractureScreenLib import imageio
+from VertebralFractureScreenLib import levels as lv
+from VertebralFractureScreenLib.cli import main
+from VertebralFractureScreenLib.errors import InputError
+from VertebralFractureScreenLib.phantom import Fracture, PhantomSpec, write_phantom
+from VertebralFractureScreenLib.screening import MUSCLE_COLUMNS, VERTEBRA_COLUMNS, screen_exam
+
+SPEC = PhantomSpec(levels=lv.parse_level_range("T12-S1"), spacing=(2.0, 2.0, 2.0), fov="body", supersampling=3,
+                   fractures=(Fracture.parse("L1:wedge:0.35"), Fracture.parse("L3:crush:0.45")), noise_hu=10.0,
+                   contrast=True, seed=5)
+
+
+@pytest.fixture(scope="module")
+def phantom_files(tmp_path_factory) -> dict[str, Path]:
+    return write_phantom(SPEC, tmp_path_factory.mktemp("phantom"))
+
+
+@pytest.fixture(scope="module")
+def truth(phantom_files) -> dict:
+    return json.loads(phantom_files["truth"].read_text())
+
+
+@pytest.fixture(scope="module")
+def screened(phantom_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("screen") / "exam"
+    code = main(["screen", str(phantom_files["ct"]), "--seg", str(phantom_files["total"]), "--body-seg",
+                 str(phantom_files["vertebrae_body"]), "--out", str(out), "--exam-id", "p1"])
+    assert code == 0
+    return out
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict]]:
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        return list(reader.fieldnames), list(reader)
+
+
+def test_screen_writes_the_spec_files(screened, truth):
+    assert sorted(p.name for p in screened.iterdir()) == ["exam.json", "muscles.csv", "qc.png", "vertebrae.csv"]
+    columns, rows = read_csv(screened / "vertebrae.csv")
+    assert tuple(columns) == VERTEBRA_COLUMNS
+    assert [r["level"] for r in rows] == ["T12", "L1", "L2", "L3", "L4", "L5"]  # S1 is not screened
+    by_level = {v["level"]: v for v in truth["vertebrae"]}
+    for row in rows:
+        t = by_level[row["level"]]
+        assert row["exam_id"] == "p1" and row["complete"] == "true"
+        assert int(row["genant_grade"]) == t["genant_grade"], row["level"]
+        assert row["shape"] == t["shape"], row["level"]
+        for key in ("ha", "hm", "hp"):
+            assert abs(float(row[f"{key}_mm"]) - t[f"{key}_mm"]) < 1.0, (row["level"], key)
+        assert abs(float(row["trabecular_hu_mean"]) - t["trabecular_hu"]) < 5.0
+        assert int(row["roi_voxels"]) > 0
+    m_columns, m_rows = read_csv(screened / "muscles.csv")
+    assert tuple(m_columns) == MUSCLE_COLUMNS
+    assert {r["muscle"] for r in m_rows} == {"autochthon_left", "autochthon_right", "iliopsoas_left", "iliopsoas_right"}
+    assert {r["level"] for r in m_rows} >= {"L1", "L2", "L3", "L4", "L5", "lumbar"}
+    exam = json.loads((screened / "exam.json").read_text())
+    assert exam["exam_id"] == "p1"
+    assert exam["fracture"]["fractured_levels"] == ["L1", "L3"] and exam["fracture"]["max_grade"] == 3
+    assert exam["contrast"]["contrast_enhanced"] is True  # the phantom's aorta is enhanced
+    assert exam["bone"]["l1_level"] == "L2"  # L1 is fractured: the category falls back and says so
+    assert any("L1" in w for w in exam["warnings"])
+    assert exam["software"]["version"] and exam["timings_s"]["total"] > 0
+    assert exam["model"]["probability"] is None
+    assert (screened / "qc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_paths_and_in_memory_arrays_give_the_same_numbers(phantom_files, screened):
+    ct = imageio.read_ct(phantom_files["ct"])
+    total = imageio.read_labelmap(phantom_files["total"], ct).array
+    body = imageio.read_labelmap(phantom_files["vertebrae_body"], ct).array
+    result = screen_exam(ct, seg=total, body_seg=body, exam_id="p1")
+    _, rows = read_csv(screened / "vertebrae.csv")
+    for row, mine in zip(rows, result.vertebrae):
+        assert row["level"] == mine["level"]
+        for key in ("ha_mm", "hm_mm", "hp_mm", "trabecular_hu_mean", "height_loss"):
+            assert float(row[key]) == pytest.approx(mine[key], abs=1e-3)
+
+
+def test_rerun_replaces_the_results(phantom_files, screened):
+    before = json.loads((screened / "exam.json").read_text())["created_utc"]
+    code = main(["screen", str(phantom_files["ct"]), "--seg", str(phantom_files["total"]), "--out", str(screened),
+                 "--exam-id", "p1", "--no-qc"])
+    assert code == 0
+    assert sorted(p.name for p in screened.iterdir()) == ["exam.json", "muscles.csv", "vertebrae.csv"]
+    assert json.loads((screened / "exam.json").read_text())["created_utc"] >= before
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: one sentence, exit 2, nothing that looks complete, inputs untouched
+# ------------------------------------------------------------------------------------------------
+
+def digest(paths) -> dict[Path, str]:
+    out = {}
+    for path in paths:
+        path = Path(path)
+        files = sorted(path.rglob("*")) if path.is_dir() else [path]
+        for f in files:
+            if f.is_file():
+                out[f] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+def run_bad(capsys, tmp_path, args, inputs, expect: str):
+    out = tmp_path / "out"
+    before = digest(inputs)
+    code = main(["screen", *map(str, args), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 2
+    message = captured.err.strip()
+    assert message.count("\n") == 0 and "Traceback" not in captured.err, captured.err
+    assert expect.lower() in message.lower(), message
+    assert not (out / "exam.json").exists() and not (out / "vertebrae.csv").exists()
+    assert digest(inputs) == before
+    return message
+
+
+def write(volume_array, ijk_to_ras, path: Path) -> Path:
+    imageio.write_volume(path, imageio.Volume(volume_array, ijk_to_ras))
+    return path
+
+
+def test_missing_and_unreadable_files(capsys, tmp_path, phantom_files):
+    run_bad(capsys, tmp_path, [tmp_path / "nope.nii.gz", "--seg", phantom_files["total"]], [], "not found")
+    garbage = tmp_path / "garbage.nii.gz"
+    garbage.write_bytes(b"this is not an image" * 10)
+    run_bad(capsys, tmp_path, [garbage, "--seg", phantom_files["total"]], [garbage], "garbage.nii.gz")
+    run_bad(capsys, tmp_path, [phantom_files["ct"], "--seg", tmp_path / "none.nii.gz"], [phantom_files["ct"]],
+            "not found")
+
+
+def test_not_a_3d_image(capsys, tmp_path, phantom_files):
+    import SimpleITK as sitk
+
+    flat = tmp_path / "flat.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((20, 30), dtype=np.int16)), str(flat))
+    run_bad(capsys, tmp_path, [flat, "--seg", phantom_files["total"]], [flat], "3-D")
+
+
+def test_not_ct_constant_and_empty_volumes(capsys, tmp_path, phantom_files):
+    ct = imageio.read_ct(phantom_files["ct"])
+    # An MR-like image: positive intensities only, no fat or air in HU.
+    mr = write((ct.array.astype(np.float32) + 1100.0) * 0.5, ct.ijk_to_ras, tmp_path / "mr.nii.gz")
+    run_bad(capsys, tmp_path, [mr, "--seg", phantom_files["total"]], [mr], "Hounsfield")
+    normalised = write((ct.array.astype(np.float32) + 1024) / 4000.0, ct.ijk_to_ras, tmp_path / "norm.nii.gz")
+    run_bad(capsys, tmp_path, [normalised, "--seg", phantom_files["total"]], [normalised], "Hounsfield")
+    constant = write(np.full(ct.shape, -1000, dtype=np.int16), ct.ijk_to_ras, tmp_path / "const.nii.gz")
+    run_bad(capsys, tmp_path, [constant, "--seg", phantom_files["total"]], [constant], "constant")
+
+
+def test_segmentation_of_another_patient_or_grid(capsys, tmp_path, phantom_files):
+    total = imageio.read_labelmap(phantom_files["total"])
+    moved = total.ijk_to_ras.copy()
+    moved[:3, 3] += 2000.0  # 2 m away: no overlap with the CT
+    far = write(total.array, moved, tmp_path / "far.nii.gz")
+    run_bad(capsys, tmp_path, [phantom_files["ct"], "--seg", far], [phantom_files["ct"], far], "overlap")
+
+
+def test_no_vertebra_labels_and_wrong_convention(capsys, tmp_path, phantom_files):
+    total = imageio.read_labelmap(phantom_files["total"])
+    aorta_only = write(np.where(total.array == lv.TOTAL_AORTA, total.array, 0).astype(np.uint8), total.ijk_to_ras,
+                       tmp_path / "aorta.nii.gz")
+    message = run_bad(capsys, tmp_path, [phantom_files["ct"], "--seg", aorta_only], [aorta_only], "no vertebra labels")
+    assert "--labels verse" in message
+    # A VerSe label map read as TotalSegmentator ids has no vertebrae there, and the reverse too.
+    message = run_bad(capsys, tmp_path, [phantom_files["ct"], "--seg", phantom_files["verse"]],
+                      [phantom_files["verse"]], "no vertebra")
+    assert "--labels verse" in message
+    message = run_bad(capsys, tmp_path, [phantom_files["ct"], "--seg", phantom_files["total"], "--labels", "verse"],
+                      [phantom_files["total"]], "verse convention")
+    assert "--labels totalsegmentator" in message
+
+
+def test_verse_labels_screen_the_vertebrae(phantom_files, truth):
+    result = screen_exam(phantom_files["ct"], seg=phantom_files["verse"], convention="verse")
+    grades = {r["level"]: r["genant_grade"] for r in result.vertebrae}
+    by_level = {v["level"]: v for v in truth["vertebrae"]}
+    assert grades == {level: by_level[level]["genant_grade"] for level in grades}
+    assert result.muscles == [] and any("muscle" in w for w in result.exam["warnings"])
+
+
+def test_dicom_folder_with_several_series(capsys, tmp_path, example_data):
+    from test_imageio import set_dicom_text
+
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    uids = ("1.2.826.0.1.3680043.10.1.1", "1.2.826.0.1.3680043.10.1.2")
+    for n, source in enumerate(sorted((example_data / "example_ct_dicom").iterdir())):
+        for tag, uid in zip("ab", uids):
+            (folder / f"{tag}{n:03d}.dcm").write_bytes(set_dicom_text(source.read_bytes(), 0x0020, 0x000E, b"UI", uid))
+    seg = example_data / "example_seg_dicom.nii.gz"
+    message = run_bad(capsys, tmp_path, [folder, "--seg", seg], [folder, seg], "2 series")
+    assert uids[0] in message and uids[1] in message and "--series" in message
+
+
+def test_bad_options_are_one_sentence(capsys, tmp_path, phantom_files):
+    run_bad(capsys, tmp_path, [phantom_files["ct"], "--seg", phantom_files["total"], "--levels", "X9-L2"],
+            [phantom_files["ct"]], "level")
+
+
+def test_input_errors_from_the_library(phantom_files):
+    with pytest.raises(InputError, match="constant"):
+        ct = imageio.read_ct(phantom_files["ct"])
+        screen_exam(imageio.Volume(np.zeros(ct.shape, np.int16), ct.ijk_to_ras), seg=phantom_files["total"])
+
+
+def test_demo_runs_and_reports_the_truth(capsys, tmp_path):
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "fractures: T12, L1, L3" in printed and "demonstration" in printed
+    assert (tmp_path / "results" / "exam.json").exists()

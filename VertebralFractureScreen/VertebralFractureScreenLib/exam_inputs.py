@@ -1,0 +1,173 @@
+"""One exam's inputs, read and checked before any measurement (SPEC §5, §6).
+
+:func:`load_exam` takes the CT and its segmentations as paths (anything :mod:`.imageio` reads) or
+as in-memory :class:`~.imageio.Volume` objects, brings the label maps onto the CT grid and
+checks that the exam can be screened. Every problem is an :class:`~.errors.InputError` with one
+sentence that says what is wrong and, where there is one, what to do; nothing is written and the
+inputs are never modified.
+
+Checks, in order:
+
+* the CT is a 3-D volume (``imageio`` refuses anything else), not empty or constant;
+* it looks like a CT in Hounsfield units: some voxels between −1100 and −100 HU (fat or air: every
+  body CT has them; a normalised or MR image has none), and at most 1 % of them above 3000 HU (metal
+  is local; an image stored in other units is not). Padding below −1100 HU (−2048, −3024 outside
+  the reconstruction circle) is ignored;
+* the segmentation overlaps the CT (``imageio`` refuses a grid that does not) and holds vertebra
+  labels of the chosen convention;
+* the vertebrae are in anatomical order: the centroids of consecutive levels run from cranial to
+  caudal. A label map in another convention (VerSe ids read as TotalSegmentator ones, or the
+  reverse) fails here or in the previous check, and the sentence says to try the other
+  ``--labels``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from . import imageio
+from . import levels as lv
+from .errors import InputError
+
+HU_AIR_FAT_RANGE = (-1100.0, -100.0)
+"""HU of voxels that every body CT has somewhere (air and fat)."""
+HU_PADDING_BELOW = -1100.0
+"""Values below this are treated as padding outside the reconstruction, not as anatomy."""
+HU_IMPLAUSIBLY_HIGH = 3000.0
+MAX_HIGH_FRACTION = 0.01
+MIN_ORDERED_FRACTION = 0.8
+"""Share of consecutive vertebra pairs that must run cranial → caudal along the patient's axis."""
+
+
+@dataclass
+class ExamInputs:
+    """The CT and its label maps on the CT's grid.
+
+    ``labels``: vertebra (and muscle, aorta, cord) labels in ``convention``; ``body_labels``: the
+    optional ``vertebrae_body`` map (1 = bodies, 2 = discs); ``sources``: where each came from
+    (a path, or ``"in memory"``); ``warnings``: problems that did not stop reading."""
+
+    ct: imageio.Volume
+    labels: imageio.Volume
+    body_labels: imageio.Volume | None
+    convention: str
+    sources: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _source(value) -> str:
+    return "in memory" if isinstance(value, imageio.Volume) else str(Path(value).expanduser())
+
+
+def read_ct_checked(ct, series_uid: str | None = None) -> imageio.Volume:
+    """The CT as a :class:`~.imageio.Volume`, checked by :func:`check_ct`."""
+    volume = ct if isinstance(ct, imageio.Volume) else imageio.read_ct(ct, series_uid=series_uid)
+    check_ct(volume, _source(ct))
+    return volume
+
+
+def check_ct(volume: imageio.Volume, name: str = "CT") -> None:
+    """Refuse an empty or constant volume and one whose values are obviously not HU."""
+    array = volume.array
+    if array.ndim != 3:
+        raise InputError(f"{name} is not a 3-D volume (shape {array.shape})")
+    if array.size == 0:
+        raise InputError(f"{name} is empty")
+    # A strided sample keeps the check cheap on 512x512x1000 volumes (about 1/64 of the voxels).
+    step = tuple(max(1, n // 128) for n in array.shape)
+    sample = np.asarray(array[::step[0], ::step[1], ::step[2]], dtype=np.float32)
+    if not np.isfinite(sample).all():
+        raise InputError(f"{name} contains NaN or infinite values, so it is not a CT in Hounsfield units")
+    lo, hi = float(array.min()), float(array.max())
+    if lo == hi:
+        raise InputError(f"{name} is constant ({lo:g} everywhere): there is no image to screen")
+    anatomy = sample[sample >= HU_PADDING_BELOW]
+    if anatomy.size == 0:
+        raise InputError(f"{name} has no value above {HU_PADDING_BELOW:g}: it is not a CT in Hounsfield units")
+    air_or_fat = np.count_nonzero((anatomy >= HU_AIR_FAT_RANGE[0]) & (anatomy <= HU_AIR_FAT_RANGE[1]))
+    high = np.count_nonzero(anatomy > HU_IMPLAUSIBLY_HIGH) / anatomy.size
+    if air_or_fat == 0 or high > MAX_HIGH_FRACTION:
+        raise InputError(
+            f"{name} does not look like a CT in Hounsfield units (values {lo:g} to {hi:g}, "
+            f"{'no fat or air' if air_or_fat == 0 else f'{100 * high:.0f} % of voxels above {HU_IMPLAUSIBLY_HIGH:g}'}); "
+            "give the CT itself, with its rescale slope and intercept applied")
+
+
+def _labels_on_grid(value, reference: imageio.Volume, convention: str, what: str, messages: list[str]) -> imageio.Volume:
+    if isinstance(value, np.ndarray):
+        value = imageio.Volume(value, reference.ijk_to_ras)
+    if isinstance(value, imageio.Volume):
+        if np.issubdtype(value.array.dtype, np.floating) or value.array.ndim != 3:
+            raise InputError(f"the {what} must be a 3-D integer label map")
+        if not value.same_grid(reference):
+            value = imageio.resample_labelmap(value, reference, name=what)
+        return value
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", imageio.LabelMapWarning)
+        volume = imageio.read_labelmap(value, reference, convention=convention)
+    messages.extend(str(w.message) for w in caught if issubclass(w.category, imageio.LabelMapWarning))
+    return volume
+
+
+def check_vertebrae(labels: imageio.Volume, convention: str, name: str = "segmentation") -> list[str]:
+    """The vertebra levels present (cranial to caudal); refuses a map without vertebra labels or
+    whose vertebrae are not in anatomical order (the sign of a wrong label convention)."""
+    other = "verse" if convention == "totalsegmentator" else "totalsegmentator"
+    ids = lv.vertebra_ids(convention)
+    by_label = {label: level for level, label in ids.items()}
+    objects = ndimage.find_objects(labels.array, max_label=max(ids.values()))
+    present = [by_label[label] for label, box in enumerate(objects, start=1) if box is not None and label in by_label]
+    if not present:
+        raise InputError(f"the {name} has no vertebra labels in the {convention} convention; "
+                         f"check that it is a spine segmentation, or try --labels {other}")
+    present.sort(key=lv.level_position)
+    if len(present) >= 3:
+        # Centroids along the patient's superior axis (RAS z): consecutive levels must descend.
+        superior = []
+        for level in present:
+            box = objects[ids[level] - 1]
+            kji = np.argwhere(labels.array[box] == ids[level]).mean(axis=0) + [s.start for s in box]
+            ras = labels.ijk_to_ras[:3, :3] @ kji[::-1] + labels.ijk_to_ras[:3, 3]
+            superior.append(ras[2])
+        descending = np.mean(np.diff(superior) < 0)
+        if descending < MIN_ORDERED_FRACTION and (1.0 - descending) < MIN_ORDERED_FRACTION:
+            raise InputError(f"the vertebra labels of the {name} are not in anatomical order for the "
+                             f"{convention} convention; try --labels {other}")
+    return present
+
+
+def load_exam(ct, seg, body_seg=None, *, convention: str = "totalsegmentator",
+              series_uid: str | None = None) -> ExamInputs:
+    """Read and check one exam.
+
+    Args:
+        ct: CT path (NIfTI, NRRD, MetaImage, DICOM folder or file) or :class:`~.imageio.Volume` in HU.
+        seg: vertebra segmentation: a path, a Volume, or an integer array on the CT's grid.
+        body_seg: optional ``vertebrae_body`` map (1 = bodies, 2 = discs), same forms as ``seg``.
+        convention: label ids of ``seg``: ``totalsegmentator`` or ``verse``.
+        series_uid: the DICOM series to read when the CT folder holds several.
+
+    Raises:
+        InputError: with one sentence, for every problem listed in the module docstring.
+    """
+    if convention not in ("totalsegmentator", "verse"):
+        raise InputError(f"unknown label convention {convention!r}; use totalsegmentator or verse")
+    volume = read_ct_checked(ct, series_uid)
+    messages: list[str] = []
+    labels = _labels_on_grid(seg, volume, convention, "segmentation", messages)
+    body = None if body_seg is None else _labels_on_grid(body_seg, volume, "vertebrae_body",
+                                                         "vertebrae_body segmentation", messages)
+    check_vertebrae(labels, convention)
+    if body is not None and ndimage.find_objects(body.array, max_label=lv.BODY_LABEL)[lv.BODY_LABEL - 1] is None:
+        messages.append("the vertebrae_body segmentation has no vertebral body (label 1); bodies are separated "
+                        "by shape instead")
+        body = None
+    sources = {"ct": _source(ct), "segmentation": "in memory" if isinstance(seg, np.ndarray) else _source(seg)}
+    if body_seg is not None:
+        sources["vertebrae_body"] = "in memory" if isinstance(body_seg, np.ndarray) else _source(body_seg)
+    return ExamInputs(volume, labels, body, convention, sources, messages)

@@ -1,0 +1,351 @@
+"""Screening one exam end to end (SPEC §5): the product's main job.
+
+:func:`screen_exam` is the one entry point that ``vfscreen screen``, ``vfscreen demo``, the Slicer
+module and batch code call. It takes the CT and its segmentations as paths or in-memory volumes,
+segments with TotalSegmentator when no segmentation is given, and returns a
+:class:`ScreeningResult`; :meth:`ScreeningResult.write` writes the SPEC §5 folder.
+
+The measurement chain, each step in its own module:
+
+1. :mod:`.exam_inputs` reads and checks the inputs (one sentence per problem);
+2. :mod:`.morphometry` measures every vertebra's body heights in its own frame;
+3. :mod:`.grading` grades them (Genant, shape, reference heights);
+4. :mod:`.attenuation` measures the trabecular ROIs, the exam's bone summary and the contrast;
+5. :mod:`.muscles` measures the paraspinal muscles per level slab;
+6. :mod:`.qc` draws the QC picture.
+
+Output files are written atomically and in an order that never leaves a folder that looks
+complete: into a hidden temporary folder beside the destination, then moved into place with
+``exam.json`` last (its presence marks a finished exam). An earlier result in the same folder is
+replaced: its ``exam.json`` is removed first.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from . import levels as lv
+from .attenuation import bone_summary, measure_contrast, measure_trabecular
+from .errors import InputError
+from .exam_inputs import ExamInputs, load_exam, read_ct_checked
+from .geometry import voxel_spacing
+from .grading import exam_fracture_summary, grade_spine
+from .morphometry import measure_heights
+from .muscles import measure_muscles, muscle_summary
+
+VERTEBRA_COLUMNS = (
+    "exam_id", "level", "complete", "ha_mm", "hm_mm", "hp_mm", "ha_hp", "hm_hp", "hp_ref_ratio", "height_loss",
+    "genant_grade", "shape", "borderline", "trabecular_hu_mean", "trabecular_hu_median", "trabecular_hu_sd",
+    "roi_voxels", "body_volume_ml", "flags",
+)
+"""Columns of ``vertebrae.csv`` (SPEC §5)."""
+MUSCLE_COLUMNS = ("exam_id", "muscle", "level", "volume_ml", "mean_hu", "imat_fraction")
+"""Columns of ``muscles.csv`` (SPEC §5)."""
+OUTPUT_FILES = ("vertebrae.csv", "muscles.csv", "qc.png", "exam.json")
+"""The files of one exam's folder; ``exam.json`` is written last and marks it finished."""
+SEGMENTATION_FOLDER = "segmentation"
+"""Sub-folder of the output where TotalSegmentator's label maps are kept for re-runs."""
+
+
+@dataclass
+class ScreeningResult:
+    """Everything measured on one exam.
+
+    ``vertebrae`` and ``muscles`` are the rows of the two CSV files (SPEC §5), ``exam`` the content
+    of ``exam.json``; ``heights``, ``grades``, ``rois``, ``muscle_rows``, ``contrast`` and
+    ``bone`` the measurement objects (for the Slicer module and the QC picture); ``inputs`` the
+    exam's volumes."""
+
+    exam_id: str
+    vertebrae: list[dict]
+    muscles: list[dict]
+    exam: dict
+    heights: list
+    grades: list
+    rois: list
+    muscle_rows: list
+    contrast: object
+    bone: object
+    inputs: ExamInputs = field(repr=False)
+
+    def write(self, out_dir, *, qc: bool = True) -> dict[str, Path]:
+        """Write the SPEC §5 files into ``out_dir`` (created when absent); returns their paths."""
+        out_dir = Path(out_dir).expanduser()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".vfscreen-partial-", dir=out_dir))
+        try:
+            files = {
+                "vertebrae.csv": _csv_text(VERTEBRA_COLUMNS, self.vertebrae),
+                "muscles.csv": _csv_text(MUSCLE_COLUMNS, self.muscles),
+            }
+            for name, text in files.items():
+                (staging / name).write_text(text, encoding="utf-8")
+            if qc:
+                started = time.perf_counter()
+                self._render_qc(staging / "qc.png")
+                self.exam["timings_s"]["qc"] = round(time.perf_counter() - started, 3)
+            (staging / "exam.json").write_text(json.dumps(_jsonable(self.exam), indent=2) + "\n", encoding="utf-8")
+            # Replace: the old completion marker goes first, the new one comes last.
+            (out_dir / "exam.json").unlink(missing_ok=True)
+            written = {}
+            for name in OUTPUT_FILES:
+                if (staging / name).exists():
+                    os.replace(staging / name, out_dir / name)
+                    written[name] = out_dir / name
+                elif name == "qc.png":
+                    (out_dir / name).unlink(missing_ok=True)
+            return written
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _render_qc(self, path: Path) -> None:
+        from .qc import render_qc  # matplotlib is imported only when a picture is drawn
+
+        summary = self.exam["fracture"]
+        contrast = self.exam["contrast"]
+        parts = [self.exam_id, f"max grade {summary['max_grade'] if summary['max_grade'] is not None else '–'}"]
+        if summary["fractured_levels"]:
+            parts.append("fractured " + ", ".join(summary["fractured_levels"]))
+        if contrast.get("contrast_enhanced") is not None:
+            parts.append("contrast" if contrast["contrast_enhanced"] else "native")
+        render_qc(self.inputs.ct.array, self.inputs.ct.ijk_to_ras, self.heights, path, grades=self.grades,
+                  hu={r.level: r for r in self.rois}, title="  ·  ".join(parts))
+
+    def table(self) -> str:
+        """A short per-vertebra table for a terminal."""
+        lines = [f"{'level':<6}{'Ha':>6}{'Hm':>6}{'Hp':>6}{'loss':>7}  {'grade':<6}{'shape':<10}{'HU':>6}"]
+        for row in self.vertebrae:
+            def number(key, scale=1.0, digits=1):
+                value = row[key]
+                return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value * scale:.{digits}f}"
+            grade = "–" if row["genant_grade"] is None else str(row["genant_grade"]) + ("?" if row["borderline"] else "")
+            shape = row["shape"] if row["complete"] else "incomplete"
+            lines.append(f"{row['level']:<6}{number('ha_mm'):>6}{number('hm_mm'):>6}{number('hp_mm'):>6}"
+                         f"{number('height_loss', 100, 0) + '%':>7}  {grade:<6}{shape:<10}{number('trabecular_hu_mean', 1, 0):>6}")
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        """The exam summary in a few lines for a terminal."""
+        fracture, bone, contrast = self.exam["fracture"], self.exam["bone"], self.exam["contrast"]
+        lines = []
+        if fracture["max_grade"] is None:
+            lines.append("fractures: no vertebra could be graded")
+        elif fracture["fractured_levels"]:
+            lines.append(f"fractures: {', '.join(fracture['fractured_levels'])} (max Genant grade {fracture['max_grade']})")
+        else:
+            lines.append(f"fractures: none among {fracture['graded_levels']} graded vertebrae")
+        if bone.get("l1_hu") is not None:
+            lines.append(f"bone: {bone.get('l1_level') or 'L1'} {bone['l1_hu']:.0f} HU → {bone.get('category')}"
+                         + (f"; mean of non-fractured lumbar vertebrae {bone['lumbar_mean_hu']:.0f} HU"
+                            if bone.get("lumbar_mean_hu") is not None else ""))
+        if contrast.get("aorta_hu") is not None:
+            lines.append(f"aorta {contrast['aorta_hu']:.0f} HU → {'contrast-enhanced' if contrast['contrast_enhanced'] else 'native'}")
+        lumbar = self.exam["muscle"].get("lumbar", {})
+        for group in ("autochthon", "iliopsoas"):
+            if group in lumbar:
+                g = lumbar[group]
+                lines.append(f"{group} L1–L5: {g['volume_ml']:.0f} ml, {g['mean_hu']:.0f} HU, "
+                             f"fat {100 * g['imat_fraction']:.1f} %" + ("" if g["complete"] else " (incomplete)"))
+        lines.extend(f"warning: {w}" for w in self.exam["warnings"])
+        return "\n".join(lines)
+
+
+def _csv_text(columns, rows) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: _csv_value(row.get(key)) for key in columns})
+    return buffer.getvalue()
+
+
+def _csv_value(value):
+    if value is None:
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    if isinstance(value, (float, np.floating)):
+        return "" if math.isnan(value) else f"{float(value):.4f}".rstrip("0").rstrip(".")
+    if isinstance(value, (list, tuple)):
+        return ";".join(str(v) for v in value)
+    return value
+
+
+def _jsonable(value):
+    """Plain JSON types; NaN becomes null."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return None if math.isnan(value) or math.isinf(value) else float(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _number(value) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def _exam_id_of(ct) -> str:
+    if isinstance(ct, (str, Path)):
+        name = Path(ct).name
+        for suffix in (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+            if name.lower().endswith(suffix):
+                return name[: -len(suffix)]
+        return name
+    return "exam"
+
+
+def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmentator", exam_id: str | None = None,
+                levels=lv.SCREENING_LEVELS, series_uid: str | None = None, out_dir=None,
+                quality: str = "normal", device: str = "cpu", segment_body: bool = False) -> ScreeningResult:
+    """Screen one exam.
+
+    Args:
+        ct: CT path (NIfTI, NRRD, MetaImage, DICOM folder) or :class:`~.imageio.Volume` in HU.
+        seg: segmentation with vertebra labels (``convention`` ids; TotalSegmentator ``total`` ids
+            also give muscles, aorta and cord): a path, a Volume or an integer array on the CT
+            grid. None: TotalSegmentator segments the CT (needs ``out_dir``, where its label maps
+            are kept under ``segmentation/`` so a re-run does not segment again).
+        body_seg: optional ``vertebrae_body`` map (1 = bodies, 2 = discs), same forms as ``seg``.
+        convention: ``totalsegmentator`` or ``verse``; muscles and aorta need the former.
+        exam_id: name of the exam in the outputs (default: the CT file's name without suffix).
+        levels: levels to report (SPEC §3: T4–L5 by default); all vertebrae present still shape
+            the spine's centre line and the reference heights.
+        series_uid: DICOM series to read when the CT folder holds several.
+        out_dir: only used for TotalSegmentator's label maps; :meth:`ScreeningResult.write`
+            writes the results.
+        quality, device, segment_body: TotalSegmentator settings (``fast``/``normal``,
+            ``cpu``/``gpu``, also run the ``vertebrae_body`` task).
+
+    Raises:
+        InputError: bad input (one sentence); DependencyError / SegmentationError: segmentation
+            was needed and TotalSegmentator is missing, lacks weights or failed.
+    """
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    exam_id = exam_id or _exam_id_of(ct)
+    segmented_by = "given"
+    if seg is None:
+        if out_dir is None:
+            raise ValueError("segmentation by TotalSegmentator needs out_dir to keep its label maps")
+        from .segmentation import segment_ct
+
+        volume = read_ct_checked(ct, series_uid)
+        result = segment_ct(volume, Path(out_dir) / SEGMENTATION_FOLDER, quality=quality, device=device,
+                            body=segment_body)
+        seg, ct = result.total_path, volume
+        if result.body_path is not None and body_seg is None:
+            body_seg = result.body_path
+        convention = "totalsegmentator"
+        segmented_by = (f"TotalSegmentator {result.totalsegmentator_version} ({result.quality}"
+                        f"{', reused' if result.reused else ''})")
+        timings["segmentation"] = round(result.seconds, 3)
+    inputs = load_exam(ct, seg, body_seg, convention=convention, series_uid=series_uid)
+    timings["read"] = round(time.perf_counter() - started - timings.get("segmentation", 0.0), 3)
+    ct_array, labels, ijk_to_ras = inputs.ct.array, inputs.labels.array, inputs.ct.ijk_to_ras
+    body = None if inputs.body_labels is None else inputs.body_labels.array
+    warnings_ = list(inputs.warnings)
+
+    t = time.perf_counter()
+    heights = measure_heights(labels, ijk_to_ras, convention=convention, body_labels=body, ct=ct_array)
+    # Grading uses every vertebra present (neighbours give the reference heights); reporting
+    # keeps the requested levels.
+    grades_all = {g.level: g for g in grade_spine(heights)}
+    found = [h.level for h in heights]
+    all_heights = heights  # every vertebra present: the muscle slabs need the neighbours' endplates
+    heights = [h for h in heights if h.level in levels]
+    if not heights:
+        other = "verse" if convention == "totalsegmentator" else "totalsegmentator"
+        raise InputError(f"the segmentation has no vertebra in the screened levels {levels[0]}–{levels[-1]} "
+                         f"(only {', '.join(found)} in the {convention} convention); check --levels, "
+                         f"or try --labels {other}")
+    grades = [grades_all[h.level] for h in heights]
+    timings["morphometry"] = round(time.perf_counter() - t, 3)
+
+    t = time.perf_counter()
+    rois = measure_trabecular(ct_array, labels, ijk_to_ras, heights, body_labels=body, grades=grades)
+    if convention == "totalsegmentator":
+        contrast = measure_contrast(ct_array, labels, ijk_to_ras)
+        muscle_rows = measure_muscles(ct_array, labels, ijk_to_ras, all_heights,
+                                      levels=[h.level for h in heights if h.level != "S1"])
+    else:
+        from .attenuation import ContrastResult
+
+        contrast = ContrastResult(warnings=["no aorta label in a VerSe segmentation: contrast not assessed"])
+        muscle_rows = []
+        warnings_.append("VerSe labels carry no muscles: muscle metrics not measured")
+    bone = bone_summary(rois, contrast)
+    timings["attenuation_and_muscles"] = round(time.perf_counter() - t, 3)
+    warnings_ += list(bone.warnings) + [w for w in contrast.warnings if w not in bone.warnings]
+    for h in heights:
+        if not h.complete:
+            warnings_.append(f"{h.level} incomplete ({', '.join(h.flags) or 'not measurable'}): not graded")
+
+    vertebra_rows = []
+    roi_by_level = {r.level: r for r in rois}
+    for h, g in zip(heights, grades):
+        roi = roi_by_level.get(h.level)
+        flags = list(dict.fromkeys(list(h.flags) + list(g.flags) + (list(roi.flags) if roi else [])))
+        vertebra_rows.append({
+            "exam_id": exam_id, "level": h.level, "complete": bool(g.complete),
+            "ha_mm": h.ha_mm, "hm_mm": h.hm_mm, "hp_mm": h.hp_mm,
+            "ha_hp": g.ha_hp, "hm_hp": g.hm_hp, "hp_ref_ratio": g.hp_ref_ratio, "height_loss": g.height_loss,
+            "genant_grade": g.genant_grade, "shape": g.shape, "borderline": bool(g.borderline),
+            "trabecular_hu_mean": roi.mean_hu if roi else float("nan"),
+            "trabecular_hu_median": roi.median_hu if roi else float("nan"),
+            "trabecular_hu_sd": roi.sd_hu if roi else float("nan"),
+            "roi_voxels": roi.voxels if roi else 0,
+            "body_volume_ml": h.body_volume_ml, "flags": flags,
+        })
+    muscle_table = [{"exam_id": exam_id, "muscle": m.muscle, "level": m.level, "volume_ml": m.volume_ml,
+                     "mean_hu": m.mean_hu, "imat_fraction": m.imat_fraction} for m in muscle_rows]
+    timings["total"] = round(time.perf_counter() - started, 3)
+
+    present = [h.level for h in heights]
+    exam = {
+        "exam_id": exam_id,
+        "software": {"name": "VertebralFractureScreen", "version": __version__},
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "inputs": {**inputs.sources, "labels": convention, "segmented_by": segmented_by},
+        "geometry": {"shape_kji": list(ct_array.shape), "spacing_mm": [round(float(s), 4) for s in voxel_spacing(ijk_to_ras)],
+                     "ijk_to_ras": np.round(ijk_to_ras, 6).tolist()},
+        "levels_present": present,
+        "levels_complete": [h.level for h in heights if h.complete],
+        "fracture": exam_fracture_summary(grades),
+        "bone": _bone_json(bone),
+        "contrast": asdict(contrast),
+        "muscle": muscle_summary(muscle_rows) if muscle_rows else {"lumbar": {}, "levels": [], "incomplete_levels": []},
+        "model": {"name": None, "probability": None, "threshold": None, "positive": None, "provenance": None,
+                  "note": "no model applied"},
+        "warnings": list(dict.fromkeys(warnings_)),
+        "timings_s": timings,
+    }
+    return ScreeningResult(exam_id, vertebra_rows, muscle_table, exam, heights, grades, rois, muscle_rows, contrast,
+                           bone, inputs)
+
+
+def _bone_json(bone) -> dict:
+    data = asdict(bone)
+    return {key: _number(value) if isinstance(value, float) else value for key, value in data.items()}
