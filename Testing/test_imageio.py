@@ -759,3 +759,39 @@ def test_segmentation_nrrd_interoperates_with_slicer(tmp_path):
     expected[body > 0] = levels.TOTAL_VERTEBRA_IDS["L1"]
     expected[muscle > 0] = levels.TOTAL_AUTOCHTHON_LEFT
     np.testing.assert_array_equal(seg.array, expected)
+
+
+@pytest.mark.parametrize("orientation", ["ras", "lps", "permuted", "oblique"])
+@pytest.mark.parametrize("extension", [".nii", ".nii.gz"])
+def test_nifti_read_directly_matches_simpleitk(tmp_path, orientation, extension):
+    """The direct NIfTI reader (one copy of the voxels in memory) gives SimpleITK's voxels and
+    geometry."""
+    import SimpleITK as sitk
+
+    from VertebralFractureScreenLib.imageio import _read_nifti_directly
+
+    rng = np.random.default_rng(3)
+    ijk_to_ras = geometry.make_ijk_to_ras((0.7, 0.8, 2.5), (10.0, -20.0, 30.0), ORIENTATIONS[orientation])
+    ct = Volume(rng.integers(-1024, 2000, size=(7, 9, 11)).astype(np.int16), ijk_to_ras)
+    path = tmp_path / f"ct{extension}"
+    write_volume(path, ct)
+    direct = _read_nifti_directly(path, "CT")
+    assert direct is not None and direct[0].dtype == np.int16
+    np.testing.assert_array_equal(direct[0], sitk.GetArrayFromImage(sitk.ReadImage(str(path))))
+    np.testing.assert_allclose(direct[1], ijk_to_ras, atol=1e-4)
+    np.testing.assert_array_equal(read_ct(path).array, ct.array)
+
+
+def test_scaled_nifti_is_read_through_simpleitk(tmp_path):
+    """A NIfTI with a rescale slope is left to SimpleITK, which applies it."""
+    from VertebralFractureScreenLib.imageio import _read_nifti_directly
+
+    ct = Volume(np.arange(7 * 9 * 11, dtype=np.int16).reshape(7, 9, 11) - 300, geometry.make_ijk_to_ras(
+        (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), ORIENTATIONS["ras"]))
+    path = tmp_path / "scaled.nii"
+    write_volume(path, ct, compress=False)
+    data = bytearray(path.read_bytes())
+    data[112:116] = struct.pack("<f", 2.0)  # scl_slope
+    path.write_bytes(bytes(data))
+    assert _read_nifti_directly(path, "CT") is None
+    np.testing.assert_array_equal(read_ct(path).array, ct.array.astype(np.int32) * 2)

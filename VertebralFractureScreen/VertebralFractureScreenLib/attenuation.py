@@ -580,6 +580,7 @@ def measure_contrast(
     aorta_label: int = lv.TOTAL_AORTA,
     threshold_hu: float = CONTRAST_THRESHOLD_HU,
     core_mm: float = AORTA_CORE_MM,
+    label_boxes: list | None = None,
 ) -> ContrastResult:
     """Contrast phase from the aorta (TotalSegmentator ``total`` id 52 by default).
 
@@ -589,16 +590,20 @@ def measure_contrast(
     thinned to about 2 mm apart first (the mean needs no more; speed). A thin aorta without such a core
     falls back to its central half (distance at least half the largest distance), with a warning.
     The image border is not treated as the aorta's wall (an aorta cut by the field of view keeps
-    its end slices). Without an aorta label the result is None with a warning."""
+    its end slices). Without an aorta label the result is None with a warning. ``label_boxes``:
+    ``ndimage.find_objects(labels)`` when the caller has it already."""
     ijk_to_ras = np.asarray(ijk_to_ras, dtype=float)
     result = ContrastResult(threshold_hu=threshold_hu)
-    flat = np.flatnonzero(labels == aorta_label)
-    if not flat.size:
+    if label_boxes is not None:
+        box = label_boxes[aorta_label - 1] if len(label_boxes) >= aorta_label else None
+    else:  # one pass, no full-size temporary
+        box = (ndimage.find_objects(labels, max_label=aorta_label)[aorta_label - 1]
+               if np.issubdtype(labels.dtype, np.integer) else None)
+    if box is None:
         result.warnings.append(f"no aorta (label {aorta_label}) in the segmentation: contrast phase unknown")
         return result
-    k, j, i = np.unravel_index(flat, labels.shape)
-    lo = np.maximum(np.array([k[0], j.min(), i.min()]) - 1, 0)
-    hi = np.minimum(np.array([k[-1], j.max(), i.max()]) + 2, labels.shape)
+    lo = np.maximum(np.array([s.start for s in box]) - 1, 0)
+    hi = np.minimum(np.array([s.stop for s in box]) + 1, labels.shape)
     spacing_kji = voxel_spacing(ijk_to_ras)[::-1].copy()
     # Thin slices: every m-th slice is enough for a mean (slices about 2 mm apart); the grid of
     # the kept slices is still orthogonal, so the distance map on it is Euclidean in mm.

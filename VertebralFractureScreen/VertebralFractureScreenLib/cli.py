@@ -195,7 +195,8 @@ def _run_screen(args) -> int:
     try:
         result = screen_exam(args.ct, seg=args.seg, body_seg=args.body_seg, convention=args.labels,
                              exam_id=args.exam_id, levels=_parse_levels(args.levels), series_uid=args.series,
-                             out_dir=out, quality=args.quality, device=args.device, segment_body=args.body)
+                             out_dir=out, quality=args.quality, device=args.device, segment_body=args.body,
+                             keep_label_maps=False)
     except InputError as error:  # the library names its argument; on the command line it is --series
         raise InputError(str(error).replace("series_uid", "--series")) from None
     result.write(out, qc=not args.no_qc)

@@ -58,6 +58,8 @@ class ExamInputs:
     convention: str
     sources: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    label_boxes: list | None = None
+    """``ndimage.find_objects(labels.array)``: each label's bounding box, found once for all steps."""
 
 
 def _source(value) -> str:
@@ -114,13 +116,16 @@ def _labels_on_grid(value, reference: imageio.Volume, convention: str, what: str
     return volume
 
 
-def check_vertebrae(labels: imageio.Volume, convention: str, name: str = "segmentation") -> list[str]:
+def check_vertebrae(labels: imageio.Volume, convention: str, name: str = "segmentation",
+                    label_boxes: list | None = None) -> list[str]:
     """The vertebra levels present (cranial to caudal); refuses a map without vertebra labels or
-    whose vertebrae are not in anatomical order (the sign of a wrong label convention)."""
+    whose vertebrae are not in anatomical order (the sign of a wrong label convention).
+    ``label_boxes``: ``ndimage.find_objects(labels.array)`` when known."""
     other = "verse" if convention == "totalsegmentator" else "totalsegmentator"
     ids = lv.vertebra_ids(convention)
     by_label = {label: level for level, label in ids.items()}
-    objects = ndimage.find_objects(labels.array, max_label=max(ids.values()))
+    objects = (label_boxes if label_boxes is not None and len(label_boxes) >= max(ids.values())
+               else ndimage.find_objects(labels.array, max_label=max(ids.values())))
     present = [by_label[label] for label, box in enumerate(objects, start=1) if box is not None and label in by_label]
     if not present:
         raise InputError(f"the {name} has no vertebra labels in the {convention} convention; "
@@ -162,12 +167,26 @@ def load_exam(ct, seg, body_seg=None, *, convention: str = "totalsegmentator",
     labels = _labels_on_grid(seg, volume, convention, "segmentation", messages)
     body = None if body_seg is None else _labels_on_grid(body_seg, volume, "vertebrae_body",
                                                          "vertebrae_body segmentation", messages)
-    check_vertebrae(labels, convention)
-    if body is not None and ndimage.find_objects(body.array, max_label=lv.BODY_LABEL)[lv.BODY_LABEL - 1] is None:
+    # Each label's bounding box, once: the checks, the morphometry, the aorta and the muscles use it.
+    label_boxes = ndimage.find_objects(labels.array, max_label=_BOX_LABELS[convention])
+    check_vertebrae(labels, convention, label_boxes=label_boxes)
+    if body is not None and not _contains(body.array, lv.BODY_LABEL):
         messages.append("the vertebrae_body segmentation has no vertebral body (label 1); bodies are separated "
                         "by shape instead")
         body = None
     sources = {"ct": _source(ct), "segmentation": "in memory" if isinstance(seg, np.ndarray) else _source(seg)}
     if body_seg is not None:
         sources["vertebrae_body"] = "in memory" if isinstance(body_seg, np.ndarray) else _source(body_seg)
-    return ExamInputs(volume, labels, body, convention, sources, messages)
+    return ExamInputs(volume, labels, body, convention, sources, messages, label_boxes)
+
+
+_BOX_LABELS = {"totalsegmentator": max(lv.TOTAL_ILIOPSOAS_RIGHT, lv.TOTAL_AORTA, max(lv.vertebra_ids("totalsegmentator").values())),
+               "verse": max(lv.vertebra_ids("verse").values())}
+"""Largest label whose bounding box a screening uses, per convention."""
+
+
+def _contains(array: np.ndarray, label: int) -> bool:
+    """Whether ``label`` occurs, scanning slabs of slices and stopping at the first hit (no
+    whole-volume temporary)."""
+    step = max(1, 4_000_000 // max(1, array.shape[1] * array.shape[2]))
+    return any(np.any(array[k:k + step] == label) for k in range(0, array.shape[0], step))

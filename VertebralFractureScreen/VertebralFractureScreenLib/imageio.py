@@ -298,6 +298,94 @@ def _read_image_file(path: Path, what: str) -> sitk.Image:
         raise InputError(f"cannot read {what} file {path}: {_itk_reason(error)}") from None
 
 
+def _check_single_slice(shape_kji, path: Path) -> None:
+    if min(shape_kji) < 2:
+        size = "x".join(str(n) for n in shape_kji[::-1])
+        raise InputError(f"CT {path} has a single slice ({size}); a 3-D volume is needed")
+
+
+_READ_CHUNK_BYTES = 4 * 2**20
+_NIFTI_DTYPES = {2: np.uint8, 4: np.int16, 8: np.int32, 16: np.float32, 256: np.int8, 512: np.uint16}
+"""NIfTI-1 datatype codes read directly (little-endian, no scaling)."""
+
+
+def _file_chunks(path: Path):
+    """The bytes of a file, gunzipped when it ends in ``.gz``, in chunks of at most
+    :data:`_READ_CHUNK_BYTES` (zlib directly: about twice as fast as :mod:`gzip`, and never the
+    whole file in memory at once)."""
+    with open(path, "rb") as handle:
+        if not path.name.lower().endswith(".gz"):
+            while chunk := handle.read(_READ_CHUNK_BYTES):
+                yield chunk
+            return
+        inflater = zlib.decompressobj(wbits=31)
+        while compressed := handle.read(4 * 2**20):
+            while compressed:
+                chunk = inflater.decompress(compressed, _READ_CHUNK_BYTES)
+                if chunk:
+                    yield chunk
+                if inflater.eof:  # another gzip member may follow
+                    compressed = inflater.unused_data
+                    inflater = zlib.decompressobj(wbits=31)
+                else:
+                    compressed = inflater.unconsumed_tail
+
+
+def _read_nifti_directly(path: Path, what: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Voxels and IJK→RAS of a plain 3-D scalar NIfTI-1 file (``.nii``/``.nii.gz``), read straight
+    into their final array: SimpleITK's NIfTI reader holds the voxels twice while reading, which
+    set the peak memory of a screening. The geometry still comes from SimpleITK (its reading of
+    the sform/qform); voxels are stored with i fastest, so the file's order is the ``[k, j, i]``
+    array's. None (the caller uses SimpleITK) for anything else: NIfTI-2, big-endian, scaled
+    values, vectors, 4-D."""
+    name = path.name.lower()
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+        return None
+    _check_nifti_complete(path, what)
+    try:
+        chunks = _file_chunks(path)
+        head = b""
+        while len(head) < 352 and (chunk := next(chunks, b"")):
+            head += chunk
+        if len(head) < 348 or struct.unpack("<i", head[:4])[0] != 348:
+            return None
+        dims = struct.unpack("<8h", head[40:56])
+        datatype = struct.unpack("<h", head[70:72])[0]
+        offset = int(struct.unpack("<f", head[108:112])[0])
+        slope, inter = struct.unpack("<2f", head[112:120])
+        if (dims[0] not in (3, 4) or (dims[0] == 4 and dims[4] != 1) or datatype not in _NIFTI_DTYPES
+                or slope not in (0.0, 1.0) or inter != 0.0 or min(dims[1:4]) < 1):
+            return None
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        with _quiet_itk():
+            reader.ReadImageInformation()
+        if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
+            return None
+        array = np.empty((dims[3], dims[2], dims[1]), dtype=_NIFTI_DTYPES[datatype])
+        target = memoryview(array).cast("B")
+        filled = 0
+        pending = head
+        while len(pending) < offset and (chunk := next(chunks, b"")):
+            pending += chunk
+        pending = memoryview(pending)[offset:]
+        while filled < array.nbytes:
+            take = min(len(pending), array.nbytes - filled)
+            target[filled:filled + take] = pending[:take]
+            filled += take
+            if filled < array.nbytes:
+                pending = memoryview(next(chunks, b""))
+                if not len(pending):
+                    raise InputError(f"cannot read {what} file {path}: the voxel data is truncated")
+    except (OSError, zlib.error, RuntimeError) as error:
+        raise InputError(f"cannot read {what} file {path}: {getattr(error, 'strerror', None) or error}") from None
+    direction = np.array(reader.GetDirection(), dtype=float).reshape(3, 3)
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3] = direction * np.array(reader.GetSpacing(), dtype=float)[None, :]
+    ijk_to_lps[:3, 3] = reader.GetOrigin()
+    return array, geometry.LPS_TO_RAS @ ijk_to_lps
+
+
 def _as_3d_scalar(image: sitk.Image, path: Path, what: str) -> sitk.Image:
     """Check that an image is 3-D and scalar (a 4-D image with one time point is reduced)."""
     if image.GetNumberOfComponentsPerPixel() != 1:
@@ -315,6 +403,21 @@ def _as_3d_scalar(image: sitk.Image, path: Path, what: str) -> sitk.Image:
     return image
 
 
+class _ImageBuffer(np.ndarray):
+    """A read-only NumPy view of a SimpleITK image's own buffer that keeps the image alive, so a
+    volume already stored in the wanted type is not copied (a 512x512x1000 label map is 250 MB).
+    Views and slices of it keep it alive through their ``base``."""
+
+    _image = None
+
+
+def _buffer_of(image: sitk.Image) -> np.ndarray:
+    view = sitk.GetArrayViewFromImage(image).view(_ImageBuffer)
+    view._image = image
+    view.flags.writeable = False
+    return view
+
+
 def _all_integral(array: np.ndarray) -> bool:
     """True when every value of a float array is finite and a whole number (scans in slabs)."""
     flat = array.reshape(-1)
@@ -325,8 +428,11 @@ def _all_integral(array: np.ndarray) -> bool:
     return True
 
 
-def _ct_array(view: np.ndarray) -> np.ndarray:
-    """Copy CT voxels into ``int16`` when they are whole numbers in its range, else ``float32``."""
+def _ct_array(view: np.ndarray, reuse: bool = False) -> np.ndarray:
+    """CT voxels as ``int16`` when they are whole numbers in its range, else ``float32``; with
+    ``reuse``, an ``int16`` array is returned as it is instead of copied."""
+    if reuse and view.dtype == np.int16 and view.size:
+        return view
     if view.size == 0:
         return np.array(view, dtype=np.float32)
     if np.issubdtype(view.dtype, np.integer) or view.dtype == bool:
@@ -341,8 +447,9 @@ def _ct_array(view: np.ndarray) -> np.ndarray:
     return np.array(view, dtype=np.float32)
 
 
-def _label_array(view: np.ndarray, path, what: str = "segmentation") -> np.ndarray:
-    """Copy label ids into the smallest suitable integer type (uint8, uint16, int32).
+def _label_array(view: np.ndarray, path, what: str = "segmentation", reuse: bool = False) -> np.ndarray:
+    """Label ids in the smallest suitable integer type (uint8, uint16, int32); with ``reuse``, an
+    array already of that type is returned as it is instead of copied.
 
     Raises InputError for non-integer, negative or huge values: such a file is not a label map."""
     if view.dtype == bool:
@@ -360,12 +467,11 @@ def _label_array(view: np.ndarray, path, what: str = "segmentation") -> np.ndarr
             f"{what} {path} has negative voxel values (minimum {low:g}); a label map holds label ids >= 0"
             " (is this a CT image?)"
         )
-    if high < 256:
-        return np.array(view, dtype=np.uint8)
-    if high < 65536:
-        return np.array(view, dtype=np.uint16)
-    if high <= np.iinfo(np.int32).max:
-        return np.array(view, dtype=np.int32)
+    for dtype, limit in ((np.uint8, 256), (np.uint16, 65536), (np.int32, np.iinfo(np.int32).max + 1)):
+        if high < limit:
+            if reuse and view.dtype == dtype:
+                return view
+            return np.array(view, dtype=dtype)
     raise InputError(f"{what} {path} has label values up to {high:g}, too large for label ids")
 
 
@@ -401,13 +507,16 @@ def read_ct(path, series_uid: str | None = None) -> Volume:
     elif _has_dicom_preamble(path) or path.suffix.lower() == ".dcm":
         image = _read_dicom_series(path.parent, series_uid, member=path)
     else:
+        direct = _read_nifti_directly(path, "CT")
+        if direct is not None:
+            array, ijk_to_ras = direct
+            _check_single_slice(array.shape, path)
+            return Volume(_ct_array(array, reuse=True), ijk_to_ras)
         image = _read_image_file(path, "CT")
     image = _as_3d_scalar(image, path, "CT")
-    if min(image.GetSize()) < 2:
-        size = "x".join(str(n) for n in image.GetSize())
-        raise InputError(f"CT {path} has a single slice ({size}); a 3-D volume is needed")
+    _check_single_slice(sitk.GetArrayViewFromImage(image).shape, path)
     ijk_to_ras = _sitk_ijk_to_ras(image)
-    array = _ct_array(sitk.GetArrayViewFromImage(image))
+    array = _ct_array(_buffer_of(image), reuse=True)
     del image
     return Volume(array, ijk_to_ras)
 
@@ -618,10 +727,13 @@ def read_labelmap(path, reference: Volume | None = None, convention: str = "tota
     if _is_segmentation_nrrd(path):
         labelmap = _read_segmentation_nrrd(path, known, convention)
     else:
-        image = _as_3d_scalar(_read_image_file(path, "segmentation"), path, "segmentation")
-        ijk_to_ras = _sitk_ijk_to_ras(image)
-        labelmap = Volume(_label_array(sitk.GetArrayViewFromImage(image), path), ijk_to_ras)
-        del image
+        direct = _read_nifti_directly(path, "segmentation")
+        if direct is not None:
+            labelmap = Volume(_label_array(direct[0], path, reuse=True), direct[1])
+        else:
+            image = _as_3d_scalar(_read_image_file(path, "segmentation"), path, "segmentation")
+            ijk_to_ras = _sitk_ijk_to_ras(image)
+            labelmap = Volume(_label_array(_buffer_of(image), path, reuse=True), ijk_to_ras)
     if reference is not None:
         labelmap = resample_labelmap(labelmap, reference, name=f"segmentation {path}")
     return labelmap

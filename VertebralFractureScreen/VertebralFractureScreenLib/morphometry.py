@@ -533,9 +533,11 @@ class _BodyMeasurement:
         if ct_crop is not None:
             # Voxels of the central band only (all fits look there), with their local coordinates.
             in_band = np.abs(grid[..., 0] - u_mid) <= band + 1e-3
-            self.voxel_local = grid[in_band].astype(float)
+            self.voxel_local = grid[in_band]  # float32: ample for mm, half the memory of 17 bodies' voxels
             self.ct_flat = ct_crop[box][in_band]
             self.other_body_flat = np.isin(labels_crop[box][in_band], (0, vertebra.label), invert=True)
+        self.mask_endplates()
+        self.body_f = None  # the crop-sized occupancy map is not needed any more
 
     def wall_contrast(self) -> float | None:
         """The cortical plate's contrast fitted on this body's anterior and posterior walls."""
@@ -717,19 +719,25 @@ def measure_heights(
     ct: np.ndarray | None = None,
     levels: tuple[str, ...] | None = None,
     cortex_mm: float = ENDPLATE_CORTEX_MM,
+    label_boxes: list | None = None,
 ) -> list[VertebraHeights]:
     """Measure every vertebra of ``labels`` (cranial to caudal).
 
     ``labels``: vertebra label map ``[k, j, i]`` in ``convention``; ``body_labels``: optional
     ``vertebrae_body`` map on the same grid; ``ct``: optional CT in HU on the same grid (enables
     sub-voxel endplates); ``levels``: report only these (all present vertebrae still define the
-    spine's centre line). Returns one :class:`VertebraHeights` per vertebra present.
+    spine's centre line); ``label_boxes``: ``ndimage.find_objects(labels)`` when the caller has
+    it already (one pass over a large volume fewer). Returns one :class:`VertebraHeights` per
+    vertebra present.
     """
     ijk_to_ras = np.asarray(ijk_to_ras, dtype=float)
     ids = lv.vertebra_ids(convention)
     by_label = {label: level for level, label in ids.items()}
     max_label = max(ids.values())
-    objects = ndimage.find_objects(labels, max_label=max_label)
+    if label_boxes is not None and len(label_boxes) >= max_label:
+        objects = label_boxes[:max_label]
+    else:
+        objects = ndimage.find_objects(labels, max_label=max_label)
     spacing = voxel_spacing(ijk_to_ras)
     margin = np.ceil(CROP_MARGIN_MM / spacing).astype(int)  # (i, j, k)
     shape = labels.shape
@@ -794,7 +802,6 @@ def measure_heights(
     # edge, with the exam's disc HU (median of the first fits).
     discs = []
     for m in measurements:
-        m.mask_endplates()
         discs += m.fit_endplates(plate_contrast)
     if discs:
         for m in measurements:

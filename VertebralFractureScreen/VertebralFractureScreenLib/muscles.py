@@ -278,14 +278,28 @@ class MuscleMeasurement:
         return asdict(self)
 
 
-def _muscle_voxels(labels: np.ndarray, ids: np.ndarray):
+_CHUNK_VOXELS = 8_000_000
+"""Voxels scanned at once when looking for the muscles (bounds the temporary memory)."""
+
+
+def _muscle_voxels(labels: np.ndarray, ids: np.ndarray, k_range: tuple[int, int] | None = None):
     """Flat indices (sorted) and label ids of the voxels of any of ``ids``: one pass over the
     volume for the ids at least their minimum, then a filter on those."""
     lowest = int(ids.min())
-    flat = np.flatnonzero(labels >= lowest) if lowest > 0 else np.arange(labels.size)
-    values = labels.reshape(-1)[flat]
-    keep = np.isin(values, ids)
-    return flat[keep], values[keep]
+    plane = labels.shape[1] * labels.shape[2]
+    chunk = max(1, _CHUNK_VOXELS // plane)  # slabs of slices: no whole-volume temporary
+    flats, kept = [], []
+    k_first, k_stop = k_range if k_range is not None else (0, labels.shape[0])
+    for k0 in range(k_first, k_stop, chunk):
+        part = labels[k0:min(k0 + chunk, k_stop)].reshape(-1)
+        flat = np.flatnonzero(part >= lowest) if lowest > 0 else np.arange(part.size)
+        values = part[flat]
+        keep = np.isin(values, ids)
+        flats.append((flat[keep] + k0 * plane).astype(np.int32 if labels.size < 2**31 else np.int64))
+        kept.append(values[keep])
+    if not flats:
+        return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=labels.dtype)
+    return np.concatenate(flats), np.concatenate(kept)
 
 
 def _face_interior(mask: np.ndarray) -> np.ndarray:
@@ -421,9 +435,9 @@ def _slab_shares(ijk: tuple[np.ndarray, np.ndarray, np.ndarray], slabs: Sequence
                 along_axis = offset @ axis
                 near = np.einsum("ij,ij->i", offset, offset) - along_axis * along_axis <= SLAB_REACH_MM ** 2
                 rows, share = rows[near], share[near]
-        voxels.append(rows)
-        slab_ids.append(np.full(len(rows), n, dtype=np.int32))
-        shares.append(np.minimum(share, 1.0))
+        voxels.append(rows.astype(np.int32))
+        slab_ids.append(np.full(len(rows), n, dtype=np.int16))
+        shares.append(np.minimum(share, 1.0).astype(np.float32))
     if not voxels:
         return np.zeros(0, dtype=np.intp), np.zeros(0, dtype=np.int32), np.zeros(0)
     return np.concatenate(voxels), np.concatenate(slab_ids), np.concatenate(shares)
@@ -433,9 +447,15 @@ def _runs_out(ijk: tuple[np.ndarray, np.ndarray, np.ndarray], shape_kji, voxel: 
               slabs: Sequence[LevelSlab], ijk_to_ras: np.ndarray) -> np.ndarray:
     """For each (voxel, slab) pair: whether the voxel lies on the image's border and a voxel just
     beyond that border (outside the image) would have its centre in the same slab."""
-    i, j, k = (a[voxel].astype(float) for a in ijk)
     nk, nj, ni = shape_kji
     out = np.zeros(len(voxel), dtype=bool)
+    # Only voxels on the image's border matter: look them up first (no float copies of all).
+    border = np.flatnonzero((ijk[0][voxel] == 0) | (ijk[0][voxel] == ni - 1) | (ijk[1][voxel] == 0)
+                            | (ijk[1][voxel] == nj - 1) | (ijk[2][voxel] == 0) | (ijk[2][voxel] == nk - 1))
+    if not len(border):
+        return out
+    i, j, k = (a[voxel[border]].astype(float) for a in ijk)
+    slab_of = slab_of[border]
     m = np.asarray(ijk_to_ras, dtype=float)
     for axis, (values, n) in enumerate(((i, ni), (j, nj), (k, nk))):
         for edge, step in ((0, -1.0), (n - 1, 1.0)):
@@ -450,7 +470,7 @@ def _runs_out(ijk: tuple[np.ndarray, np.ndarray, np.ndarray], shape_kji, voxel: 
                 x = ras[slab_of[on] == n_slab]
                 slab = slabs[n_slab]
                 inside = (slab.below.signed_distance(x) >= 0) & (slab.above.signed_distance(x) < 0)
-                out[rows[inside]] = True
+                out[border[rows[inside]]] = True
     return out
 
 
@@ -490,6 +510,7 @@ def measure_muscles(
     muscles: dict[str, int] | None = None,
     lumbar_total: bool = True,
     fat_hu: float | None = None,
+    label_boxes: list | None = None,
 ) -> list[MuscleMeasurement]:
     """Volume, attenuation and fat of each muscle in each level's slab (see the module docstring).
 
@@ -500,7 +521,8 @@ def measure_muscles(
     ``fat_fraction`` (default: measured in the exam's muscles, see :data:`DEFAULT_FAT_HU`).
     Returns rows level by level, cranial to caudal, muscles in the order of ``muscles``, then the
     lumbar totals (when ``lumbar_total`` and any L1–L5 slab exists). A muscle absent from a slab
-    gives a row with zero volume and NaN HU."""
+    gives a row with zero volume and NaN HU. ``label_boxes``: ``ndimage.find_objects(labels)``
+    when the caller has it (then only the muscles' slices are scanned)."""
     ijk_to_ras = np.asarray(ijk_to_ras, dtype=float)
     muscles = dict(MUSCLE_LABELS if muscles is None else muscles)
     slabs = level_slabs(heights, levels)
@@ -508,10 +530,22 @@ def measure_muscles(
         return []
     names = list(muscles)
     ids = np.array([muscles[n] for n in names], dtype=labels.dtype)
-    flat, values = _muscle_voxels(labels, ids)
-    muscle_index = np.argsort(ids)[np.searchsorted(np.sort(ids), values)]  # index into ``names``
+    k_range = None
+    if label_boxes is not None:  # ``ndimage.find_objects(labels)``: scan only the muscles' slices
+        boxes = [label_boxes[m - 1] for m in ids if m - 1 < len(label_boxes) and label_boxes[m - 1] is not None]
+        k_range = (min(b[0].start for b in boxes), max(b[0].stop for b in boxes)) if boxes else (0, 0)
+    flat, values = _muscle_voxels(labels, ids, k_range)
+    muscle_index = np.argsort(ids)[np.searchsorted(np.sort(ids), values)].astype(np.int8)  # index into ``names``
     nk, nj, ni = labels.shape
-    k, j, i = (axis.astype(np.int32) for axis in np.unravel_index(flat, labels.shape))
+    # (k, j, i) from the flat indices in the flat indices' own integer type (np.unravel_index
+    # would make three int64 arrays at once).
+    k = flat // (nj * ni)
+    rest = flat - k * (nj * ni)
+    j = rest // ni
+    i = rest - j * ni
+    del rest
+    index_type = np.int16 if max(labels.shape) < 2**15 else np.int32
+    k, j, i = (axis.astype(index_type) for axis in (k, j, i))
     guard, inner, pure_fat = _voxel_classes(ct, labels, (k, j, i), values, ids)
     hu = ct.reshape(-1)[flat]
     classes = _hu_classes(hu)
@@ -523,16 +557,16 @@ def measure_muscles(
     voxel_ml = voxel_volume_ml(ijk_to_ras)
 
     voxel, slab_of, weight = _slab_shares((i, j, k), slabs, ijk_to_ras)
-    key = slab_of.astype(np.int64) * len(names) + muscle_index[voxel]
+    key = slab_of.astype(np.int32) * len(names) + muscle_index[voxel]
     size = len(slabs) * len(names)
 
     def total(values=None):
         return np.bincount(key, weights=weight if values is None else weight * values[voxel], minlength=size)
 
     sums = {
-        "count": total(), "lean_count": total(lean), "lean_sum": total(np.where(lean, hu, 0.0)),
-        "fat_count": total(fat), "guard_count": total(guard), "guard_sum": total(np.where(guard, hu, 0.0)),
-        "inner_count": total(unmixed), "inner_sum": total(np.where(unmixed, hu, 0.0)),
+        "count": total(), "lean_count": total(lean), "lean_sum": total(np.where(lean, hu, np.float32(0.0))),
+        "fat_count": total(fat), "guard_count": total(guard), "guard_sum": total(np.where(guard, hu, np.float32(0.0))),
+        "inner_count": total(unmixed), "inner_sum": total(np.where(unmixed, hu, np.float32(0.0))),
         "border": np.bincount(key, weights=_runs_out((i, j, k), labels.shape, voxel, slab_of, slabs, ijk_to_ras),
                               minlength=size),
     }

@@ -219,7 +219,8 @@ def _exam_id_of(ct) -> str:
 
 def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmentator", exam_id: str | None = None,
                 levels=lv.SCREENING_LEVELS, series_uid: str | None = None, out_dir=None,
-                quality: str = "normal", device: str = "cpu", segment_body: bool = False) -> ScreeningResult:
+                quality: str = "normal", device: str = "cpu", segment_body: bool = False,
+                keep_label_maps: bool = True) -> ScreeningResult:
     """Screen one exam.
 
     Args:
@@ -238,6 +239,9 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
             writes the results.
         quality, device, segment_body: TotalSegmentator settings (``fast``/``normal``,
             ``cpu``/``gpu``, also run the ``vertebrae_body`` task).
+        keep_label_maps: False lets the label maps go as soon as no step needs them (the
+            ``vertebrae_body`` map after the trabecular ROIs), which lowers the peak memory when
+            they were read from files; the result's ``inputs`` then lack them.
 
     Raises:
         InputError: bad input (one sentence); DependencyError / SegmentationError: segmentation
@@ -269,7 +273,9 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
     warnings_ = list(inputs.warnings)
 
     t = time.perf_counter()
-    heights = measure_heights(labels, ijk_to_ras, convention=convention, body_labels=body, ct=ct_array)
+    boxes = inputs.label_boxes
+    heights = measure_heights(labels, ijk_to_ras, convention=convention, body_labels=body, ct=ct_array,
+                              label_boxes=boxes)
     # Grading uses every vertebra present (neighbours give the reference heights); reporting
     # keeps the requested levels.
     grades_all = {g.level: g for g in grade_spine(heights)}
@@ -286,10 +292,12 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
 
     t = time.perf_counter()
     rois = measure_trabecular(ct_array, labels, ijk_to_ras, heights, body_labels=body, grades=grades)
+    if not keep_label_maps:
+        body = inputs.body_labels = None
     if convention == "totalsegmentator":
-        contrast = measure_contrast(ct_array, labels, ijk_to_ras)
+        contrast = measure_contrast(ct_array, labels, ijk_to_ras, label_boxes=boxes)
         muscle_rows = measure_muscles(ct_array, labels, ijk_to_ras, all_heights,
-                                      levels=[h.level for h in heights if h.level != "S1"])
+                                      levels=[h.level for h in heights if h.level != "S1"], label_boxes=boxes)
     else:
         from .attenuation import ContrastResult
 
