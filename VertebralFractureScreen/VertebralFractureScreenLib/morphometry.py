@@ -208,8 +208,16 @@ def spine_tangents(centroids: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def _frames(vertebrae: list[_Vertebra], centroids: list[np.ndarray], ap_hints: list[np.ndarray | None]):
+    # A vertebra cut by the field of view has a displaced centroid: the centre line runs through
+    # the whole ones only (when at least two), and a cut one takes the tangent of the nearest whole.
+    whole = [n for n, v in enumerate(vertebrae) if not v.touches_edge]
+    if len(whole) >= 2 and len(whole) < len(vertebrae):
+        whole_tangents = spine_tangents([centroids[n] for n in whole])
+        tangents = [whole_tangents[int(np.argmin([abs(n - w) for w in whole]))] for n in range(len(vertebrae))]
+    else:
+        tangents = spine_tangents(centroids)
     frames = []
-    for vertebra, centre, tangent, hint in zip(vertebrae, centroids, spine_tangents(centroids), ap_hints):
+    for vertebra, centre, tangent, hint in zip(vertebrae, centroids, tangents, ap_hints):
         anterior = np.array([0.0, 1.0, 0.0]) if hint is None else hint
         ap = anterior - (anterior @ tangent) * tangent
         if np.linalg.norm(ap) < 1e-6:
