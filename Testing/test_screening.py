@@ -223,4 +223,5 @@ def test_demo_runs_and_reports_the_truth(capsys, tmp_path):
     assert main(["demo", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "fractures: T12, L1, L3" in printed and "demonstration" in printed
+    assert "osteoporosis-likely" in printed
     assert (tmp_path / "results" / "exam.json").exists()

@@ -219,6 +219,8 @@ def _add_demo_parser(commands) -> None:
 
 
 DEMO_FRACTURES = ("T12:biconcave:0.3", "L1:wedge:0.35", "L3:crush:0.45")
+DEMO_TRABECULAR_HU = 95.0
+"""Osteoporotic trabecular bone (below Pickhardt's 110 HU), as fits a spine with three fractures."""
 
 
 def _run_demo(args) -> int:
@@ -228,12 +230,13 @@ def _run_demo(args) -> int:
     from .phantom import Fracture, PhantomSpec, write_phantom
     from .screening import screen_exam
 
-    spec = PhantomSpec(levels=lv.parse_level_range("T11-L5"), spacing=(1.5, 1.5, 1.5), fov="body",
-                       fractures=tuple(Fracture.parse(f) for f in DEMO_FRACTURES), noise_hu=15.0, seed=7)
+    spec = PhantomSpec(levels=lv.parse_level_range("T11-S1"), spacing=(1.5, 1.5, 1.5), fov="body",
+                       fractures=tuple(Fracture.parse(f) for f in DEMO_FRACTURES), noise_hu=15.0, seed=7,
+                       trabecular_hu=DEMO_TRABECULAR_HU)
     with tempfile.TemporaryDirectory(prefix="vfscreen-demo-") as scratch:
         root = args.out or Path(scratch)
         started = time.perf_counter()
-        print(f"rendering a phantom spine T11–L5 at 1.5 mm with fractures {', '.join(DEMO_FRACTURES)} ...")
+        print(f"rendering a phantom spine T11–S1 at 1.5 mm with fractures {', '.join(DEMO_FRACTURES)} ...")
         paths = write_phantom(spec, root / "phantom")
         rendered = time.perf_counter() - started
         started = time.perf_counter()
