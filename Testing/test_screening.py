@@ -225,3 +225,12 @@ def test_demo_runs_and_reports_the_truth(capsys, tmp_path):
     assert "fractures: T12, L1, L3" in printed and "demonstration" in printed
     assert "osteoporosis-likely" in printed
     assert (tmp_path / "results" / "exam.json").exists()
+
+
+def test_default_output_folder_is_in_the_current_folder(phantom_files, tmp_path, monkeypatch):
+    """Without --out the results go to ./<exam id>_vfscreen, never beside the inputs."""
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in phantom_files["ct"].parent.iterdir())
+    assert main(["screen", str(phantom_files["ct"]), "--seg", str(phantom_files["total"]), "--no-qc"]) == 0
+    assert (tmp_path / "ct_vfscreen" / "exam.json").exists()
+    assert sorted(p.name for p in phantom_files["ct"].parent.iterdir()) == before

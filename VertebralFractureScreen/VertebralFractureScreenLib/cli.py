@@ -153,7 +153,8 @@ def _add_screen_parser(commands) -> None:
     p.add_argument("--body-seg", type=Path, help="vertebrae_body segmentation (1 = bodies, 2 = discs)")
     p.add_argument("--labels", choices=("totalsegmentator", "verse"), default="totalsegmentator",
                    help="label convention of --seg (default: totalsegmentator)")
-    p.add_argument("--out", type=Path, help="output folder (default: <CT name>_vfscreen beside the CT)")
+    p.add_argument("--out", type=Path, help="output folder (default: ./<exam id>_vfscreen in the current folder; "
+                                            "nothing is written beside the inputs)")
     p.add_argument("--exam-id", help="exam name in the outputs (default: the CT's file name)")
     p.add_argument("--levels", default="T4-L5", help="levels to report, e.g. T4-L5 (default)")
     p.add_argument("--series", help="SeriesInstanceUID to read when the DICOM folder holds several series")
@@ -175,21 +176,14 @@ def _parse_levels(text: str) -> tuple[str, ...]:
         raise VFSError(f"{error}.") from None
 
 
-def _default_out(ct: Path) -> Path:
-    name = ct.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return ct.parent / f"{name}_vfscreen"
-
-
 def _run_screen(args) -> int:
     from .screening import screen_exam
 
     if args.model is not None:
         raise VFSError("--model is not available yet: fracture models arrive with 'vfscreen train'.")
-    out = args.out or _default_out(args.ct)
+    from .screening import exam_id_of
+
+    out = args.out or Path.cwd() / f"{args.exam_id or exam_id_of(args.ct)}_vfscreen"
     if out.exists() and not out.is_dir():
         raise VFSError(f"output path {out} exists and is not a folder.")
     try:

@@ -207,7 +207,8 @@ def _number(value) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
-def _exam_id_of(ct) -> str:
+def exam_id_of(ct) -> str:
+    """The default exam name: the CT file's (or DICOM folder's) name without its image suffix."""
     if isinstance(ct, (str, Path)):
         name = Path(ct).name
         for suffix in (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
@@ -249,7 +250,7 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
     """
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    exam_id = exam_id or _exam_id_of(ct)
+    exam_id = exam_id or exam_id_of(ct)
     segmented_by = "given"
     if seg is None:
         if out_dir is None:
