@@ -680,7 +680,7 @@ LABEL_MAP_CONVENTIONS: tuple[str, ...] = ("totalsegmentator", "verse", "vertebra
 """Label conventions that Slicer segments can be mapped to (see :func:`read_labelmap`)."""
 
 
-def _convention_ids(convention: str) -> dict[str, int]:
+def convention_ids(convention: str) -> dict[str, int]:
     """Map TotalSegmentator class name (= Slicer segment ID) → label id in a convention."""
     if convention == "totalsegmentator":
         return {name: label for label, name in levels.TOTAL_CLASS_NAMES.items()}
@@ -722,7 +722,7 @@ def read_labelmap(path, reference: Volume | None = None, convention: str = "tota
         InputError: missing or unreadable file, not a 3-D scalar image, non-integer or negative
             values, unknown convention, or a label map that does not overlap the reference.
     """
-    known = _convention_ids(convention)
+    known = convention_ids(convention)
     path = _require_file(path, "segmentation")
     if _is_segmentation_nrrd(path):
         labelmap = _read_segmentation_nrrd(path, known, convention)
@@ -1026,7 +1026,7 @@ _SNOMED_STRUCTURES.update({(code, None): f"vertebrae_{level}" for level, code in
 _VERTEBRA_MEANING = re.compile(r"^\s*([CTLS])\s*(\d{1,2})\s+vertebra\s*$", re.IGNORECASE)
 
 
-def _vertebra_from_text(text: str) -> str | None:
+def vertebra_from_text(text: str) -> str | None:
     """``vertebrae_L1`` for a text such as ``L1 vertebra``; None otherwise."""
     match = _VERTEBRA_MEANING.match(text or "")
     if not match:
@@ -1035,7 +1035,7 @@ def _vertebra_from_text(text: str) -> str | None:
     return f"vertebrae_{level}" if level in levels.LEVEL_INDEX or level in ("L6", "T13") else None
 
 
-def _structure_from_terminology(entry: str) -> str | None:
+def structure_from_terminology(entry: str) -> str | None:
     """TotalSegmentator class name named by a Slicer terminology entry
     (``context~category~type~typeModifier~anatomicContext~region~regionModifier``, each code as
     ``scheme^value^meaning``); None when it names none of the structures this product knows."""
@@ -1050,7 +1050,7 @@ def _structure_from_terminology(entry: str) -> str | None:
         return _SNOMED_STRUCTURES[(code, modifier_code)]
     if modifier_code is None or modifier_code not in (_LEFT, _RIGHT):
         meaning = type_code[2] if len(type_code) > 2 else ""
-        return _vertebra_from_text(meaning)
+        return vertebra_from_text(meaning)
     return None
 
 
@@ -1073,11 +1073,11 @@ def _segment_structure(pairs: dict[str, str], index: int, known: dict[str, int])
     if segment_id in known:
         return segment_id, ""
     terminology = _segment_terminology(pairs, index)
-    structure = _structure_from_terminology(terminology) if terminology else None
+    structure = structure_from_terminology(terminology) if terminology else None
     if structure is None:
         return None, "no matching segment ID or terminology"
     name = pairs.get(f"Segment{index}_Name", "").strip()
-    named = name if name in known or name in levels.TOTAL_CLASS_NAMES.values() else _vertebra_from_text(name)
+    named = name if name in known or name in levels.TOTAL_CLASS_NAMES.values() else vertebra_from_text(name)
     if named is not None and named != structure:
         return None, f"its name names {named} but its terminology {structure}"
     return structure, ""
@@ -1242,7 +1242,7 @@ _SNOMED_MEANINGS = {
 _SNOMED_MEANINGS.update({code: f"{level} vertebra" for level, code in _SNOMED_VERTEBRAE.items()})
 
 
-def _terminology_for(name: str) -> str | None:
+def terminology_for(name: str) -> str | None:
     """Slicer terminology entry for the TotalSegmentator class names this product uses."""
     for (code, modifier), structure in _SNOMED_STRUCTURES.items():
         if structure == name:
@@ -1313,7 +1313,7 @@ def write_segmentation_nrrd(path, labelmap: Volume, segment_names: dict[int, str
             extent = f"{i.start} {i.stop - 1} {j.start} {j.stop - 1} {k.start} {k.stop - 1}"
         else:
             extent = "0 -1 0 -1 0 -1"
-        terminology = _terminology_for(name)
+        terminology = terminology_for(name)
         tags = "Segmentation.Status:inprogress|" + (f"TerminologyEntry:{terminology}|" if terminology else "")
         color = " ".join(f"{c:.6g}" for c in _segment_color(value))
         lines += [

@@ -1,0 +1,191 @@
+"""Screening from and into real MRML nodes (``VertebralFractureScreenLib.slicer_nodes``).
+
+Runs on the ``slicer-core`` wheel through ``mrml_support``; skipped where ``slicer`` is missing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer (the slicer-core wheel) is not installed")
+
+from mrml_support import ijk_to_ras, make_mrml_scene, segment_ids  # noqa: E402
+from VertebralFractureScreenLib import screening, slicer_nodes  # noqa: E402
+from VertebralFractureScreenLib.imageio import Volume  # noqa: E402
+from VertebralFractureScreenLib.levels import TOTAL_CLASS_NAMES, TOTAL_VERTEBRA_IDS  # noqa: E402
+from VertebralFractureScreenLib.phantom import Fracture, PhantomSpec, make_phantom, write_phantom  # noqa: E402
+
+SPEC = PhantomSpec(levels=("T12", "L1", "L2", "L3"), spacing=(2.0, 2.0, 2.0), supersampling=1,
+                   fractures=(Fracture.parse("L1:wedge:0.35"),), seed=1)
+EXAM = "phantom"
+
+
+@pytest.fixture(scope="module")
+def phantom_files(tmp_path_factory):
+    out = tmp_path_factory.mktemp("slicer_nodes")
+    paths = write_phantom(SPEC, out)
+    reference = screening.screen_exam(paths["ct"], seg=paths["total"], body_seg=paths["vertebrae_body"],
+                                      exam_id=EXAM)
+    return paths, reference
+
+
+@pytest.fixture
+def mrml():
+    return make_mrml_scene()
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def assert_same_measurements(result, reference):
+    assert [r["level"] for r in result.vertebrae] == [r["level"] for r in reference.vertebrae]
+    for row, expected in zip(result.vertebrae, reference.vertebrae):
+        assert _same(row, expected), (row, expected)
+    assert _same(result.muscles, reference.muscles)
+    for key in ("fracture", "bone", "contrast", "muscle", "levels_present", "levels_complete"):
+        assert _same(result.exam[key], reference.exam[key]), key
+    for h, ref in zip(result.heights, reference.heights):
+        assert h.height_lines_ras.keys() == ref.height_lines_ras.keys()
+        for key, (sup, inf) in h.height_lines_ras.items():
+            np.testing.assert_array_equal(sup, ref.height_lines_ras[key][0])
+            np.testing.assert_array_equal(inf, ref.height_lines_ras[key][1])
+    assert [g.genant_grade for g in result.grades] == [g.genant_grade for g in reference.grades]
+
+
+def load_nodes(mrml, paths, names=TOTAL_CLASS_NAMES):
+    volume = mrml.load_volume(paths["ct"], name="ct")
+    segmentation = mrml.load_segmentation(paths["total"], names, name="total")
+    body = mrml.load_segmentation(paths["vertebrae_body"], {1: "vertebrae_body", 2: "intervertebral_discs"},
+                                  name="vertebrae_body")
+    return volume, segmentation, body
+
+
+def test_screen_nodes_gives_the_headless_numbers(mrml, phantom_files):
+    paths, reference = phantom_files
+    volume, segmentation, body = load_nodes(mrml, paths)
+    result = slicer_nodes.screen_nodes(volume, segmentation, body_segmentation_node=body, exam_id=EXAM)
+    assert_same_measurements(result, reference)
+    # The phantom's wedge fracture is found, the others are not.
+    grades = {g.level: g.genant_grade for g in result.grades}
+    assert grades["L1"] >= 1 and all(grades[level] == 0 for level in ("T12", "L2", "L3"))
+    # Same engine on the same in-memory arrays: the node's CT and geometry, the phantom's label
+    # maps (so the export of the segments onto the CT grid is exact).
+    made = make_phantom(SPEC)
+    ct = Volume(slicer.util.arrayFromVolume(volume).copy(), ijk_to_ras(volume))
+    in_memory = screening.screen_exam(ct, seg=made.total, body_seg=made.vertebrae_body, exam_id=EXAM)
+    assert_same_measurements(result, in_memory)
+    assert result.exam["inputs"]["segmentation"] == "Slicer node total"
+    # The temporary export label map is gone.
+    assert mrml.scene.GetNodesByClass("vtkMRMLLabelMapVolumeNode").GetNumberOfItems() == 0
+
+
+def test_result_nodes_tables_lines_colours_and_rerun(mrml, phantom_files):
+    paths, reference = phantom_files
+    volume, segmentation, _ = load_nodes(mrml, paths)
+    result = slicer_nodes.screen_nodes(volume, segmentation, exam_id=EXAM)
+    made = slicer_nodes.write_result_nodes(result, slicer, segmentation_node=segmentation)
+
+    table = made["vertebrae"]
+    assert table.GetName() == "VFS vertebrae"
+    assert [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())] == list(screening.VERTEBRA_COLUMNS)
+    assert table.GetNumberOfRows() == len(result.vertebrae) == 4
+    col = {name: c for c, name in enumerate(screening.VERTEBRA_COLUMNS)}
+    for r, row in enumerate(result.vertebrae):
+        assert table.GetCellText(r, col["level"]) == row["level"]
+        assert table.GetCellText(r, col["complete"]) == "true"
+        assert table.GetCellText(r, col["shape"]) == row["shape"]
+        for key in ("ha_mm", "hm_mm", "hp_mm", "height_loss", "trabecular_hu_mean", "body_volume_ml"):
+            assert float(table.GetTable().GetValue(r, col[key]).ToDouble()) == pytest.approx(row[key], abs=1e-9)
+        assert float(table.GetCellText(r, col["genant_grade"])) == row["genant_grade"]
+
+    exam = made["exam"]
+    assert exam.GetName() == "VFS exam"
+    pairs = {exam.GetCellText(r, 0): exam.GetCellText(r, 1) for r in range(exam.GetNumberOfRows())}
+    assert pairs["exam_id"] == EXAM
+    assert pairs["fracture.max_grade"] == str(result.exam["fracture"]["max_grade"])
+    assert pairs["fracture.fractured_levels"] == "L1"
+    assert pairs["levels_present"] == "T12;L1;L2;L3"
+
+    lines = made["lines"]
+    assert set(lines) == {f"{level} {h}" for level in ("T12", "L1", "L2", "L3") for h in ("Ha", "Hm", "Hp")}
+    by_level = {row["level"]: row for row in result.vertebrae}
+    colours = {}
+    for name, node in lines.items():
+        level, height = name.split()
+        assert node.GetName() == name and node.GetNumberOfControlPoints() == 2
+        assert slicer_nodes.line_length_mm(node) == pytest.approx(by_level[level][f"{height.lower()}_mm"], abs=1e-3)
+        colours[level] = node.GetDisplayNode().GetColor()
+    assert colours["L1"] == pytest.approx(slicer_nodes.GRADE_COLORS[by_level["L1"]["genant_grade"]])
+    assert colours["L2"] == pytest.approx(slicer_nodes.GRADE_COLORS[0])
+    seg = segmentation.GetSegmentation()
+    assert seg.GetSegment("vertebrae_L1").GetColor() == pytest.approx(colours["L1"])
+    assert seg.GetSegment("vertebrae_L3").GetColor() == pytest.approx(slicer_nodes.GRADE_COLORS[0])
+
+    # A second run replaces the result nodes instead of adding more.
+    count, total = len(slicer_nodes.result_nodes(mrml.scene)), mrml.scene.GetNumberOfNodes()
+    assert count == 2 + 12
+    again = slicer_nodes.write_result_nodes(result, slicer, segmentation_node=segmentation)
+    assert len(slicer_nodes.result_nodes(mrml.scene)) == count
+    assert mrml.scene.GetNumberOfNodes() == total
+    assert table.GetScene() is None and again["vertebrae"].GetScene() is mrml.scene
+    assert mrml.scene.GetNodesByName("L1 Ha").GetNumberOfItems() == 1
+    # Another prefix is a separate result; removing one prefix leaves the other.
+    slicer_nodes.write_result_nodes(result, mrml.scene, prefix="B")
+    assert mrml.scene.GetFirstNodeByName("B L1 Ha") is not None
+    assert slicer_nodes.remove_result_nodes(mrml.scene, "B") == count
+    assert len(slicer_nodes.result_nodes(mrml.scene)) == count
+
+
+def test_segments_matched_by_terminology_only(mrml, phantom_files):
+    """Segment IDs that are not class names: the terminology decides; names never do alone."""
+    from VertebralFractureScreenLib.imageio import terminology_for
+
+    paths, reference = phantom_files
+    volume = mrml.load_volume(paths["ct"], name="ct")
+    segmentation = mrml.load_segmentation(paths["total"], name="total")  # IDs Segment_<label>
+    seg = segmentation.GetSegmentation()
+    ids = segment_ids(segmentation)
+    assert not set(ids) & set(TOTAL_CLASS_NAMES.values())
+    for segment_id in ids:
+        label = int(segment_id.rsplit("_", 1)[-1])
+        entry = terminology_for(TOTAL_CLASS_NAMES.get(label, ""))
+        if entry:
+            seg.GetSegment(segment_id).SetTerminology(entry)
+    # A segment whose name contradicts its terminology is left out.
+    l3 = f"Segment_{TOTAL_VERTEBRA_IDS['L3']}"
+    seg.GetSegment(l3).SetName("L4 vertebra")
+    match = slicer_nodes.match_segments(segmentation)
+    assert match.structures[f"Segment_{TOTAL_VERTEBRA_IDS['L1']}"] == "vertebrae_L1"
+    assert l3 not in match.ids and any(d.startswith(l3) for d in match.dropped)
+    # Fixed: all vertebrae and muscles found by terminology give the headless numbers.
+    seg.GetSegment(l3).SetName("L3 vertebra")
+    match = slicer_nodes.match_segments(segmentation)
+    assert sorted(match.ids.values()) == sorted(label for label in TOTAL_CLASS_NAMES
+                                                 if f"Segment_{label}" in ids)
+    result = slicer_nodes.screen_nodes(volume, segmentation, exam_id=EXAM)
+    without_body = screening.screen_exam(paths["ct"], seg=paths["total"], exam_id=EXAM)
+    assert_same_measurements(result, without_body)
+    shown = slicer_nodes.write_result_nodes(result, segmentation_node=segmentation)
+    assert shown["segments"][f"Segment_{TOTAL_VERTEBRA_IDS['L1']}"] == by_level_grade(result, "L1")
+
+
+def by_level_grade(result, level):
+    return next(g.genant_grade for g in result.grades if g.level == level)
+
+
+def test_no_matching_segment_is_an_input_error(mrml, phantom_files):
+    paths, _ = phantom_files
+    volume = mrml.load_volume(paths["ct"], name="ct")
+    segmentation = mrml.load_segmentation(paths["total"], name="total")  # no IDs, no terminology
+    with pytest.raises(slicer_nodes.InputError, match="no segment"):
+        slicer_nodes.screen_nodes(volume, segmentation)
