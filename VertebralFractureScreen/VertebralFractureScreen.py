@@ -154,16 +154,19 @@ class VertebralFractureScreenLogic(ScriptedLoadableModuleLogic):
         for requirement in requirements:
             slicer.util.pip_install(requirement)
 
-    def writePhantom(self, outDir, levels=PHANTOM_LEVELS, spacing=(1.0, 1.0, 1.0)):
-        """Write the library's phantom to ``outDir``; returns its paths keyed ct, total, truth, ..."""
-        from VertebralFractureScreenLib.phantom import PhantomSpec, write_phantom
+    def writePhantom(self, outDir, levels=PHANTOM_LEVELS, spacing=(1.0, 1.0, 1.0), fractures=()):
+        """Write the library's phantom to ``outDir``; returns its paths keyed ct, total, truth, ...
+        ``fractures``: texts such as ``"L1:wedge:0.35"``."""
+        from VertebralFractureScreenLib.phantom import Fracture, PhantomSpec, write_phantom
 
-        return write_phantom(PhantomSpec(levels=tuple(levels), spacing=tuple(spacing)), outDir)
+        spec = PhantomSpec(levels=tuple(levels), spacing=tuple(spacing),
+                           fractures=tuple(Fracture.parse(text) for text in fractures))
+        return write_phantom(spec, outDir)
 
-    def loadPhantom(self, outDir, levels=PHANTOM_LEVELS, spacing=(1.0, 1.0, 1.0)):
+    def loadPhantom(self, outDir, levels=PHANTOM_LEVELS, spacing=(1.0, 1.0, 1.0), fractures=()):
         """Write a phantom and load its CT and TotalSegmentator segmentation into the scene.
         Returns the volume node, the segmentation node and the written paths."""
-        paths = self.writePhantom(outDir, levels, spacing)
+        paths = self.writePhantom(outDir, levels, spacing, fractures)
         volumeNode = slicer.util.loadVolume(paths["ct"], {"name": "PhantomCT"})
         segmentationNode = self.loadTotalSegmentation(paths["total"], volumeNode, "PhantomSegmentation")
         return volumeNode, segmentationNode, paths
@@ -213,6 +216,8 @@ class VertebralFractureScreenTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_PhantomLoadsWithGeometryAndSegmentIDs()
+        self.setUp()
+        self.test_ScreeningGradesThePhantom()
 
     def test_PhantomLoadsWithGeometryAndSegmentIDs(self):
         """Slicer's readers see the phantom where the library put it, with TotalSegmentator IDs."""
@@ -235,4 +240,27 @@ class VertebralFractureScreenTest(ScriptedLoadableModuleTest):
         for level in PHANTOM_LEVELS:
             self.assertIn(f"vertebrae_{level}", segmentIDs)
         logging.info("Phantom segment IDs: %s", sorted(segmentIDs))
+        self.delayDisplay("Test passed")
+
+    def test_ScreeningGradesThePhantom(self):
+        """The node logic grades a phantom with a wedge fracture of L1 as its truth says, and shows
+        the result as tables, height lines and grade colours."""
+        from VertebralFractureScreenLib import slicer_nodes
+
+        self.delayDisplay("Screening a phantom with an L1 wedge fracture")
+        logic = VertebralFractureScreenLogic()
+        logic.installRequirements(logic.missingRequirements())
+        with tempfile.TemporaryDirectory() as outDir:
+            volumeNode, segmentationNode, paths = logic.loadPhantom(
+                outDir, levels=("T11", "T12", "L1", "L2", "L3"), spacing=(2.0, 2.0, 2.0), fractures=("L1:wedge:0.35",))
+            with open(paths["truth"], encoding="utf-8") as file:
+                truth = {v["level"]: v for v in json.load(file)["vertebrae"]}
+        result = slicer_nodes.screen_nodes(volumeNode, segmentationNode)
+        for row in result.vertebrae:
+            if row["complete"]:
+                self.assertEqual(row["genant_grade"], truth[row["level"]]["genant_grade"], row["level"])
+        self.assertEqual(result.exam["fracture"]["fractured_levels"], ["L1"])
+        nodes = slicer_nodes.write_result_nodes(result, slicer.mrmlScene, segmentation_node=segmentationNode)
+        self.assertEqual(nodes["vertebrae"].GetNumberOfRows(), len(result.vertebrae))
+        self.assertTrue(slicer.mrmlScene.GetFirstNodeByName("L1 Ha"))
         self.delayDisplay("Test passed")
