@@ -189,3 +189,16 @@ def test_no_matching_segment_is_an_input_error(mrml, phantom_files):
     segmentation = mrml.load_segmentation(paths["total"], name="total")  # no IDs, no terminology
     with pytest.raises(slicer_nodes.InputError, match="no segment"):
         slicer_nodes.screen_nodes(volume, segmentation)
+
+
+def test_missing_totalsegmentator_extension_is_one_sentence(mrml):
+    """Without the SlicerTotalSegmentator extension (as here) the wrapper says how to get it and
+    adds no node; everything else keeps working on existing segmentations."""
+    from VertebralFractureScreenLib.errors import DependencyError
+
+    volume = slicer.util.addVolumeFromArray(np.zeros((4, 5, 6), dtype=np.int16), np.eye(4), "empty CT")
+    segmentations_before = mrml.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    with pytest.raises(DependencyError, match="Extensions Manager") as error:
+        slicer_nodes.segment_with_totalsegmentator_extension(volume, quality="fast", cpu=True)
+    assert "\n" not in str(error.value)
+    assert mrml.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == segmentations_before

@@ -406,3 +406,50 @@ def write_result_nodes(result: ScreeningResult, scene=None, *, prefix: str = "VF
 def line_length_mm(line_node) -> float:
     """Length of a two-point markups line in world coordinates (mm)."""
     return float(line_node.GetLineLengthWorld())
+
+
+TOTALSEGMENTATOR_EXTENSION_MISSING = (
+    "the TotalSegmentator extension is not installed: install it in Slicer's Extensions Manager (search "
+    "'TotalSegmentator'), restart Slicer and try again; existing segmentations can be screened without it")
+
+
+def segment_with_totalsegmentator_extension(volume_node, *, quality: str = "fast", cpu: bool = False,
+                                            task: str = "total", subset=None, segmentation_node=None):
+    """Segment ``volume_node`` with the SlicerTotalSegmentator extension's logic into a (new)
+    segmentation node, whose segment IDs are TotalSegmentator class names, and return the node.
+
+    Calls ``TotalSegmentatorLogic.process`` with keyword arguments only: ``quality`` (or, in
+    versions of the extension that predate it, ``fast = quality == "fast"``), ``cpu``, ``task``
+    and ``subset`` (default: the classes screening needs,
+    :data:`.segmentation.SCREENING_CLASSES`); only those its ``process`` accepts are passed.
+
+    Raises:
+        DependencyError: the extension is not installed (one sentence saying how to get it).
+    """
+    import importlib
+    import inspect
+
+    from .errors import DependencyError
+    from .segmentation import SCREENING_CLASSES
+
+    if quality not in ("fast", "normal"):
+        raise InputError(f"unknown quality {quality!r}; use fast or normal")
+    try:
+        extension = importlib.import_module("TotalSegmentator")
+        logic = extension.TotalSegmentatorLogic()
+    except (ImportError, AttributeError):
+        raise DependencyError(TOTALSEGMENTATOR_EXTENSION_MISSING) from None
+    import slicer
+
+    if segmentation_node is None:
+        segmentation_node = slicer.mrmlScene.AddNewNodeByClass(
+            "vtkMRMLSegmentationNode", f"{volume_node.GetName()} TotalSegmentator")
+    accepted = inspect.signature(logic.process).parameters
+    options = {"cpu": bool(cpu), "task": task, "subset": list(SCREENING_CLASSES if subset is None else subset)}
+    if "quality" in accepted:
+        options["quality"] = quality
+    elif "fast" in accepted:
+        options["fast"] = quality == "fast"
+    logic.process(inputVolume=volume_node, outputSegmentation=segmentation_node,
+                  **{key: value for key, value in options.items() if key in accepted})
+    return segmentation_node
