@@ -311,32 +311,14 @@ def _fit_endplate(values: np.ndarray, local: np.ndarray, direction: int, edge_gu
         depth = direction * (edges[:, None] - plane[None, :]) * scale  # distance inside the body, mm
         inside = cdf(depth)
         plate = inside - cdf(depth - cortex_mm)
-        # Normal equations of y = a + b·inside (+ c·plate), per candidate edge, from column sums.
         columns = [np.ones_like(inside), inside] + ([plate] if free else [])
         target = np.broadcast_to(values, inside.shape) if free else values[None, :] - plate_contrast * plate
-        gram = np.empty((len(edges), len(columns), len(columns)))
-        for i, ci in enumerate(columns):
-            for j in range(i, len(columns)):
-                gram[:, i, j] = gram[:, j, i] = (ci * columns[j]).sum(axis=1)
-        rhs = np.stack([(c * target).sum(axis=1) for c in columns], axis=1)
-        ok = np.abs(np.linalg.det(gram)) > 1e-9 * np.prod(np.diagonal(gram, axis1=1, axis2=2), axis=1)
-        if not ok.any():
-            continue
-        coef = np.zeros((len(edges), len(columns)))
-        coef[ok] = np.linalg.solve(gram[ok], rhs[ok][..., None])[..., 0]
-        # Residual sum of squares from the normal equations: |y|² − cᵀ Xᵀ y.
-        residual = (target * target).sum(axis=1) - (coef * rhs).sum(axis=1)
+        coef, residual = _solve_linear(columns, target)
         contrast = coef[:, 2] if free else np.full(len(edges), plate_contrast)
-        residual[~ok | ~(contrast > 0)] = np.inf
+        residual[~(contrast > 0)] = np.inf
         index = int(np.argmin(residual))
         if residual[index] < best[2]:
-            edge = float(edges[index])
-            if 0 < index < len(edges) - 1 and np.all(np.isfinite(residual[index - 1:index + 2])):
-                r0, r1, r2 = residual[index - 1:index + 2]  # parabola through the minimum and its neighbours
-                curvature = r0 - 2 * r1 + r2
-                if curvature > 0:
-                    edge += 0.5 * step * (r0 - r2) / curvature
-            best = (edge, float(slope), float(residual[index]), float(contrast[index]))
+            best = (_parabolic_minimum(edges, residual), float(slope), float(residual[index]), float(contrast[index]))
     return best[0], best[1], best[3]
 
 
