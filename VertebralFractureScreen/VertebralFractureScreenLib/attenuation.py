@@ -55,7 +55,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import levels as lv
-from .geometry import ras_to_ijk_points, voxel_spacing, voxel_volume_ml
+from .geometry import ras_to_ijk_points, voxel_extent_along, voxel_spacing, voxel_volume_ml
 
 ROI_MARGIN_MM = 3.0
 """Minimum distance (mm) of the ROI from the cortical surface and the endplates (SPEC §4)."""
@@ -178,12 +178,6 @@ class ContrastResult:
 # ------------------------------------------------------------------------------------------------
 # Geometry helpers
 # ------------------------------------------------------------------------------------------------
-
-
-def _footprint_along(direction: np.ndarray, ijk_to_ras: np.ndarray) -> float:
-    """Length (mm) of one voxel's footprint along a unit RAS direction (sum of its edges'
-    projections)."""
-    return float(np.abs(np.asarray(direction) @ np.asarray(ijk_to_ras, dtype=float)[:3, :3]).sum())
 
 
 def _crop_around(ras_points: np.ndarray, ijk_to_ras: np.ndarray, shape_kji, pad: int = 1):
@@ -350,8 +344,8 @@ def trabecular_roi_mask(
     # Clearances (mm): the margin plus half the voxel's footprint along the surface normal (its own
     # extent) plus SURFACE_UNCERTAINTY of that (where a surface found on this grid may really be).
     allowance = 0.5 + 0.5 * SURFACE_UNCERTAINTY
-    clear_w = margin_mm + allowance * _footprint_along(frame.cc, ijk_to_ras)
-    clear_v = margin_mm + allowance * _footprint_along(frame.ap, ijk_to_ras)
+    clear_w = margin_mm + allowance * voxel_extent_along(frame.cc, ijk_to_ras)
+    clear_v = margin_mm + allowance * voxel_extent_along(frame.ap, ijk_to_ras)
     clear_uv = margin_mm + 2.0 * allowance * _in_plane_half_footprint(frame, ijk_to_ras)
     depth = limits.v_ant - limits.v_post
     v_lo = limits.v_post + max(POSTERIOR_EXCLUDED * depth, clear_v)
@@ -370,7 +364,7 @@ def trabecular_roi_mask(
     # One crop holds the body's cross-section over the ROI's heights, with room for its outline.
     pad = 2.0 + float(spacing.max())
     half_width = 0.5 * limits.width + pad
-    s_w = _footprint_along(frame.cc, ijk_to_ras)
+    s_w = voxel_extent_along(frame.cc, ijk_to_ras)
     v_samples = np.linspace(limits.v_post - pad, limits.v_ant + pad, 25)
     tops, bottoms = limits.top(v_samples), limits.bottom(v_samples)
     centre_band = (0.25 * tops + 0.75 * bottoms, 0.75 * tops + 0.25 * bottoms)

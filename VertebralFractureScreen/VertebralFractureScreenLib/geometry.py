@@ -69,3 +69,38 @@ def rotation_matrix(degrees_lr: float = 0.0, degrees_ap: float = 0.0, degrees_si
     ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
     rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
     return rz @ ry @ rx
+
+
+def unit(vector: np.ndarray) -> np.ndarray:
+    """``vector`` scaled to length 1."""
+    return vector / np.linalg.norm(vector)
+
+
+def voxel_edge_projections(direction: np.ndarray, ijk_to_ras: np.ndarray) -> np.ndarray:
+    """Lengths (mm) of a voxel's three edges projected on a unit RAS direction."""
+    return np.abs(np.asarray(direction) @ np.asarray(ijk_to_ras, dtype=float)[:3, :3])
+
+
+def voxel_extent_along(direction: np.ndarray, ijk_to_ras: np.ndarray) -> float:
+    """Length (mm) of one voxel's footprint along a unit RAS direction (the sum of its edges'
+    projections)."""
+    return float(voxel_edge_projections(direction, ijk_to_ras).sum())
+
+
+def partial_volume_share(normal: np.ndarray, ijk_to_ras: np.ndarray, step: float = 0.02):
+    """Partial volume of a voxel cut by a plane with unit ``normal``: a function ``share(d)`` of the
+    signed distance ``d`` (mm, along ``normal``) of the voxel's centre from the plane, giving the
+    share of the voxel's volume on the side where ``d`` counts positive (0.5 at ``d = 0``, 1 once
+    the whole voxel is past the plane). It is the cumulative distribution of the convolution of
+    three boxes, the voxel's edges projected on the normal (each rounded to ``step``), exact at the
+    bins' edges and linear between them."""
+    kernel = np.ones(1)
+    for width in voxel_edge_projections(normal, ijk_to_ras):
+        n = int(round(width / step))
+        if n > 1:
+            kernel = np.convolve(kernel, np.ones(n) / n)
+    if len(kernel) == 1:  # a voxel with no extent along the normal (not a real grid): a step
+        return lambda d: (np.asarray(d) >= 0).astype(float)
+    edges = (np.arange(len(kernel) + 1) - 0.5 * len(kernel)) * step
+    values = np.concatenate([[0.0], np.cumsum(kernel)]) / kernel.sum()
+    return lambda d: np.interp(d, edges, values, left=0.0, right=1.0)

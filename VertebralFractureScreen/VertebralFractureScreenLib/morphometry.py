@@ -45,7 +45,13 @@ import numpy as np
 from scipy import ndimage
 
 from . import levels as lv
-from .geometry import voxel_spacing, voxel_volume_ml
+from .geometry import (
+    partial_volume_share,
+    unit,
+    voxel_extent_along,
+    voxel_spacing,
+    voxel_volume_ml,
+)
 
 AP_FRACTIONS = {"ha": 0.15, "hm": 0.50, "hp": 0.85}
 """Measurement positions: fraction of the body depth from the anterior wall (SPEC §4)."""
@@ -169,20 +175,6 @@ def _local_grid(frame: "VertebraFrame", crop_ijk_to_ras: np.ndarray, shape_kji) 
     return np.stack([_local_coordinate(frame, crop_ijk_to_ras, shape_kji, axis) for axis in range(3)], axis=-1)
 
 
-def _edge_projections(direction: np.ndarray, ijk_to_ras: np.ndarray) -> np.ndarray:
-    """Lengths (mm) of a voxel's three edges projected on a unit RAS direction."""
-    return np.abs(np.asarray(direction) @ np.asarray(ijk_to_ras, dtype=float)[:3, :3])
-
-
-def _extent_along(direction: np.ndarray, ijk_to_ras: np.ndarray) -> float:
-    """Length (mm) of one voxel's footprint along a unit RAS direction."""
-    return float(_edge_projections(direction, ijk_to_ras).sum())
-
-
-def _unit(v: np.ndarray) -> np.ndarray:
-    return v / np.linalg.norm(v)
-
-
 def spine_tangents(centroids: list[np.ndarray]) -> list[np.ndarray]:
     """Unit tangents (pointing cranially) of the curve through centroids ordered cranial to caudal.
 
@@ -194,7 +186,7 @@ def spine_tangents(centroids: list[np.ndarray]) -> list[np.ndarray]:
         return [np.array([0.0, 0.0, 1.0])]
     pts = np.asarray(centroids, dtype=float)
     if n == 2:
-        t = _unit(pts[0] - pts[1])
+        t = unit(pts[0] - pts[1])
         return [t, t]
     chord = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(pts, axis=0), axis=1))])
     tangents = []
@@ -203,7 +195,7 @@ def spine_tangents(centroids: list[np.ndarray]) -> list[np.ndarray]:
         sel = slice(lo, lo + 3)
         s = chord[sel] - chord[index]
         coeffs = np.polyfit(s, pts[sel], 2)  # (3, 3): rows a, b, c of a s² + b s + c
-        tangents.append(_unit(-coeffs[1]))  # chord grows caudally; the tangent points cranially
+        tangents.append(unit(-coeffs[1]))  # chord grows caudally; the tangent points cranially
     return tangents
 
 
@@ -222,7 +214,7 @@ def _frames(vertebrae: list[_Vertebra], centroids: list[np.ndarray], ap_hints: l
         ap = anterior - (anterior @ tangent) * tangent
         if np.linalg.norm(ap) < 1e-6:
             ap = np.array([1.0, 0.0, 0.0]) - tangent[0] * tangent
-        ap = _unit(ap)
+        ap = unit(ap)
         frames.append(VertebraFrame(np.asarray(centre, dtype=float), np.cross(ap, tangent), ap, tangent))
     return frames
 
@@ -269,19 +261,6 @@ def _crossing(profile: np.ndarray, coords: np.ndarray, start: int, direction: in
     return float(coords[index] + t * (coords[nxt] - coords[index]))
 
 
-def _box_cdf(ijk_to_ras: np.ndarray, normal: np.ndarray, step: float = 0.02):
-    """Cumulative distribution, along the unit direction ``normal``, of a voxel's volume: the
-    convolution of three boxes whose widths are the voxel edges projected on ``normal``. A voxel
-    whose centre lies at signed distance ``d`` below a plane has ``cdf(d)`` of its volume below it."""
-    kernel = np.ones(1)
-    for width in _edge_projections(normal, ijk_to_ras):
-        n = max(1, int(round(width / step)))
-        kernel = np.convolve(kernel, np.ones(n) / n)
-    x = (np.arange(len(kernel)) - (len(kernel) - 1) / 2.0) * step
-    values = np.cumsum(kernel) / kernel.sum()
-    return lambda d: np.interp(d, x, values, left=0.0, right=1.0)
-
-
 def _fit_endplate(values: np.ndarray, local: np.ndarray, direction: int, edge_guess: float, v_centre: float,
                   slope_guess: float, frame: VertebraFrame, ijk_to_ras: np.ndarray, cortex_mm: float,
                   search: float, plate_contrast: float | None = None) -> tuple[float, float, float]:
@@ -292,7 +271,7 @@ def _fit_endplate(values: np.ndarray, local: np.ndarray, direction: int, edge_gu
     is a plane ``w = e + g (v - v_centre)``; each voxel's HU is modelled as its exact partial-volume
     mix of disc (outside), a cortical plate of ``cortex_mm`` just inside the surface, and trabecular
     bone: ``HU = a + b·inside + c·plate``, where ``inside`` and ``plate`` are the shares of the
-    voxel's volume beyond the plane (a box kernel, see :func:`_box_cdf`). ``a, b, c`` are solved by
+    voxel's volume beyond the plane (a box kernel, see :func:`.geometry.partial_volume_share`). ``a, b, c`` are solved by
     least squares for each ``(e, g)`` on a grid around the mask's estimate; the best fit wins.
     When the plate lies inside one slice of voxels its contrast ``c`` and the surface position
     trade off; ``plate_contrast`` then fixes ``c`` (measured on the body's walls).
@@ -304,8 +283,8 @@ def _fit_endplate(values: np.ndarray, local: np.ndarray, direction: int, edge_gu
     best = (float("nan"), float("nan"), np.inf, float("nan"))
     free = plate_contrast is None
     for slope in slope_guess + np.arange(-0.3, 0.3 + 1e-9, 0.1):
-        normal = _unit(frame.cc - slope * frame.ap)
-        cdf = _box_cdf(ijk_to_ras, normal)
+        normal = unit(frame.cc - slope * frame.ap)
+        cdf = partial_volume_share(normal, ijk_to_ras)
         scale = 1.0 / np.sqrt(1.0 + slope * slope)
         plane = local[:, 2] - slope * (local[:, 1] - v_centre)  # w measured along the plane's offset
         depth = direction * (edges[:, None] - plane[None, :]) * scale  # distance inside the body, mm
@@ -365,7 +344,7 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
     The endplate is a profile ``w(v)``, piecewise linear through its heights at the measurement
     positions ``knots_v`` (and extended linearly beyond them): a wedge, a crush or physiological
     wedging is exactly such a profile, a biconcave depression nearly. Each voxel's HU is modelled
-    as its exact partial-volume mix (a box kernel along the local normal, :func:`_box_cdf`) of
+    as its exact partial-volume mix (a box kernel along the local normal, :func:`.geometry.partial_volume_share`) of
     disc outside, a cortical plate of ``cortex_mm`` just inside the surface, and trabecular bone:
     ``HU = a + b·inside + c·plate``. ``a, b`` (and ``c`` unless ``plate_contrast`` fixes it; ``a``
     is the disc's HU unless ``disc_hu`` fixes it) are solved by least squares; the knot heights by coordinate descent on a 0.1 mm grid within
@@ -396,7 +375,7 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
         slopes set the partial-volume kernel and the distance along the normal (they vary little
         within a line search)."""
         slopes = np.diff(knots) / dv
-        cdf = _box_cdf(ijk_to_ras, _unit(frame.cc - float(np.mean(slopes)) * frame.ap))
+        cdf = partial_volume_share(unit(frame.cc - float(np.mean(slopes)) * frame.ap), ijk_to_ras)
         depth = (direction / np.sqrt(1.0 + slopes[segment] ** 2)) * (surfaces - w)  # inside the body, mm
         inside = cdf(depth)
         plate = inside - cdf(depth - cortex_mm)
@@ -443,7 +422,7 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
                 near = np.abs(v - kv[k]) <= local_half
                 if np.count_nonzero(near) < 8:
                     continue
-                cdf = _box_cdf(ijk_to_ras, _unit(frame.cc - slope * frame.ap))
+                cdf = partial_volume_share(unit(frame.cc - slope * frame.ap), ijk_to_ras)
                 surface = knots[k] + steps[:, None] + slope * (v[near] - kv[k])[None, :]
                 depth = direction * (surface - w[near][None, :]) / np.sqrt(1.0 + slope * slope)
                 inside = cdf(depth)
@@ -476,7 +455,7 @@ class _BodyMeasurement:
             result.flags.append("touches_field_of_view_edge")
         self.result = result
         result.body_volume_ml = float(vertebra.body.sum()) * voxel_volume_ml(ijk_to_ras)
-        self.s_w = s_w = _extent_along(frame.cc, ijk_to_ras)
+        self.s_w = s_w = voxel_extent_along(frame.cc, ijk_to_ras)
         # Local coordinates only around the body (the endplate fits look up to 2 s_w + 1.5 mm beyond).
         reach = np.ceil((2.5 * s_w + 3.0) / voxel_spacing(ijk_to_ras)).astype(int)[::-1]  # (k, j, i)
         box = ndimage.find_objects(vertebra.body.astype(np.uint8))[0]
@@ -486,10 +465,10 @@ class _BodyMeasurement:
         body = vertebra.body[box]
         grid = _local_grid(frame, box_to_ras, body.shape)
         local = grid[body].astype(float)
-        self.s_v = s_v = _extent_along(frame.ap, ijk_to_ras)
+        self.s_v = s_v = voxel_extent_along(frame.ap, ijk_to_ras)
         fine = 0.2
         u_lo, u_hi = np.percentile(local[:, 0], [0.5, 99.5])
-        width = u_hi - u_lo + _extent_along(frame.lr, ijk_to_ras)
+        width = u_hi - u_lo + voxel_extent_along(frame.lr, ijk_to_ras)
         self.u_mid = u_mid = 0.5 * (u_lo + u_hi)
         self.w_lo, self.w_hi = w_lo, w_hi = local[:, 2].min(), local[:, 2].max()
         v_lo, v_hi = local[:, 1].min(), local[:, 1].max()
@@ -767,7 +746,7 @@ def measure_heights(
     # Passes 2–3: frames from body centroids, AP from the posterior elements to the body; bodies
     # found by shape are cut again in the refined frames.
     for _ in range(2):
-        hints = [None if v.posterior_centroid is None else _unit(v.body_centroid - v.posterior_centroid)
+        hints = [None if v.posterior_centroid is None else unit(v.body_centroid - v.posterior_centroid)
                  for v in vertebrae]
         frames = _frames(vertebrae, [v.body_centroid for v in vertebrae], hints)
         if body_labels is not None:

@@ -74,7 +74,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import levels as lv
-from .geometry import voxel_volume_ml
+from .geometry import partial_volume_share, unit, voxel_volume_ml
 
 MUSCLE_LABELS: dict[str, int] = {
     "autochthon_left": lv.TOTAL_AUTOCHTHON_LEFT,
@@ -150,16 +150,12 @@ class LevelSlab:
     @property
     def axis(self) -> np.ndarray:
         """Unit vector along the slab (mean of its planes' normals, pointing cranially)."""
-        return _unit(self.below.normal + self.above.normal)
+        return unit(self.below.normal + self.above.normal)
 
     @property
     def thickness_mm(self) -> float:
         """Distance (mm) between the planes' points along :attr:`axis`."""
         return float((self.above.point - self.below.point) @ self.axis)
-
-
-def _unit(v: np.ndarray) -> np.ndarray:
-    return v / np.linalg.norm(v)
 
 
 def _rim_point(h, which: int) -> np.ndarray | None:
@@ -169,7 +165,7 @@ def _rim_point(h, which: int) -> np.ndarray | None:
     lines = h.height_lines_ras or {}
     if h.frame is None or not lines:
         return None
-    centre, cc = np.asarray(h.frame.centre, dtype=float), _unit(np.asarray(h.frame.cc, dtype=float))
+    centre, cc = np.asarray(h.frame.centre, dtype=float), unit(np.asarray(h.frame.cc, dtype=float))
     offsets = [float((np.asarray(line[which], dtype=float) - centre) @ cc) for line in lines.values()]
     offsets = [x for x in offsets if np.isfinite(x)]
     if not offsets:
@@ -203,9 +199,9 @@ def level_slabs(heights: Sequence, levels: Sequence[str] | None = None) -> list[
         if (upper.level, lower.level) in planes:
             return planes[(upper.level, lower.level)]
         point = 0.5 * (_rim_point(upper, 1) + _rim_point(lower, 0))
-        secant = _unit(_middle_point(upper) - _middle_point(lower))
-        axes = _unit(np.asarray(upper.frame.cc, dtype=float) + np.asarray(lower.frame.cc, dtype=float))
-        normal = _unit(secant + axes)
+        secant = unit(_middle_point(upper) - _middle_point(lower))
+        axes = unit(np.asarray(upper.frame.cc, dtype=float) + np.asarray(lower.frame.cc, dtype=float))
+        normal = unit(secant + axes)
         planes[(upper.level, lower.level)] = SlabPlane(point, normal, (upper.level, lower.level))
         return planes[(upper.level, lower.level)]
 
@@ -226,7 +222,7 @@ def level_slabs(heights: Sequence, levels: Sequence[str] | None = None) -> list[
             neighbours[side] = other
         above = disc_plane(neighbours["above"], h) if neighbours["above"] is not None else None
         below = disc_plane(h, neighbours["below"]) if neighbours["below"] is not None else None
-        cc = _unit(np.asarray(h.frame.cc, dtype=float))
+        cc = unit(np.asarray(h.frame.cc, dtype=float))
         top, bottom = _rim_point(h, 0), _rim_point(h, 1)
         if above is None:
             half = below.signed_distance(bottom[None])[0] if below is not None else DEFAULT_HALF_DISC_MM
@@ -364,23 +360,6 @@ def _voxel_classes(ct: np.ndarray, labels: np.ndarray, kji: tuple[np.ndarray, np
     return guard, inner, pure_fat
 
 
-def _box_cdf(normal: np.ndarray, ijk_to_ras: np.ndarray, step: float = 0.02):
-    """Share of a voxel's volume on the positive side of a plane with unit ``normal``, as a
-    function of the signed distance ``d`` (mm) of the voxel's centre from the plane: the cumulative
-    distribution of the convolution of three boxes, the voxel's edges projected on the normal
-    (each rounded to ``step``; piecewise linear between the bins' edges)."""
-    kernel = np.ones(1)
-    for width in np.abs(np.asarray(normal) @ np.asarray(ijk_to_ras, dtype=float)[:3, :3]):
-        n = int(round(width / step))
-        if n > 1:
-            kernel = np.convolve(kernel, np.ones(n) / n)
-    if len(kernel) == 1:  # a voxel with no extent along the normal (not a real grid): a step
-        return lambda d: (np.asarray(d) >= 0).astype(float)
-    edges = (np.arange(len(kernel) + 1) - 0.5 * len(kernel)) * step
-    values = np.concatenate([[0.0], np.cumsum(kernel)]) / kernel.sum()
-    return lambda d: np.interp(d, edges, values, left=0.0, right=1.0)
-
-
 def _slab_shares(ijk: tuple[np.ndarray, np.ndarray, np.ndarray], slabs: Sequence[LevelSlab],
                  ijk_to_ras: np.ndarray):
     """Share of each voxel's volume in each slab: ``(voxel index, slab index, share)`` arrays over
@@ -417,7 +396,7 @@ def _slab_shares(ijk: tuple[np.ndarray, np.ndarray, np.ndarray], slabs: Sequence
         share = None
         for plane, sign in ((slab.below, 1.0), (slab.above, -1.0)):
             if id(plane) not in cdfs:
-                cdfs[id(plane)] = _box_cdf(plane.normal, ijk_to_ras)
+                cdfs[id(plane)] = partial_volume_share(plane.normal, ijk_to_ras)
             part = cdfs[id(plane)](sign * distance(plane, first, last))
             share = part if share is None else share + part - 1.0
         rows = first + np.flatnonzero(share > 1e-9)
