@@ -150,8 +150,9 @@ def _max_grid_deviation_mm(m1: np.ndarray, m2: np.ndarray, shape_kji) -> float:
 # ------------------------------------------------------------------------------------------------
 
 
-def _sitk_ijk_to_ras(image: sitk.Image) -> np.ndarray:
-    """IJK→RAS (mm) of a 3-D SimpleITK image, whose origin and direction are in LPS."""
+def _sitk_ijk_to_ras(image: sitk.Image | sitk.ImageFileReader) -> np.ndarray:
+    """IJK→RAS (mm) of a 3-D SimpleITK image (or of a reader's image information), whose origin
+    and direction are in LPS."""
     direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
     ijk_to_lps = np.eye(4)
     ijk_to_lps[:3, :3] = direction * np.array(image.GetSpacing(), dtype=float)[None, :]
@@ -379,11 +380,7 @@ def _read_nifti_directly(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]
                     raise InputError(f"cannot read {what} file {path}: the voxel data is truncated")
     except (OSError, zlib.error, RuntimeError) as error:
         raise InputError(f"cannot read {what} file {path}: {getattr(error, 'strerror', None) or error}") from None
-    direction = np.array(reader.GetDirection(), dtype=float).reshape(3, 3)
-    ijk_to_lps = np.eye(4)
-    ijk_to_lps[:3, :3] = direction * np.array(reader.GetSpacing(), dtype=float)[None, :]
-    ijk_to_lps[:3, 3] = reader.GetOrigin()
-    return array, geometry.LPS_TO_RAS @ ijk_to_lps
+    return array, _sitk_ijk_to_ras(reader)
 
 
 def _as_3d_scalar(image: sitk.Image, path: Path, what: str) -> sitk.Image:

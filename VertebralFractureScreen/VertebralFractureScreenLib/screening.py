@@ -97,7 +97,7 @@ class ScreeningResult:
                 started = time.perf_counter()
                 self._render_qc(staging / "qc.png")
                 self.exam["timings_s"]["qc"] = round(time.perf_counter() - started, 3)
-            (staging / "exam.json").write_text(json.dumps(_jsonable(self.exam), indent=2) + "\n", encoding="utf-8")
+            (staging / "exam.json").write_text(json.dumps(jsonable(self.exam), indent=2) + "\n", encoding="utf-8")
             # Replace: the old completion marker goes first, the new one comes last.
             (out_dir / "exam.json").unlink(missing_ok=True)
             written = {}
@@ -184,14 +184,14 @@ def _csv_value(value):
     return value
 
 
-def _jsonable(value):
+def jsonable(value):
     """Plain JSON types; NaN becomes null."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     if isinstance(value, (int, np.integer)):

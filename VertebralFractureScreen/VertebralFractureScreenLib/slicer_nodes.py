@@ -29,7 +29,7 @@ import numpy as np
 from . import levels as lv
 from .errors import InputError
 from .imageio import LabelMapWarning, Volume, convention_ids, structure_from_terminology, vertebra_from_text
-from .screening import VERTEBRA_COLUMNS, ScreeningResult, _jsonable, screen_exam
+from .screening import VERTEBRA_COLUMNS, ScreeningResult, jsonable, screen_exam
 
 RESULT_ATTRIBUTE = "VertebralFractureScreen.Result"
 """Node attribute ("1") that marks the nodes :func:`write_result_nodes` made."""
@@ -273,7 +273,7 @@ def _scene_of(scene):
 
 
 def _cell(value) -> str:
-    value = _jsonable(value)
+    value = jsonable(value)
     if value is None:
         return ""
     if isinstance(value, bool):
