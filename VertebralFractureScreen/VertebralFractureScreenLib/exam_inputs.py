@@ -33,6 +33,7 @@ from scipy import ndimage
 from . import imageio
 from . import levels as lv
 from .errors import InputError
+from .geometry import mask_centroid_ras
 
 HU_AIR_FAT_RANGE = (-1100.0, -100.0)
 """HU of voxels that every body CT has somewhere (air and fat)."""
@@ -136,9 +137,8 @@ def check_vertebrae(labels: imageio.Volume, convention: str, name: str = "segmen
         superior = []
         for level in present:
             box = objects[ids[level] - 1]
-            kji = np.argwhere(labels.array[box] == ids[level]).mean(axis=0) + [s.start for s in box]
-            ras = labels.ijk_to_ras[:3, :3] @ kji[::-1] + labels.ijk_to_ras[:3, 3]
-            superior.append(ras[2])
+            origin_ijk = [box[2].start, box[1].start, box[0].start]
+            superior.append(mask_centroid_ras(labels.array[box] == ids[level], labels.ijk_to_ras, origin_ijk)[2])
         descending = np.mean(np.diff(superior) < 0)
         if descending < MIN_ORDERED_FRACTION and (1.0 - descending) < MIN_ORDERED_FRACTION:
             raise InputError(f"the vertebra labels of the {name} are not in anatomical order for the "

@@ -104,3 +104,15 @@ def partial_volume_share(normal: np.ndarray, ijk_to_ras: np.ndarray, step: float
     edges = (np.arange(len(kernel) + 1) - 0.5 * len(kernel)) * step
     values = np.concatenate([[0.0], np.cumsum(kernel)]) / kernel.sum()
     return lambda d: np.interp(d, edges, values, left=0.0, right=1.0)
+
+
+def mask_centroid_ras(mask: np.ndarray, ijk_to_ras: np.ndarray, origin_ijk=(0, 0, 0)) -> np.ndarray:
+    """RAS centroid (mm) of a boolean mask ``[k, j, i]`` that is a crop of the grid starting at
+    voxel ``origin_ijk`` (``(i, j, k)``); from sums along the axes, no list of voxels."""
+    counts = mask.sum(axis=2, dtype=np.int64)  # (k, j)
+    total = counts.sum()
+    k = (counts.sum(axis=1) * np.arange(mask.shape[0])).sum() / total
+    j = (counts.sum(axis=0) * np.arange(mask.shape[1])).sum() / total
+    i = (mask.sum(axis=(0, 1), dtype=np.int64) * np.arange(mask.shape[2])).sum() / total
+    ijk_to_ras = np.asarray(ijk_to_ras, dtype=float)
+    return (np.array([i, j, k]) + np.asarray(origin_ijk, dtype=float)) @ ijk_to_ras[:3, :3].T + ijk_to_ras[:3, 3]

@@ -46,6 +46,7 @@ from scipy import ndimage
 
 from . import levels as lv
 from .geometry import (
+    mask_centroid_ras,
     partial_volume_share,
     unit,
     voxel_extent_along,
@@ -147,16 +148,6 @@ class _CropSampler:
         ijk = ras @ self.ras_to_crop[:3, :3].T + self.ras_to_crop[:3, 3]
         return ndimage.map_coordinates(array, ijk[:, ::-1].T, order=order, mode="constant", cval=cval,
                                        prefilter=False)
-
-
-def _centroid_ras(mask: np.ndarray, ijk_to_ras: np.ndarray, origin_ijk: np.ndarray) -> np.ndarray:
-    """RAS centroid (mm) of a crop's mask whose first voxel is ``origin_ijk`` of the grid."""
-    counts = mask.sum(axis=2, dtype=np.int64)  # (k, j): cheap reductions instead of voxel lists
-    total = counts.sum()
-    k = (counts.sum(axis=1) * np.arange(mask.shape[0])).sum() / total
-    j = (counts.sum(axis=0) * np.arange(mask.shape[1])).sum() / total
-    i = (mask.sum(axis=(0, 1), dtype=np.int64) * np.arange(mask.shape[2])).sum() / total
-    return (np.array([i, j, k]) + origin_ijk) @ ijk_to_ras[:3, :3].T + ijk_to_ras[:3, 3]
 
 
 def _local_coordinate(frame: "VertebraFrame", crop_ijk_to_ras: np.ndarray, shape_kji, axis: int) -> np.ndarray:
@@ -673,9 +664,9 @@ def _set_body(vertebra: _Vertebra, body: np.ndarray, ijk_to_ras: np.ndarray) -> 
     """Store a vertebra's body mask with the centroids of the body and of the rest (posterior
     elements) in RAS."""
     vertebra.body = body
-    vertebra.body_centroid = _centroid_ras(body, ijk_to_ras, vertebra.origin_ijk)
+    vertebra.body_centroid = mask_centroid_ras(body, ijk_to_ras, vertebra.origin_ijk)
     rest = vertebra.mask & ~body
-    vertebra.posterior_centroid = (_centroid_ras(rest, ijk_to_ras, vertebra.origin_ijk)
+    vertebra.posterior_centroid = (mask_centroid_ras(rest, ijk_to_ras, vertebra.origin_ijk)
                                    if rest.sum() >= 10 else None)
 
 
@@ -727,7 +718,7 @@ def measure_heights(
     step = float(max(0.5, min(spacing)))
     samplers = [_CropSampler(ijk_to_ras, v.origin_ijk) for v in vertebrae]
     for v in vertebrae:
-        v.centroid = _centroid_ras(v.mask, ijk_to_ras, v.origin_ijk)
+        v.centroid = mask_centroid_ras(v.mask, ijk_to_ras, v.origin_ijk)
     # Pass 1: frames from whole-vertebra centroids and patient-anterior; find the bodies.
     frames = _frames(vertebrae, [v.centroid for v in vertebrae], [None] * len(vertebrae))
     for v, frame, sample in zip(vertebrae, frames, samplers):
