@@ -200,6 +200,53 @@ def _run_screen(args) -> int:
     return 0
 
 
+def _add_cohort_parser(commands) -> None:
+    p = commands.add_parser(
+        "cohort",
+        help="screen many exams (a folder or a CSV manifest), resumable, locally or on a Dask cluster",
+        description="Screen every exam of a folder or CSV manifest into OUT/exams/<exam_id>/ (SPEC §5 files) and "
+                    "write OUT/features.csv, OUT/errors.csv, OUT/cohort.json and OUT/cohort.log. A failing exam "
+                    "never stops the others; a re-run skips finished exams. Folder rule: every CT file or DICOM "
+                    "series folder is an exam; its segmentation is <exam>_seg / <exam>_total (and <exam>_body "
+                    "for vertebrae_body) beside it, else TotalSegmentator segments it. Manifest: columns ct "
+                    "[,exam_id, seg, body_seg, labels, series]; other columns are passed through to features.csv.",
+    )
+    p.add_argument("inputs", type=Path, help="folder of exams or CSV manifest")
+    p.add_argument("--out", type=Path, required=True, help="cohort output folder")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, default=1, help="local worker processes (default 1: no Dask)")
+    where.add_argument("--scheduler", help="address (tcp://host:port) or scheduler file of a Dask cluster")
+    p.add_argument("--labels", choices=("totalsegmentator", "verse"), default="totalsegmentator",
+                   help="label convention of the given segmentations (default: totalsegmentator)")
+    p.add_argument("--levels", default="T4-L5", help="levels to report, e.g. T4-L5 (default)")
+    p.add_argument("--quality", choices=("fast", "normal"), default="normal", help="TotalSegmentator model quality")
+    p.add_argument("--device", default="cpu", help="TotalSegmentator device: cpu (default), gpu, gpu:N")
+    p.add_argument("--body", action="store_true", help="also run TotalSegmentator's vertebrae_body task")
+    p.add_argument("--no-qc", action="store_true", help="skip the QC pictures")
+    p.add_argument("--retry-failed", action="store_true", help="screen the exams that failed before again")
+    p.add_argument("--segment-resources", metavar="NAME=N[,...]",
+                   help="Dask worker resources for TotalSegmentator tasks, e.g. GPU=1 (cluster only)")
+    p.add_argument("--measure-resources", metavar="NAME=N[,...]",
+                   help="Dask worker resources for measurement tasks (cluster only)")
+    p.add_argument("--model", type=Path, help="fracture model (JSON) to apply (not available yet)")
+    p.set_defaults(run=_run_cohort)
+
+
+def _run_cohort(args) -> int:
+    from .cohort import CohortSettings, TerminalProgress, run_cohort
+
+    if args.model is not None:
+        raise VFSError("--model is not available yet: fracture models arrive with 'vfscreen train'.")
+    settings = CohortSettings(convention=args.labels, levels=_parse_levels(args.levels), quality=args.quality,
+                              device=args.device, segment_body=args.body, qc=not args.no_qc)
+    summary = run_cohort(args.inputs, args.out, settings=settings, workers=args.workers, scheduler=args.scheduler,
+                         retry_failed=args.retry_failed, segment_resources=args.segment_resources,
+                         measure_resources=args.measure_resources, progress=TerminalProgress())
+    print(summary.text())
+    print(f"features in {args.out / 'features.csv'}; errors in {args.out / 'errors.csv'}; log {args.out / 'cohort.log'}")
+    return 0 if summary.unfinished == 0 else EXIT_INPUT_ERROR
+
+
 def _add_demo_parser(commands) -> None:
     p = commands.add_parser(
         "demo",
@@ -260,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vfscreen {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
     _add_screen_parser(commands)
+    _add_cohort_parser(commands)
     _add_demo_parser(commands)
     _add_phantom_parser(commands)
     return parser

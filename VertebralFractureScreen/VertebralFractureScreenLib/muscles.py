@@ -236,6 +236,29 @@ def level_slabs(heights: Sequence, levels: Sequence[str] | None = None) -> list[
     return slabs
 
 
+def slab_length_mm(slab: LevelSlab, heights: Sequence) -> float:
+    """Length (mm) of a level's slab along its vertebra's cranio-caudal axis through the middle of
+    the body: the distance between the two planes on that line. NaN without the body's middle."""
+    h = next((h for h in heights if h.level == slab.level), None)
+    middle = None if h is None else _middle_point(h)
+    if middle is None:
+        return float("nan")
+    cc = unit(np.asarray(h.frame.cc, dtype=float))
+    along = [float((plane.point - middle) @ plane.normal / (cc @ plane.normal)) for plane in (slab.above, slab.below)]
+    return along[0] - along[1]
+
+
+def lumbar_length_mm(heights: Sequence) -> float | None:
+    """Length (mm) of the L1–L5 slabs along the spine (sum of :func:`slab_length_mm`), the
+    denominator that makes lumbar muscle volumes comparable between body sizes; None unless all
+    five slabs are complete."""
+    slabs = level_slabs(heights, levels=lv.LUMBAR_LEVELS)
+    if [s.level for s in slabs] != list(lv.LUMBAR_LEVELS) or not all(s.complete for s in slabs):
+        return None
+    length = sum(slab_length_mm(s, heights) for s in slabs)
+    return float(length) if np.isfinite(length) else None
+
+
 # ------------------------------------------------------------------------------------------------
 # Metrics
 # ------------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from .exam_inputs import ExamInputs, load_exam, read_ct_checked
 from .geometry import voxel_spacing
 from .grading import exam_fracture_summary, grade_spine
 from .morphometry import measure_heights
-from .muscles import measure_muscles, muscle_summary
+from .muscles import lumbar_length_mm, measure_muscles, muscle_summary
 
 VERTEBRA_COLUMNS = (
     "exam_id", "level", "complete", "ha_mm", "hm_mm", "hp_mm", "ha_hp", "hm_hp", "hp_ref_ratio", "height_loss",
@@ -345,7 +345,8 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
         "fracture": exam_fracture_summary(grades),
         "bone": _bone_json(bone),
         "contrast": asdict(contrast),
-        "muscle": muscle_summary(muscle_rows) if muscle_rows else {"lumbar": {}, "levels": [], "incomplete_levels": []},
+        "muscle": ({**muscle_summary(muscle_rows), "lumbar_length_mm": lumbar_length_mm(all_heights)} if muscle_rows
+                   else {"lumbar": {}, "levels": [], "incomplete_levels": [], "lumbar_length_mm": None}),
         "model": {"name": None, "probability": None, "threshold": None, "positive": None, "provenance": None,
                   "note": "no model applied"},
         "warnings": list(dict.fromkeys(warnings_)),
