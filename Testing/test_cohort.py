@@ -273,6 +273,17 @@ def test_inputs_are_not_modified(cohort_run, manifest):
         "normal_total.nii.gz", "broken.nii.gz"])
 
 
+def test_cohort_applies_a_model_to_every_exam(manifest, tmp_path):
+    summary = cohort.run_cohort(manifest, tmp_path / "out", settings=cohort.CohortSettings(qc=False, model="demo"))
+    assert summary.done == 2
+    for exam_id in ("F1", "N1"):
+        exam = json.loads((cohort.exam_folder(tmp_path / "out", exam_id) / "exam.json").read_text())
+        assert exam["model"]["demonstration"] is True and 0 <= exam["model"]["probability"] <= 1
+    with pytest.raises(InputError, match="cannot read the model file"):
+        cohort.run_cohort(manifest, tmp_path / "out2", settings=cohort.CohortSettings(model=str(tmp_path / "no.json")))
+    assert not (tmp_path / "out2").exists()
+
+
 def test_cancel_stops_between_exams(manifest, tmp_path):
     seen = []
     summary = cohort.run_cohort(manifest, tmp_path / "out", progress=seen.append, cancel=lambda: len(seen) >= 1,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,37 @@ def test_rerun_replaces_the_results(phantom_files, screened):
     assert code == 0
     assert sorted(p.name for p in screened.iterdir()) == ["exam.json", "muscles.csv", "vertebrae.csv"]
     assert json.loads((screened / "exam.json").read_text())["created_utc"] >= before
+
+
+def test_screen_with_the_demo_model(phantom_files, tmp_path, capsys):
+    """``--model demo``: exam.json carries the model's output, marked as a demonstration, with the
+    features it had to impute; the probability is the model's on the exam's features."""
+    from VertebralFractureScreenLib.features import features_from_folder
+    from VertebralFractureScreenLib.model import load_model, demo_model_path
+
+    out = tmp_path / "exam"
+    assert main(["screen", str(phantom_files["ct"]), "--seg", str(phantom_files["total"]), "--out", str(out),
+                 "--no-qc", "--model", "demo"]) == 0
+    printed = capsys.readouterr().out
+    assert "fracture probability" in printed and "DEMONSTRATION ONLY" in printed
+    exam = json.loads((out / "exam.json").read_text())
+    output, model = exam["model"], load_model(demo_model_path())
+    assert output["name"] == model.name and output["demonstration"] is True and "DEMONSTRATION" in output["note"]
+    assert 0.0 <= output["probability"] <= 1.0 and output["threshold"] == model.threshold
+    assert output["positive"] == (output["probability"] >= output["threshold"])
+    assert output["provenance"]["training_exams"] == model.training["exams"] and "sha256" in output["provenance"]["file"]
+    features = features_from_folder(out)
+    assert output["imputed_features"] == [name for name in model.features if math.isnan(features[name])]
+    # vertebrae.csv rounds to 4 decimals: the probability from the written files agrees closely.
+    assert model.apply(features)["probability"] == pytest.approx(output["probability"], abs=1e-3)
+
+
+def test_a_bad_model_file_is_refused_before_screening(phantom_files, tmp_path, capsys):
+    bad = tmp_path / "model.json"
+    bad.write_text('{"format": "something"}')
+    message = run_bad(capsys, tmp_path, [phantom_files["ct"], "--seg", phantom_files["total"], "--model", bad],
+                      [phantom_files["ct"], bad], "is not a VertebralFractureScreen fracture model file")
+    assert str(bad) in message
 
 
 # ------------------------------------------------------------------------------------------------
@@ -224,7 +256,8 @@ def test_demo_runs_and_reports_the_truth(capsys, tmp_path):
     printed = capsys.readouterr().out
     assert "fractures: T12, L1, L3" in printed and "demonstration" in printed
     assert "osteoporosis-likely" in printed
-    assert (tmp_path / "results" / "exam.json").exists()
+    assert "fracture probability" in printed and "DEMONSTRATION ONLY" in printed  # the shipped demo model
+    assert json.loads((tmp_path / "results" / "exam.json").read_text())["model"]["demonstration"] is True
 
 
 def test_default_output_folder_is_in_the_current_folder(phantom_files, tmp_path, monkeypatch):

@@ -202,3 +202,14 @@ def test_missing_totalsegmentator_extension_is_one_sentence(mrml):
         slicer_nodes.segment_with_totalsegmentator_extension(volume, quality="fast", cpu=True)
     assert "\n" not in str(error.value)
     assert mrml.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == segmentations_before
+
+
+def test_model_output_reaches_the_exam_table(mrml, phantom_files):
+    paths, _ = phantom_files
+    volume, segmentation, _ = load_nodes(mrml, paths)
+    result = slicer_nodes.screen_nodes(volume, segmentation, exam_id=EXAM, model="demo")
+    made = slicer_nodes.write_result_nodes(result, slicer)
+    exam = made["exam"]
+    pairs = {exam.GetCellText(r, 0): exam.GetCellText(r, 1) for r in range(exam.GetNumberOfRows())}
+    assert float(pairs["model.probability"]) == pytest.approx(result.exam["model"]["probability"], abs=1e-6)
+    assert pairs["model.demonstration"].lower() in ("true", "1") and "DEMONSTRATION" in pairs["model.note"]

@@ -158,7 +158,7 @@ def _add_screen_parser(commands) -> None:
     p.add_argument("--exam-id", help="exam name in the outputs (default: the CT's file name)")
     p.add_argument("--levels", default="T4-L5", help="levels to report, e.g. T4-L5 (default)")
     p.add_argument("--series", help="SeriesInstanceUID to read when the DICOM folder holds several series")
-    p.add_argument("--model", type=Path, help="fracture model (JSON) to apply (not available yet)")
+    p.add_argument("--model", help="fracture model file (JSON) to apply, or 'demo' for the demonstration model")
     p.add_argument("--quality", choices=("fast", "normal"), default="normal",
                    help="TotalSegmentator model: fast (3 mm) or normal (1.5 mm, default)")
     p.add_argument("--device", default="cpu", help="TotalSegmentator device: cpu (default), gpu, gpu:N")
@@ -179,8 +179,6 @@ def _parse_levels(text: str) -> tuple[str, ...]:
 def _run_screen(args) -> int:
     from .screening import screen_exam
 
-    if args.model is not None:
-        raise VFSError("--model is not available yet: fracture models arrive with 'vfscreen train'.")
     from .screening import exam_id_of
 
     out = args.out or Path.cwd() / f"{args.exam_id or exam_id_of(args.ct)}_vfscreen"
@@ -190,7 +188,7 @@ def _run_screen(args) -> int:
         result = screen_exam(args.ct, seg=args.seg, body_seg=args.body_seg, convention=args.labels,
                              exam_id=args.exam_id, levels=_parse_levels(args.levels), series_uid=args.series,
                              out_dir=out, quality=args.quality, device=args.device, segment_body=args.body,
-                             keep_label_maps=False)
+                             keep_label_maps=False, model=args.model)
     except InputError as error:  # the library names its argument; on the command line it is --series
         raise InputError(str(error).replace("series_uid", "--series")) from None
     result.write(out, qc=not args.no_qc)
@@ -228,23 +226,99 @@ def _add_cohort_parser(commands) -> None:
                    help="Dask worker resources for TotalSegmentator tasks, e.g. GPU=1 (cluster only)")
     p.add_argument("--measure-resources", metavar="NAME=N[,...]",
                    help="Dask worker resources for measurement tasks (cluster only)")
-    p.add_argument("--model", type=Path, help="fracture model (JSON) to apply (not available yet)")
+    p.add_argument("--model", help="fracture model file (JSON) to apply to every exam, or 'demo'")
     p.set_defaults(run=_run_cohort)
 
 
 def _run_cohort(args) -> int:
     from .cohort import CohortSettings, TerminalProgress, run_cohort
 
-    if args.model is not None:
-        raise VFSError("--model is not available yet: fracture models arrive with 'vfscreen train'.")
     settings = CohortSettings(convention=args.labels, levels=_parse_levels(args.levels), quality=args.quality,
-                              device=args.device, segment_body=args.body, qc=not args.no_qc)
+                              device=args.device, segment_body=args.body, qc=not args.no_qc, model=args.model)
     summary = run_cohort(args.inputs, args.out, settings=settings, workers=args.workers, scheduler=args.scheduler,
                          retry_failed=args.retry_failed, segment_resources=args.segment_resources,
                          measure_resources=args.measure_resources, progress=TerminalProgress())
     print(summary.text())
     print(f"features in {args.out / 'features.csv'}; errors in {args.out / 'errors.csv'}; log {args.out / 'cohort.log'}")
     return 0 if summary.unfinished == 0 else EXIT_INPUT_ERROR
+
+
+def _add_train_parser(commands) -> None:
+    p = commands.add_parser(
+        "train",
+        help="train a fracture model on a cohort's features.csv with a label column",
+        description="Train a fracture model (median imputation, standardisation, logistic regression or gradient "
+                    "boosting) on FEATURES.csv (from 'vfscreen cohort') with a 0/1 label column. Stratified k-fold "
+                    "cross-validation with every fitted step inside the folds gives the AUC with a bootstrap 95 % CI, "
+                    "sensitivity/specificity/PPV/NPV at the target specificity and at Youden's point, ROC and "
+                    "calibration plots and a report; the model is then fitted on all exams and saved as JSON.",
+    )
+    p.add_argument("features", type=Path, help="features.csv with a label column")
+    p.add_argument("--label", required=True, help="column with 1 (fracture) / 0 (none)")
+    p.add_argument("--out", type=Path, required=True, help="model file to write (JSON)")
+    p.add_argument("--kind", choices=("logistic", "gradient-boosting"), default="logistic",
+                   help="model (default: logistic regression)")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fold split and the bootstrap (default 0)")
+    p.add_argument("--target-specificity", type=float, default=0.95,
+                   help="specificity of the operating point (default 0.95, as the published model)")
+    p.add_argument("--name", help="model name shown with its probabilities (default: kind and cohort size)")
+    p.add_argument("--report", type=Path, help="report folder (default: MODEL_report beside the model file)")
+    p.set_defaults(run=_run_train)
+
+
+def _report_folder(path: Path, suffix: str) -> Path:
+    name = path.name[: -len(path.suffix)] if path.suffix else path.name
+    return path.with_name(f"{name}_{suffix}")
+
+
+def _run_train(args) -> int:
+    from .model import read_feature_table
+    from .model_report import summary_lines, write_report
+    from .model_training import train_model
+
+    table = read_feature_table(args.features, args.label)
+    result = train_model(table, kind=args.kind, folds=args.folds, seed=args.seed,
+                         target_specificity=args.target_specificity, name=args.name)
+    report = args.report or _report_folder(args.out, "report")
+    metrics, what = result.model.training["cross_validation"], f"{args.folds}-fold cross-validation"
+    write_report(report, result.model, metrics, table.labels, result.out_of_fold, what=what)
+    result.model.save(args.out)
+    print("\n".join(summary_lines(result.model, metrics, what=what)))
+    print(f"model written to {args.out}; report in {report}")
+    return 0
+
+
+def _add_evaluate_parser(commands) -> None:
+    p = commands.add_parser(
+        "evaluate",
+        help="evaluate a fracture model on another cohort's features.csv",
+        description="Apply MODEL.json to the exams of FEATURES.csv and report its AUC (bootstrap 95 % CI), "
+                    "sensitivity/specificity/PPV/NPV at the model's threshold and at Youden's point, ROC and "
+                    "calibration plots.",
+    )
+    p.add_argument("model", help="model file (JSON), or 'demo'")
+    p.add_argument("features", type=Path, help="features.csv with a label column")
+    p.add_argument("--label", required=True, help="column with 1 (fracture) / 0 (none)")
+    p.add_argument("--report", type=Path, help="report folder (default: FEATURES_evaluation beside the table)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    p.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from .model import read_feature_table, resolve_model
+    from .model_report import summary_lines, write_report
+    from .model_training import evaluate_model
+
+    model = resolve_model(args.model)
+    table = read_feature_table(args.features, args.label)
+    metrics, probabilities = evaluate_model(model, table, seed=args.seed)
+    report = args.report or _report_folder(args.features, "evaluation")
+    what = f"evaluation on {args.features.name}"
+    write_report(report, model, metrics, table.labels, probabilities, what=what)
+    print("\n".join(summary_lines(model, metrics, what=what)))
+    print(f"report in {report}")
+    return 0
 
 
 def _add_demo_parser(commands) -> None:
@@ -281,7 +355,11 @@ def _run_demo(args) -> int:
         paths = write_phantom(spec, root / "phantom")
         rendered = time.perf_counter() - started
         started = time.perf_counter()
-        result = screen_exam(paths["ct"], seg=paths["total"], body_seg=paths["vertebrae_body"], exam_id="demo-phantom")
+        from .model import demo_model_path
+
+        model = "demo" if demo_model_path().is_file() else None  # the demonstration model, where it ships
+        result = screen_exam(paths["ct"], seg=paths["total"], body_seg=paths["vertebrae_body"], exam_id="demo-phantom",
+                             model=model)
         out = root / "results"
         result.write(out)
         screened = time.perf_counter() - started
@@ -308,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
     _add_screen_parser(commands)
     _add_cohort_parser(commands)
+    _add_train_parser(commands)
+    _add_evaluate_parser(commands)
     _add_demo_parser(commands)
     _add_phantom_parser(commands)
     return parser

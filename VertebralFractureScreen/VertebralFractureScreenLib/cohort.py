@@ -61,7 +61,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -116,6 +116,8 @@ class CohortSettings:
     device: str = "cpu"
     segment_body: bool = False
     qc: bool = True
+    model: str | None = None
+    """Fracture model file (or ``"demo"``) applied to every exam; its output goes to ``exam.json``."""
 
 
 @dataclass
@@ -439,7 +441,7 @@ def screen_cohort_exam(exam: CohortExam, settings: CohortSettings, out: str, *, 
                                  convention=exam.convention or settings.convention, exam_id=exam.exam_id,
                                  levels=settings.levels, series_uid=exam.series_uid, out_dir=folder,
                                  quality=settings.quality, device=settings.device,
-                                 segment_body=settings.segment_body, keep_label_maps=False)
+                                 segment_body=settings.segment_body, keep_label_maps=False, model=settings.model)
             result.write(folder, qc=settings.qc)
             (folder / ERROR_FILE).unlink(missing_ok=True)
         except Exception as error:  # noqa: BLE001 - one exam's failure never stops the cohort
@@ -645,6 +647,17 @@ def run_cohort(inputs, out, *, settings: CohortSettings | None = None, workers: 
     duplicates = sorted(name for name, count in Counter(e.exam_id for e in exams).items() if count > 1)
     if duplicates:
         raise InputError(f"exam IDs must be unique; repeated: {', '.join(duplicates)}.")
+    segment_resources = _parse_resources(segment_resources)
+    measure_resources = _parse_resources(measure_resources)
+    if workers < 1:
+        raise InputError(f"--workers must be at least 1, got {workers}.")
+    if settings.model is not None:
+        from .model import resolve_model
+
+        resolve_model(settings.model)  # refuse a bad model file before any exam is screened
+        if settings.model != "demo":  # workers may run in other folders
+            settings = replace(settings, model=str(Path(settings.model).expanduser().absolute()))
+
     out = Path(out).expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise InputError(f"output path {out} exists and is not a folder.")
@@ -652,11 +665,6 @@ def run_cohort(inputs, out, *, settings: CohortSettings | None = None, workers: 
         (out / EXAMS_FOLDER).mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise InputError(f"cannot create the output folder {out}: {error.strerror or error}.") from None
-    segment_resources = _parse_resources(segment_resources)
-    measure_resources = _parse_resources(measure_resources)
-    if workers < 1:
-        raise InputError(f"--workers must be at least 1, got {workers}.")
-
     handler = _log_to(out)
     started = time.perf_counter()
     state = CohortProgress(total=len(exams))

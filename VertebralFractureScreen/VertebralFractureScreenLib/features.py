@@ -78,8 +78,8 @@ CLINICAL_COLUMNS = ("age", "sex")
 MISSING = float("nan")
 
 
-def _finite(value) -> float:
-    """A number, or NaN for None, empty text and non-finite values."""
+def number_or_nan(value) -> float:
+    """A number, or NaN for None, empty text, text that is no number and non-finite values."""
     if value is None or value == "":
         return MISSING
     try:
@@ -94,9 +94,9 @@ def exam_features(exam: dict, vertebrae: list[dict]) -> dict[str, float]:
     ``vertebrae.csv`` (dicts of text as :class:`csv.DictReader` gives them, or of values as
     :attr:`.screening.ScreeningResult.vertebrae` holds them). Missing values are NaN."""
     features = dict.fromkeys(FEATURE_NAMES, MISSING)
-    graded = [row for row in vertebrae if not math.isnan(_finite(row.get("genant_grade")))]
-    grades = [_finite(row["genant_grade"]) for row in graded]
-    losses = [loss for loss in (_finite(row.get("height_loss")) for row in graded) if not math.isnan(loss)]
+    graded = [row for row in vertebrae if not math.isnan(number_or_nan(row.get("genant_grade")))]
+    grades = [number_or_nan(row["genant_grade"]) for row in graded]
+    losses = [loss for loss in (number_or_nan(row.get("height_loss")) for row in graded) if not math.isnan(loss)]
     if grades:
         features["max_genant_grade"] = max(grades)
         features["fractured_count"] = float(sum(g >= 1 for g in grades))
@@ -107,25 +107,25 @@ def exam_features(exam: dict, vertebrae: list[dict]) -> dict[str, float]:
     for row in vertebrae:
         name = f"hu_{row.get('level')}"
         if name in features and _is_true(row.get("complete")):
-            features[name] = _finite(row.get("trabecular_hu_mean"))
+            features[name] = number_or_nan(row.get("trabecular_hu_mean"))
 
     bone = exam.get("bone") or {}
-    features["l1_hu"] = _finite(bone.get("l1_hu"))
-    features["lumbar_mean_hu"] = _finite(bone.get("lumbar_mean_hu"))
+    features["l1_hu"] = number_or_nan(bone.get("l1_hu"))
+    features["lumbar_mean_hu"] = number_or_nan(bone.get("lumbar_mean_hu"))
 
     muscle = exam.get("muscle") or {}
-    length_cm = _finite(muscle.get("lumbar_length_mm")) / 10.0
+    length_cm = number_or_nan(muscle.get("lumbar_length_mm")) / 10.0
     for group in ("autochthon", "iliopsoas"):
         total = (muscle.get("lumbar") or {}).get(group)
         if not total or not total.get("complete"):
             continue
         if length_cm > 0:
-            features[f"{group}_volume_ml_per_cm"] = _finite(total.get("volume_ml")) / length_cm
-        features[f"{group}_mean_hu"] = _finite(total.get("mean_hu"))
-        features[f"{group}_imat_fraction"] = _finite(total.get("imat_fraction"))
+            features[f"{group}_volume_ml_per_cm"] = number_or_nan(total.get("volume_ml")) / length_cm
+        features[f"{group}_mean_hu"] = number_or_nan(total.get("mean_hu"))
+        features[f"{group}_imat_fraction"] = number_or_nan(total.get("imat_fraction"))
 
     contrast = exam.get("contrast") or {}
-    features["aorta_hu"] = _finite(contrast.get("aorta_hu"))
+    features["aorta_hu"] = number_or_nan(contrast.get("aorta_hu"))
     flag = contrast.get("contrast_enhanced")
     features["contrast_enhanced"] = MISSING if flag is None else float(bool(flag))
     return features

@@ -41,8 +41,10 @@ from . import levels as lv
 from .attenuation import bone_summary, measure_contrast, measure_trabecular
 from .errors import InputError
 from .exam_inputs import ExamInputs, load_exam, read_ct_checked
+from .features import exam_features
 from .geometry import voxel_spacing
 from .grading import exam_fracture_summary, grade_spine
+from .model import resolve_model
 from .morphometry import measure_heights
 from .muscles import lumbar_length_mm, measure_muscles, muscle_summary
 
@@ -159,6 +161,12 @@ class ScreeningResult:
                 g = lumbar[group]
                 lines.append(f"{group} L1–L5: {g['volume_ml']:.0f} ml, {g['mean_hu']:.0f} HU, "
                              f"fat {100 * g['imat_fraction']:.1f} %" + ("" if g["complete"] else " (incomplete)"))
+        model = self.exam.get("model") or {}
+        if model.get("probability") is not None:
+            lines.append(f"model {model['name']}: fracture probability {model['probability']:.2f} "
+                         f"({'≥' if model['positive'] else '<'} threshold {model['threshold']:.2f} → "
+                         f"{'positive' if model['positive'] else 'negative'})"
+                         + (" — DEMONSTRATION ONLY, not a clinical result" if model.get("demonstration") else ""))
         lines.extend(f"warning: {w}" for w in self.exam["warnings"])
         return "\n".join(lines)
 
@@ -221,7 +229,7 @@ def exam_id_of(ct) -> str:
 def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmentator", exam_id: str | None = None,
                 levels=lv.SCREENING_LEVELS, series_uid: str | None = None, out_dir=None,
                 quality: str = "normal", device: str = "cpu", segment_body: bool = False,
-                keep_label_maps: bool = True) -> ScreeningResult:
+                keep_label_maps: bool = True, model=None) -> ScreeningResult:
     """Screen one exam.
 
     Args:
@@ -243,6 +251,8 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
         keep_label_maps: False lets the label maps go as soon as no step needs them (the
             ``vertebrae_body`` map after the trabecular ROIs), which lowers the peak memory when
             they were read from files; the result's ``inputs`` then lack them.
+        model: a fracture model to apply (:class:`.model.FractureModel`, a model file, or
+            ``"demo"`` for the shipped demonstration model); its output goes to ``exam["model"]``.
 
     Raises:
         InputError: bad input (one sentence); DependencyError / SegmentationError: segmentation
@@ -250,6 +260,7 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
     """
     timings: dict[str, float] = {}
     started = time.perf_counter()
+    model = resolve_model(model)  # a bad model file is refused before any work
     exam_id = exam_id or exam_id_of(ct)
     segmented_by = "given"
     if seg is None:
@@ -352,6 +363,12 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
         "warnings": list(dict.fromkeys(warnings_)),
         "timings_s": timings,
     }
+    if model is not None:
+        exam["model"] = model.apply(exam_features(exam, vertebra_rows))
+        if exam["model"]["imputed_features"]:
+            exam["warnings"].append(f"model {model.name!r}: {len(exam['model']['imputed_features'])} missing features "
+                                    f"imputed with the training cohort's medians "
+                                    f"({', '.join(exam['model']['imputed_features'])})")
     return ScreeningResult(exam_id, vertebra_rows, muscle_table, exam, heights, grades, rois, muscle_rows, contrast,
                            bone, inputs)
 

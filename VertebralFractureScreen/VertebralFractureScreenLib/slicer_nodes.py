@@ -176,7 +176,7 @@ def labels_from_segmentation(segmentation_node, reference_node, convention: str 
 
 
 def screen_nodes(volume_node, segmentation_node, *, body_segmentation_node=None, exam_id: str | None = None,
-                 levels=lv.SCREENING_LEVELS, convention: str = "totalsegmentator") -> ScreeningResult:
+                 levels=lv.SCREENING_LEVELS, convention: str = "totalsegmentator", model=None) -> ScreeningResult:
     """Screen the CT of ``volume_node`` with the segments of ``segmentation_node``.
 
     Args:
@@ -188,6 +188,8 @@ def screen_nodes(volume_node, segmentation_node, *, body_segmentation_node=None,
             ``vertebrae_body`` and ``intervertebral_discs``).
         exam_id: name of the exam (default: the volume node's name).
         levels: levels to report (T4–L5 by default).
+        model: fracture model to apply (a model file, ``"demo"`` or a :class:`.model.FractureModel`);
+            its output is in ``result.exam["model"]`` and in the exam table node.
         convention: ``totalsegmentator`` (default) or ``verse`` (vertebrae only).
 
     Returns:
@@ -204,7 +206,7 @@ def screen_nodes(volume_node, segmentation_node, *, body_segmentation_node=None,
         body, body_match = labels_from_segmentation(body_segmentation_node, volume_node, "vertebrae_body")
         notes += _dropped_note(body_segmentation_node, body_match)
     result = screen_exam(ct, seg=seg, body_seg=body, convention=convention,
-                         exam_id=exam_id or volume_node.GetName(), levels=levels)
+                         exam_id=exam_id or volume_node.GetName(), levels=levels, model=model)
     result.exam["inputs"].update({"ct": f"Slicer node {volume_node.GetName()}",
                                   "segmentation": f"Slicer node {segmentation_node.GetName()}"})
     if body_segmentation_node is not None:
