@@ -440,3 +440,20 @@ def test_distributed_cluster_with_a_gpu_worker_for_segmentation(phantoms, tmp_pa
     assert exam["inputs"]["segmented_by"].startswith("TotalSegmentator") and "reused" in exam["inputs"]["segmented_by"]
     assert [row["exam_id"] for row in read_csv(out / cohort.FEATURES_FILE)] == [
         "exam00", "exam01", "exam02", "unsegmented"]
+
+
+def test_a_list_of_ct_files_finds_their_segmentations(tmp_path):
+    touch(tmp_path / "a" / "x.nii.gz")
+    touch(tmp_path / "a" / "x_total.nii.gz")
+    touch(tmp_path / "a" / "x_vertebrae_body.nii.gz")
+    touch(tmp_path / "a" / "xy.nii.gz")
+    touch(tmp_path / "b" / "y.nrrd")
+    exams = cohort.exams_from_files([tmp_path / "a" / "x.nii.gz", tmp_path / "a" / "xy.nii.gz", tmp_path / "b" / "y.nrrd"])
+    assert [e.exam_id for e in exams] == ["x", "xy", "y"]
+    assert Path(exams[0].seg).name == "x_total.nii.gz" and Path(exams[0].body_seg).name == "x_vertebrae_body.nii.gz"
+    assert exams[1].seg is None and exams[2].seg is None
+    touch(tmp_path / "c" / "x.nii.gz")
+    with pytest.raises(InputError, match="several CTs have the exam ID x"):
+        cohort.exams_from_files([tmp_path / "a" / "x.nii.gz", tmp_path / "c" / "x.nii.gz"])
+    with pytest.raises(InputError, match="does not exist"):
+        cohort.exams_from_files([tmp_path / "none.nii.gz"])

@@ -119,3 +119,38 @@ def test_icons_are_128_pixel_pngs(path):
     header = path.read_bytes()[:24]
     assert header[:8] == b"\x89PNG\r\n\x1a\n"
     assert struct.unpack(">II", header[16:24]) == (128, 128)
+
+
+def test_every_parameter_the_ui_binds_is_in_the_parameter_node():
+    """The parameter node wrapper connects widgets by their SlicerParameterName property."""
+    tree = ET.parse(UI_FILE)
+    bound = {}
+    for widget in tree.getroot().iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[widget.get("name")] = prop.findtext("string")
+    module = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    wrapper = next(node for node in module.body if isinstance(node, ast.ClassDef)
+                   and any(getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list))
+    fields = {node.target.id for node in wrapper.body if isinstance(node, ast.AnnAssign)}
+    assert bound and set(bound.values()) <= fields, sorted(set(bound.values()) - fields)
+    assert {"inputVolume", "inputSegmentation", "segmentWithTotalSegmentator", "quality", "cpu", "modelPath",
+            "showHeightLines"} <= set(bound.values())
+
+
+def test_slicer_requirements_match_the_package_dependencies():
+    """Resources/requirements.txt lists every dependency of pyproject.toml that Slicer does not
+    bundle, with the same minimum version, and the missing-package check reads it."""
+    import tomllib
+
+    from VertebralFractureScreenLib.dependencies import missing_requirements, read_requirements
+
+    bundled_with_slicer = {"numpy", "simpleitk"}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    expected = sorted(d.split(";")[0].replace(" ", "") for d in project["dependencies"]
+                      if re.split(r"[<>=!~ ;\[]", d)[0].lower() not in bundled_with_slicer)
+    listed = read_requirements(MODULE_DIR / "Resources" / "requirements.txt")
+    assert sorted(listed) == expected
+    assert missing_requirements(listed) == []  # all installed here
+    assert missing_requirements(["numpy>=1.0", "numpy>=999", "surely-not-a-package-here>=1"]) == [
+        "numpy>=999", "surely-not-a-package-here>=1"]

@@ -5,6 +5,7 @@ Runs on the ``slicer-core`` wheel through ``mrml_support``; skipped where ``slic
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -213,3 +214,28 @@ def test_model_output_reaches_the_exam_table(mrml, phantom_files):
     pairs = {exam.GetCellText(r, 0): exam.GetCellText(r, 1) for r in range(exam.GetNumberOfRows())}
     assert float(pairs["model.probability"]) == pytest.approx(result.exam["model"]["probability"], abs=1e-6)
     assert pairs["model.demonstration"].lower() in ("true", "1") and "DEMONSTRATION" in pairs["model.note"]
+
+
+def test_panel_rows_view_centres_and_height_line_toggle(mrml, phantom_files):
+    """What the panel shows: its table rows (texts and grade colours), the point a row click centres
+    the views on (the body's centre, against the phantom's truth), and the height-line toggle."""
+    paths, _ = phantom_files
+    volume, segmentation, _ = load_nodes(mrml, paths)
+    result = slicer_nodes.screen_nodes(volume, segmentation, exam_id=EXAM)
+    slicer_nodes.write_result_nodes(result, slicer)
+    rows = slicer_nodes.panel_rows(result)
+    assert [r["level"] for r in rows] == [row["level"] for row in result.vertebrae]
+    for shown, row in zip(rows, result.vertebrae):
+        assert len(shown["cells"]) == len(slicer_nodes.PANEL_COLUMNS)
+        assert shown["cells"][1] == f"{row['ha_mm']:.1f}" and shown["cells"][5].rstrip("?") == str(row["genant_grade"])
+        assert shown["color"] == pytest.approx(slicer_nodes.GRADE_COLORS[row["genant_grade"]])
+    truth = {v["level"]: v for v in json.loads(paths["truth"].read_text())["vertebrae"]}
+    for level in ("T12", "L1", "L2"):
+        centre = np.array(slicer_nodes.vertebra_centre_ras(result, level))
+        assert np.linalg.norm(centre - np.array(truth[level]["centre_ras"])) < 3.0  # 2 mm voxels
+    assert slicer_nodes.vertebra_centre_ras(result, "C1") is None
+    lines = [n for n in slicer_nodes.result_nodes(mrml.scene) if n.IsA("vtkMRMLMarkupsLineNode")]
+    assert slicer_nodes.set_height_lines_visible(mrml.scene, False) == len(lines) == 12
+    assert not any(n.GetDisplayNode().GetVisibility() for n in lines)
+    assert slicer_nodes.set_height_lines_visible(mrml.scene, True) == 12
+    assert all(n.GetDisplayNode().GetVisibility() for n in lines)

@@ -262,6 +262,36 @@ def find_exams(inputs) -> list[CohortExam]:
     return exams
 
 
+def exams_from_files(cts: Sequence) -> list[CohortExam]:
+    """Exams from a list of CT files or DICOM folders (e.g. picked in Slicer); each one's
+    segmentations are found beside it by the folder rule's names (``<exam>_seg``, ``<exam>_total``,
+    ``<exam>.seg.nrrd``, ``<exam>_body``, ``<exam>_vertebrae_body``).
+
+    Raises:
+        InputError: a CT does not exist, or two CTs have the same exam ID.
+    """
+    exams = []
+    for ct in cts:
+        path = Path(ct).expanduser().absolute()
+        if not path.exists():
+            raise InputError(f"CT {path} does not exist.")
+        parts = None if path.is_dir() else _split_image_name(path.name)
+        stem = path.name if parts is None else parts[0]
+        found: dict[str, str] = {}
+        for sibling in sorted(path.parent.iterdir()):
+            sibling_parts = _split_image_name(sibling.name) if sibling.is_file() else None
+            if sibling_parts is None or sibling == path:
+                continue
+            role, sibling_stem = _role(*sibling_parts)
+            if sibling_stem == stem and role != "ct":
+                found.setdefault(role, str(sibling))
+        exams.append(CohortExam(_checked_id(stem, path), str(path), found.get("seg"), found.get("body_seg")))
+    duplicates = sorted(name for name, count in Counter(e.exam_id for e in exams).items() if count > 1)
+    if duplicates:
+        raise InputError(f"several CTs have the exam ID {', '.join(duplicates)}; rename them or use a CSV manifest.")
+    return exams
+
+
 def _checked_id(exam_id: str, source) -> str:
     if not _EXAM_ID.fullmatch(exam_id):
         raise InputError(f"exam ID {exam_id!r} in {source} cannot name a folder: use letters, digits and . _ + - "
@@ -622,7 +652,8 @@ def run_cohort(inputs, out, *, settings: CohortSettings | None = None, workers: 
     """Screen every exam of a cohort that is not finished yet (see the module docstring).
 
     Args:
-        inputs: a folder of exams, a CSV manifest, or a list of :class:`CohortExam`.
+        inputs: a folder of exams, a CSV manifest, or a list of :class:`CohortExam` or of CT
+            paths (:func:`exams_from_files`).
         out: the cohort's output folder (created when absent).
         settings: how exams are screened (:class:`CohortSettings`).
         workers: local worker processes (1: in this process, no Dask).
@@ -643,7 +674,11 @@ def run_cohort(inputs, out, *, settings: CohortSettings | None = None, workers: 
         DependencyError: a cluster was asked for and Dask distributed is not installed.
     """
     settings = settings or CohortSettings()
-    exams = list(inputs) if isinstance(inputs, (list, tuple)) else find_exams(inputs)
+    if isinstance(inputs, (list, tuple)):
+        exams = [e for e in inputs if isinstance(e, CohortExam)]
+        exams += exams_from_files([e for e in inputs if not isinstance(e, CohortExam)])
+    else:
+        exams = find_exams(inputs)
     duplicates = sorted(name for name, count in Counter(e.exam_id for e in exams).items() if count > 1)
     if duplicates:
         raise InputError(f"exam IDs must be unique; repeated: {', '.join(duplicates)}.")

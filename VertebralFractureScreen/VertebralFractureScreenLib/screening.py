@@ -130,13 +130,8 @@ class ScreeningResult:
         """A short per-vertebra table for a terminal."""
         lines = [f"{'level':<6}{'Ha':>6}{'Hm':>6}{'Hp':>6}{'loss':>7}  {'grade':<6}{'shape':<10}{'HU':>6}"]
         for row in self.vertebrae:
-            def number(key, scale=1.0, digits=1):
-                value = row[key]
-                return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value * scale:.{digits}f}"
-            grade = "–" if row["genant_grade"] is None else str(row["genant_grade"]) + ("?" if row["borderline"] else "")
-            shape = row["shape"] if row["complete"] else "incomplete"
-            lines.append(f"{row['level']:<6}{number('ha_mm'):>6}{number('hm_mm'):>6}{number('hp_mm'):>6}"
-                         f"{number('height_loss', 100, 0) + '%':>7}  {grade:<6}{shape:<10}{number('trabecular_hu_mean', 1, 0):>6}")
+            level, ha, hm, hp, loss, grade, shape, hu = vertebra_cells(row)
+            lines.append(f"{level:<6}{ha:>6}{hm:>6}{hp:>6}{loss + '%':>7}  {grade:<6}{shape:<10}{hu:>6}")
         return "\n".join(lines)
 
     def summary(self) -> str:
@@ -167,8 +162,26 @@ class ScreeningResult:
                          f"({'≥' if model['positive'] else '<'} threshold {model['threshold']:.2f} → "
                          f"{'positive' if model['positive'] else 'negative'})"
                          + (" — DEMONSTRATION ONLY, not a clinical result" if model.get("demonstration") else ""))
+            provenance = model.get("provenance") or {}
+            auc = provenance.get("cv_auc")
+            lines.append(f"model provenance: {provenance.get('kind')} trained on {provenance.get('training_exams')} exams "
+                         f"({provenance.get('training_positives')} with fracture"
+                         + (f", cross-validated AUC {auc:.2f}" if auc is not None else "") + f"), {provenance.get('created_utc')}")
         lines.extend(f"warning: {w}" for w in self.exam["warnings"])
         return "\n".join(lines)
+
+
+def _cell_number(value, scale: float = 1.0, digits: int = 1) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value * scale:.{digits}f}"
+
+
+def vertebra_cells(row: dict) -> list[str]:
+    """A ``vertebrae.csv`` row as the texts of a results table: level, Ha, Hm, Hp (mm), loss (%),
+    grade (``?`` when borderline, ``–`` when not graded), shape (``incomplete`` when cut) and HU."""
+    grade = "–" if row["genant_grade"] is None else str(row["genant_grade"]) + ("?" if row["borderline"] else "")
+    return [row["level"], _cell_number(row["ha_mm"]), _cell_number(row["hm_mm"]), _cell_number(row["hp_mm"]),
+            _cell_number(row["height_loss"], 100, 0), grade, row["shape"] if row["complete"] else "incomplete",
+            _cell_number(row["trabecular_hu_mean"], 1, 0)]
 
 
 def _csv_text(columns, rows) -> str:

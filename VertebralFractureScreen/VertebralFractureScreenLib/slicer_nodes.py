@@ -29,7 +29,7 @@ import numpy as np
 from . import levels as lv
 from .errors import InputError
 from .imageio import LabelMapWarning, Volume, convention_ids, structure_from_terminology, vertebra_from_text
-from .screening import VERTEBRA_COLUMNS, ScreeningResult, jsonable, screen_exam
+from .screening import VERTEBRA_COLUMNS, ScreeningResult, jsonable, screen_exam, vertebra_cells
 
 RESULT_ATTRIBUTE = "VertebralFractureScreen.Result"
 """Node attribute ("1") that marks the nodes :func:`write_result_nodes` made."""
@@ -455,3 +455,41 @@ def segment_with_totalsegmentator_extension(volume_node, *, quality: str = "fast
     logic.process(inputVolume=volume_node, outputSegmentation=segmentation_node,
                   **{key: value for key, value in options.items() if key in accepted})
     return segmentation_node
+
+
+# ------------------------------------------------------------------------------------------------
+# What the module panel shows (plain functions, so they are tested headless)
+# ------------------------------------------------------------------------------------------------
+
+PANEL_COLUMNS = (("Level", "level"), ("Ha mm", "ha_mm"), ("Hm mm", "hm_mm"), ("Hp mm", "hp_mm"),
+                 ("Loss %", "height_loss"), ("Grade", "genant_grade"), ("Shape", "shape"), ("HU", "trabecular_hu_mean"))
+"""Columns of the panel's results table: title and the ``vertebrae.csv`` column they show."""
+
+
+def panel_rows(result: ScreeningResult) -> list[dict]:
+    """One row per vertebra for the panel's table: ``cells`` (texts in :data:`PANEL_COLUMNS`
+    order), ``color`` (RGB 0–1 of its grade, grey when incomplete) and ``level``."""
+    return [{"level": row["level"], "cells": vertebra_cells(row), "color": grade_color(row["genant_grade"], row["complete"])}
+            for row in result.vertebrae]
+
+
+def vertebra_centre_ras(result: ScreeningResult, level: str) -> tuple[float, float, float] | None:
+    """Centre of a vertebral body (the middle of its Hm line, RAS mm) for centring the views;
+    None when it was not measured."""
+    for h in result.heights:
+        lines = h.height_lines_ras or {}
+        if h.level == level and "hm" in lines:
+            centre = 0.5 * (np.asarray(lines["hm"][0], dtype=float) + np.asarray(lines["hm"][1], dtype=float))
+            if np.all(np.isfinite(centre)):
+                return tuple(float(x) for x in centre)
+    return None
+
+
+def set_height_lines_visible(scene, visible: bool, prefix: str = "VFS") -> int:
+    """Show or hide the height lines of one result; returns how many line nodes were changed."""
+    changed = 0
+    for node in result_nodes(_scene_of(scene), prefix):
+        if node.IsA("vtkMRMLMarkupsLineNode") and node.GetDisplayNode() is not None:
+            node.GetDisplayNode().SetVisibility(bool(visible))
+            changed += 1
+    return changed

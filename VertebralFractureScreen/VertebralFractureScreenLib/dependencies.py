@@ -1,0 +1,53 @@
+"""Which Python packages of a requirements file are missing (for Slicer's first-use install).
+
+The Slicer module asks before it installs anything; this module only answers which requirements of
+``Resources/requirements.txt`` the running Python does not satisfy, without importing them.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import metadata
+from pathlib import Path
+
+_REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:>=\s*([0-9][0-9a-zA-Z.]*))?\s*$")
+
+
+def read_requirements(path) -> list[str]:
+    """The requirement lines of a requirements file (comments and blank lines dropped). Only
+    ``name`` and ``name>=version`` lines are supported, which is all this project needs."""
+    lines = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        if not _REQUIREMENT.match(text):
+            raise ValueError(f"unsupported requirement line {line!r} in {path} (use 'name' or 'name>=version')")
+        lines.append(text)
+    return lines
+
+
+def _version_tuple(text: str) -> tuple:
+    parts = []
+    for piece in re.split(r"[.+-]", text):
+        match = re.match(r"\d+", piece)
+        if not match:
+            break
+        parts.append(int(match.group()))
+    return tuple(parts)
+
+
+def missing_requirements(requirements) -> list[str]:
+    """The requirements (lines such as ``scipy>=1.10``) that are not installed, or installed in an
+    older version, in the running Python."""
+    missing = []
+    for requirement in requirements:
+        name, minimum = _REQUIREMENT.match(requirement).groups()
+        try:
+            installed = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            missing.append(requirement)
+            continue
+        if minimum and _version_tuple(installed) < _version_tuple(minimum):
+            missing.append(requirement)
+    return missing
