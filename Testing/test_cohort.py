@@ -279,6 +279,10 @@ def test_cohort_applies_a_model_to_every_exam(manifest, tmp_path):
     for exam_id in ("F1", "N1"):
         exam = json.loads((cohort.exam_folder(tmp_path / "out", exam_id) / "exam.json").read_text())
         assert exam["model"]["demonstration"] is True and 0 <= exam["model"]["probability"] <= 1
+    predictions = {row["exam_id"]: row for row in read_csv(tmp_path / "out" / cohort.PREDICTIONS_FILE)}
+    assert list(predictions) == ["F1", "N1"] and predictions["F1"]["demonstration"] == "true"
+    assert float(predictions["N1"]["probability"]) == pytest.approx(
+        json.loads((cohort.exam_folder(tmp_path / "out", "N1") / "exam.json").read_text())["model"]["probability"], abs=1e-5)
     with pytest.raises(InputError, match="cannot read the model file"):
         cohort.run_cohort(manifest, tmp_path / "out2", settings=cohort.CohortSettings(model=str(tmp_path / "no.json")))
     assert not (tmp_path / "out2").exists()
@@ -348,20 +352,26 @@ def test_sigkill_at_any_moment_then_rerun_does_every_exam_exactly_once(phantoms,
     rng = random.Random(workers)
     seen: dict[str, tuple[int, int]] = {}
     kills_mid_cohort = 0
-    for _ in range(6):
+    for round_number in range(5):
         run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            run.wait(timeout=rng.uniform(0.5, 3.5))
-        except subprocess.TimeoutExpired:
+        if round_number == 0:
+            time.sleep(0.3)  # during start-up, before any exam
+        else:  # after one to three more exams have finished, at a random moment of the next ones
+            target = len(finished_markers(out)) + rng.randint(1, 3)
+            deadline = time.monotonic() + 120
+            while run.poll() is None and len(finished_markers(out)) < target and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.5))
+        if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)  # the whole run: the command and its worker processes
-            run.wait()
+        run.wait()
         markers = finished_markers(out)
         assert all(markers[exam] == marker for exam, marker in seen.items()), "a finished exam was screened again"
         kills_mid_cohort += run.returncode == -signal.SIGKILL and 0 < len(markers) < EXAMS
         seen = markers
         if run.returncode == 0:
             break
-    assert kills_mid_cohort >= 1, "no run was killed half-way through the cohort: the test proves nothing"
+    assert kills_mid_cohort >= 2, "fewer than two runs were killed half-way through the cohort"
     final = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stderr
     markers = finished_markers(out)

@@ -26,6 +26,8 @@ Outputs in ``OUT``:
 * ``features.csv``: one row per finished exam, in input order: ``exam_id``, the manifest's
   pass-through columns, ``features_version`` and the :mod:`.features` columns;
 * ``errors.csv``: ``exam_id, stage, reason`` for every failed exam;
+* ``predictions.csv`` (with a model): ``exam_id, model, probability, threshold, positive,
+  demonstration, imputed_features`` per finished exam;
 * ``cohort.json``: the run summary (counts, time, exams per minute, peak memory per worker);
 * ``cohort.log``: one line per exam and run, appended.
 
@@ -73,6 +75,9 @@ from .features import FEATURE_NAMES, FEATURE_VERSION, features_from_folder
 EXAMS_FOLDER = "exams"
 FEATURES_FILE = "features.csv"
 ERRORS_FILE = "errors.csv"
+PREDICTIONS_FILE = "predictions.csv"
+"""The model's output per finished exam, when the exams were screened with a model."""
+PREDICTION_COLUMNS = ("exam_id", "model", "probability", "threshold", "positive", "demonstration", "imputed_features")
 SUMMARY_FILE = "cohort.json"
 LOG_FILE = "cohort.log"
 ERROR_FILE = "error.json"
@@ -517,19 +522,26 @@ def write_tables(exams: Sequence[CohortExam], out) -> tuple[int, int]:
     finished and failed exams. Files whose content would not change are left alone."""
     out = Path(out)
     passthrough = list(dict.fromkeys(name for exam in exams for name, _ in exam.columns))
-    feature_rows, error_rows = [], []
+    feature_rows, error_rows, prediction_rows = [], [], []
     for exam in exams:
         folder = exam_folder(out, exam.exam_id)
         state = exam_state(folder)
         if state == "done":
             try:
                 features = features_from_folder(folder)
+                model = json.loads((folder / FINISHED_FILE).read_text(encoding="utf-8")).get("model") or {}
             except (OSError, ValueError, KeyError) as error:  # a folder edited by hand
                 error_rows.append({"exam_id": exam.exam_id, "stage": "features",
                                    "reason": f"cannot read its results: {error}."})
                 continue
             feature_rows.append({"exam_id": exam.exam_id, **dict(exam.columns), "features_version": FEATURE_VERSION,
                                  **features})
+            if model.get("probability") is not None:
+                prediction_rows.append({"exam_id": exam.exam_id, "model": model.get("name"),
+                                        "probability": model["probability"], "threshold": model.get("threshold"),
+                                        "positive": "true" if model.get("positive") else "false",
+                                        "demonstration": "true" if model.get("demonstration") else "false",
+                                        "imputed_features": ";".join(model.get("imputed_features") or [])})
         elif state == "failed":
             try:
                 error = json.loads((folder / ERROR_FILE).read_text(encoding="utf-8"))
@@ -540,6 +552,8 @@ def write_tables(exams: Sequence[CohortExam], out) -> tuple[int, int]:
     _write_if_changed(out / FEATURES_FILE,
                       _csv_text(["exam_id", *passthrough, "features_version", *FEATURE_NAMES], feature_rows))
     _write_if_changed(out / ERRORS_FILE, _csv_text(ERROR_COLUMNS, error_rows))
+    if prediction_rows or (out / PREDICTIONS_FILE).exists():
+        _write_if_changed(out / PREDICTIONS_FILE, _csv_text(PREDICTION_COLUMNS, prediction_rows))
     return len(feature_rows), sum(1 for row in error_rows if row["stage"] != "features")
 
 
