@@ -455,6 +455,18 @@ class VertebralFractureScreenTest(ScriptedLoadableModuleTest):
     def setUp(self):
         slicer.mrmlScene.Clear()
 
+    @staticmethod
+    def loadWedgePhantom(logic):
+        """A T11–L3 phantom at 2 mm with an L1 wedge fracture, loaded; returns the volume and
+        segmentation nodes and the truth per level."""
+        logic.installRequirements(logic.missingRequirements())
+        with tempfile.TemporaryDirectory() as outDir:
+            volumeNode, segmentationNode, paths = logic.loadPhantom(
+                outDir, levels=("T11", "T12", "L1", "L2", "L3"), spacing=(2.0, 2.0, 2.0), fractures=("L1:wedge:0.35",))
+            with open(paths["truth"], encoding="utf-8") as file:
+                truth = {v["level"]: v for v in json.load(file)["vertebrae"]}
+        return volumeNode, segmentationNode, truth
+
     def runTest(self):
         self.setUp()
         self.test_PhantomLoadsWithGeometryAndSegmentIDs()
@@ -492,13 +504,7 @@ class VertebralFractureScreenTest(ScriptedLoadableModuleTest):
         from VertebralFractureScreenLib import slicer_nodes
 
         self.delayDisplay("Screening a phantom with an L1 wedge fracture")
-        logic = VertebralFractureScreenLogic()
-        logic.installRequirements(logic.missingRequirements())
-        with tempfile.TemporaryDirectory() as outDir:
-            volumeNode, segmentationNode, paths = logic.loadPhantom(
-                outDir, levels=("T11", "T12", "L1", "L2", "L3"), spacing=(2.0, 2.0, 2.0), fractures=("L1:wedge:0.35",))
-            with open(paths["truth"], encoding="utf-8") as file:
-                truth = {v["level"]: v for v in json.load(file)["vertebrae"]}
+        volumeNode, segmentationNode, truth = self.loadWedgePhantom(VertebralFractureScreenLogic())
         result = slicer_nodes.screen_nodes(volumeNode, segmentationNode)
         for row in result.vertebrae:
             if row["complete"]:
@@ -514,13 +520,7 @@ class VertebralFractureScreenTest(ScriptedLoadableModuleTest):
         shows the demonstration model's probability marked as such, and a row click centres the views."""
         slicer.util.selectModule("VertebralFractureScreen")
         widget = slicer.modules.vertebralfracturescreen.widgetRepresentation().self()
-        logic = widget.logic
-        logic.installRequirements(logic.missingRequirements())
-        with tempfile.TemporaryDirectory() as outDir:
-            volumeNode, segmentationNode, paths = logic.loadPhantom(
-                outDir, levels=("T11", "T12", "L1", "L2", "L3"), spacing=(2.0, 2.0, 2.0), fractures=("L1:wedge:0.35",))
-            with open(paths["truth"], encoding="utf-8") as file:
-                truth = {v["level"]: v for v in json.load(file)["vertebrae"]}
+        volumeNode, segmentationNode, truth = self.loadWedgePhantom(widget.logic)
         parameters = widget._parameterNode
         parameters.inputVolume = volumeNode
         parameters.inputSegmentation = segmentationNode

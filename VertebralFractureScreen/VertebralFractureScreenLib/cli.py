@@ -274,19 +274,25 @@ def _report_folder(path: Path, suffix: str) -> Path:
 
 def _run_train(args) -> int:
     from .model import read_feature_table
-    from .model_report import summary_lines, write_report
     from .model_training import train_model
 
     table = read_feature_table(args.features, args.label)
     result = train_model(table, kind=args.kind, folds=args.folds, seed=args.seed,
                          target_specificity=args.target_specificity, name=args.name)
     report = args.report or _report_folder(args.out, "report")
-    metrics, what = result.model.training["cross_validation"], f"{args.folds}-fold cross-validation"
-    write_report(report, result.model, metrics, table.labels, result.out_of_fold, what=what)
+    _report(report, result.model, result.model.training["cross_validation"], table.labels, result.out_of_fold,
+            f"{args.folds}-fold cross-validation")
     result.model.save(args.out)
-    print("\n".join(summary_lines(result.model, metrics, what=what)))
     print(f"model written to {args.out}; report in {report}")
     return 0
+
+
+def _report(folder: Path, model, metrics: dict, labels, probabilities, what: str) -> None:
+    """Write a model report (plots, text, HTML) and print its summary."""
+    from .model_report import summary_lines, write_report
+
+    write_report(folder, model, metrics, labels, probabilities, what=what)
+    print("\n".join(summary_lines(model, metrics, what=what)))
 
 
 def _add_evaluate_parser(commands) -> None:
@@ -307,16 +313,13 @@ def _add_evaluate_parser(commands) -> None:
 
 def _run_evaluate(args) -> int:
     from .model import read_feature_table, resolve_model
-    from .model_report import summary_lines, write_report
     from .model_training import evaluate_model
 
     model = resolve_model(args.model)
     table = read_feature_table(args.features, args.label)
     metrics, probabilities = evaluate_model(model, table, seed=args.seed)
     report = args.report or _report_folder(args.features, "evaluation")
-    what = f"evaluation on {args.features.name}"
-    write_report(report, model, metrics, table.labels, probabilities, what=what)
-    print("\n".join(summary_lines(model, metrics, what=what)))
+    _report(report, model, metrics, table.labels, probabilities, f"evaluation on {args.features.name}")
     print(f"report in {report}")
     return 0
 
