@@ -434,9 +434,11 @@ def test_distributed_cluster_with_a_gpu_worker_for_segmentation(phantoms, tmp_pa
         with Client(address, timeout="60s") as client:
             client.wait_for_workers(2, timeout=60)
         out = tmp_path / "out"
-        code = main(["cohort", str(inputs), "--out", str(out), "--scheduler", address, "--quality", "fast",
-                     "--segment-resources", "GPU=1", "--levels", "T12-L5"])
-        assert code == 0, (out / cohort.LOG_FILE).read_text()
+        # In its own process with a time limit: a hung worker fails the test instead of stopping CI.
+        run = subprocess.run([sys.executable, "-m", "VertebralFractureScreenLib.cli", "cohort", str(inputs), "--out",
+                              str(out), "--scheduler", address, "--quality", "fast", "--segment-resources", "GPU=1",
+                              "--levels", "T12-L5"], env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr + (out / cohort.LOG_FILE).read_text()
     finally:
         for process in processes:
             os.killpg(process.pid, signal.SIGKILL)

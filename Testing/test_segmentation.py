@@ -406,3 +406,25 @@ def test_vfscreen_screen_without_seg_segments_then_screens(offline, trap, tmp_pa
     assert main(["screen", str(ct_path), "--out", str(out), "--quality", "fast", "--body"]) == 0
     assert "reused" in json.loads((out / "exam.json").read_text())["inputs"]["segmented_by"]
     assert trap.requests[requests_before:] == []  # statistics off: nothing tried to reach the network
+
+
+def test_totalsegmentator_runs_off_the_main_thread_use_spawn():
+    """A Dask worker runs tasks in a thread; nnU-Net's pools forked from there can deadlock, so
+    the run switches to forkserver there (and only there) and restores the start method afterwards."""
+    import multiprocessing
+    import threading
+
+    seen = {}
+    before = multiprocessing.get_start_method(allow_none=True)
+    with segmentation._no_fork_off_the_main_thread():
+        seen["main"] = multiprocessing.get_start_method(allow_none=True)
+
+    def in_thread():
+        with segmentation._no_fork_off_the_main_thread():
+            seen["thread"] = multiprocessing.get_start_method()
+        seen["after"] = multiprocessing.get_start_method(allow_none=True)
+
+    worker = threading.Thread(target=in_thread)
+    worker.start()
+    worker.join()
+    assert seen["main"] == before and seen["thread"] == "forkserver" and seen["after"] == before

@@ -48,8 +48,10 @@ import contextlib
 import hashlib
 import importlib.metadata
 import json
+import multiprocessing
 import re
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -250,6 +252,25 @@ def _check_nnunet_paths(ts) -> None:
         )
 
 
+@contextlib.contextmanager
+def _no_fork_off_the_main_thread():
+    """nnU-Net starts some multiprocessing pools with the default start method, which is ``fork``
+    on Linux. Forked from a thread other than the main thread (a Dask worker runs its tasks in
+    one), a child can inherit a lock that another thread held and wait on it for ever: a cluster
+    worker hung so in nnU-Net's ``create_lists_from_splitted_dataset_folder``. Off the main
+    thread, the run uses ``forkserver`` instead (children forked from a single-threaded server);
+    the previous start method is restored afterwards."""
+    if threading.current_thread() is threading.main_thread() or sys.platform == "win32":
+        yield
+        return
+    previous = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("forkserver", force=True)
+    try:
+        yield
+    finally:
+        multiprocessing.set_start_method(previous, force=True)
+
+
 def _predict(ts, image, task: str, *, fast: bool, roi_subset, device: str, download_hint: str):
     """Run TotalSegmentator on an in-memory NIfTI image; return the label array on its grid."""
     import requests  # a TotalSegmentator dependency
@@ -257,7 +278,7 @@ def _predict(ts, image, task: str, *, fast: bool, roi_subset, device: str, downl
     options = dict(ml=True, task=task, fast=fast, roi_subset=list(roi_subset) if roi_subset else None,
                    device=device, quiet=True, nr_thr_resamp=1, nr_thr_saving=1)
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # keep the caller's stdout for results
+        with contextlib.redirect_stdout(sys.stderr), _no_fork_off_the_main_thread():  # keep stdout for results
             result = ts.run(image, None, **options)
     except SystemExit as stop:
         raise SegmentationError(f"TotalSegmentator stopped ({stop.code}) while running its {task} task.") from None
