@@ -469,3 +469,19 @@ def test_a_list_of_ct_files_finds_their_segmentations(tmp_path):
         cohort.exams_from_files([tmp_path / "a" / "x.nii.gz", tmp_path / "c" / "x.nii.gz"])
     with pytest.raises(InputError, match="does not exist"):
         cohort.exams_from_files([tmp_path / "none.nii.gz"])
+
+
+def test_a_dicom_series_folder_is_an_exam(example_data, tmp_path):
+    """The shared example's DICOM series (20 slices, T11–T12) with its segmentation, by the folder
+    rule: the series folder is the exam, ``<folder>_seg.nii.gz`` beside it its segmentation."""
+    inputs = tmp_path / "in"
+    shutil.copytree(example_data / "example_ct_dicom", inputs / "dicom_exam")
+    shutil.copy(example_data / "example_seg_dicom.nii.gz", inputs / "dicom_exam_seg.nii.gz")
+    exams = cohort.find_exams(inputs)
+    assert [(e.exam_id, Path(e.seg).name) for e in exams] == [("dicom_exam", "dicom_exam_seg.nii.gz")]
+    summary = cohort.run_cohort(inputs, tmp_path / "out", settings=cohort.CohortSettings(qc=False))
+    assert (summary.done, summary.failed) == (1, 0), (tmp_path / "out" / cohort.ERRORS_FILE).read_text()
+    exam = json.loads((cohort.exam_folder(tmp_path / "out", "dicom_exam") / "exam.json").read_text())
+    assert set(exam["levels_present"]) <= {"T11", "T12", "L1"} and exam["levels_complete"] == []  # cut by the FOV
+    row = read_csv(tmp_path / "out" / cohort.FEATURES_FILE)[0]
+    assert row["exam_id"] == "dicom_exam" and row["graded_count"] == "0" and row["max_genant_grade"] == ""
