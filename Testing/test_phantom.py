@@ -655,3 +655,19 @@ def test_heights_across_spacings(mm1, spacing, request):
         measured = brute_force_heights(phantom, vt, half_u=half_u, half_v=half_v, half_u_mid=half_u_mid)
         for key in HEIGHT_KEYS:
             assert abs(measured[key] - vt[f"{key}_mm"]) <= slice_mm / 2, (spacing, vt["level"], key, measured[key])
+
+
+@pytest.mark.parametrize("spacing, expected", [
+    ((1.0, 1.0, 1.0), (3, 3, 3)),
+    ((3.0, 3.0, 3.0), (9, 9, 9)),  # 7 would draw a 1 mm plate 0.86 mm thick
+    ((0.7, 0.7, 3.0), (3, 3, 9)),  # in-plane no odd count up to 5 is exact: the fewest stay
+    ((1.5, 1.5, 1.5), (3, 3, 3)),
+    ((2.0, 2.0, 2.0), (5, 5, 5)),
+])
+def test_default_supersampling_draws_the_cortex_whole(spacing, expected):
+    spec = PhantomSpec(spacing=spacing)
+    counts = spec.subsamples_per_axis()
+    assert counts == expected
+    for step, n in zip(spacing, counts):
+        assert step / n <= 0.5 + 1e-9 and n % 2 == 1
+        assert (spec.cortex_mm * n / step) % 1 < 1e-6 or step in (0.7, 2.0)  # whole cortex where possible

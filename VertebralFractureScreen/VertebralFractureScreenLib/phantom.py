@@ -155,11 +155,22 @@ class PhantomSpec:
                 raise ValueError("intramuscular fat fractions must lie in [0, 0.5]")
 
     def subsamples_per_axis(self) -> tuple[int, int, int]:
-        """Odd number of partial-volume sub-samples along i, j, k."""
+        """Odd number of partial-volume sub-samples along i, j, k.
+
+        Default: the fewest that make the sub-sample spacing ≤ 0.5 mm, or two more when that makes
+        the cortex (``cortex_mm``) a whole number of sub-samples. A thin plate parallel to the
+        slices is then drawn with its exact thickness: with 7 sub-samples per 3 mm slice a 1 mm
+        endplate was drawn 0.86 mm thick, 14 % too faint, which a partial-volume endplate fit
+        reads as a position error of about 1 mm (3 mm slices now get 9 sub-samples)."""
         if self.supersampling is not None:
             return (self.supersampling,) * 3
-        counts = [int(np.ceil(s / 0.5 - 1e-9)) for s in self.spacing]
-        return tuple(max(1, c + 1 - c % 2) for c in counts)
+        counts = []
+        for spacing in self.spacing:
+            fewest = max(1, int(np.ceil(spacing / 0.5 - 1e-9)))
+            fewest += 1 - fewest % 2
+            exact = [n for n in (fewest, fewest + 2) if abs(self.cortex_mm * n / spacing - round(self.cortex_mm * n / spacing)) < 1e-6]
+            counts.append(exact[0] if exact else fewest)
+        return tuple(counts)
 
     def trabecular_hu_of(self, level: str) -> float:
         if isinstance(self.trabecular_hu, dict):
