@@ -82,7 +82,8 @@ def _add_phantom_parser(commands) -> None:
     p.add_argument("--noise", type=float, default=0.0, help="Gaussian noise SD in HU (default 0)")
     p.add_argument("--psf-fwhm", type=float, default=0.0, help="Gaussian blur FWHM in mm (default 0)")
     p.add_argument("--supersampling", type=int, default=None,
-                   help="odd sub-samples per axis for partial volume (default: sub-sample spacing ≤ 0.5 mm)")
+                   help="odd sub-samples per axis for partial volume (default: sub-sample spacing ≤ 0.5 mm, "
+                        "two more where that draws the 1 mm cortex whole)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=("nii.gz", "nrrd"), default="nii.gz", help="image file format")
     p.set_defaults(run=_run_phantom)
