@@ -70,7 +70,9 @@ from pathlib import Path
 from . import __version__
 from . import levels as lv
 from .errors import DependencyError, InputError, SegmentationError, VFSError
-from .features import FEATURE_NAMES, FEATURE_VERSION, features_from_folder
+from .features import FEATURE_NAMES, FEATURE_VERSION, exam_features, read_exam_folder
+from .imageio import IMAGE_SUFFIXES, atomic_write_text, split_image_suffix
+from .screening import exam_id_of
 
 EXAMS_FOLDER = "exams"
 FEATURES_FILE = "features.csv"
@@ -85,7 +87,6 @@ ERROR_FILE = "error.json"
 FINISHED_FILE = "exam.json"
 """In an exam's folder: marks a finished exam (written last by :meth:`.ScreeningResult.write`)."""
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 SEG_SUFFIXES = ("_seg", "_total")
 BODY_SUFFIXES = ("_vertebrae_body", "_body")
 MANIFEST_COLUMNS = ("exam_id", "ct", "seg", "body_seg", "labels", "series")
@@ -194,17 +195,6 @@ class CohortSummary:
 # ------------------------------------------------------------------------------------------------
 
 
-def _split_image_name(name: str) -> tuple[str, str] | None:
-    """``(stem, suffix)`` of an image file name, None for other files."""
-    lower = name.lower()
-    if lower.endswith(".seg.nrrd"):
-        return name[: -len(".seg.nrrd")], ".seg.nrrd"
-    for suffix in IMAGE_SUFFIXES:
-        if lower.endswith(suffix):
-            return name[: -len(suffix)], suffix
-    return None
-
-
 def _role(stem: str, suffix: str) -> tuple[str, str]:
     """``(role, exam stem)`` of an image file: role ``ct``, ``seg`` or ``body_seg``."""
     if suffix == ".seg.nrrd":
@@ -246,7 +236,7 @@ def find_exams(inputs) -> list[CohortExam]:
                 if is_dicom_folder(entry.path):
                     found.setdefault(entry.name, {})["ct"] = entry.path
                 continue
-            parts = _split_image_name(entry.name)
+            parts = split_image_suffix(entry.name)
             if parts is None:
                 continue
             role, stem = _role(*parts)
@@ -280,11 +270,10 @@ def exams_from_files(cts: Sequence) -> list[CohortExam]:
         path = Path(ct).expanduser().absolute()
         if not path.exists():
             raise InputError(f"CT {path} does not exist.")
-        parts = None if path.is_dir() else _split_image_name(path.name)
-        stem = path.name if parts is None else parts[0]
+        stem = path.name if path.is_dir() else exam_id_of(path)
         found: dict[str, str] = {}
         for sibling in sorted(path.parent.iterdir()):
-            sibling_parts = _split_image_name(sibling.name) if sibling.is_file() else None
+            sibling_parts = split_image_suffix(sibling.name) if sibling.is_file() else None
             if sibling_parts is None or sibling == path:
                 continue
             role, sibling_stem = _role(*sibling_parts)
@@ -329,7 +318,7 @@ def read_manifest(path) -> list[CohortExam]:
             return None if not text else str((base / Path(text).expanduser()))
 
         ct = resolve(row["ct"])
-        exam_id = _checked_id(row.get("exam_id") or _exam_id_of_path(ct), f"line {number} of {path}")
+        exam_id = _checked_id(row.get("exam_id") or exam_id_of(ct), f"line {number} of {path}")
         if exam_id in seen:
             raise InputError(f"exam ID {exam_id} is in lines {seen[exam_id]} and {number} of the manifest {path}: "
                              "exam IDs must be unique.")
@@ -342,12 +331,6 @@ def read_manifest(path) -> list[CohortExam]:
     if not exams:
         raise InputError(f"the manifest {path} lists no exam.")
     return exams
-
-
-def _exam_id_of_path(ct: str) -> str:
-    from .screening import exam_id_of
-
-    return exam_id_of(Path(ct))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -413,9 +396,7 @@ def _peak_rss_mib() -> float:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    from .imageio import atomic_write
-
-    atomic_write(path, ".json", lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"))
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _stage_of(error: BaseException) -> str:
@@ -511,9 +492,7 @@ def _write_if_changed(path: Path, text: str) -> bool:
     """Write ``text`` atomically unless the file already holds it; True when written."""
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return False
-    from .imageio import atomic_write
-
-    atomic_write(path, path.suffix, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write_text(path, text)
     return True
 
 
@@ -528,8 +507,8 @@ def write_tables(exams: Sequence[CohortExam], out) -> tuple[int, int]:
         state = exam_state(folder)
         if state == "done":
             try:
-                features = features_from_folder(folder)
-                model = json.loads((folder / FINISHED_FILE).read_text(encoding="utf-8")).get("model") or {}
+                exam_json, vertebrae = read_exam_folder(folder)
+                features, model = exam_features(exam_json, vertebrae), exam_json.get("model") or {}
             except (OSError, ValueError, KeyError) as error:  # a folder edited by hand
                 error_rows.append({"exam_id": exam.exam_id, "stage": "features",
                                    "reason": f"cannot read its results: {error}."})

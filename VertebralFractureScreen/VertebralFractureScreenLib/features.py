@@ -135,15 +135,18 @@ def _is_true(value) -> bool:
     return value is True or (isinstance(value, str) and value.strip().lower() == "true")
 
 
-def features_from_folder(folder) -> dict[str, float]:
-    """The features of a finished exam folder (SPEC §5 files; ``exam.json`` marks it finished).
+def read_exam_folder(folder) -> tuple[dict, list[dict]]:
+    """The content of a finished exam folder's ``exam.json`` and the rows of its ``vertebrae.csv``.
 
     Raises:
         FileNotFoundError: the folder has no ``exam.json`` (the exam is not finished).
     """
     folder = Path(folder)
     exam = json.loads((folder / "exam.json").read_text(encoding="utf-8"))
-    vertebrae_csv = folder / "vertebrae.csv"
-    with vertebrae_csv.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    return exam_features(exam, rows)
+    with (folder / "vertebrae.csv").open(newline="", encoding="utf-8") as handle:
+        return exam, list(csv.DictReader(handle))
+
+
+def features_from_folder(folder) -> dict[str, float]:
+    """The features of a finished exam folder (SPEC §5 files; ``exam.json`` marks it finished)."""
+    return exam_features(*read_exam_folder(folder))

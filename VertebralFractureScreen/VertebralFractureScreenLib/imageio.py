@@ -60,6 +60,9 @@ __all__ = [
     "write_segmentation_nrrd",
     "is_dicom_folder",
     "atomic_write",
+    "atomic_write_text",
+    "split_image_suffix",
+    "IMAGE_SUFFIXES",
     "volume_from_sitk",
     "volume_to_sitk",
 ]
@@ -1161,6 +1164,26 @@ def _extension(path: Path, allowed) -> str:
         if name.endswith(extension):
             return extension
     raise InputError(f"cannot write {path}: the file name must end with one of {', '.join(allowed)}")
+
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+"""File name endings of the image formats read here (a Slicer ``.seg.nrrd`` is an image too)."""
+
+
+def split_image_suffix(name: str) -> tuple[str, str] | None:
+    """``(stem, suffix)`` of an image file name (``"ct.nii.gz"`` → ``("ct", ".nii.gz")``; the
+    suffix compared case-insensitively, ``.seg.nrrd`` kept whole); None for other names."""
+    lower = name.lower()
+    for suffix in (".seg.nrrd", *IMAGE_SUFFIXES):
+        if lower.endswith(suffix):
+            return name[: -len(suffix)], suffix
+    return None
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write a text file (UTF-8) atomically with :func:`atomic_write`."""
+    path = Path(path)
+    atomic_write(path, path.suffix, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
 
 
 def atomic_write(path: Path, extension: str, write) -> None:

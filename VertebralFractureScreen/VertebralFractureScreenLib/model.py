@@ -155,11 +155,10 @@ class FractureModel:
 
     def save(self, path) -> Path:
         """Write the model file atomically."""
-        from .imageio import atomic_write
+        from .imageio import atomic_write_text
 
         path = Path(path).expanduser()
-        text = json.dumps(self.to_dict(), indent=1) + "\n"
-        atomic_write(path, path.suffix or ".json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
         return path
 
 

@@ -43,6 +43,7 @@ from .errors import InputError
 from .exam_inputs import ExamInputs, load_exam, read_ct_checked
 from .features import exam_features
 from .geometry import voxel_spacing
+from .imageio import split_image_suffix
 from .grading import exam_fracture_summary, grade_spine
 from .model import resolve_model
 from .morphometry import measure_heights
@@ -232,10 +233,8 @@ def exam_id_of(ct) -> str:
     """The default exam name: the CT file's (or DICOM folder's) name without its image suffix."""
     if isinstance(ct, (str, Path)):
         name = Path(ct).name
-        for suffix in (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
-            if name.lower().endswith(suffix):
-                return name[: -len(suffix)]
-        return name
+        parts = split_image_suffix(name)
+        return name if parts is None else parts[0]
     return "exam"
 
 

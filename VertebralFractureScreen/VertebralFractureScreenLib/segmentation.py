@@ -331,8 +331,7 @@ def _read_manifest(path: Path) -> dict | None:
 
 
 def _write_json_atomically(path: Path, data: dict) -> None:
-    imageio.atomic_write(path, ".json",
-                         lambda temporary: Path(temporary).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"))
+    imageio.atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _entry_usable(entry, out_dir: Path, **expected) -> bool:
