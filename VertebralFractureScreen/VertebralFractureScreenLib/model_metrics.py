@@ -17,7 +17,6 @@ model's predicted probability of a fracture) as 1-D arrays of the same length.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
@@ -97,40 +96,37 @@ def _candidate_thresholds(p: np.ndarray) -> np.ndarray:
     return np.r_[values, np.nextafter(values[-1], np.inf) if values.size else 1.0]
 
 
+def _rates(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidate thresholds (ascending) with the sensitivity and specificity at each."""
+    thresholds = _candidate_thresholds(p)
+    positives, negatives = np.sort(p[y == 1]), np.sort(p[y == 0])
+    sensitivity = 1 - np.searchsorted(positives, thresholds, side="left") / max(positives.size, 1)
+    specificity = np.searchsorted(negatives, thresholds, side="left") / max(negatives.size, 1)
+    return thresholds, sensitivity, specificity
+
+
 def threshold_for_specificity(labels, probabilities, target: float) -> float:
     """The lowest threshold whose specificity is at least ``target`` (the most sensitive such
     operating point)."""
     y, p = _arrays(labels, probabilities)
-    negatives = np.sort(p[y == 0])
-    if negatives.size == 0:
+    if not np.any(y == 0):
         return float(np.min(p)) if p.size else 0.5
-    for threshold in _candidate_thresholds(p):
-        if np.searchsorted(negatives, threshold, side="left") / negatives.size >= target:
-            return float(threshold)
-    return float(np.nextafter(negatives[-1], np.inf))
+    thresholds, _, specificity = _rates(y, p)
+    return float(thresholds[np.flatnonzero(specificity >= target)[0]])  # the last candidate has specificity 1
 
 
 def youden_threshold(labels, probabilities) -> float:
     """The threshold that maximises Youden's J = sensitivity + specificity − 1 (the lowest such)."""
     y, p = _arrays(labels, probabilities)
-    best, best_j = 0.5, -math.inf
-    positives, negatives = np.sort(p[y == 1]), np.sort(p[y == 0])
-    for threshold in _candidate_thresholds(p):
-        sensitivity = 1 - np.searchsorted(positives, threshold, side="left") / max(positives.size, 1)
-        specificity = np.searchsorted(negatives, threshold, side="left") / max(negatives.size, 1)
-        if sensitivity + specificity - 1 > best_j + 1e-12:
-            best, best_j = float(threshold), sensitivity + specificity - 1
-    return best
+    thresholds, sensitivity, specificity = _rates(y, p)
+    j = sensitivity + specificity - 1
+    return float(thresholds[np.flatnonzero(j > j.max() - 1e-12)[0]])
 
 
 def roc_curve(labels, probabilities) -> tuple[np.ndarray, np.ndarray]:
     """False- and true-positive rates over all thresholds, from (1, 1) down to (0, 0)."""
-    y, p = _arrays(labels, probabilities)
-    thresholds = _candidate_thresholds(p)
-    positives, negatives = np.sort(p[y == 1]), np.sort(p[y == 0])
-    tpr = 1 - np.searchsorted(positives, thresholds, side="left") / max(positives.size, 1)
-    fpr = 1 - np.searchsorted(negatives, thresholds, side="left") / max(negatives.size, 1)
-    return fpr, tpr
+    _, sensitivity, specificity = _rates(*_arrays(labels, probabilities))
+    return 1 - specificity, sensitivity
 
 
 def brier_score(labels, probabilities) -> float:
