@@ -152,20 +152,25 @@ def _add_screen_parser(commands) -> None:
     p.add_argument("ct", type=Path, help="CT: NIfTI, NRRD, MetaImage file or DICOM series folder (HU)")
     p.add_argument("--seg", type=Path, help="segmentation with vertebra labels (NIfTI/NRRD label map or .seg.nrrd)")
     p.add_argument("--body-seg", type=Path, help="vertebrae_body segmentation (1 = bodies, 2 = discs)")
-    p.add_argument("--labels", choices=("totalsegmentator", "verse"), default="totalsegmentator",
-                   help="label convention of --seg (default: totalsegmentator)")
     p.add_argument("--out", type=Path, help="output folder (default: ./<exam id>_vfscreen in the current folder; "
                                             "nothing is written beside the inputs)")
     p.add_argument("--exam-id", help="exam name in the outputs (default: the CT's file name)")
-    p.add_argument("--levels", default="T4-L5", help="levels to report, e.g. T4-L5 (default)")
     p.add_argument("--series", help="SeriesInstanceUID to read when the DICOM folder holds several series")
+    _add_screening_options(p, labels_of="--seg")
+    p.set_defaults(run=_run_screen)
+
+
+def _add_screening_options(p, labels_of: str) -> None:
+    """The options of how an exam is screened, shared by ``screen`` and ``cohort``."""
+    p.add_argument("--labels", choices=("totalsegmentator", "verse"), default="totalsegmentator",
+                   help=f"label convention of {labels_of} (default: totalsegmentator)")
+    p.add_argument("--levels", default="T4-L5", help="levels to report, e.g. T4-L5 (default)")
     p.add_argument("--model", help="fracture model file (JSON) to apply, or 'demo' for the demonstration model")
     p.add_argument("--quality", choices=("fast", "normal"), default="normal",
                    help="TotalSegmentator model: fast (3 mm) or normal (1.5 mm, default)")
     p.add_argument("--device", default="cpu", help="TotalSegmentator device: cpu (default), gpu, gpu:N")
     p.add_argument("--body", action="store_true", help="also run TotalSegmentator's vertebrae_body task")
     p.add_argument("--no-qc", action="store_true", help="skip the QC picture")
-    p.set_defaults(run=_run_screen)
 
 
 def _parse_levels(text: str) -> tuple[str, ...]:
@@ -215,19 +220,12 @@ def _add_cohort_parser(commands) -> None:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--workers", type=int, default=1, help="local worker processes (default 1: no Dask)")
     where.add_argument("--scheduler", help="address (tcp://host:port) or scheduler file of a Dask cluster")
-    p.add_argument("--labels", choices=("totalsegmentator", "verse"), default="totalsegmentator",
-                   help="label convention of the given segmentations (default: totalsegmentator)")
-    p.add_argument("--levels", default="T4-L5", help="levels to report, e.g. T4-L5 (default)")
-    p.add_argument("--quality", choices=("fast", "normal"), default="normal", help="TotalSegmentator model quality")
-    p.add_argument("--device", default="cpu", help="TotalSegmentator device: cpu (default), gpu, gpu:N")
-    p.add_argument("--body", action="store_true", help="also run TotalSegmentator's vertebrae_body task")
-    p.add_argument("--no-qc", action="store_true", help="skip the QC pictures")
+    _add_screening_options(p, labels_of="the given segmentations")
     p.add_argument("--retry-failed", action="store_true", help="screen the exams that failed before again")
     p.add_argument("--segment-resources", metavar="NAME=N[,...]",
                    help="Dask worker resources for TotalSegmentator tasks, e.g. GPU=1 (cluster only)")
     p.add_argument("--measure-resources", metavar="NAME=N[,...]",
                    help="Dask worker resources for measurement tasks (cluster only)")
-    p.add_argument("--model", help="fracture model file (JSON) to apply to every exam, or 'demo'")
     p.set_defaults(run=_run_cohort)
 
 

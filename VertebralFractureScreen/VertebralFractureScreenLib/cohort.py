@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import json
 import logging
 import math
@@ -73,6 +72,7 @@ from .errors import DependencyError, InputError, SegmentationError, VFSError
 from .features import FEATURE_NAMES, FEATURE_VERSION, exam_features, read_exam_folder
 from .imageio import IMAGE_SUFFIXES, atomic_write_text, split_image_suffix
 from .screening import exam_id_of
+from .serialization import csv_text
 
 EXAMS_FOLDER = "exams"
 FEATURES_FILE = "features.csv"
@@ -471,21 +471,17 @@ def screen_cohort_exam(exam: CohortExam, settings: CohortSettings, out: str, *, 
 # ------------------------------------------------------------------------------------------------
 
 
-def _csv_text(columns: Sequence[str], rows: Iterable[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({key: _cell(row.get(key)) for key in columns})
-    return buffer.getvalue()
-
-
 def _cell(value) -> str:
+    """Cohort tables keep 6 significant digits (probabilities near 0 stay distinct)."""
     if value is None:
         return ""
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.6g}"
     return str(value)
+
+
+def _csv_text(columns: Sequence[str], rows: Iterable[dict]) -> str:
+    return csv_text(columns, rows, cell=_cell)
 
 
 def _write_if_changed(path: Path, text: str) -> bool:

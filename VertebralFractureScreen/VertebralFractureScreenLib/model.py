@@ -38,6 +38,7 @@ import numpy as np
 from . import __version__
 from .errors import InputError
 from .features import CLINICAL_COLUMNS, FEATURE_NAMES, FEATURE_VERSION, number_or_nan
+from .serialization import jsonable
 
 MODEL_FORMAT = "VertebralFractureScreen fracture model"
 MODEL_FORMAT_VERSION = 1
@@ -140,7 +141,7 @@ class FractureModel:
     # -- JSON ------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
-        return _plain({
+        return jsonable({
             "format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION,
             "name": self.name, "kind": self.kind, "created_utc": self.created_utc or _now(),
             "software": {"name": "VertebralFractureScreen", "version": self.software_version},
@@ -164,23 +165,6 @@ class FractureModel:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _plain(value):
-    """JSON types; numpy arrays become lists (float64 written with 17 significant digits by json)."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _plain(value.tolist())
-    if isinstance(value, (np.floating, float)):
-        return None if not math.isfinite(float(value)) else float(value)
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
 
 
 def _tree_values(tree: dict, x: np.ndarray) -> np.ndarray:

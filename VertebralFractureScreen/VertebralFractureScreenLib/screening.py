@@ -22,8 +22,6 @@ replaced: its ``exam.json`` is removed first.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -48,6 +46,7 @@ from .grading import exam_fracture_summary, grade_spine
 from .model import resolve_model
 from .morphometry import measure_heights
 from .muscles import lumbar_length_mm, measure_muscles, muscle_summary
+from .serialization import csv_text, jsonable
 
 VERTEBRA_COLUMNS = (
     "exam_id", "level", "complete", "ha_mm", "hm_mm", "hp_mm", "ha_hp", "hm_hp", "hp_ref_ratio", "height_loss",
@@ -91,8 +90,8 @@ class ScreeningResult:
         staging = Path(tempfile.mkdtemp(prefix=".vfscreen-partial-", dir=out_dir))
         try:
             files = {
-                "vertebrae.csv": _csv_text(VERTEBRA_COLUMNS, self.vertebrae),
-                "muscles.csv": _csv_text(MUSCLE_COLUMNS, self.muscles),
+                "vertebrae.csv": csv_text(VERTEBRA_COLUMNS, self.vertebrae),
+                "muscles.csv": csv_text(MUSCLE_COLUMNS, self.muscles),
             }
             for name, text in files.items():
                 (staging / name).write_text(text, encoding="utf-8")
@@ -183,46 +182,6 @@ def vertebra_cells(row: dict) -> list[str]:
     return [row["level"], _cell_number(row["ha_mm"]), _cell_number(row["hm_mm"]), _cell_number(row["hp_mm"]),
             _cell_number(row["height_loss"], 100, 0), grade, row["shape"] if row["complete"] else "incomplete",
             _cell_number(row["trabecular_hu_mean"], 1, 0)]
-
-
-def _csv_text(columns, rows) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({key: _csv_value(row.get(key)) for key in columns})
-    return buffer.getvalue()
-
-
-def _csv_value(value):
-    if value is None:
-        return ""
-    if isinstance(value, (bool, np.bool_)):
-        return "true" if value else "false"
-    if isinstance(value, (float, np.floating)):
-        return "" if math.isnan(value) else f"{float(value):.4f}".rstrip("0").rstrip(".")
-    if isinstance(value, (list, tuple)):
-        return ";".join(str(v) for v in value)
-    return value
-
-
-def jsonable(value):
-    """Plain JSON types; NaN becomes null."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return jsonable(value.tolist())
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return None if math.isnan(value) or math.isinf(value) else float(value)
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def _number(value) -> float | None:

@@ -29,7 +29,8 @@ import numpy as np
 from . import levels as lv
 from .errors import InputError
 from .imageio import LabelMapWarning, Volume, convention_ids, structure_from_terminology, vertebra_from_text
-from .screening import VERTEBRA_COLUMNS, ScreeningResult, jsonable, screen_exam, vertebra_cells
+from .screening import VERTEBRA_COLUMNS, ScreeningResult, screen_exam, vertebra_cells
+from .serialization import jsonable
 
 RESULT_ATTRIBUTE = "VertebralFractureScreen.Result"
 """Node attribute ("1") that marks the nodes :func:`write_result_nodes` made."""
