@@ -119,3 +119,53 @@ def test_real_example_ct(example_data):
         assert not by_level[level].complete
         assert "touches_field_of_view_edge" in by_level[level].flags
         assert grades[level].genant_grade is None
+
+
+def _upright_endplate_voxels(surface_w: float, spacing=(3.0, 3.0, 3.0), disc=90.0, trabecular=160.0,
+                             cortical=700.0, cortex=1.0):
+    """CT values of an upright superior endplate (body below ``surface_w``, a ``cortex`` mm plate
+    just inside it) on a grid of ``spacing`` mm voxels, each the exact mean of the profile over its
+    slice (numerical integration, independent of the fit's partial-volume model). Returns the
+    values, the voxels' local ``(u, v, w)`` and the grid's IJK→RAS matrix (local = RAS)."""
+    su, sv, sw = spacing
+    u, v, w = np.meshgrid(np.arange(-2, 3) * su, np.arange(-4, 5) * sv, np.arange(-3, 3) * sw + 0.5 * sw,
+                          indexing="ij")
+    fine = np.linspace(-0.5, 0.5, 3001)[None, :] * sw + w.reshape(-1, 1)
+    profile = np.where(fine > surface_w, disc, np.where(fine > surface_w - cortex, cortical, trabecular))
+    values = profile.mean(axis=1)
+    local = np.stack([u.ravel(), v.ravel(), w.ravel()], axis=1)
+    return values, local, np.diag([su, sv, sw, 1.0])
+
+
+def test_plate_contrast_is_fitted_jointly_over_endplates():
+    """An endplate whose plate lies inside one slice cannot tell its plate's contrast from its
+    position; summed over endplates at several offsets to the slices, the residual is smallest
+    at the true contrast (cortical − trabecular = 540 HU)."""
+    from VertebralFractureScreenLib.morphometry import PLATE_CONTRASTS_HU, VertebraFrame, _plate_contrast_residuals
+
+    frame = VertebraFrame(np.zeros(3), np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.array([0, 0, 1.0]))
+    knots_v = np.array([10.0, 0.0, -10.0])
+    total = np.zeros(len(PLATE_CONTRASTS_HU))
+    for offset in np.linspace(-1.4, 1.4, 8):  # the surface's position within its slice, mm
+        values, local, ijk_to_ras = _upright_endplate_voxels(offset)
+        start = np.full(3, offset + 0.6)  # a guess off by a fifth of a voxel
+        total += _plate_contrast_residuals(values, local, +1, knots_v, start, frame, ijk_to_ras, 1.0, 2.0,
+                                           PLATE_CONTRASTS_HU)
+    best = PLATE_CONTRASTS_HU[int(np.argmin(total))]
+    assert best == pytest.approx(540.0, abs=20.0)
+    # one endplate with its plate well inside a slice is (nearly) blind to the contrast
+    values, local, ijk_to_ras = _upright_endplate_voxels(2.0)  # the plate 1 mm from either slice border
+    alone = _plate_contrast_residuals(values, local, +1, knots_v, np.full(3, 2.0), frame, ijk_to_ras, 1.0, 2.0,
+                                      PLATE_CONTRASTS_HU)
+    near = np.abs(PLATE_CONTRASTS_HU - 540.0) <= 50.0
+    assert np.ptp(alone[near]) < 0.01 * np.ptp(total[near])
+
+
+def test_natural_spline_basis_interpolates_and_keeps_lines():
+    from VertebralFractureScreenLib.morphometry import _natural_spline_basis
+
+    knots_v = np.array([-11.0, -5.5, 0.0, 5.5, 11.0])
+    v = np.linspace(-15.0, 15.0, 61)
+    assert _natural_spline_basis(knots_v, knots_v) == pytest.approx(np.eye(5), abs=1e-12)
+    line = 2.0 - 0.3 * knots_v
+    assert _natural_spline_basis(knots_v, v) @ line == pytest.approx(2.0 - 0.3 * v, abs=1e-9)  # beyond the ends too
