@@ -65,10 +65,11 @@ region; an error ``d`` here changes every height by ``d``, ratios hardly at all.
 CENTRAL_BAND = 0.15
 """Half-width of the band of lines across the body's left-right width, as a fraction of it."""
 
-LOCAL_REFINEMENT_MAX_MM = 2.0
-"""A bent endplate's heights are refined locally only where a voxel spans at most this much along
-the cranio-caudal axis; at thicker slices the few voxels near one position add more noise than
-the profile's approximation costs (phantom benchmark)."""
+THICK_VOXEL_MM = 2.0
+"""Voxels spanning more than this along a vertebra's cranio-caudal axis (mm) are thick: there a
+bent endplate's heights are not refined locally (the few voxels near one position add more noise
+than the profile's approximation costs), the endplate fits search more thoroughly, and the exam's
+plate contrast is fitted a second time (phantom benchmark)."""
 
 BEND_FALSE_ALARM = 0.001
 """An endplate is fitted bent rather than straight only when the straight fit's excess residual
@@ -79,13 +80,8 @@ endplate has about 100 voxels) noise bent flat endplates by up to 1.2 mm."""
 LINE_SEARCH_STEP_MM = 0.3
 """Grid step of the endplate fits' line searches (mm); the least-squares polish refines them."""
 
-EXHAUSTIVE_SEARCH_BUDGET = 400_000
-"""Endplate fits with at most this many (candidate, voxel) pairs search the straight endplate on
-the whole grid of shifts and tilts (thick slices: a few hundred voxels), and the bent one with
-:data:`EXHAUSTIVE_BENT_SWEEPS` sweeps of line searches from two starts."""
-
 EXHAUSTIVE_BENT_SWEEPS = 4
-"""With one sweep a 30 % biconcave endplate at 3 mm stopped 2.2 mm short of its posterior rim."""
+"""Sweeps of line searches for a bent endplate in a thorough fit (thick slices)."""
 
 SWEEP_TOLERANCE_MM = 0.02
 """The endplate fits' line searches stop when a sweep moves no knot by more than this (mm)."""
@@ -366,7 +362,7 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
                           edges_guess: np.ndarray, frame: VertebraFrame, ijk_to_ras: np.ndarray, cortex_mm: float,
                           search: float, plate_contrast: float | None, disc_hu: float | None = None,
                           sweeps: int = 1, local_half: float | None = None,
-                          straight_only: bool = False) -> tuple[np.ndarray, float, bool] | None:
+                          straight_only: bool = False, thorough: bool = False) -> tuple[np.ndarray, float, bool] | None:
     """Outer surface of one endplate over the body's depth, fitted to the CT values of the voxels
     around it.
 
@@ -381,7 +377,8 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
     are solved by least squares. The knot heights: line searches on a 0.2 mm grid within
     ``search`` of the mask's estimate ``edges_guess`` (shift and tilt, then each knot), refined
     by a parabola, then polished by nonlinear least squares. The bent profile is kept only when
-    the data ask for it (:data:`BEND_FALSE_ALARM`); ``straight_only`` fits the straight one alone. Every voxel of the depth informs the disc and
+    the data ask for it (:data:`BEND_FALSE_ALARM`); ``straight_only`` fits the straight one alone;
+    ``thorough`` searches more widely (for thick slices, where an endplate has a few hundred voxels). Every voxel of the depth informs the disc and
     bone intensities and the slopes, so the fit holds at 3 mm slices where the few voxels around
     one measurement position cannot. ``direction`` is +1 for a superior endplate, -1 for an
     inferior one. When the endplate is bent, each height is refined on the voxels within
@@ -508,10 +505,12 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
     line = np.stack([shift, tilt], axis=1)
     guess_line = line @ np.linalg.lstsq(line, guess, rcond=None)[0]
     knot_moves = list(np.eye(len(kv)))
-    # With few voxels (thick slices) the straight endplate is searched on the whole grid of shifts
-    # and tilts, and the bent one also from the straight fit: line searches from the mask's
-    # endplate stalled in local minima there (a noise-free 3 mm phantom lost 0.6 mm).
-    exhaustive = len(offsets) ** 2 * len(values) <= EXHAUSTIVE_SEARCH_BUDGET
+    # With ``thorough`` (thick slices: few voxels, rough residuals) the straight endplate is searched
+    # on the whole grid of shifts and tilts, and the bent one also from the straight fit, with
+    # EXHAUSTIVE_BENT_SWEEPS sweeps: line searches from the mask's endplate stalled in local minima
+    # there (a noise-free 3 mm phantom lost 0.6 mm; one sweep left a 30 % biconcave endplate 2.2 mm
+    # short of its posterior rim).
+    exhaustive = thorough
     if exhaustive:
         grid = (guess_line[None, None, :] + offsets[:, None, None] * shift[None, None, :]
                 + offsets[None, :, None] * tilt[None, None, :]).reshape(-1, len(kv))
@@ -523,9 +522,10 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
     if straight_only:
         rss_bent = np.inf
     else:
-        bent_start, _, _ = line_searches(guess.copy(), [shift, tilt], guess)
         bent_sweeps = EXHAUSTIVE_BENT_SWEEPS if exhaustive else sweeps
-        bent, rss_bent, disc_bent = polish(*line_searches(bent_start, knot_moves, guess, bent_sweeps), knot_moves, guess)
+        bent_start, _, _ = line_searches(guess.copy(), [shift, tilt], guess)
+        bent, rss_bent, disc_bent = polish(*line_searches(bent_start, knot_moves, guess, bent_sweeps), knot_moves,
+                                           guess)
         if exhaustive and np.isfinite(rss_straight):
             other = polish(*line_searches(straight.copy(), knot_moves, guess, bent_sweeps), knot_moves, guess)
             if other[1] < rss_bent:
@@ -753,7 +753,8 @@ class _BodyMeasurement:
         return _fit_endplate_profile(self.ct_flat[window], local[window], direction, knots_v, mask_edges, self.frame,
                                      self.ijk_to_ras, self.cortex_mm, 0.5 * s_w + 0.8, plate_contrast, disc_hu,
                                      local_half=max(0.05 * self.result.depth_mm, self.s_v)
-                                     if s_w <= LOCAL_REFINEMENT_MAX_MM else None, straight_only=straight_only)
+                                     if s_w <= THICK_VOXEL_MM else None, straight_only=straight_only,
+                                     thorough=s_w > THICK_VOXEL_MM)
 
 
 def _plate_contrast_residuals(values: np.ndarray, local: np.ndarray, direction: int, knots_v: np.ndarray,
@@ -1016,7 +1017,7 @@ def measure_heights(
     # it reads 535 HU for a true 540 after the second pass, 468 before). At 1 mm the second pass
     # changed no height of the phantom suite by more than 0.04 mm and is skipped.
     plate_contrast = _exam_plate_contrast(measurements)
-    thick = any(m.s_w > LOCAL_REFINEMENT_MAX_MM for m in measurements)
+    thick = any(m.s_w > THICK_VOXEL_MM for m in measurements)
     if plate_contrast is not None and thick:
         for m in measurements:
             m.fit_endplates(plate_contrast, straight_only=True)
