@@ -127,6 +127,18 @@ def test_slab_volume_is_exact_between_arbitrary_planes(rotated):
     assert rows["L2"].mean_hu == pytest.approx(50.0) and rows["L2"].lean_hu == pytest.approx(50.0)
     assert rows["L2"].imat_fraction == 0.0
     assert rows["L1"].flags == ["no_vertebra_above"] and rows["L3"].flags == ["no_vertebra_below"]
+    # Slabs given by the caller (e.g. planes known from elsewhere) replace the morphometry's: an
+    # oblique slab 20 mm thick at the block, tilted 10° about the block's long axis (x).
+    tilt = np.radians(10.0)
+    normal = np.array([0.0, -np.sin(tilt), np.cos(tilt)])
+    centre = np.array([40.0, -10.0, 5.0])
+    given = [mu.LevelSlab("L2", mu.SlabPlane(centre - 10.0 * normal, normal, ("L2", "L3")),
+                          mu.SlabPlane(centre + 10.0 * normal, normal, ("L1", "L2")))]
+    row = mu.measure_muscles(ct, labels, m, heights, muscles={"autochthon_left": 86}, lumbar_total=False,
+                             slabs=given)[0]
+    assert row.level == "L2"
+    # a prism cut by two parallel planes 20 mm apart: its cross-section along z times 20 / cos(tilt)
+    assert row.volume_ml == pytest.approx(area_mm2 * 20.0 / np.cos(tilt) / 1000.0, rel=0.01)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ contrast-enhanced rendering checks the aorta. Every exam runs the whole chain: m
 
 Truth comes from the phantom: ``trabecular_hu`` per vertebra, the muscle rows per level slab
 (``volume_ml``, ``lean_hu``, ``imat_fraction``, ``fov_fraction``, ``slab_planes_ras``) and the
-aorta. Whether an ROI voxel touches cortex is decided on the phantom's geometry itself: every ROI
+aorta. Noise-free exams are measured a second time in the phantom's own slab planes
+(``measure_muscles(..., slabs=...)``): what error is left there is the label maps'
+discretisation, the rest the slab planes'. Whether an ROI voxel touches cortex is decided on the phantom's geometry itself: every ROI
 voxel's centre and 27 sub-voxel points are painted with the phantom's tissues, and the distance
 from the voxel's corners to the body's true surface (elliptic wall, analytic endplates) is
 computed.
@@ -171,6 +173,17 @@ def _plane_errors(slabs, truth_rows, truth_vertebrae) -> list[dict]:
     return out
 
 
+def _true_plane(truth_m: dict, level: str, side: str, measured: "mu.SlabPlane") -> "mu.SlabPlane":
+    """The phantom's slab plane of ``level`` (``below`` / ``above``), or ``measured`` when the
+    phantom has no row for the level."""
+    row = truth_m.get(("autochthon_left", level))
+    if row is None:
+        return measured
+    plane = row["slab_planes_ras"][side]
+    return mu.SlabPlane(np.asarray(plane["point"], dtype=float), np.asarray(plane["normal"], dtype=float),
+                        measured.between, measured.measured)
+
+
 def measure_exam(case: Case, phantom: bc.CachedPhantom, noise: float) -> dict:
     ct = with_noise(phantom.ct, noise, seed=1000 + int(noise))
     heights = measure_heights(phantom.total, phantom.ijk_to_ras, body_labels=phantom.vertebrae_body, ct=ct)
@@ -200,7 +213,19 @@ def measure_exam(case: Case, phantom: bc.CachedPhantom, noise: float) -> dict:
             "imat": row.imat_fraction - t["imat_fraction"], "fat": row.fat_fraction - t["imat_fraction"],
             "volume_ml": row.volume_ml})
     true_l1 = truth_v["L1"]["trabecular_hu"]
+    volume_with_true_planes = []
+    if noise == 0.0:
+        # The same muscle volumes in the phantom's own slabs: what is left is the label map's
+        # discretisation; the difference to the rows above is the slab planes' share of the error.
+        true_slabs = [mu.LevelSlab(s.level, _true_plane(truth_m, s.level, "below", s.below),
+                                   _true_plane(truth_m, s.level, "above", s.above), s.complete, list(s.flags))
+                      for s in mu.level_slabs(heights)]
+        for row in mu.measure_muscles(ct, phantom.total, phantom.ijk_to_ras, heights, slabs=true_slabs):
+            t = truth_m.get((row.muscle, row.level))
+            if t is not None and row.complete and row.level != "lumbar":
+                volume_with_true_planes.append(100.0 * (row.volume_ml / t["volume_ml"] - 1.0))
     return {
+        "volume_with_true_planes": volume_with_true_planes,
         "case": case, "noise": noise, "vertebrae": vertebrae, "muscles": muscles,
         "planes": _plane_errors(mu.level_slabs(heights), phantom.truth["muscles"], truth_v),
         "aorta_error": (contrast.aorta_hu - phantom.truth["aorta"]["hu"]) if contrast.aorta_hu is not None else None,
@@ -272,7 +297,8 @@ def print_muscles(results: list[dict]):
 
 def print_fov_and_planes(results: list[dict]):
     print("\n=== Slab planes against the phantom's (noise 0): |distance| mm at the spine, largest of spine / "
-          "55 mm behind / 40 mm beside (median / max), angle ° (median / max) ===")
+          "55 mm behind / 40 mm beside (median / max), angle ° (median / max); muscle volume error per level "
+          "(median / max %) in our slabs and in the phantom's ===")
     for r in results:
         if r["noise"] != 0 or "contrast" in r["case"].name:
             continue
@@ -280,8 +306,11 @@ def print_fov_and_planes(results: list[dict]):
         def cell(key):
             return _fmt(_stats([x[key] for x in p])[::2])
 
+        own = _stats(r["volume_with_true_planes"])
+        ours = _stats([m["volume_pct"] for m in r["muscles"] if m["complete"] and m["level"] != "lumbar"])
         print(f"{r['case'].group:<12}{r['case'].rotation:<5} at spine {cell('at_spine')}   anywhere {cell('anywhere')}"
-              f"   angle {cell('angle')}")
+              f"   angle {cell('angle')}   | volume % per level, our / the phantom's planes: "
+              f"{ours[0]:.1f} / {ours[2]:.1f}   {own[0]:.1f} / {own[2]:.1f}")
     print("\n=== Field of view: rows the phantom has partly outside the image (fov_fraction < 1) and our flags ===")
     for r in results:
         if r["noise"] != 0 or "contrast" in r["case"].name:

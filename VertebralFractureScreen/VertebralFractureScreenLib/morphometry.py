@@ -25,11 +25,13 @@ Method, per vertebra (all work on a crop around the vertebra):
    bundle of cranio-caudal lines spread over the central band (and ±2.5 % of the depth):
 
    * with the CT, each endplate is fitted on the CT voxels of the central band around it
-     (:func:`_fit_endplate_profile`): a profile ``w(v)`` over the whole depth, piecewise linear
-     through its heights at the three positions, whose voxels are modelled by their exact partial
-     volume of disc, a cortical plate of ``cortex_mm`` and trabecular bone. The plate's contrast
-     is fitted once per exam on the anterior and posterior walls; the disc's HU per endplate when
-     the disc is seen beyond it, otherwise the exam's median (a thin disc at thick slices);
+     (:func:`_fit_endplate_profile`): a profile ``w(v)`` over the whole depth, straight or a
+     natural spline through its heights at the three positions and halfway between them, whose
+     voxels are modelled by their exact partial volume of disc, a cortical plate of
+     ``cortex_mm`` and trabecular bone. The plate's contrast is fitted once per exam, jointly on
+     the endplates (:func:`_exam_plate_contrast`; the walls as a fallback); the disc's HU per
+     endplate when the disc is seen beyond it, otherwise the exam's median (a thin disc at thick
+     slices);
    * without the CT (or when no fit is possible), the endplate is where the body mask's
      interpolated occupancy crosses one half; the median over the bundle's lines is taken.
 

@@ -513,6 +513,7 @@ def measure_muscles(
     lumbar_total: bool = True,
     fat_hu: float | None = None,
     label_boxes: list | None = None,
+    slabs: Sequence[LevelSlab] | None = None,
 ) -> list[MuscleMeasurement]:
     """Volume, attenuation and fat of each muscle in each level's slab (see the module docstring).
 
@@ -524,10 +525,11 @@ def measure_muscles(
     Returns rows level by level, cranial to caudal, muscles in the order of ``muscles``, then the
     lumbar totals (when ``lumbar_total`` and any L1–L5 slab exists). A muscle absent from a slab
     gives a row with zero volume and NaN HU. ``label_boxes``: ``ndimage.find_objects(labels)``
-    when the caller has it (then only the muscles' slices are scanned)."""
+    when the caller has it (then only the muscles' slices are scanned). ``slabs``: the level slabs
+    to use instead of :func:`level_slabs` ``(heights, levels)`` (e.g. planes known otherwise)."""
     ijk_to_ras = np.asarray(ijk_to_ras, dtype=float)
     muscles = dict(MUSCLE_LABELS if muscles is None else muscles)
-    slabs = level_slabs(heights, levels)
+    slabs = level_slabs(heights, levels) if slabs is None else list(slabs)
     if not slabs or not muscles:
         return []
     names = list(muscles)
