@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import importlib
 import math
 import sys
@@ -456,6 +457,9 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="processes for rendering missing phantoms (default 1)")
     parser.add_argument("--only", default="", help="run only the cases whose name contains this text")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument("--noise-draws", type=int, default=0, metavar="N",
+                        help="also measure each rotation pair rendered without noise, and with N draws of its "
+                             "noise added (renders the noise-free pairs once, several minutes)")
     args = parser.parse_args(argv)
 
     cases = [c for c in build_suite() if (c.quick or not args.quick) and args.only in c.name]
@@ -519,7 +523,51 @@ def main(argv=None) -> int:
     csv_path = cache / f"morphometry_{mode}{('_' + args.only) if args.only else ''}.csv"
     write_csv(rows, csv_path)
     print(f"\nper-vertebra CSV: {csv_path}")
+    if args.noise_draws:
+        print_noise_draws(cases, cache, args.noise_draws, max(1, args.jobs))
     return 0
+
+
+def _pair_heights(phantom: bc.CachedPhantom, ct: np.ndarray) -> dict[str, np.ndarray]:
+    """Our Ha, Hm, Hp (mm) of the truth-complete vertebrae (S1 excluded) by level."""
+    truth = {v["level"]: v for v in phantom.truth["vertebrae"]}
+    out = {}
+    for h in measure_heights(phantom.total, phantom.ijk_to_ras, body_labels=phantom.vertebrae_body, ct=ct):
+        if h.complete and truth.get(h.level, {}).get("complete") and h.level != "S1":
+            out[h.level] = np.array([h.ha_mm, h.hm_mm, h.hp_mm])
+    return out
+
+
+def print_noise_draws(cases: list[Case], cache: Path, draws: int, jobs: int) -> None:
+    """Rotation invariance against the noise draw: each rotation pair rendered without noise, then
+    measured without noise and with ``draws`` independent draws of Gaussian noise of the pair's
+    level (added to the noise-free CT; seeds 0, 1, ...). Prints the largest height difference
+    between the pair's two renderings for each."""
+    pairs: dict[str, list[Case]] = defaultdict(list)
+    for case in cases:
+        if case.pair:
+            pairs[case.pair].append(case)
+    quiet = {f"{c.name} noise-free": dataclasses.replace(c.spec, noise_hu=0.0)
+             for members in pairs.values() for c in members}
+    bc.render_many(quiet, cache, jobs=jobs)
+    print("\n=== Rotation invariance against the noise draw: max |ΔH| (mm) between the pair's renderings ===")
+    for pair, members in sorted(pairs.items()):
+        if len(members) != 2:
+            continue
+        phantoms = [bc.load_cached(dataclasses.replace(c.spec, noise_hu=0.0), cache) for c in members]
+        sigma = members[0].spec.noise_hu
+        differences = []
+        for draw in [None] + list(range(draws)):
+            heights = []
+            for index, phantom in enumerate(phantoms):
+                ct = phantom.ct.astype(np.float32)
+                if draw is not None:
+                    ct = ct + np.random.default_rng(1000 * draw + index).normal(0.0, sigma, ct.shape).astype(np.float32)
+                heights.append(_pair_heights(phantom, ct))
+            common = set(heights[0]) & set(heights[1])
+            differences.append(max(float(np.max(np.abs(heights[0][lv_] - heights[1][lv_]))) for lv_ in common))
+        print(f"  {pair:<4} {members[0].group:<10} no noise {differences[0]:.2f};  {sigma:.0f} HU draws: "
+              + " ".join(f"{d:.2f}" for d in differences[1:]))
 
 
 if __name__ == "__main__":
