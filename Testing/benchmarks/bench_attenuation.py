@@ -12,10 +12,10 @@ Truth comes from the phantom: ``trabecular_hu`` per vertebra, the muscle rows pe
 (``volume_ml``, ``lean_hu``, ``imat_fraction``, ``fov_fraction``, ``slab_planes_ras``) and the
 aorta. Noise-free exams are measured a second time in the phantom's own slab planes
 (``measure_muscles(..., slabs=...)``): what error is left there is the label maps'
-discretisation, the rest the slab planes'. Whether an ROI voxel touches cortex is decided on the phantom's geometry itself: every ROI
-voxel's centre and 27 sub-voxel points are painted with the phantom's tissues, and the distance
-from the voxel's corners to the body's true surface (elliptic wall, analytic endplates) is
-computed.
+discretisation, the rest the slab planes'. Whether an ROI voxel touches cortex is decided on the
+phantom's geometry itself: every ROI voxel's centre and 27 sub-voxel points are painted with the
+phantom's tissues, and the distance from the voxel's corners to the body's true surface (elliptic
+wall, analytic endplates) is computed.
 
 Speed: whole-exam attenuation + contrast + muscle metrics on the 17-vertebra 512 x 512 x 500
 exam of ``bench_morphometry_speed.py`` (same cached phantom), best of ``--repeat``, beside the
@@ -192,7 +192,8 @@ def measure_exam(case: Case, phantom: bc.CachedPhantom, noise: float) -> dict:
                                  body_labels=phantom.vertebrae_body, grades=grades)
     contrast = at.measure_contrast(ct, phantom.total, phantom.ijk_to_ras)
     summary = at.bone_summary(rois, contrast)
-    rows = mu.measure_muscles(ct, phantom.total, phantom.ijk_to_ras, heights)
+    slabs = mu.level_slabs(heights)
+    rows = mu.measure_muscles(ct, phantom.total, phantom.ijk_to_ras, heights, slabs=slabs)
     truth_v = {v["level"]: v for v in phantom.truth["vertebrae"]}
     truth_m = {(r["muscle"], r["level"]): r for r in phantom.truth["muscles"]}
     vertebrae = []
@@ -219,7 +220,7 @@ def measure_exam(case: Case, phantom: bc.CachedPhantom, noise: float) -> dict:
         # discretisation; the difference to the rows above is the slab planes' share of the error.
         true_slabs = [mu.LevelSlab(s.level, _true_plane(truth_m, s.level, "below", s.below),
                                    _true_plane(truth_m, s.level, "above", s.above), s.complete, list(s.flags))
-                      for s in mu.level_slabs(heights)]
+                      for s in slabs]
         for row in mu.measure_muscles(ct, phantom.total, phantom.ijk_to_ras, heights, slabs=true_slabs):
             t = truth_m.get((row.muscle, row.level))
             if t is not None and row.complete and row.level != "lumbar":
@@ -227,7 +228,7 @@ def measure_exam(case: Case, phantom: bc.CachedPhantom, noise: float) -> dict:
     return {
         "volume_with_true_planes": volume_with_true_planes,
         "case": case, "noise": noise, "vertebrae": vertebrae, "muscles": muscles,
-        "planes": _plane_errors(mu.level_slabs(heights), phantom.truth["muscles"], truth_v),
+        "planes": _plane_errors(slabs, phantom.truth["muscles"], truth_v),
         "aorta_error": (contrast.aorta_hu - phantom.truth["aorta"]["hu"]) if contrast.aorta_hu is not None else None,
         "aorta_plain_error": float(ct[phantom.total == lv.TOTAL_AORTA].mean()) - phantom.truth["aorta"]["hu"],
         "contrast_ok": contrast.contrast_enhanced == phantom.truth["aorta"]["contrast_enhanced"],

@@ -82,7 +82,7 @@ endplate has about 100 voxels) noise bent flat endplates by up to 1.2 mm."""
 LINE_SEARCH_STEP_MM = 0.3
 """Grid step of the endplate fits' line searches (mm); the least-squares polish refines them."""
 
-EXHAUSTIVE_BENT_SWEEPS = 4
+THOROUGH_BENT_SWEEPS = 4
 """Sweeps of line searches for a bent endplate in a thorough fit (thick slices)."""
 
 SWEEP_TOLERANCE_MM = 0.02
@@ -316,6 +316,11 @@ def _box_density(cdf, depth: np.ndarray, step: float = 0.01) -> np.ndarray:
     return (cdf(depth + step) - cdf(depth - step)) / (2.0 * step)
 
 
+def _tilt_shape(knots_v: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """A profile's tilt: the line through ``-1`` at the first knot and ``+1`` at the last, at ``v``."""
+    return 2.0 * (v - 0.5 * (knots_v[0] + knots_v[-1])) / max(knots_v[-1] - knots_v[0], 1e-6)
+
+
 def _natural_spline_basis(knots_v: np.ndarray, v: np.ndarray) -> np.ndarray:
     """``(len(v), len(knots_v))`` matrix whose product with knot values gives the natural cubic
     spline through them at ``v``, extended linearly beyond the end knots (its second derivative
@@ -364,7 +369,7 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
                           edges_guess: np.ndarray, frame: VertebraFrame, ijk_to_ras: np.ndarray, cortex_mm: float,
                           search: float, plate_contrast: float | None, disc_hu: float | None = None,
                           sweeps: int = 1, local_half: float | None = None,
-                          straight_only: bool = False, thorough: bool = False) -> tuple[np.ndarray, float, bool] | None:
+                          straight_only: bool = False, thorough: bool = False) -> tuple[np.ndarray, float] | None:
     """Outer surface of one endplate over the body's depth, fitted to the CT values of the voxels
     around it.
 
@@ -376,17 +381,17 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
     :func:`.geometry.partial_volume_share`) of disc outside, a cortical plate of ``cortex_mm``
     just inside the surface, and trabecular bone: ``HU = a + b·inside + c·plate``. ``a, b`` (and
     ``c`` unless ``plate_contrast`` fixes it; ``a`` is the disc's HU unless ``disc_hu`` fixes it)
-    are solved by least squares. The knot heights: line searches on a 0.2 mm grid within
-    ``search`` of the mask's estimate ``edges_guess`` (shift and tilt, then each knot), refined
-    by a parabola, then polished by nonlinear least squares. The bent profile is kept only when
-    the data ask for it (:data:`BEND_FALSE_ALARM`); ``straight_only`` fits the straight one alone;
-    ``thorough`` searches more widely (for thick slices, where an endplate has a few hundred voxels). Every voxel of the depth informs the disc and
-    bone intensities and the slopes, so the fit holds at 3 mm slices where the few voxels around
-    one measurement position cannot. ``direction`` is +1 for a superior endplate, -1 for an
+    are solved by least squares. The knot heights: line searches on a grid of
+    :data:`LINE_SEARCH_STEP_MM` within ``search`` of the mask's estimate ``edges_guess`` (shift and
+    tilt, then each knot), refined by a parabola, then polished by nonlinear least squares. The
+    bent profile is kept only when the data ask for it (:data:`BEND_FALSE_ALARM`);
+    ``straight_only`` fits the straight one alone; ``thorough`` searches more widely (for thick
+    slices, where an endplate has a few hundred voxels). Every voxel of the depth informs the disc
+    and bone intensities and the slopes, so the fit holds at 3 mm slices where the few voxels
+    around one measurement position cannot. ``direction`` is +1 for a superior endplate, -1 for an
     inferior one. When the endplate is bent, each height is refined on the voxels within
     ``local_half`` (mm along ``v``) of its position. Returns the surface's ``w`` at ``knots_v``
-    (same order), the disc HU ``a`` and whether the bent profile was kept, or None when no fit has
-    a bright plate."""
+    (same order) and the disc HU ``a``, or None when no fit has a bright plate."""
     order = np.argsort(knots_v)
     if len(values) < 8:
         return None
@@ -423,6 +428,11 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
             residual[~(coef[:, -1] > 0)] = np.inf
         return residual, (np.full(len(coef), disc_hu) if disc_fixed else coef[:, 0])
 
+    def evaluated(knots):
+        """The profile ``knots`` with its residual and disc HU."""
+        residual, discs = residuals((basis @ knots)[None, :], knots)
+        return knots, float(residual[0]), float(discs[0])
+
     def line_searches(knots, directions, centre, sweeps=sweeps):
         """Line searches along ``directions`` within ``search`` of ``centre``, repeated until a
         sweep moves no knot by more than ``SWEEP_TOLERANCE_MM`` (at most ``sweeps`` times); the
@@ -438,8 +448,7 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
                     knots = knots + _parabolic_minimum(offsets, residual) * direction_k
             if np.max(np.abs(knots - start)) < SWEEP_TOLERANCE_MM:
                 break
-        residual, discs = residuals((basis @ knots)[None, :], knots)
-        return knots, float(residual[0]), float(discs[0])
+        return evaluated(knots)
 
     def polish(knots, rss, disc, directions, centre):
         """Least-squares refinement of ``knots`` within the span of ``directions`` (the line
@@ -467,8 +476,9 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
                 design = np.stack(columns, axis=1)
                 target = target_base - (0.0 if free else plate_contrast * plate)
                 gram = design.T @ design
-                coef = np.linalg.solve(gram, design.T @ target) if np.linalg.cond(gram) < 1e12 else np.zeros(len(gram))
-                cache[key] = depth, design, gram, coef, target - design @ coef
+                solvable = np.linalg.cond(gram) < 1e12
+                coef = np.linalg.solve(gram, design.T @ target) if solvable else np.zeros(len(gram))
+                cache[key] = depth, design, gram, solvable, coef, target - design @ coef
             return cache[key]
 
         def residual_vector(p):
@@ -477,13 +487,13 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
         def jacobian(p):
             # Variable projection with Kaufman's approximation: the derivative of the residual
             # with the linear coefficients held, projected off the design's columns.
-            depth, design, gram, coef, _ = parts(p)
+            depth, design, gram, solvable, coef, _ = parts(p)
             d_inside = _box_density(cdf, depth)
             d_plate = d_inside - _box_density(cdf, depth - cortex_mm)
             plate_weight = coef[-1] if free else plate_contrast
             inside_weight = coef[-2] if free else coef[-1]
             jac = -(inside_weight * d_inside + plate_weight * d_plate)[:, None] * moves
-            if np.linalg.cond(gram) < 1e12:
+            if solvable:
                 jac -= design @ np.linalg.solve(gram, design.T @ jac)
             return jac
 
@@ -492,43 +502,36 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
         polished = knots + span @ fit.x
         if not np.all(np.abs(polished - centre) <= search + 1e-9):
             return knots, rss, disc
-        residual, discs = residuals((basis @ polished)[None, :], polished)
-        if not residual[0] < rss:
-            return knots, rss, disc
-        return polished, float(residual[0]), float(discs[0])
-
-    def evaluated(knots):
-        residual, discs = residuals((basis @ knots)[None, :], knots)
-        return knots, float(residual[0]), float(discs[0])
+        result = evaluated(polished)
+        return result if result[1] < rss else (knots, rss, disc)
 
     # The straight endplate is searched near the straight line closest to the mask's endplate
     # (bent by up to a voxel at thick slices), the bent one near the mask's endplate itself.
-    shift, tilt = np.ones(len(kv)), 2.0 * (kv - 0.5 * (kv[0] + kv[-1])) / max(kv[-1] - kv[0], 1e-6)
+    shift, tilt = np.ones(len(kv)), _tilt_shape(kv, kv)
     line = np.stack([shift, tilt], axis=1)
     guess_line = line @ np.linalg.lstsq(line, guess, rcond=None)[0]
     knot_moves = list(np.eye(len(kv)))
     # With ``thorough`` (thick slices: few voxels, rough residuals) the straight endplate is searched
     # on the whole grid of shifts and tilts, and the bent one also from the straight fit, with
-    # EXHAUSTIVE_BENT_SWEEPS sweeps: line searches from the mask's endplate stalled in local minima
+    # THOROUGH_BENT_SWEEPS sweeps: line searches from the mask's endplate stalled in local minima
     # there (a noise-free 3 mm phantom lost 0.6 mm; one sweep left a 30 % biconcave endplate 2.2 mm
     # short of its posterior rim).
-    exhaustive = thorough
-    if exhaustive:
+    if thorough:
         grid = (guess_line[None, None, :] + offsets[:, None, None] * shift[None, None, :]
                 + offsets[None, :, None] * tilt[None, None, :]).reshape(-1, len(kv))
         residual, _ = residuals(grid @ basis.T, guess_line)
         straight_start = evaluated(grid[int(np.argmin(residual))]) if np.isfinite(residual).any() else None
-    if not exhaustive or straight_start is None:
+    if not thorough or straight_start is None:
         straight_start = line_searches(guess_line, [shift, tilt], guess_line)
     straight, rss_straight, disc_straight = polish(*straight_start, [shift, tilt], guess_line)
     if straight_only:
         rss_bent = np.inf
     else:
-        bent_sweeps = EXHAUSTIVE_BENT_SWEEPS if exhaustive else sweeps
+        bent_sweeps = THOROUGH_BENT_SWEEPS if thorough else sweeps
         bent_start, _, _ = line_searches(guess.copy(), [shift, tilt], guess)
         bent, rss_bent, disc_bent = polish(*line_searches(bent_start, knot_moves, guess, bent_sweeps), knot_moves,
                                            guess)
-        if exhaustive and np.isfinite(rss_straight):
+        if thorough and np.isfinite(rss_straight):
             other = polish(*line_searches(straight.copy(), knot_moves, guess, bent_sweeps), knot_moves, guess)
             if other[1] < rss_bent:
                 bent, rss_bent, disc_bent = other
@@ -537,7 +540,7 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
     evidence = max(extra * np.log(n), float(stats.chi2.isf(BEND_FALSE_ALARM, extra)))
     if np.isfinite(rss_bent) and (not np.isfinite(rss_straight) or n * np.log(max(rss_straight, 1e-9)
                                                                              / max(rss_bent, 1e-9)) > evidence):
-        knots, disc, is_bent = bent, disc_bent, True
+        knots, disc = bent, disc_bent
         if local_half is not None and not free:
             # A bent endplate (a biconcave fracture) is only approximately piecewise linear: each
             # height is refined on the voxels near its position, with the profile's disc HU, plate
@@ -561,12 +564,12 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
                     refined[k] = knots[k] + _parabolic_minimum(steps, residual)
             knots = refined
     elif np.isfinite(rss_straight):
-        knots, disc, is_bent = straight, disc_straight, False
+        knots, disc = straight, disc_straight
     else:
         return None
     result = np.empty(len(measured_v))
     result[order] = knots[0::2]
-    return result, disc, is_bent
+    return result, disc
 
 
 class _BodyMeasurement:
@@ -673,7 +676,7 @@ class _BodyMeasurement:
                 continue
             fit = self._fit_profile(direction, self.mask_edges[:, side], plate_contrast, disc_hu, straight_only)
             if fit is not None:
-                self.edges[:, side], disc, self.bent[side] = fit
+                self.edges[:, side], disc = fit
                 self.fitted[side] = True
                 if disc_hu is None:
                     discs.append(disc)
@@ -699,7 +702,6 @@ class _BodyMeasurement:
         """Back to the mask's endplates, before fitting again with another plate contrast."""
         self.edges = self.mask_edges.copy()
         self.fitted = [False, False]
-        self.bent = [False, False]
 
     def plate_contrast_profiles(self, contrasts: np.ndarray) -> list[tuple[np.ndarray, int]]:
         """Per endplate whose disc is seen: its residual sum of squares (HU²) as a function of the
@@ -741,7 +743,7 @@ class _BodyMeasurement:
         return window, bool(outside >= max(4, 0.1 * np.count_nonzero(window)))
 
     def _fit_profile(self, direction: int, mask_edges: np.ndarray, plate_contrast: float | None,
-                     disc_hu: float | None, straight_only: bool = False) -> tuple[np.ndarray, float, bool] | None:
+                     disc_hu: float | None, straight_only: bool = False) -> tuple[np.ndarray, float] | None:
         """One endplate's outer surface at the measurement positions and the disc HU, fitted on the
         voxels of the central band around it; None when the disc is not seen and ``disc_hu`` is
         None, or when the fit fails."""
@@ -778,8 +780,7 @@ def _plate_contrast_residuals(values: np.ndarray, local: np.ndarray, direction: 
     cdf = partial_volume_share(unit(frame.cc - float(np.mean(slopes)) * frame.ap), ijk_to_ras)
     steps = np.arange(-search, search + 1e-9, 0.1)
     tilts = np.arange(-tilt_search, tilt_search + 1e-9, 0.1) if tilt_search > 0 else np.zeros(1)
-    tilt_shape = 2.0 * (v - 0.5 * (kv[0] + kv[-1])) / max(kv[-1] - kv[0], 1e-6)  # ±1 at the end knots
-    moves = (steps[:, None, None] + tilts[None, :, None] * tilt_shape[None, None, :]).reshape(-1, len(v))
+    moves = (steps[:, None, None] + tilts[None, :, None] * _tilt_shape(kv, v)[None, None, :]).reshape(-1, len(v))
     surface = _natural_spline_basis(kv, v) @ kw
     depth = (direction / np.sqrt(1.0 + slopes[segment] ** 2)) * (surface[None, :] + moves - w[None, :])
     inside = cdf(depth)
