@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import math
+import textwrap
 from pathlib import Path
 
 from .model import DEMONSTRATION_NOTE, FractureModel
@@ -51,8 +52,11 @@ def _plots(folder: Path, labels, probabilities, metrics: dict, title: str) -> No
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
+    wrapped = "\n".join(textwrap.wrap(title, 50))  # a long title ran off the 5-inch figure
+
     def finish(figure, axes, xlabel, ylabel, legend, name):
-        axes.set(xlabel=xlabel, ylabel=ylabel, title=title, xlim=(0, 1), ylim=(0, 1.01))
+        axes.set(xlabel=xlabel, ylabel=ylabel, xlim=(0, 1), ylim=(0, 1.01))
+        axes.set_title(wrapped, fontsize=10)
         axes.legend(loc=legend, fontsize=8)
         figure.tight_layout()
         figure.savefig(folder / name)
