@@ -364,3 +364,11 @@ def test_normal_phantom_spine_has_no_fracture():
     grades = grade_spine(phantom_truth([], levels="T1-S1"))
     assert all(g.genant_grade == 0 for g in grades if g.level != "S1")
     assert max(g.height_loss for g in grades if g.level != "S1") < 0.05
+
+
+def test_adjacent_level():
+    assert lv.adjacent_level("L1", cranial=True) == "T12"
+    assert lv.adjacent_level("T12", cranial=False) == "L1"
+    assert lv.adjacent_level("L5", cranial=False) == "S1"
+    assert lv.adjacent_level("S1", cranial=False) is None
+    assert lv.adjacent_level("C1", cranial=True) is None

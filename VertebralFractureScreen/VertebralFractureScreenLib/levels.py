@@ -102,3 +102,9 @@ def level_position(name: str) -> int:
         return LEVEL_INDEX[name.upper()]
     except KeyError:
         raise ValueError(f"unknown vertebral level {name!r}; levels are C1-C7, T1-T12, L1-L5, S1") from None
+
+
+def adjacent_level(name: str, cranial: bool) -> str | None:
+    """The level just above (``cranial``) or below ``name`` in :data:`LEVELS`, None past C1 or S1."""
+    index = level_position(name) + (-1 if cranial else 1)
+    return LEVELS[index] if 0 <= index < len(LEVELS) else None
