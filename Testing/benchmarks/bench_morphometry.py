@@ -62,6 +62,14 @@ class Case:
         return GROUPS.get(tuple(float(s) for s in self.spec.spacing), "x".join(f"{s:g}" for s in self.spec.spacing))
 
 
+OSTEOPOROTIC_HU = {level: 150.0 - 5.0 * n for n, level in enumerate(lv.parse_level_range("T4-L5"))}
+"""Trabecular HU from 150 (T4) down to 85 (L5): osteoporotic lumbar bone (L1 105 HU, below the
+opportunistic 110 HU threshold), as dense as the discs (90 HU) at L4, where only the cortical
+plates show the endplates."""
+
+OSTEO_FRACTURES = ("T7:wedge:0.35", "T12:crush:0.3", "L2:biconcave:0.35")
+
+
 def _case(name, spacing, seed, *, levels="T10-S1", rot=(0, 0, 0), noise=20.0, fractures=(), quick=False,
           pair=None, **extra) -> Case:
     spec = PhantomSpec(
@@ -133,6 +141,15 @@ def build_suite() -> list[Case]:
           fractures=["T12:wedge:0.45", "L3:biconcave:0.35"]),
         c("3mm-T4L5", ISO3, 308, levels="T4-L5", noise=20,
           fractures=["T5:crush:0.3", "T7:wedge:0.22", "T9:biconcave:0.45", "L2:wedge:0.3"]),
+        # ---- osteoporotic bone (trabecular HU falling to the discs' 90 HU at L4), thin thoracic discs
+        c("osteo-aniso-r0", ANISO, 401, levels="T4-L5", noise=20, fractures=OSTEO_FRACTURES,
+          trabecular_hu=OSTEOPOROTIC_HU, pair="p5"),
+        c("osteo-aniso-r20", ANISO, 401, levels="T4-L5", rot=(20, 0, 0), noise=20, fractures=OSTEO_FRACTURES,
+          trabecular_hu=OSTEOPOROTIC_HU, pair="p5"),
+        c("osteo-3mm-r0", ISO3, 402, levels="T4-L5", noise=20, fractures=OSTEO_FRACTURES,
+          trabecular_hu=OSTEOPOROTIC_HU, pair="p6"),
+        c("osteo-3mm-r20", ISO3, 402, levels="T4-L5", rot=(20, 0, 0), noise=20, fractures=OSTEO_FRACTURES,
+          trabecular_hu=OSTEOPOROTIC_HU, pair="p6"),
     ]
 
 
