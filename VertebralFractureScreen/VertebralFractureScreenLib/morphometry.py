@@ -81,10 +81,10 @@ endplate has about 100 voxels) noise bent flat endplates by up to 1.2 mm."""
 
 MIN_BEND_VOXELS = 1.0 / 3.0
 """A bent endplate must also depart from the straight fit by at least this fraction of the
-voxel's extent along the vertebra's axis at some knot (1 mm at 3 mm slices). The partial-volume model
-is not exact (a plate drawn on sub-voxel samples, whole-number HU, neighbouring structures), and
-with the thousand voxels of an endplate at 0.7x0.7x3 mm the test above accepts bends that only
-fit that misfit: on the osteoporotic thoracic bodies of the attenuation phantoms they bent flat
+voxel's extent along the vertebra's axis at some knot (1 mm at 3 mm slices). The partial-volume
+model is not exact (a plate drawn on sub-voxel samples, whole-number HU, neighbouring
+structures), and with the thousand voxels of an endplate at 0.7x0.7x3 mm the test above accepts
+bends that only fit that misfit: on the osteoporotic thoracic bodies of the attenuation phantoms they bent flat
 endplates by 0.3–0.7 mm (0.7x0.7x3 mm heights p90 0.94 → 0.71 mm noise-free with this rule;
 fractures' bends are millimetres deep)."""
 
@@ -680,8 +680,9 @@ class _BodyMeasurement:
         """Fit the endplates not fitted yet on the CT (:func:`_fit_endplate_profile`; straight
         ones only with ``straight_only``). An endplate whose disc is not seen beyond it (a thin
         disc at thick slices, the field of view) is fitted only when ``disc_hu`` is given: the
-        exam's disc HU, or NaN when none is known (then the fit finds it). Returns ``(direction, disc HU)`` of the fits made with the disc in view
-        (direction +1 superior, -1 inferior)."""
+        exam's disc HU, or NaN when none is known (then the fit finds it). Returns
+        ``(direction, disc HU)`` of the fits made with the disc in view (direction +1 superior,
+        -1 inferior)."""
         discs = []
         if not self.has_ct or not np.all(np.isfinite(self.mask_edges)):
             return discs
