@@ -63,6 +63,10 @@ TISSUES = {
     "cortical_bone": 10, "trabecular_bone": 11, "sacrum": 12,
 }
 
+_UNPROBED_TISSUES = (TISSUES["air"], TISSUES["subcutaneous_fat"], TISSUES["soft_tissue"])
+"""Tissues whose voxels are not probed for thin structures between voxel centres (the plates and
+fat pockets of interest lie in or next to bone, disc and muscle, whose own voxels are probed)."""
+
 AP_FRACTIONS = {"ha": 0.15, "hm": 0.50, "hp": 0.85}
 """Where Ha, Hm, Hp are measured: fraction of the body depth from the anterior wall (SPEC §4)."""
 
@@ -658,7 +662,8 @@ def make_phantom(spec: PhantomSpec = PhantomSpec(), chunk_voxels: int = 400_000)
 
     # Pass 1: the tissue at every voxel centre gives the label maps and the HU of voxels that
     # lie inside one tissue. Along axes whose spacing exceeds the cortex, a few more samples per
-    # voxel (closer than the cortex) only look for tissue changes: a plate or a fat pocket thinner
+    # voxel of the spine's and muscles' tissues (on the lines through its centre along those
+    # axes, closer than the cortex) only look for tissue changes: a plate or a fat pocket thinner
     # than a voxel can lie between two voxel centres, and when the tissues on either side have the
     # same HU (trabecular bone as dense as the disc, an osteoporotic lumbar body) no centre shows
     # a change next to it (a 1 mm endplate between the centres of 3 mm slices was not drawn).
@@ -666,10 +671,12 @@ def make_phantom(spec: PhantomSpec = PhantomSpec(), chunk_voxels: int = 400_000)
     hu_low, hu_high = np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
     maps = {key: np.zeros(shape, dtype=np.uint8) for key in ("total", "body", "verse", "tissue")}
     jj, ii = np.meshgrid(np.arange(nj), np.arange(ni), indexing="ij")
-    probe_axes = [(np.arange(n) + 0.5) / n - 0.5 if n > 1 else np.zeros(1)
-                  for n in (int(np.floor(step / spec.cortex_mm)) + 1 if step > spec.cortex_mm else 1
-                            for step in spec.spacing)]
-    probes = np.array([p for p in itertools.product(*probe_axes) if np.any(np.abs(p) > 0)]).reshape(-1, 3)
+    probes = []
+    for axis, step in enumerate(spec.spacing):  # along the lines through the centre, axis by axis
+        n = int(np.floor(step / spec.cortex_mm)) + 1 if step > spec.cortex_mm else 1
+        for offset in (np.arange(n) + 0.5) / n - 0.5 if n > 1 else ():
+            probes.append(np.eye(3)[axis] * offset)
+    probes = np.array(probes).reshape(-1, 3)
     chunk_slices = max(1, chunk_voxels // (nj * ni * (1 + len(probes))))
     for k0 in range(0, nk, chunk_slices):
         k1 = min(nk, k0 + chunk_slices)
@@ -680,11 +687,13 @@ def make_phantom(spec: PhantomSpec = PhantomSpec(), chunk_voxels: int = 400_000)
         for key in maps:
             maps[key][k0:k1] = painted[key].reshape(k1 - k0, nj, ni)
         low, high = painted["hu"].copy(), painted["hu"].copy()
-        if len(probes):
-            points = (ijk[:, None, :] + probes[None, :, :]).reshape(-1, 3)
+        probed_at = np.flatnonzero(~np.isin(painted["tissue"], _UNPROBED_TISSUES))
+        if len(probes) and len(probed_at):
+            points = (ijk[probed_at, None, :] + probes[None, :, :]).reshape(-1, 3)
             probed = scene.paint(points @ ijk_to_anatomy[:3, :3].T + ijk_to_anatomy[:3, 3])["hu"]
-            probed = probed.reshape(len(ijk), len(probes))
-            low, high = np.minimum(low, probed.min(axis=1)), np.maximum(high, probed.max(axis=1))
+            probed = probed.reshape(len(probed_at), len(probes))
+            low[probed_at] = np.minimum(low[probed_at], probed.min(axis=1))
+            high[probed_at] = np.maximum(high[probed_at], probed.max(axis=1))
         hu_low[k0:k1], hu_high[k0:k1] = low.reshape(k1 - k0, nj, ni), high.reshape(k1 - k0, nj, ni)
 
     # Pass 2, partial volume: voxels next to a change of HU (at their centres or probes) are the
