@@ -30,8 +30,8 @@ Method, per vertebra (all work on a crop around the vertebra):
      voxels are modelled by their exact partial volume of disc, a cortical plate of
      ``cortex_mm`` and trabecular bone. The plate's contrast is fitted once per exam, jointly on
      the endplates (:func:`_exam_plate_contrast`; the walls as a fallback); the disc's HU per
-     endplate when the disc is seen beyond it, otherwise the exam's median (a thin disc at thick
-     slices);
+     endplate when the disc is seen beyond it, otherwise (a thin disc at thick slices) the median
+     of the fits facing a neighbouring vertebra, or fitted there too when there are none;
    * without the CT (or when no fit is possible), the endplate is where the body mask's
      interpolated occupancy crosses one half; the median over the bundle's lines is taken.
 
@@ -84,9 +84,9 @@ MIN_BEND_VOXELS = 1.0 / 3.0
 voxel's extent along the vertebra's axis at some knot (1 mm at 3 mm slices). The partial-volume
 model is not exact (a plate drawn on sub-voxel samples, whole-number HU, neighbouring
 structures), and with the thousand voxels of an endplate at 0.7x0.7x3 mm the test above accepts
-bends that only fit that misfit: on the osteoporotic thoracic bodies of the attenuation phantoms they bent flat
-endplates by 0.3–0.7 mm (0.7x0.7x3 mm heights p90 0.94 → 0.71 mm noise-free with this rule;
-fractures' bends are millimetres deep)."""
+bends that only fit that misfit: on the osteoporotic thoracic bodies of the attenuation phantoms
+they bent flat endplates by 0.3–0.7 mm (0.7x0.7x3 mm heights p90 0.94 → 0.71 mm noise-free with
+this rule; fractures' bends are millimetres deep)."""
 
 LINE_SEARCH_STEP_MM = 0.3
 """Grid step of the endplate fits' line searches (mm); the least-squares polish refines them."""

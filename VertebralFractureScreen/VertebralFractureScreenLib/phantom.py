@@ -31,9 +31,9 @@ from the anterior wall (SPEC §4).
 Rendering: label maps take the tissue at the voxel centre; the CT of a voxel next to a change of
 HU is the mean of sub-voxel samples on a regular grid (``supersampling`` per axis, by default as
 many as keep them ≤ 0.5 mm apart), which gives the partial-volume effect. Changes are looked for
-at the voxel centres and, along axes coarser than the cortex, at probes closer than the cortex,
-so a plate thinner than a voxel is drawn even between tissues of equal HU. Optional Gaussian point-spread function and
-Gaussian noise follow. Everything is computed in the anatomy frame and mapped through the
+at the voxel centres and, in voxels of bone, disc and muscle along axes coarser than the cortex,
+at probes closer than the cortex, so a plate thinner than a voxel is drawn even between tissues
+of equal HU. Optional Gaussian point-spread function and Gaussian noise follow. Everything is computed in the anatomy frame and mapped through the
 whole-anatomy rotation and the grid's IJK→RAS matrix, so any spacing, grid orientation and
 rotation of the anatomy against the voxel grid is exact.
 """
@@ -668,7 +668,6 @@ def make_phantom(spec: PhantomSpec = PhantomSpec(), chunk_voxels: int = 400_000)
     # same HU (trabecular bone as dense as the disc, an osteoporotic lumbar body) no centre shows
     # a change next to it (a 1 mm endplate between the centres of 3 mm slices was not drawn).
     hu = np.zeros(shape, dtype=np.float32)
-    hu_low, hu_high = np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
     maps = {key: np.zeros(shape, dtype=np.uint8) for key in ("total", "body", "verse", "tissue")}
     jj, ii = np.meshgrid(np.arange(nj), np.arange(ni), indexing="ij")
     probes = []
@@ -677,6 +676,8 @@ def make_phantom(spec: PhantomSpec = PhantomSpec(), chunk_voxels: int = 400_000)
         for offset in (np.arange(n) + 0.5) / n - 0.5 if n > 1 else ():
             probes.append(np.eye(3)[axis] * offset)
     probes = np.array(probes).reshape(-1, 3)
+    # Lowest and highest HU seen in each voxel (centre and probes); the CT itself without probes.
+    hu_low, hu_high = (np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)) if len(probes) else (hu, hu)
     chunk_slices = max(1, chunk_voxels // (nj * ni * (1 + len(probes))))
     for k0 in range(0, nk, chunk_slices):
         k1 = min(nk, k0 + chunk_slices)
@@ -686,9 +687,11 @@ def make_phantom(spec: PhantomSpec = PhantomSpec(), chunk_voxels: int = 400_000)
         hu[k0:k1] = painted["hu"].reshape(k1 - k0, nj, ni)
         for key in maps:
             maps[key][k0:k1] = painted[key].reshape(k1 - k0, nj, ni)
+        if not len(probes):
+            continue
         low, high = painted["hu"].copy(), painted["hu"].copy()
         probed_at = np.flatnonzero(~np.isin(painted["tissue"], _UNPROBED_TISSUES))
-        if len(probes) and len(probed_at):
+        if len(probed_at):
             points = (ijk[probed_at, None, :] + probes[None, :, :]).reshape(-1, 3)
             probed = scene.paint(points @ ijk_to_anatomy[:3, :3].T + ijk_to_anatomy[:3, 3])["hu"]
             probed = probed.reshape(len(probed_at), len(probes))
