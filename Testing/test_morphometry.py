@@ -137,27 +137,25 @@ def _upright_endplate_voxels(surface_w: float, spacing=(3.0, 3.0, 3.0), disc=90.
     return values, local, np.diag([su, sv, sw, 1.0])
 
 
-def test_plate_contrast_is_fitted_jointly_over_endplates():
-    """An endplate whose plate lies inside one slice cannot tell its plate's contrast from its
+def test_plate_hu_is_fitted_jointly_over_endplates():
+    """An endplate whose plate lies inside one slice cannot tell its plate's HU from its
     position; summed over endplates at several offsets to the slices, the residual is smallest
-    at the true contrast (cortical − trabecular = 540 HU)."""
-    from VertebralFractureScreenLib.morphometry import PLATE_CONTRASTS_HU, VertebraFrame, _plate_contrast_residuals
+    at the true cortical HU (700), whatever the trabecular bone beside it."""
+    from VertebralFractureScreenLib.morphometry import PLATE_HUS, VertebraFrame, _plate_hu_residuals
 
     frame = VertebraFrame(np.zeros(3), np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.array([0, 0, 1.0]))
     knots_v = np.array([10.0, 0.0, -10.0])
-    total = np.zeros(len(PLATE_CONTRASTS_HU))
-    for offset in np.linspace(-1.4, 1.4, 8):  # the surface's position within its slice, mm
-        values, local, ijk_to_ras = _upright_endplate_voxels(offset)
+    total = np.zeros(len(PLATE_HUS))
+    for offset, trabecular in zip(np.linspace(-1.4, 1.4, 8), np.linspace(90.0, 200.0, 8)):  # position in the slice, mm
+        values, local, ijk_to_ras = _upright_endplate_voxels(offset, trabecular=trabecular)
         start = np.full(3, offset + 0.6)  # a guess off by a fifth of a voxel
-        total += _plate_contrast_residuals(values, local, +1, knots_v, start, frame, ijk_to_ras, 1.0, 2.0,
-                                           PLATE_CONTRASTS_HU)
-    best = PLATE_CONTRASTS_HU[int(np.argmin(total))]
-    assert best == pytest.approx(540.0, abs=20.0)
-    # one endplate with its plate well inside a slice is (nearly) blind to the contrast
+        total += _plate_hu_residuals(values, local, +1, knots_v, start, frame, ijk_to_ras, 1.0, 2.0, PLATE_HUS)
+    best = PLATE_HUS[int(np.argmin(total))]
+    assert best == pytest.approx(700.0, abs=20.0)
+    # one endplate with its plate well inside a slice is (nearly) blind to the plate's HU
     values, local, ijk_to_ras = _upright_endplate_voxels(2.0)  # the plate 1 mm from either slice border
-    alone = _plate_contrast_residuals(values, local, +1, knots_v, np.full(3, 2.0), frame, ijk_to_ras, 1.0, 2.0,
-                                      PLATE_CONTRASTS_HU)
-    near = np.abs(PLATE_CONTRASTS_HU - 540.0) <= 50.0
+    alone = _plate_hu_residuals(values, local, +1, knots_v, np.full(3, 2.0), frame, ijk_to_ras, 1.0, 2.0, PLATE_HUS)
+    near = np.abs(PLATE_HUS - 700.0) <= 50.0
     assert np.ptp(alone[near]) < 0.01 * np.ptp(total[near])
 
 

@@ -28,8 +28,8 @@ Method, per vertebra (all work on a crop around the vertebra):
      (:func:`_fit_endplate_profile`): a profile ``w(v)`` over the whole depth, straight or a
      natural spline through its heights at the three positions and halfway between them, whose
      voxels are modelled by their exact partial volume of disc, a cortical plate of
-     ``cortex_mm`` and trabecular bone. The plate's contrast is fitted once per exam, jointly on
-     the endplates (:func:`_exam_plate_contrast`; the walls as a fallback); the disc's HU per
+     ``cortex_mm`` and trabecular bone. The plate's HU is fitted once per exam, jointly on
+     the endplates (:func:`_exam_plate_hu`; the walls as a fallback); the disc's HU per
      endplate when the disc is seen beyond it, otherwise (a thin disc at thick slices) the median
      of the fits facing a neighbouring vertebra, or fitted there too when there are none;
    * without the CT (or when no fit is possible), the endplate is where the body mask's
@@ -71,7 +71,7 @@ THICK_VOXEL_MM = 2.0
 """Voxels spanning more than this along a vertebra's cranio-caudal axis (mm) are thick: there a
 bent endplate's heights are not refined locally (the few voxels near one position add more noise
 than the profile's approximation costs), the endplate fits search more thoroughly, and the exam's
-plate contrast is fitted a second time (phantom benchmark)."""
+plate's HU is fitted a second time (phantom benchmark)."""
 
 BEND_FALSE_ALARM = 0.001
 """An endplate is fitted bent rather than straight only when the straight fit's excess residual
@@ -281,7 +281,7 @@ def _crossing(profile: np.ndarray, coords: np.ndarray, start: int, direction: in
 
 def _fit_endplate(values: np.ndarray, local: np.ndarray, direction: int, edge_guess: float, v_centre: float,
                   slope_guess: float, frame: VertebraFrame, ijk_to_ras: np.ndarray, cortex_mm: float,
-                  search: float, plate_contrast: float | None = None) -> tuple[float, float, float]:
+                  search: float) -> tuple[float, float, float]:
     """Outer surface of one endplate, fitted to the CT values of the voxels around it.
 
     ``values`` are the HU of voxels whose centres have local coordinates ``local`` (N, 3);
@@ -291,15 +291,13 @@ def _fit_endplate(values: np.ndarray, local: np.ndarray, direction: int, edge_gu
     bone: ``HU = a + b·inside + c·plate``, where ``inside`` and ``plate`` are the shares of the
     voxel's volume beyond the plane (a box kernel, see :func:`.geometry.partial_volume_share`). ``a, b, c`` are solved by
     least squares for each ``(e, g)`` on a grid around the mask's estimate; the best fit wins.
-    When the plate lies inside one slice of voxels its contrast ``c`` and the surface position
-    trade off; ``plate_contrast`` then fixes ``c`` (measured on the body's walls).
-    Returns ``(e, g, c)``, or NaNs when no fit has a bright plate (``c > 0``)."""
+    Returns ``(e, g, plate HU)`` with the plate's HU ``a + b + c``, or NaNs when no fit has a
+    bright plate (``c > 0``)."""
     if len(values) < 8:
         return float("nan"), float("nan"), float("nan")
     step = 0.1
     edges = edge_guess + np.arange(-search, search + 1e-9, step)
     best = (float("nan"), float("nan"), np.inf, float("nan"))
-    free = plate_contrast is None
     for slope in slope_guess + np.arange(-0.3, 0.3 + 1e-9, 0.1):
         normal = unit(frame.cc - slope * frame.ap)
         cdf = partial_volume_share(normal, ijk_to_ras)
@@ -308,14 +306,11 @@ def _fit_endplate(values: np.ndarray, local: np.ndarray, direction: int, edge_gu
         depth = direction * (edges[:, None] - plane[None, :]) * scale  # distance inside the body, mm
         inside = cdf(depth)
         plate = inside - cdf(depth - cortex_mm)
-        columns = [np.ones_like(inside), inside] + ([plate] if free else [])
-        target = np.broadcast_to(values, inside.shape) if free else values[None, :] - plate_contrast * plate
-        coef, residual = _solve_linear(columns, target)
-        contrast = coef[:, 2] if free else np.full(len(edges), plate_contrast)
-        residual[~(contrast > 0)] = np.inf
+        coef, residual = _solve_linear([np.ones_like(inside), inside, plate], np.broadcast_to(values, inside.shape))
+        residual[~(coef[:, 2] > 0)] = np.inf
         index = int(np.argmin(residual))
         if residual[index] < best[2]:
-            best = (_parabolic_minimum(edges, residual), float(slope), float(residual[index]), float(contrast[index]))
+            best = (_parabolic_minimum(edges, residual), float(slope), float(residual[index]), float(coef[index].sum()))
     return best[0], best[1], best[3]
 
 
@@ -374,9 +369,27 @@ def _parabolic_minimum(values: np.ndarray, residual: np.ndarray) -> float:
     return best
 
 
+def _tissue_model(values: np.ndarray, inside: np.ndarray, plate: np.ndarray, plate_hu: float | None,
+                  disc_hu: float | None) -> tuple[list[np.ndarray], np.ndarray]:
+    """Columns and target of the linear least-squares problem of an endplate's partial-volume
+    model (see :func:`_fit_endplate_profile`) for voxel ``values`` with shares ``inside`` (beyond
+    the surface) and ``plate`` (within the cortical plate): with ``plate_hu`` known,
+    ``values - plate_hu·plate [- disc_hu·(1 - inside)] ≈ [a·(1 - inside)] + t·(inside - plate)``;
+    with ``plate_hu`` None, ``values [- disc_hu] ≈ [a] + b·inside + c·plate``. The disc's term is
+    a column (first) unless ``disc_hu`` fixes it; the trabecular (or plate) term is the last."""
+    outside = 1.0 - inside
+    if plate_hu is None:
+        columns = ([] if disc_hu is not None else [np.ones_like(inside)]) + [inside, plate]
+        return columns, values - (disc_hu if disc_hu is not None else 0.0)
+    target = values - plate_hu * plate
+    if disc_hu is not None:
+        return [inside - plate], target - disc_hu * outside
+    return [outside, inside - plate], target
+
+
 def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int, knots_v: np.ndarray,
                           edges_guess: np.ndarray, frame: VertebraFrame, ijk_to_ras: np.ndarray, cortex_mm: float,
-                          search: float, plate_contrast: float | None, disc_hu: float | None = None,
+                          search: float, plate_hu: float | None, disc_hu: float | None = None,
                           sweeps: int = 1, local_half: float | None = None,
                           straight_only: bool = False, thorough: bool = False) -> tuple[np.ndarray, float] | None:
     """Outer surface of one endplate over the body's depth, fitted to the CT values of the voxels
@@ -387,10 +400,13 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
     beyond the end knots). A wedge, a crush or physiological wedging is nearly straight or bent
     once; a biconcave depression is smooth and deepest at mid-depth. Each voxel's HU is modelled
     as its exact partial-volume mix (a box kernel along the local normal,
-    :func:`.geometry.partial_volume_share`) of disc outside, a cortical plate of ``cortex_mm``
-    just inside the surface, and trabecular bone: ``HU = a + b·inside + c·plate``. ``a, b`` (and
-    ``c`` unless ``plate_contrast`` fixes it; ``a`` is the disc's HU unless ``disc_hu`` fixes it)
-    are solved by least squares. The knot heights: line searches on a grid of
+    :func:`.geometry.partial_volume_share`) of three tissues, each with its own HU: disc outside
+    (``a``), a cortical plate of ``cortex_mm`` just inside the surface (``plate_hu``) and
+    trabecular bone (``t``): ``HU = a·(1 - inside) + t·(inside - plate) + plate_hu·plate``, with
+    ``inside`` and ``plate`` the voxel's shares beyond the surface and within the plate. ``t`` and
+    ``a`` (unless ``disc_hu`` fixes it) are solved by least squares; ``plate_hu`` is the exam's
+    (:func:`_exam_plate_hu`), or, when None, free too (as a contrast over the bone, which must be
+    positive). The knot heights: line searches on a grid of
     :data:`LINE_SEARCH_STEP_MM` within ``search`` of the mask's estimate ``edges_guess`` (shift and
     tilt, then each knot), refined by a parabola, then polished by nonlinear least squares. The
     bent profile is kept only when the data ask for it (:data:`BEND_FALSE_ALARM`);
@@ -418,7 +434,7 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
     # The profile is linear in its knots: surface(v) = basis(v) @ knots, so a line search only
     # adds a multiple of basis @ direction.
     basis = _natural_spline_basis(kv, v)
-    free, disc_fixed = plate_contrast is None, disc_hu is not None
+    free, disc_fixed = plate_hu is None, disc_hu is not None
     offsets = np.arange(-search, search + 1e-9, LINE_SEARCH_STEP_MM)
 
     def residuals(surfaces: np.ndarray, knots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -430,8 +446,7 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
         depth = (direction / np.sqrt(1.0 + slopes[segment] ** 2)) * (surfaces - w)  # inside the body, mm
         inside = cdf(depth)
         plate = inside - cdf(depth - cortex_mm)
-        columns = ([] if disc_fixed else [np.ones_like(inside)]) + [inside] + ([plate] if free else [])
-        target = values[None, :] - (disc_hu if disc_fixed else 0.0) - (0.0 if free else plate_contrast * plate)
+        columns, target = _tissue_model(values[None, :], inside, plate, plate_hu, disc_hu)
         coef, residual = _solve_linear(columns, np.broadcast_to(target, inside.shape))
         if free:
             residual[~(coef[:, -1] > 0)] = np.inf
@@ -470,7 +485,6 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
         slopes = np.diff(knots) / dv
         cdf = partial_volume_share(unit(frame.cc - float(np.mean(slopes)) * frame.ap), ijk_to_ras)
         scale = direction / np.sqrt(1.0 + slopes[segment] ** 2)
-        target_base = values - (disc_hu if disc_fixed else 0.0)
         moves = scale[:, None] * (basis @ span)  # d depth / d p, (N, P)
         cache = {}
 
@@ -481,9 +495,8 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
                 depth = scale * (basis @ (knots + span @ p) - w)
                 inside = cdf(depth)
                 plate = inside - cdf(depth - cortex_mm)
-                columns = ([] if disc_fixed else [np.ones_like(inside)]) + [inside] + ([plate] if free else [])
+                columns, target = _tissue_model(values, inside, plate, plate_hu, disc_hu)
                 design = np.stack(columns, axis=1)
-                target = target_base - (0.0 if free else plate_contrast * plate)
                 gram = design.T @ design
                 solvable = np.linalg.cond(gram) < 1e12
                 coef = np.linalg.solve(gram, design.T @ target) if solvable else np.zeros(len(gram))
@@ -499,8 +512,11 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
             depth, design, gram, solvable, coef, _ = parts(p)
             d_inside = _box_density(cdf, depth)
             d_plate = d_inside - _box_density(cdf, depth - cortex_mm)
-            plate_weight = coef[-1] if free else plate_contrast
-            inside_weight = coef[-2] if free else coef[-1]
+            if free:  # HU = a + b·inside + c·plate
+                inside_weight, plate_weight = coef[-2], coef[-1]
+            else:  # HU = a·(1 - inside) + t·(inside - plate) + plate_hu·plate
+                disc = disc_hu if disc_fixed else coef[0]
+                inside_weight, plate_weight = coef[-1] - disc, plate_hu - coef[-1]
             jac = -(inside_weight * d_inside + plate_weight * d_plate)[:, None] * moves
             if solvable:
                 jac -= design @ np.linalg.solve(gram, design.T @ jac)
@@ -556,8 +572,8 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
         knots, disc = bent, disc_bent
         if local_half is not None and not free:
             # A bent endplate (a biconcave fracture) is only approximately piecewise linear: each
-            # height is refined on the voxels near its position, with the profile's disc HU, plate
-            # contrast and local slope fixed.
+            # height is refined on the voxels near its position, with the profile's disc HU, the
+            # plate's HU and the local slope fixed.
             slopes = np.diff(knots) / dv
             local_slopes = [slopes[0]] + [0.5 * (a + b) for a, b in zip(slopes[:-1], slopes[1:])] + [slopes[-1]]
             refined = knots.copy()
@@ -571,8 +587,7 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
                 depth = direction * (surface - w[near][None, :]) / np.sqrt(1.0 + slope * slope)
                 inside = cdf(depth)
                 plate = inside - cdf(depth - cortex_mm)
-                target = values[near][None, :] - disc - plate_contrast * plate
-                _, residual = _solve_linear([inside], target)
+                _, residual = _solve_linear(*_tissue_model(values[near][None, :], inside, plate, plate_hu, disc))
                 if np.isfinite(residual).any():
                     refined[k] = knots[k] + _parabolic_minimum(steps, residual)
             knots = refined
@@ -587,7 +602,7 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
 
 class _BodyMeasurement:
     """Measurement of one vertebral body in two steps: the geometry (body, depth, the band's voxels)
-    when made, then the heights in :meth:`finish` with the exam's endplate plate contrast."""
+    when made, then the heights in :meth:`finish` with the exam's endplate plate HU."""
 
     def __init__(self, vertebra: _Vertebra, frame: VertebraFrame, sample: _CropSampler, labels_crop: np.ndarray,
                  ct_crop: np.ndarray | None, ijk_to_ras: np.ndarray, cortex_mm: float):
@@ -652,11 +667,11 @@ class _BodyMeasurement:
         self.mask_endplates()
         self.body_f = None  # the crop-sized occupancy map is not needed any more
 
-    def wall_contrast(self) -> float | None:
-        """The cortical plate's contrast fitted on this body's anterior and posterior walls."""
+    def wall_plate_hu(self) -> float | None:
+        """The cortical plate's HU fitted on this body's anterior and posterior walls."""
         if not self.has_ct:
             return None
-        return _wall_plate_contrast(self.ct_flat, self.voxel_local, self.frame, self.ijk_to_ras, self.u_mid,
+        return _wall_plate_hu(self.ct_flat, self.voxel_local, self.frame, self.ijk_to_ras, self.u_mid,
                                     self.band, self.v_ant, self.v_post, self.w_lo, self.w_hi, self.s_v,
                                     self.cortex_mm)
 
@@ -675,7 +690,7 @@ class _BodyMeasurement:
         self.knots_v, self.mask_edges = np.array(knots_v), np.array(mask_edges)
         self.forget_fits()
 
-    def fit_endplates(self, plate_contrast: float | None, disc_hu: float | None = None,
+    def fit_endplates(self, plate_hu: float | None, disc_hu: float | None = None,
                       straight_only: bool = False) -> list[tuple[int, float]]:
         """Fit the endplates not fitted yet on the CT (:func:`_fit_endplate_profile`; straight
         ones only with ``straight_only``). An endplate whose disc is not seen beyond it (a thin
@@ -689,7 +704,7 @@ class _BodyMeasurement:
         for side, direction in enumerate((+1, -1)):
             if self.fitted[side]:
                 continue
-            fit = self._fit_profile(direction, self.mask_edges[:, side], plate_contrast, disc_hu, straight_only)
+            fit = self._fit_profile(direction, self.mask_edges[:, side], plate_hu, disc_hu, straight_only)
             if fit is not None:
                 self.edges[:, side], disc = fit
                 self.fitted[side] = True
@@ -714,15 +729,15 @@ class _BodyMeasurement:
         return result
 
     def forget_fits(self) -> None:
-        """Back to the mask's endplates, before fitting again with another plate contrast."""
+        """Back to the mask's endplates, before fitting again with another plate HU."""
         self.edges = self.mask_edges.copy()
         self.fitted = [False, False]
 
-    def plate_contrast_profiles(self, contrasts: np.ndarray) -> list[tuple[np.ndarray, int]]:
+    def plate_hu_profiles(self, plate_hus: np.ndarray) -> list[tuple[np.ndarray, int]]:
         """Per endplate whose disc is seen: its residual sum of squares (HU²) as a function of the
-        cortical plate's contrast (one value per entry of ``contrasts``) and its voxel count. For
-        each contrast the endplate moves to its best fit (:func:`_plate_contrast_residuals`):
-        shifted along its axis from the mask's profile, or shifted and tilted from its fit."""
+        cortical plate's HU (one value per entry of ``plate_hus``) and its voxel count. For each
+        plate HU the endplate moves to its best fit (:func:`_plate_hu_residuals`): shifted along
+        its axis from the mask's profile, or shifted and tilted from its fit."""
         if not self.has_ct or not np.all(np.isfinite(self.mask_edges)):
             return []
         profiles = []
@@ -731,10 +746,10 @@ class _BodyMeasurement:
             count = int(np.count_nonzero(window))
             if not disc_seen or count < 8:
                 continue
-            rss = _plate_contrast_residuals(self.ct_flat[window], self.voxel_local[window], direction, self.knots_v,
-                                            self.edges[:, side], self.frame, self.ijk_to_ras, self.cortex_mm,
-                                            (REFIT_REACH_MM if self.fitted[side] else 0.5 * self.s_w + 0.8), contrasts,
-                                            tilt_search=REFIT_REACH_MM if self.fitted[side] else 0.0)
+            rss = _plate_hu_residuals(self.ct_flat[window], self.voxel_local[window], direction, self.knots_v,
+                                      self.edges[:, side], self.frame, self.ijk_to_ras, self.cortex_mm,
+                                      (REFIT_REACH_MM if self.fitted[side] else 0.5 * self.s_w + 0.8), plate_hus,
+                                      tilt_search=REFIT_REACH_MM if self.fitted[side] else 0.0)
             if np.all(np.isfinite(rss)):
                 profiles.append((rss, count))
         return profiles
@@ -757,7 +772,7 @@ class _BodyMeasurement:
         outside = np.count_nonzero(window & (w_rel > 0.5 * s_w))
         return window, bool(outside >= max(4, 0.1 * np.count_nonzero(window)))
 
-    def _fit_profile(self, direction: int, mask_edges: np.ndarray, plate_contrast: float | None,
+    def _fit_profile(self, direction: int, mask_edges: np.ndarray, plate_hu: float | None,
                      disc_hu: float | None, straight_only: bool = False) -> tuple[np.ndarray, float] | None:
         """One endplate's outer surface at the measurement positions and the disc HU, fitted on the
         voxels of the central band around it; None when the disc is not seen and ``disc_hu`` is
@@ -770,23 +785,24 @@ class _BodyMeasurement:
             disc_hu = None
         local, s_w, knots_v = self.voxel_local, self.s_w, self.knots_v
         return _fit_endplate_profile(self.ct_flat[window], local[window], direction, knots_v, mask_edges, self.frame,
-                                     self.ijk_to_ras, self.cortex_mm, 0.5 * s_w + 0.8, plate_contrast, disc_hu,
+                                     self.ijk_to_ras, self.cortex_mm, 0.5 * s_w + 0.8, plate_hu, disc_hu,
                                      local_half=max(0.05 * self.result.depth_mm, self.s_v)
                                      if s_w <= THICK_VOXEL_MM else None, straight_only=straight_only,
                                      thorough=s_w > THICK_VOXEL_MM)
 
 
-def _plate_contrast_residuals(values: np.ndarray, local: np.ndarray, direction: int, knots_v: np.ndarray,
-                              knots: np.ndarray, frame: VertebraFrame, ijk_to_ras: np.ndarray, cortex_mm: float,
-                              search: float, contrasts: np.ndarray, tilt_search: float = 0.0) -> np.ndarray:
+def _plate_hu_residuals(values: np.ndarray, local: np.ndarray, direction: int, knots_v: np.ndarray,
+                        knots: np.ndarray, frame: VertebraFrame, ijk_to_ras: np.ndarray, cortex_mm: float,
+                        search: float, plate_hus: np.ndarray, tilt_search: float = 0.0) -> np.ndarray:
     """Residual sum of squares of one endplate's partial-volume model (see
-    :func:`_fit_endplate_profile`, disc and trabecular HU free) for each plate contrast in
-    ``contrasts``, minimised over shifts of the profile ``knots`` (w at ``knots_v``) within
+    :func:`_fit_endplate_profile`, disc and trabecular HU free) for each plate HU in
+    ``plate_hus``, minimised over shifts of the profile ``knots`` (w at ``knots_v``) within
     ``search`` mm and tilts moving its end knots by up to ``tilt_search`` mm (0.1 mm steps).
-    Returns an array like ``contrasts``.
+    Returns an array like ``plate_hus``.
 
-    The contrast enters the model linearly, so one set of sums per shift gives the residual of
-    every contrast: for ``y' = y - c·plate`` the 2x2 normal equations of ``a + b·inside``."""
+    The plate's HU ``P`` enters the model linearly, so one set of sums per shift gives the
+    residual of every ``P``: for ``y' = y - P·plate`` the 2x2 normal equations of
+    ``a·(1 - inside) + t·(inside - plate)``."""
     order = np.argsort(knots_v)
     kv, kw = np.asarray(knots_v, dtype=float)[order], np.asarray(knots, dtype=float)[order]
     v, w = local[:, 1], local[:, 2]
@@ -800,22 +816,22 @@ def _plate_contrast_residuals(values: np.ndarray, local: np.ndarray, direction: 
     depth = (direction / np.sqrt(1.0 + slopes[segment] ** 2)) * (surface[None, :] + moves - w[None, :])
     inside = cdf(depth)
     plate = inside - cdf(depth - cortex_mm)
+    disc, bone = 1.0 - inside, inside - plate
     y = values.astype(float)
-    n = float(len(y))
-    s_i, s_p, s_y = inside.sum(axis=1), plate.sum(axis=1), y.sum()
-    s_ii, s_ip, s_pp = (inside * inside).sum(axis=1), (inside * plate).sum(axis=1), (plate * plate).sum(axis=1)
-    s_iy, s_py, s_yy = inside @ y, plate @ y, y @ y
-    c = np.asarray(contrasts, dtype=float)[None, :]
-    # y' = y - c·plate, per shift (rows) and contrast (columns)
-    t0 = s_y - c * s_p[:, None]
-    t1 = s_iy[:, None] - c * s_ip[:, None]
-    tt = s_yy - 2.0 * c * s_py[:, None] + c * c * s_pp[:, None]
-    det = n * s_ii - s_i * s_i
-    ok = det > 1e-9 * n * np.maximum(s_ii, 1e-12)
+    s_dd, s_db, s_bb = (disc * disc).sum(axis=1), (disc * bone).sum(axis=1), (bone * bone).sum(axis=1)
+    s_dp, s_bp, s_pp = (disc * plate).sum(axis=1), (bone * plate).sum(axis=1), (plate * plate).sum(axis=1)
+    s_dy, s_by, s_py, s_yy = disc @ y, bone @ y, plate @ y, y @ y
+    P = np.asarray(plate_hus, dtype=float)[None, :]
+    # y' = y - P·plate, per shift (rows) and plate HU (columns)
+    t_d = s_dy[:, None] - P * s_dp[:, None]
+    t_b = s_by[:, None] - P * s_bp[:, None]
+    tt = s_yy - 2.0 * P * s_py[:, None] + P * P * s_pp[:, None]
+    det = s_dd * s_bb - s_db * s_db
+    ok = det > 1e-9 * np.maximum(s_dd * s_bb, 1e-12)
     det = np.where(ok, det, 1.0)[:, None]
-    a = (s_ii[:, None] * t0 - s_i[:, None] * t1) / det
-    b = (n * t1 - s_i[:, None] * t0) / det
-    rss = tt - a * t0 - b * t1
+    a = (s_bb[:, None] * t_d - s_db[:, None] * t_b) / det
+    t = (s_dd[:, None] * t_b - s_db[:, None] * t_d) / det
+    rss = tt - a * t_d - t * t_b
     rss[~ok] = np.inf
     return rss.min(axis=0)
 
@@ -853,28 +869,28 @@ def _outer_limits(v: np.ndarray, w_rel: np.ndarray, other: np.ndarray, reach: fl
     return np.minimum(reach, 0.5 * nearest[bins])
 
 
-def _wall_plate_contrast(ct_flat, voxel_local, frame, ijk_to_ras, u_mid, band, v_ant, v_post, w_lo, w_hi, s_v,
-                         cortex_mm) -> float | None:
-    """Contrast of the cortical plate (HU over trabecular bone, for a plate of ``cortex_mm``)
-    fitted on the anterior and posterior walls, where the grid is usually finer than across the
-    endplates. Median of the walls that give a fit; None when neither does."""
+def _wall_plate_hu(ct_flat, voxel_local, frame, ijk_to_ras, u_mid, band, v_ant, v_post, w_lo, w_hi, s_v,
+                   cortex_mm) -> float | None:
+    """HU of the cortical plate (for a plate of ``cortex_mm``) fitted on the anterior and
+    posterior walls, where the grid is usually finer than across the endplates. Median of the
+    walls that give a fit; None when neither does."""
     swapped = VertebraFrame(frame.centre, -frame.lr, frame.cc, frame.ap)  # wall normal plays "cc"
     local = voxel_local[:, [0, 2, 1]] * np.array([-1.0, 1.0, 1.0])
     height = w_hi - w_lo
     central = (np.abs(voxel_local[:, 0] - u_mid) <= band) & (np.abs(voxel_local[:, 2] - 0.5 * (w_lo + w_hi))
                                                              <= 0.2 * height)
     reach = 2.0 * s_v + 1.5
-    contrasts = []
+    plate_hus = []
     for direction, edge in ((+1, v_ant), (-1, v_post)):
         if not np.isfinite(edge):
             continue
         rel = direction * (voxel_local[:, 1] - edge)
         window = central & (rel >= -reach) & (rel <= reach)
-        _, _, contrast = _fit_endplate(ct_flat[window], local[window], direction, edge, 0.0, 0.0, swapped,
+        _, _, plate_hu = _fit_endplate(ct_flat[window], local[window], direction, edge, 0.0, 0.0, swapped,
                                        ijk_to_ras, cortex_mm, 0.5 * s_v + 0.3)
-        if np.isfinite(contrast):
-            contrasts.append(contrast)
-    return float(np.median(contrasts)) if contrasts else None
+        if np.isfinite(plate_hu):
+            plate_hus.append(plate_hu)
+    return float(np.median(plate_hus)) if plate_hus else None
 
 
 def _check_plausible(result: VertebraHeights) -> None:
@@ -904,44 +920,51 @@ def _set_body(vertebra: _Vertebra, body: np.ndarray, ijk_to_ras: np.ndarray) -> 
 
 
 REFIT_REACH_MM = 1.0
-"""When the plate contrast is fitted again on fitted endplates, each may shift, and tilt its end
-knots, by up to this much (mm): the first fits, made with a contrast 10 % off, were off by up
+"""When the plate's HU is fitted again on fitted endplates, each may shift, and tilt its end
+knots, by up to this much (mm): the first fits, made with a plate 10 % off, were off by up
 to 0.9 mm."""
 
 OUTLIER_MISFIT = 3.0
 """Endplates whose mean squared residual exceeds this multiple of the exam's median are not used
-to fit the plate contrast."""
+to fit the plate's HU."""
 
-PLATE_CONTRASTS_HU = np.arange(50.0, 1500.0 + 1e-9, 10.0)
-"""Candidate contrasts (HU over trabecular bone) of the endplates' cortical plate."""
+PLATE_HUS = np.arange(100.0, 2000.0 + 1e-9, 10.0)
+"""Candidate HU of the endplates' cortical plate (of ``cortex_mm``)."""
 
 
-def _exam_plate_contrast(measurements: list["_BodyMeasurement"], walls: bool = True) -> float | None:
-    """One contrast of the endplates' cortical plate for the exam (HU over trabecular bone).
+def _exam_plate_hu(measurements: list["_BodyMeasurement"], walls: bool = True) -> float | None:
+    """One HU of the endplates' cortical plate for the exam.
 
-    Fitted jointly on the endplates whose disc is seen (:meth:`_BodyMeasurement.plate_contrast_profiles`):
-    the contrast minimising their summed residual, each endplate at its own best position for
-    each contrast. An endplate whose plate lies within one slice cannot tell its contrast from its
-    position (its residual is flat in the contrast), but the endplates cut by a slice border, or
-    oblique to the slices, can, and they decide. Endplates fitted much worse than the exam's
+    The plate is a tissue of its own HU, the same at every level, not a contrast over the
+    trabecular bone beside it: compact bone's density varies little along the spine, while the
+    trabecular bone's falls from the thoracic to the lumbar spine and with osteoporosis (on the
+    osteoporotic phantoms, trabecular 150 HU at T4 to 85 HU at L5 under a 700 HU cortex, one
+    exam-wide contrast was 9–10 % off at the ends of the spine and moved thoracic endplates by
+    up to 0.9 mm, or bent them by 2.7 mm at 3 mm voxels).
+
+    Fitted jointly on the endplates whose disc is seen (:meth:`_BodyMeasurement.plate_hu_profiles`):
+    the plate HU minimising their summed residual, each endplate at its own best position for
+    each. An endplate whose plate lies within one slice cannot tell its plate's HU from its
+    position (its residual is flat in it), but the endplates cut by a slice border, or oblique to
+    the slices, can, and they decide. Endplates fitted much worse than the exam's
     median (:data:`OUTLIER_MISFIT`) are left out. The anterior and posterior walls are the
     fallback when the endplates give no minimum (``walls``): on the phantom suite the walls'
     curvature across the central band made them read about 9 % low, which moved endplates lying
     along 3 mm slices by up to 0.9 mm."""
-    profiles = [p for m in measurements for p in m.plate_contrast_profiles(PLATE_CONTRASTS_HU)]
+    profiles = [p for m in measurements for p in m.plate_hu_profiles(PLATE_HUS)]
     if profiles:
         # Endplates the model fits badly (a fracture's depression fitted straight, a Schmorl's
-        # node) are left out: their residual's trend in the contrast is the misfit's, not the plate's.
+        # node) are left out: their residual's trend in the plate's HU is the misfit's.
         misfit = np.array([rss.min() / count for rss, count in profiles])
         keep = misfit <= OUTLIER_MISFIT * np.median(misfit)
         total = np.sum([rss for (rss, _), k in zip(profiles, keep) if k], axis=0)
         index = int(np.argmin(total))
         if np.isfinite(total[index]) and 0 < index < len(total) - 1:
-            return _parabolic_minimum(PLATE_CONTRASTS_HU, total)
+            return _parabolic_minimum(PLATE_HUS, total)
     if not walls:
         return None
-    contrasts = [c for c in (m.wall_contrast() for m in measurements) if c is not None]
-    return float(np.median(contrasts)) if contrasts else None
+    plate_hus = [c for c in (m.wall_plate_hu() for m in measurements) if c is not None]
+    return float(np.median(plate_hus)) if plate_hus else None
 
 
 def measure_heights(
@@ -1028,21 +1051,21 @@ def measure_heights(
         for v, frame, sample in zip(vertebrae, frames, samplers)
         if levels is None or v.level in levels
     ]
-    # The endplates' cortical plate: one contrast for the exam (:func:`_exam_plate_contrast`), first
-    # on the mask's endplate profiles, then, with thick voxels, again on straight endplates fitted
-    # with it (each free to shift and tilt by REFIT_REACH_MM): at 3 mm slices the mask's profiles
-    # are off by up to a voxel, which biased the contrast 5–13 % low (on a noise-free 3 mm phantom
-    # it reads 535 HU for a true 540 after the second pass, 468 before). At 1 mm the second pass
-    # changed no height of the phantom suite by more than 0.04 mm and is skipped.
-    plate_contrast = _exam_plate_contrast(measurements)
+    # The endplates' cortical plate: one HU for the exam (:func:`_exam_plate_hu`), first on the
+    # mask's endplate profiles, then, with thick voxels, again on straight endplates fitted with
+    # it (each free to shift and tilt by REFIT_REACH_MM): at 3 mm slices the mask's profiles are
+    # off by up to a voxel, which biased the plate's contrast over the bone 5–13 % low in the
+    # first pass. At 1 mm the second pass changed no height of the phantom suite by more than
+    # 0.04 mm and is skipped.
+    plate_hu = _exam_plate_hu(measurements)
     thick = any(m.s_w > THICK_VOXEL_MM for m in measurements)
-    if plate_contrast is not None and thick:
+    if plate_hu is not None and thick:
         for m in measurements:
-            m.fit_endplates(plate_contrast, straight_only=True)
-        refitted = _exam_plate_contrast(measurements, walls=False)
+            m.fit_endplates(plate_hu, straight_only=True)
+        refitted = _exam_plate_hu(measurements, walls=False)
         for m in measurements:
             m.forget_fits()
-        plate_contrast = refitted if refitted is not None else plate_contrast
+        plate_hu = refitted if refitted is not None else plate_hu
     # Endplates whose disc is seen first; then those behind a thin disc or at the field of view's
     # edge, with the exam's disc HU: the median of the first fits that face a segmented neighbour
     # across the disc. An end vertebra's outer endplate may face anything: in a phantom of T4–T8
@@ -1053,10 +1076,10 @@ def measure_heights(
     present = {v.level for v in vertebrae}
     facing = []
     for m in measurements:
-        for direction, disc in m.fit_endplates(plate_contrast):
+        for direction, disc in m.fit_endplates(plate_hu):
             if lv.adjacent_level(m.vertebra.level, cranial=direction > 0) in present:
                 facing.append(disc)
     exam_disc = float(np.median(facing)) if facing else float("nan")
     for m in measurements:
-        m.fit_endplates(plate_contrast, exam_disc)
+        m.fit_endplates(plate_hu, exam_disc)
     return [m.finish() for m in measurements]
