@@ -78,6 +78,12 @@ def test_screen_writes_the_spec_files(screened, truth):
     assert any("L1" in w for w in exam["warnings"])
     assert exam["software"]["version"] and exam["timings_s"]["total"] > 0
     assert exam["model"]["probability"] is None
+    # each height's SD from the noise: known for every CT-fitted height, below the
+    # ``imprecise_heights`` threshold (0.5 mm) on this 2 mm phantom
+    for row in rows:
+        sd = exam["height_sd_mm"][row["level"]]
+        for key in ("ha", "hm", "hp"):
+            assert 0.0 < sd[key] < 0.5, (row["level"], key, sd)
     assert (screened / "qc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

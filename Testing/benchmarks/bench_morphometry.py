@@ -252,6 +252,7 @@ def measure_case(case: Case, phantom: bc.CachedPhantom, grading, ts_module, args
             value = float(getattr(h, f"{key}_mm")) if row["ours_complete"] else float("nan")
             row[f"ours_{key}"] = value
             row[f"err_ours_{key}"] = value - truth[f"{key}_mm"] if math.isfinite(value) else float("nan")
+            row[f"ours_{key}_sd"] = float(getattr(h, f"{key}_sd_mm")) if row["ours_complete"] else float("nan")
         g = grades_by_level.get(level)
         row["grade"] = None if g is None else getattr(g, "genant_grade", None)
         row["grade_shape"] = "" if g is None else str(getattr(g, "shape", ""))
@@ -313,6 +314,41 @@ def rotation_stats(rows: list[dict], prefix: str) -> dict[str, tuple[float, floa
         finite = [v for v in values if math.isfinite(v)]
         out[group] = (max(finite) if finite else float("nan"), _median(finite), len(finite), len(values) - len(finite))
     return out
+
+
+def print_precision(rows: list[dict], groups: list[str]) -> None:
+    """How the standard deviations we report with each height (``ha_sd_mm`` …, from the CT's noise)
+    compare with the errors: their median, the share of heights within two of them of the truth,
+    the vertebrae flagged ``imprecise_heights``, and the rotation pairs' differences in units of
+    the two renderings' combined SD."""
+    print("\n=== Reported precision: SD per height (noise only), |error| <= 2 SD, flagged imprecise, "
+          "rotation difference / combined SD ===")
+    by_pair = defaultdict(dict)
+    for r in rows:
+        if r["pair"]:
+            by_pair[(r["pair"], r["level"])]["r0" if r["rotation_deg"] == "0/0/0" else "rot"] = r
+    for group in groups:
+        sel = [r for r in rows if r["group"] == group and r["ours_complete"]]
+        sds, within = [], []
+        for r in sel:
+            for key in HEIGHT_KEYS:
+                sd, err = r[f"ours_{key}_sd"], r[f"err_ours_{key}"]
+                if math.isfinite(sd) and math.isfinite(err):
+                    sds.append(sd)
+                    within.append(abs(err) <= 2.0 * sd)
+        flagged = sum("imprecise_heights" in r["ours_flags"].split(";") for r in sel)
+        z = []
+        for roles in by_pair.values():
+            if "r0" in roles and "rot" in roles and roles["r0"]["group"] == group:
+                for key in HEIGHT_KEYS:
+                    a, b = roles["r0"], roles["rot"]
+                    combined = math.hypot(a[f"ours_{key}_sd"], b[f"ours_{key}_sd"])
+                    if math.isfinite(combined) and combined > 0:
+                        z.append(abs(a[f"ours_{key}"] - b[f"ours_{key}"]) / combined)
+        z_text = f"max {max(z):.1f}, median {_median(z):.1f} over {len(z)} heights" if z else "—"
+        print(f"{group:<10} SD median {_median(sds):.2f} mm, p90 {np.percentile(sds, 90) if sds else float('nan'):.2f} mm"
+              f" | |error| <= 2 SD: {np.mean(within) if within else float('nan'):.0%}"
+              f" | imprecise_heights: {flagged}/{len(sel)} vertebrae | rotation |ΔH| / SD: {z_text}")
 
 
 def print_tables(rows: list[dict], have_grading: bool, have_ts: bool):
@@ -536,6 +572,8 @@ def main(argv=None) -> int:
     if have_ts:
         print("\n" + ts_mapping_check(rows))
     print_tables(rows, have_grading, have_ts)
+    groups = [g for g in GROUP_ORDER if any(r["group"] == g for r in rows)]
+    print_precision(rows, groups)
     check_goals(rows, have_grading)
     csv_path = cache / f"morphometry_{mode}{('_' + args.only) if args.only else ''}.csv"
     write_csv(rows, csv_path)

@@ -73,6 +73,11 @@ bent endplate's heights are not refined locally (the few voxels near one positio
 than the profile's approximation costs), the endplate fits search more thoroughly, and the exam's
 plate's HU is fitted a second time (phantom benchmark)."""
 
+IMPRECISE_HEIGHT_SD_MM = 0.5
+"""A vertebra whose endplates were fitted on the CT is flagged ``imprecise_heights`` when a
+height's standard deviation from the noise (:attr:`VertebraHeights.ha_sd_mm` …) exceeds this
+(mm): two of them, 1 mm, are 4 % of a 25 mm body, more than the grading's borderline margin."""
+
 BEND_FALSE_ALARM = 0.001
 """An endplate is fitted bent rather than straight only when the straight fit's excess residual
 would arise by noise alone with at most this probability (a chi-squared test, and at least the
@@ -145,6 +150,13 @@ class VertebraHeights:
     """Superior and inferior end point (RAS mm) of each measured height line, keyed ha/hm/hp."""
     endplate_method: str = ""
     flags: list[str] = field(default_factory=list)
+    ha_sd_mm: float = float("nan")
+    hm_sd_mm: float = float("nan")
+    hp_sd_mm: float = float("nan")
+    """Standard deviations (mm) of the heights from the CT's noise, by the least-squares covariance
+    of the two endplate fits (NaN where an endplate comes from the mask). They leave out the
+    model's own errors and assume uncorrelated voxel noise: a reconstruction kernel that
+    correlates neighbouring voxels makes the true spread larger."""
 
 
 @dataclass
@@ -391,7 +403,8 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
                           edges_guess: np.ndarray, frame: VertebraFrame, ijk_to_ras: np.ndarray, cortex_mm: float,
                           search: float, plate_hu: float | None, disc_hu: float | None = None,
                           sweeps: int = 1, local_half: float | None = None,
-                          straight_only: bool = False, thorough: bool = False) -> tuple[np.ndarray, float] | None:
+                          straight_only: bool = False,
+                          thorough: bool = False) -> tuple[np.ndarray, float, np.ndarray] | None:
     """Outer surface of one endplate over the body's depth, fitted to the CT values of the voxels
     around it.
 
@@ -416,7 +429,9 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
     around one measurement position cannot. ``direction`` is +1 for a superior endplate, -1 for an
     inferior one. When the endplate is bent, each height is refined on the voxels within
     ``local_half`` (mm along ``v``) of its position. Returns the surface's ``w`` at ``knots_v``
-    (same order) and the disc HU ``a``, or None when no fit has a bright plate."""
+    (same order), the disc HU ``a`` and the standard deviation of the surface at ``knots_v`` from
+    the noise (the least-squares covariance; mm, inf where the data do not determine it), or None
+    when no fit has a bright plate."""
     order = np.argsort(knots_v)
     if len(values) < 8:
         return None
@@ -474,14 +489,10 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
                 break
         return evaluated(knots)
 
-    def polish(knots, rss, disc, directions, centre):
-        """Least-squares refinement of ``knots`` within the span of ``directions`` (the line
-        searches' grid result is the start): the knots are correlated, and line searches along
-        fixed directions converge slowly (on an upright 3 mm phantom two sweeps left a flat
-        endplate bent by 0.9 mm). Kept only when it lowers the residual and stays near the mask."""
-        if not np.isfinite(rss):
-            return knots, rss, disc
-        span = np.stack(directions, axis=1)
+    def projected(knots, span):
+        """The residual vector and its Jacobian as functions of ``p``, the move ``span @ p`` of the
+        profile ``knots`` (``span``: (knots, P)), with the linear coefficients solved for each
+        ``p`` (variable projection); and the number of those coefficients."""
         slopes = np.diff(knots) / dv
         cdf = partial_volume_share(unit(frame.cc - float(np.mean(slopes)) * frame.ap), ijk_to_ras)
         scale = direction / np.sqrt(1.0 + slopes[segment] ** 2)
@@ -522,6 +533,18 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
                 jac -= design @ np.linalg.solve(gram, design.T @ jac)
             return jac
 
+        linear = len(_tissue_model(values[:1], np.zeros(1), np.zeros(1), plate_hu, disc_hu)[0])
+        return residual_vector, jacobian, linear
+
+    def polish(knots, rss, disc, directions, centre):
+        """Least-squares refinement of ``knots`` within the span of ``directions`` (the line
+        searches' grid result is the start): the knots are correlated, and line searches along
+        fixed directions converge slowly (on an upright 3 mm phantom two sweeps left a flat
+        endplate bent by 0.9 mm). Kept only when it lowers the residual and stays near the mask."""
+        if not np.isfinite(rss):
+            return knots, rss, disc
+        span = np.stack(directions, axis=1)
+        residual_vector, jacobian, _ = projected(knots, span)
         fit = optimize.least_squares(residual_vector, np.zeros(span.shape[1]), jac=jacobian, x_scale=0.1,
                                      xtol=1e-4, max_nfev=60)
         polished = knots + span @ fit.x
@@ -529,6 +552,22 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
             return knots, rss, disc
         result = evaluated(polished)
         return result if result[1] < rss else (knots, rss, disc)
+
+    def knot_sd(knots, directions) -> np.ndarray:
+        """Standard deviation (mm) of each knot of the fitted profile ``knots`` from the noise of the
+        voxel values: the least-squares covariance ``s² (JᵀJ)⁻¹`` of the moves along
+        ``directions``, with ``s²`` the residual variance, mapped to the knots. Inf where the data
+        do not determine the profile."""
+        span = np.stack(directions, axis=1)
+        residual_vector, jacobian, linear = projected(knots, span)
+        p0 = np.zeros(span.shape[1])
+        residual, jac = residual_vector(p0), jacobian(p0)
+        dof = len(residual) - span.shape[1] - linear
+        normal = jac.T @ jac
+        if dof <= 0 or np.linalg.cond(normal) > 1e12:
+            return np.full(len(knots), np.inf)
+        covariance = span @ np.linalg.inv(normal) @ span.T * (residual @ residual / dof)
+        return np.sqrt(np.clip(np.diag(covariance), 0.0, None))
 
     # The straight endplate is searched near the straight line closest to the mask's endplate
     # (bent by up to a voxel at thick slices), the bent one near the mask's endplate itself.
@@ -569,7 +608,7 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
         or (n * np.log(max(rss_straight, 1e-9) / max(rss_bent, 1e-9)) > evidence
             and np.max(np.abs(bent - straight)) >= min_bend))
     if bend_is_real:
-        knots, disc = bent, disc_bent
+        knots, disc, sd = bent, disc_bent, knot_sd(bent, knot_moves)
         if local_half is not None and not free:
             # A bent endplate (a biconcave fracture) is only approximately piecewise linear: each
             # height is refined on the voxels near its position, with the profile's disc HU, the
@@ -592,12 +631,12 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
                     refined[k] = knots[k] + _parabolic_minimum(steps, residual)
             knots = refined
     elif np.isfinite(rss_straight):
-        knots, disc = straight, disc_straight
+        knots, disc, sd = straight, disc_straight, knot_sd(straight, [shift, tilt])
     else:
         return None
-    result = np.empty(len(measured_v))
-    result[order] = knots[0::2]
-    return result, disc
+    result, result_sd = np.empty(len(measured_v)), np.empty(len(measured_v))
+    result[order], result_sd[order] = knots[0::2], sd[0::2]
+    return result, disc, result_sd
 
 
 class _BodyMeasurement:
@@ -706,7 +745,7 @@ class _BodyMeasurement:
                 continue
             fit = self._fit_profile(direction, self.mask_edges[:, side], plate_hu, disc_hu, straight_only)
             if fit is not None:
-                self.edges[:, side], disc = fit
+                self.edges[:, side], disc, self.edge_sd[:, side] = fit
                 self.fitted[side] = True
                 if disc_hu is None:
                     discs.append((direction, disc))
@@ -715,22 +754,27 @@ class _BodyMeasurement:
     def finish(self) -> VertebraHeights:
         """Heights Ha, Hm, Hp and their lines from the endplates found."""
         result, frame = self.result, self.frame
-        for (key, v_f), (top, bottom) in zip(zip(AP_FRACTIONS, self.knots_v), self.edges):
+        for (key, v_f), (top, bottom), (sd_top, sd_bottom) in zip(zip(AP_FRACTIONS, self.knots_v), self.edges,
+                                                                   self.edge_sd):
             if not np.isfinite(top - bottom):
                 continue
             setattr(result, f"{key}_mm", float(top - bottom))
+            setattr(result, f"{key}_sd_mm", float(np.hypot(sd_top, sd_bottom)))
             result.height_lines_ras[key] = (frame.to_ras(np.array([[self.u_mid, v_f, top]]))[0],
                                            frame.to_ras(np.array([[self.u_mid, v_f, bottom]]))[0])
         fitted = sum(self.fitted)
         result.endplate_method = "ct" if fitted == 2 else ("mixed" if fitted else "mask")
         if self.has_ct and result.endplate_method != "ct":
             result.flags.append("endplate_from_mask")
+        if fitted == 2 and not max(result.ha_sd_mm, result.hm_sd_mm, result.hp_sd_mm) <= IMPRECISE_HEIGHT_SD_MM:
+            result.flags.append("imprecise_heights")
         _check_plausible(result)
         return result
 
     def forget_fits(self) -> None:
         """Back to the mask's endplates, before fitting again with another plate HU."""
         self.edges = self.mask_edges.copy()
+        self.edge_sd = np.full_like(self.mask_edges, np.nan)  # unknown for the mask's endplates
         self.fitted = [False, False]
 
     def plate_hu_profiles(self, plate_hus: np.ndarray) -> list[tuple[np.ndarray, int]]:

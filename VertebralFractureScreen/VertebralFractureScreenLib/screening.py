@@ -325,6 +325,9 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
         "levels_present": present,
         "levels_complete": [h.level for h in heights if h.complete],
         "fracture": exam_fracture_summary(grades),
+        # SD of each height from the CT's noise (morphometry.VertebraHeights.ha_sd_mm); NaN → null
+        "height_sd_mm": {h.level: {key: round(float(getattr(h, f"{key}_sd_mm")), 3) for key in ("ha", "hm", "hp")}
+                         for h in heights},
         "bone": _bone_json(bone),
         "contrast": asdict(contrast),
         "muscle": ({**muscle_summary(muscle_rows), "lumbar_length_mm": lumbar_length_mm(all_heights)} if muscle_rows
