@@ -608,7 +608,7 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
         or (n * np.log(max(rss_straight, 1e-9) / max(rss_bent, 1e-9)) > evidence
             and np.max(np.abs(bent - straight)) >= min_bend))
     if bend_is_real:
-        knots, disc, sd = bent, disc_bent, knot_sd(bent, knot_moves)
+        knots, disc, sd = bent, disc_bent, knot_sd(bent, knot_moves)  # refined below: the whole profile's SD
         if local_half is not None and not free:
             # A bent endplate (a biconcave fracture) is only approximately piecewise linear: each
             # height is refined on the voxels near its position, with the profile's disc HU, the
@@ -711,8 +711,7 @@ class _BodyMeasurement:
         if not self.has_ct:
             return None
         return _wall_plate_hu(self.ct_flat, self.voxel_local, self.frame, self.ijk_to_ras, self.u_mid,
-                                    self.band, self.v_ant, self.v_post, self.w_lo, self.w_hi, self.s_v,
-                                    self.cortex_mm)
+                              self.band, self.v_ant, self.v_post, self.w_lo, self.w_hi, self.s_v, self.cortex_mm)
 
     def mask_endplates(self) -> None:
         """The mask's endplates at each measurement position (median over the bundle of lines):
@@ -817,11 +816,12 @@ class _BodyMeasurement:
         return window, bool(outside >= max(4, 0.1 * np.count_nonzero(window)))
 
     def _fit_profile(self, direction: int, mask_edges: np.ndarray, plate_hu: float | None,
-                     disc_hu: float | None, straight_only: bool = False) -> tuple[np.ndarray, float] | None:
-        """One endplate's outer surface at the measurement positions and the disc HU, fitted on the
-        voxels of the central band around it; None when the disc is not seen and ``disc_hu`` is
-        None, or when the fit fails. ``disc_hu`` fixes the disc HU only where the disc is not seen
-        (NaN: fitted there too)."""
+                     disc_hu: float | None,
+                     straight_only: bool = False) -> tuple[np.ndarray, float, np.ndarray] | None:
+        """One endplate's outer surface at the measurement positions, the disc HU and the surface's
+        SD from the noise, fitted on the voxels of the central band around it; None when the disc
+        is not seen and ``disc_hu`` is None, or when the fit fails. ``disc_hu`` fixes the disc HU
+        only where the disc is not seen (NaN: fitted there too)."""
         window, disc_seen = self._endplate_window(direction, mask_edges)
         if not disc_seen and disc_hu is None:
             return None
