@@ -540,7 +540,8 @@ def vertebra_label(v: QCVertebra) -> tuple[str, str]:
     hu = f"HU {v.trabecular_hu:.0f}" if math.isfinite(v.trabecular_hu) else ""
     hts = ("Ha/Hm/Hp " + "/".join("–" if not math.isfinite(h) else f"{h:.1f}" for h in heights) + " mm"
            if any(math.isfinite(h) for h in heights) else "")
-    second = " · ".join(part for part in (hu, hts) if part)
+    imprecise = "heights imprecise" if "imprecise_heights" in v.flags else ""  # SD > 0.5 mm from the noise
+    second = " · ".join(part for part in (hu, hts, imprecise) if part)
     if v.genant_grade is None:
         if v.level == "S1" or "not_graded" in v.flags:
             reason = "not graded"
