@@ -125,6 +125,31 @@ def test_roi_is_pure_trabecular_bone(rotated):
     assert {r.level: r.fractured for r in rois} == {"T12": False, "L1": True, "L2": False}
 
 
+def test_focal_lesions_are_left_out_of_the_roi(rotated):
+    """A bone island (1000 HU) in L2's ROI and a haemangioma's fat (-50 HU) in T12's would move
+    their means by tens of HU; they are left out with their rim, and the rest is the level's
+    trabecular HU. Gaussian noise of 30 HU alone excludes nothing."""
+    p = rotated.phantom
+    clean = {r.level: r for r in rotated.rois()}
+    ct = p.ct.copy()
+    for level, value in (("L2", 1000), ("T12", -50)):
+        slices, mask, _ = at.trabecular_roi_mask(next(h for h in rotated.heights if h.level == level), p.total,
+                                                 p.ijk_to_ras, body_labels=p.vertebrae_body)
+        k, j, i = np.argwhere(mask)[len(np.argwhere(mask)) // 2] + [s.start for s in slices]
+        ct[k - 1:k + 1, j - 1:j + 1, i - 1:i + 1] = value  # 2x2x2 voxels, 5 mm across
+    lesioned = {r.level: r for r in at.measure_trabecular(ct, p.total, p.ijk_to_ras, rotated.heights,
+                                                           body_labels=p.vertebrae_body, grades=rotated.grades)}
+    for level in ("T12", "L2"):
+        roi = lesioned[level]
+        assert "focal_lesion_excluded" in roi.flags, level
+        assert roi.mean_hu == pytest.approx(rotated.truth[level]["trabecular_hu"], abs=1e-9), level
+        assert 8 <= clean[level].voxels - roi.voxels <= 40, level  # the 8 voxels and some of their rim
+    assert "focal_lesion_excluded" not in lesioned["L1"].flags and lesioned["L1"].voxels == clean["L1"].voxels
+    noisy = p.ct + np.random.default_rng(5).normal(0.0, 30.0, p.ct.shape)
+    for roi in at.measure_trabecular(noisy, p.total, p.ijk_to_ras, rotated.heights, body_labels=p.vertebrae_body):
+        assert "focal_lesion_excluded" not in roi.flags and roi.voxels == clean[roi.level].voxels, roi.level
+
+
 def test_roi_obeys_its_definition_in_true_geometry(rotated):
     """Against the phantom's analytic body: every ROI voxel lies wholly 3 mm or more inside the
     body's outer surface, its centre in the central half of the height and out of the posterior
@@ -281,8 +306,13 @@ def test_example_ct_trabecular_hu_is_plausible(example_data):
         # Trabecular bone is less dense than the whole vertebra with its cortex (spine report's mean).
         report = json.loads((example_data / "spine_report" / "spine_report.json").read_text())["results"]
         assert roi.mean_hu < report[f"vertebrae_{level}_intensity"] + 20.0, level
+    # L1 holds a bone island (13 voxels of 300-770 HU): left out, its mean is its median again,
+    # and the opportunistic category is read from the trabecular bone (96 HU, not 123)
+    assert "focal_lesion_excluded" in rois["L1"].flags
+    assert abs(rois["L1"].mean_hu - rois["L1"].median_hu) < 5.0
+    assert not any("focal_lesion_excluded" in rois[level].flags for level in ("L2", "L3", "L4", "L5"))
     summary = at.bone_summary(list(rois.values()))
-    assert summary.category in at.CATEGORIES and summary.lumbar_mean_hu is not None
+    assert summary.category == "osteoporosis-likely" and summary.lumbar_mean_hu is not None
     seg = read_labelmap(example_data / "example_seg_fast_force_split.nii.gz", reference=ct)
     contrast = at.measure_contrast(ct.array, seg.array, ct.ijk_to_ras)
     assert contrast.aorta_hu is not None and -50.0 < contrast.aorta_hu < 500.0

@@ -32,6 +32,17 @@ on a 0.5 mm grid in the ``u, v`` plane, each column sampled between its own endp
 distance map gives the lateral clearance, so kidney-shaped, wedged and small thoracic bodies are
 handled alike.
 
+Focal lesions inside the ROI are left out, as a reader placing the ROI by hand would avoid them
+(Pickhardt et al. 2013): voxels departing from the ROI's median by more than
+:data:`FOCAL_LESION_SDS` robust standard deviations (1.4826 × the median absolute deviation), and
+at least :data:`FOCAL_LESION_MIN_HU`, with the face-neighbouring ROI voxels around them (the
+lesion's partial-volume rim). A bone island (compact bone, hundreds of HU) or a haemangioma's fat
+would otherwise move the mean: in TotalSegmentator's example CT a 13-voxel bone island (300–770
+HU at 3 mm) raised L1's mean from 96 to 123 HU, across the 110 HU category threshold. Diffuse
+changes (the osteoporotic fall itself, texture, noise: 5 robust SDs of Gaussian noise occur once
+in a few million voxels) are not outliers of the ROI's own distribution and stay. The ROI is then
+flagged ``focal_lesion_excluded``.
+
 **Bone summary** (:func:`bone_summary`). Opportunistic category from L1 (Pickhardt et al., Ann
 Intern Med 2013;158:588): ``<= 110`` HU ``osteoporosis-likely``, ``110 < HU <= 160``
 ``low-bone-density-possible``, ``> 160`` HU ``normal``. When L1 is missing, incomplete, fractured
@@ -82,6 +93,15 @@ CATEGORY_THRESHOLDS_HU = (110.0, 160.0)
 
 CATEGORIES = ("osteoporosis-likely", "low-bone-density-possible", "normal")
 
+FOCAL_LESION_SDS = 5.0
+"""ROI voxels further than this many robust standard deviations from the ROI's median HU are a
+focal lesion's and left out (with their face neighbours in the ROI)."""
+
+FOCAL_LESION_MIN_HU = 150.0
+"""... and further than this (HU): in bone of uniform density (a noise-free phantom, a smooth
+reconstruction) the robust SD is near 0, and a departure of a few HU is no lesion. 150 HU is
+less than a bone island's excess over trabecular bone and a haemangioma's deficit."""
+
 AORTA_CORE_MM = 2.0
 """The aorta's central region keeps voxels at least this far (plus one voxel spacing) inside."""
 
@@ -109,7 +129,8 @@ class TrabecularROI:
     ``flags``: ``fractured``, ``incomplete_vertebra``, ``not_measured`` (no morphometry frame:
     no ROI), ``roi_limits_from_mask`` (no height lines: walls and endplates from the mask's
     extent), ``roi_small`` (fewer than :data:`ROI_MIN_VOXELS` voxels or :data:`ROI_MIN_ML` ml),
-    ``roi_empty``."""
+    ``roi_empty``, ``focal_lesion_excluded`` (voxels of a focal lesion left out; the statistics,
+    ``voxels`` and ``volume_ml`` are those of the rest)."""
 
     level: str
     label: int
@@ -476,6 +497,11 @@ def measure_trabecular(
         slices, roi, flags = trabecular_roi_mask(h, labels, ijk_to_ras, body_labels=body_labels, margin_mm=margin_mm)
         result.flags.extend(flags)
         if roi is not None and roi.any():
+            lesion = _focal_lesion(ct[slices], roi)
+            if lesion.any():
+                roi = roi & ~lesion
+                result.flags.append("focal_lesion_excluded")
+        if roi is not None and roi.any():
             values = ct[slices][roi].astype(np.float64)
             result.voxels = int(values.size)
             result.volume_ml = result.voxels * voxel_ml
@@ -492,6 +518,19 @@ def measure_trabecular(
             result.flags.append("roi_empty")
         out.append(result)
     return out
+
+
+def _focal_lesion(ct_crop: np.ndarray, roi: np.ndarray) -> np.ndarray:
+    """The ROI voxels of focal lesions (see the module docstring): outliers of the ROI's HU
+    distribution and their face neighbours in the ROI. A boolean like ``roi``."""
+    values = ct_crop[roi].astype(np.float64)
+    median = np.median(values)
+    robust_sd = 1.4826 * np.median(np.abs(values - median))
+    outlier = np.zeros_like(roi)
+    outlier[roi] = np.abs(values - median) > max(FOCAL_LESION_SDS * robust_sd, FOCAL_LESION_MIN_HU)
+    if not outlier.any():
+        return outlier
+    return ndimage.binary_dilation(outlier) & roi
 
 
 # ------------------------------------------------------------------------------------------------
