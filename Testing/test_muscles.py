@@ -220,6 +220,24 @@ def test_missing_vertebra_flags_its_neighbours(full):
     assert {r.level for r in only} == {"L4"} and all(r.complete for r in only)
 
 
+def test_a_muscle_missing_from_the_segmentation_is_unknown_not_zero(full):
+    """A label map without the iliopsoas (a task that does not segment it): its rows say
+    ``not_segmented`` with an unknown volume, never 0 ml; the autochthon is measured as before."""
+    p = full.phantom
+    labels = p.total.copy()
+    labels[np.isin(labels, (lv.TOTAL_ILIOPSOAS_LEFT, lv.TOTAL_ILIOPSOAS_RIGHT))] = 0
+    rows = mu.measure_muscles(p.ct, labels, p.ijk_to_ras, full.heights)
+    before = {(r.muscle, r.level): r for r in full.rows}
+    for r in rows:
+        if r.muscle.startswith("iliopsoas"):
+            assert "not_segmented" in r.flags and not r.complete and np.isnan(r.volume_ml), (r.muscle, r.level)
+        else:
+            assert "not_segmented" not in r.flags and r.volume_ml == before[(r.muscle, r.level)].volume_ml
+    summary = mu.muscle_summary(rows)
+    assert np.isnan(summary["lumbar"]["iliopsoas"]["volume_ml"]) and "not_segmented" in summary["lumbar"]["iliopsoas"]["flags"]
+    assert summary["lumbar"]["autochthon"]["volume_ml"] > 0
+
+
 def test_muscle_summary(full):
     summary = mu.muscle_summary(full.rows)
     json.dumps(summary)

@@ -273,3 +273,24 @@ def test_default_output_folder_is_in_the_current_folder(phantom_files, tmp_path,
     assert main(["screen", str(phantom_files["ct"]), "--seg", str(phantom_files["total"]), "--no-qc"]) == 0
     assert (tmp_path / "ct_vfscreen" / "exam.json").exists()
     assert sorted(p.name for p in phantom_files["ct"].parent.iterdir()) == before
+
+
+def test_example_ct_with_a_vertebrae_only_segmentation(example_data, tmp_path):
+    """TotalSegmentator's example CT with its spine-report label maps, which hold vertebrae only:
+    muscles and aorta are said to be missing (empty volumes, not 0 ml), L1–L5 are graded and L1's
+    bone island does not decide the opportunistic category."""
+    out = tmp_path / "real"
+    assert main(["screen", str(example_data / "example_ct.nii.gz"),
+                 "--seg", str(example_data / "spine_report" / "totalseg.nii.gz"),
+                 "--body-seg", str(example_data / "spine_report" / "totalseg_vertebrae_body.nii.gz"),
+                 "--out", str(out), "--no-qc"]) == 0
+    exam = json.loads((out / "exam.json").read_text())
+    assert any("autochthon_left" in w and "not 0 ml" in w for w in exam["warnings"])
+    assert any("aorta" in w for w in exam["warnings"])
+    _, muscles = read_csv(out / "muscles.csv")
+    assert muscles and all(r["volume_ml"] == "" for r in muscles)
+    _, vertebrae = read_csv(out / "vertebrae.csv")
+    graded = {r["level"]: r for r in vertebrae if r["genant_grade"] != ""}
+    assert set(graded) == {"L1", "L2", "L3", "L4", "L5"}
+    assert "focal_lesion_excluded" in graded["L1"]["flags"]
+    assert exam["bone"]["l1_level"] == "L1" and exam["bone"]["category"] == "osteoporosis-likely"

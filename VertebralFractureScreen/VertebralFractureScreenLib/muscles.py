@@ -279,7 +279,8 @@ class MuscleMeasurement:
     between ``lean_hu`` and the exam's fat HU ``fat_reference_hu``.
 
     ``voxels``: voxel count (shares summed); ``complete`` False when the slab is only partly
-    measured, ``flags`` say why."""
+    measured, ``flags`` say why; a muscle whose label is nowhere in the segmentation is
+    ``not_segmented`` with a NaN volume (unknown, not 0 ml)."""
 
     muscle: str
     level: str
@@ -524,7 +525,8 @@ def measure_muscles(
     ``fat_fraction`` (default: measured in the exam's muscles, see :data:`DEFAULT_FAT_HU`).
     Returns rows level by level, cranial to caudal, muscles in the order of ``muscles``, then the
     lumbar totals (when ``lumbar_total`` and any L1–L5 slab exists). A muscle absent from a slab
-    gives a row with zero volume and NaN HU. ``label_boxes``: ``ndimage.find_objects(labels)``
+    gives a row with zero volume and NaN HU; one absent from the whole label map, rows with a NaN
+    volume, ``complete = False`` and the flag ``not_segmented``. ``label_boxes``: ``ndimage.find_objects(labels)``
     when the caller has it (then only the muscles' slices are scanned). ``slabs``: the level slabs
     to use instead of :func:`level_slabs` ``(heights, levels)`` (e.g. planes known otherwise)."""
     ijk_to_ras = np.asarray(ijk_to_ras, dtype=float)
@@ -539,6 +541,8 @@ def measure_muscles(
         boxes = [label_boxes[m - 1] for m in ids if m - 1 < len(label_boxes) and label_boxes[m - 1] is not None]
         k_range = (min(b[0].start for b in boxes), max(b[0].stop for b in boxes)) if boxes else (0, 0)
     flat, values = _muscle_voxels(labels, ids, k_range)
+    segmented = set(np.unique(values).tolist())
+    missing = {name for name, m in zip(names, ids) if int(m) not in segmented}
     muscle_index = np.argsort(ids)[np.searchsorted(np.sort(ids), values)].astype(np.int8)  # index into ``names``
     nk, nj, ni = labels.shape
     # (k, j, i) from the flat indices in the flat indices' own integer type (np.unravel_index
@@ -582,6 +586,8 @@ def measure_muscles(
             flags = list(slab.flags)
             if sums["border"][cell] > 0:
                 flags.append("cut_by_field_of_view")
+            if name in missing:
+                flags.append("not_segmented")
             row = _row(name, slab.level, sums, [cell], voxel_ml, fat_hu, flags)
             rows.append(row)
             if slab.level in lv.LUMBAR_LEVELS:
@@ -593,8 +599,12 @@ def measure_muscles(
                 continue
             present = {level for level, _, _ in parts}
             flags = [f"missing_level_{level}" for level in lv.LUMBAR_LEVELS if level not in present]
-            flags += [f"incomplete_level_{level}" for level, _, ok in parts if not ok]
+            flags += [f"incomplete_level_{level}" for level, _, ok in parts if not ok and name not in missing]
+            flags += ["not_segmented"] if name in missing else []
             rows.append(_row(name, LUMBAR, sums, [cell for _, cell, _ in parts], voxel_ml, fat_hu, flags))
+    for row in rows:
+        if row.muscle in missing:
+            row.volume_ml = float("nan")
     return rows
 
 

@@ -152,7 +152,9 @@ class ScreeningResult:
             lines.append(f"aorta {contrast['aorta_hu']:.0f} HU → {'contrast-enhanced' if contrast['contrast_enhanced'] else 'native'}")
         lumbar = self.exam["muscle"].get("lumbar", {})
         for group in ("autochthon", "iliopsoas"):
-            if group in lumbar:
+            if group in lumbar and "not_segmented" in lumbar[group]["flags"]:
+                lines.append(f"{group}: not in the segmentation, not measured")
+            elif group in lumbar:
                 g = lumbar[group]
                 lines.append(f"{group} L1–L5: {g['volume_ml']:.0f} ml, {g['mean_hu']:.0f} HU, "
                              f"fat {100 * g['imat_fraction']:.1f} %" + ("" if g["complete"] else " (incomplete)"))
@@ -281,6 +283,10 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
         contrast = measure_contrast(ct_array, labels, ijk_to_ras, label_boxes=boxes)
         muscle_rows = measure_muscles(ct_array, labels, ijk_to_ras, all_heights,
                                       levels=[h.level for h in heights if h.level != "S1"], label_boxes=boxes)
+        absent = sorted({m.muscle for m in muscle_rows if "not_segmented" in m.flags})
+        if absent:
+            warnings_.append(f"no {', '.join(absent)} label{'s' if len(absent) > 1 else ''} in the segmentation: "
+                             "not measured (volume left empty, not 0 ml)")
     else:
         from .attenuation import ContrastResult
 
