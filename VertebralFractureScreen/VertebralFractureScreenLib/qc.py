@@ -540,8 +540,7 @@ def vertebra_label(v: QCVertebra) -> tuple[str, str]:
     hu = f"HU {v.trabecular_hu:.0f}" if math.isfinite(v.trabecular_hu) else ""
     hts = ("Ha/Hm/Hp " + "/".join("–" if not math.isfinite(h) else f"{h:.1f}" for h in heights) + " mm"
            if any(math.isfinite(h) for h in heights) else "")
-    imprecise = "heights imprecise" if "imprecise_heights" in v.flags else ""  # SD > 0.5 mm from the noise
-    second = " · ".join(part for part in (hu, hts, imprecise) if part)
+    second = " · ".join(part for part in (hu, hts) if part)
     if v.genant_grade is None:
         if v.level == "S1" or "not_graded" in v.flags:
             reason = "not graded"
@@ -553,8 +552,9 @@ def vertebra_label(v: QCVertebra) -> tuple[str, str]:
         return f"{v.level}  {reason}", second
     loss = f"{100.0 * v.height_loss:.0f}%" if math.isfinite(v.height_loss) else ""
     shape = v.shape if v.genant_grade >= 1 and v.shape and v.shape != "normal" else ""
+    imprecise = "heights imprecise" if "imprecise_heights" in v.flags else ""  # an SD > 0.5 mm from the noise
     main = "  ".join(part for part in (f"{v.level}", f"G{v.genant_grade}", shape, loss) if part)
-    return main + (" *" if v.borderline else ""), second
+    return main + (" *" if v.borderline else "") + (f"  · {imprecise}" if imprecise else ""), second
 
 
 def _summary(vertebrae: Sequence[QCVertebra]) -> str:
