@@ -492,7 +492,7 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
     def projected(knots, span):
         """The residual vector and its Jacobian as functions of ``p``, the move ``span @ p`` of the
         profile ``knots`` (``span``: (knots, P)), with the linear coefficients solved for each
-        ``p`` (variable projection); and the number of those coefficients."""
+        ``p`` (variable projection)."""
         slopes = np.diff(knots) / dv
         cdf = partial_volume_share(unit(frame.cc - float(np.mean(slopes)) * frame.ap), ijk_to_ras)
         scale = direction / np.sqrt(1.0 + slopes[segment] ** 2)
@@ -533,8 +533,7 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
                 jac -= design @ np.linalg.solve(gram, design.T @ jac)
             return jac
 
-        linear = len(_tissue_model(values[:1], np.zeros(1), np.zeros(1), plate_hu, disc_hu)[0])
-        return residual_vector, jacobian, linear
+        return residual_vector, jacobian
 
     def polish(knots, rss, disc, directions, centre):
         """Least-squares refinement of ``knots`` within the span of ``directions`` (the line
@@ -544,7 +543,7 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
         if not np.isfinite(rss):
             return knots, rss, disc
         span = np.stack(directions, axis=1)
-        residual_vector, jacobian, _ = projected(knots, span)
+        residual_vector, jacobian = projected(knots, span)
         fit = optimize.least_squares(residual_vector, np.zeros(span.shape[1]), jac=jacobian, x_scale=0.1,
                                      xtol=1e-4, max_nfev=60)
         polished = knots + span @ fit.x
@@ -559,9 +558,10 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
         ``directions``, with ``s²`` the residual variance, mapped to the knots. Inf where the data
         do not determine the profile."""
         span = np.stack(directions, axis=1)
-        residual_vector, jacobian, linear = projected(knots, span)
+        residual_vector, jacobian = projected(knots, span)
         p0 = np.zeros(span.shape[1])
         residual, jac = residual_vector(p0), jacobian(p0)
+        linear = 1 + (not disc_fixed) + free  # the tissue model's coefficients (_tissue_model)
         dof = len(residual) - span.shape[1] - linear
         normal = jac.T @ jac
         if dof <= 0 or np.linalg.cond(normal) > 1e12:

@@ -482,7 +482,8 @@ _SUMS = ("count", "lean_count", "lean_sum", "fat_count", "guard_count", "guard_s
 
 
 def _row(name: str, level: str, sums: dict, cells, voxel_ml: float, fat_hu: float, flags: list[str]):
-    """A :class:`MuscleMeasurement` from the summed statistics of one or more (slab, muscle) cells."""
+    """A :class:`MuscleMeasurement` from the summed statistics of one or more (slab, muscle) cells
+    (the volume unknown, NaN, for a muscle ``not_segmented``)."""
     total = {key: float(np.sum(sums[key][cells])) for key in _SUMS}
     count = total["count"]
     mean_hu = total["lean_sum"] / total["lean_count"] if total["lean_count"] > 0 else float("nan")
@@ -498,7 +499,7 @@ def _row(name: str, level: str, sums: dict, cells, voxel_ml: float, fat_hu: floa
     else:
         fat_fraction = float("nan")
     return MuscleMeasurement(
-        muscle=name, level=level, volume_ml=count * voxel_ml, mean_hu=float(mean_hu),
+        muscle=name, level=level, volume_ml=float("nan") if "not_segmented" in flags else count * voxel_ml, mean_hu=float(mean_hu),
         imat_fraction=total["fat_count"] / count if count > 0 else float("nan"), lean_hu=float(lean_hu),
         fat_fraction=fat_fraction, voxels=count, fat_reference_hu=float(fat_hu), complete=not flags, flags=flags)
 
@@ -541,9 +542,9 @@ def measure_muscles(
         boxes = [label_boxes[m - 1] for m in ids if m - 1 < len(label_boxes) and label_boxes[m - 1] is not None]
         k_range = (min(b[0].start for b in boxes), max(b[0].stop for b in boxes)) if boxes else (0, 0)
     flat, values = _muscle_voxels(labels, ids, k_range)
-    segmented = set(np.unique(values).tolist())
-    missing = {name for name, m in zip(names, ids) if int(m) not in segmented}
     muscle_index = np.argsort(ids)[np.searchsorted(np.sort(ids), values)].astype(np.int8)  # index into ``names``
+    segmented = np.bincount(muscle_index, minlength=len(names)) > 0
+    missing = {name for name, present in zip(names, segmented) if not present}
     nk, nj, ni = labels.shape
     # (k, j, i) from the flat indices in the flat indices' own integer type (np.unravel_index
     # would make three int64 arrays at once).
@@ -602,9 +603,6 @@ def measure_muscles(
             flags += [f"incomplete_level_{level}" for level, _, ok in parts if not ok and name not in missing]
             flags += ["not_segmented"] if name in missing else []
             rows.append(_row(name, LUMBAR, sums, [cell for _, cell, _ in parts], voxel_ml, fat_hu, flags))
-    for row in rows:
-        if row.muscle in missing:
-            row.volume_ml = float("nan")
     return rows
 
 
