@@ -295,9 +295,66 @@ def test_exam_fracture_summary():
               VertebraGrade("L1", True, genant_grade=2, shape="wedge", borderline=True),
               VertebraGrade("L2", False),
               VertebraGrade("L3", True, genant_grade=1, shape="crush")]
+    grades[3].flags.append("grade_uncertain")
     assert exam_fracture_summary(grades) == {"max_grade": 2, "fractured_levels": ["L1", "L3"], "count": 2,
-                                             "graded_levels": 3, "borderline_levels": ["L1"]}
+                                             "graded_levels": 3, "borderline_levels": ["L1"],
+                                             "uncertain_grade_levels": ["L3"]}
     assert exam_fracture_summary([VertebraGrade("L2", False)])["max_grade"] is None
+
+
+# ------------------------------------------------------------------------------------------------
+# Grade uncertainty from the heights' SDs
+# ------------------------------------------------------------------------------------------------
+
+
+def with_sd(record, ha_sd, hm_sd, hp_sd):
+    """The record with the heights' SDs (mm) that the morphometry reports."""
+    record.ha_sd_mm, record.hm_sd_mm, record.hp_sd_mm = ha_sd, hm_sd, hp_sd
+    return record
+
+
+def test_grade_uncertain_only_where_the_noise_straddles_a_boundary():
+    # L2 wedge loss 0.22 (grade 1). SDs of 0.5 mm (a thick-slice endplate) give the loss an SD of
+    # about 0.026: its 2-SD interval 0.17-0.27 spans grades 0 to 2. SDs of 0.05 mm do not.
+    names = ("L1", "L2", "L3")
+    for sd, uncertain in ((0.5, True), (0.05, False)):
+        heights = [with_sd(normal(n, 25.0), sd, sd, sd) for n in names]
+        heights[1] = with_sd(vertebra("L2", 0.78 * 25.0, 22.0, 25.0), sd, sd, sd)
+        g = by_level(grade_spine(heights))
+        assert g["L2"].genant_grade == 1 and g["L2"].shape == "wedge"
+        assert ("grade_uncertain" in g["L2"].flags) is uncertain
+        expected = 0.78 * math.hypot(sd / (0.78 * 25.0), sd / 25.0)  # first order, r = 1 at L2
+        assert g["L2"].height_loss_sd == pytest.approx(expected, rel=1e-9)
+        # A normal vertebra far from every boundary is not flagged by the same SDs.
+        assert "grade_uncertain" not in g["L3"].flags and g["L3"].genant_grade == 0
+
+
+def test_grade_uncertainty_needs_reported_sds():
+    heights = spine(("L1", "L2", "L3"), L2=vertebra("L2", 0.78 * 25.0, 22.0, 25.0))
+    g = by_level(grade_spine(heights))["L2"]
+    assert g.genant_grade == 1 and math.isnan(g.height_loss_sd) and "grade_uncertain" not in g.flags
+
+
+@pytest.mark.parametrize("shape", ["wedge", "biconcave", "crush"])
+def test_height_loss_sd_matches_the_spread_over_height_draws(shape):
+    # The first-order SD of the deciding loss against the spread of the loss when the heights
+    # (the vertebra's and, for a crush, its neighbours' Hp) are drawn with their SDs.
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    names = ("L1", "L2", "L3")
+    sd = {"L1": (0.3, 0.3, 1.0), "L2": (0.6, 0.5, 0.7), "L3": (0.2, 0.3, 1.2)}  # the reference's SD counts
+    middle = {"wedge": (0.7 * 26.0, 23.0, 26.0), "biconcave": (26.0, 0.7 * 26.0, 26.0),
+              "crush": (0.7 * 25.0, 0.7 * 25.0, 0.7 * 25.0)}[shape]
+    truth = [normal("L1", 25.0), vertebra("L2", *middle), normal("L3", 25.0)]
+    reported = grade_spine([with_sd(vertebra(v.level, v.ha_mm, v.hm_mm, v.hp_mm), *sd[v.level]) for v in truth])[1]
+    assert reported.shape == shape
+    losses = []
+    for _ in range(4000):
+        drawn = [vertebra(v.level, *(h + s * rng.standard_normal()
+                                     for h, s in zip((v.ha_mm, v.hm_mm, v.hp_mm), sd[v.level]))) for v in truth]
+        losses.append(getattr(grade_spine(drawn)[1], f"{shape}_loss"))
+    assert reported.height_loss_sd == pytest.approx(float(np.std(losses)), rel=0.08)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -315,6 +315,8 @@ def test_vertebra_label_reads_level_grade_shape_loss_and_hu():
     v = QCVertebra("L2", True, genant_grade=0, shape="normal", height_loss=0.02, ha_mm=25.0, hm_mm=25.0, hp_mm=25.0,
                    flags=["imprecise_heights"])
     assert qc.vertebra_label(v) == ("L2  G0  2%  · heights imprecise", "Ha/Hm/Hp 25.0/25.0/25.0 mm")
+    v.flags.append("grade_uncertain")  # what matters more: the grade itself is open
+    assert qc.vertebra_label(v)[0] == "L2  G0  2%  · grade uncertain"
     v = QCVertebra("L4", True, genant_grade=0, shape="normal", height_loss=0.04)
     assert qc.vertebra_label(v)[0] == "L4  G0  4%"
     assert qc.vertebra_label(QCVertebra("S1", True, flags=["not_graded"]))[0] == "S1  not graded"

@@ -84,6 +84,10 @@ def test_screen_writes_the_spec_files(screened, truth):
         sd = exam["height_sd_mm"][row["level"]]
         for key in ("ha", "hm", "hp"):
             assert 0.0 < sd[key] < 0.5, (row["level"], key, sd)
+    # ... and each grade's height loss its SD from those: small here, no grade left open
+    assert set(exam["height_loss_sd"]) == {row["level"] for row in rows}
+    assert all(0.0 < sd < 0.02 for sd in exam["height_loss_sd"].values()), exam["height_loss_sd"]
+    assert exam["fracture"]["uncertain_grade_levels"] == []
     assert (screened / "qc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

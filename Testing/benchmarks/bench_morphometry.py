@@ -257,6 +257,8 @@ def measure_case(case: Case, phantom: bc.CachedPhantom, grading, ts_module, args
         row["grade"] = None if g is None else getattr(g, "genant_grade", None)
         row["grade_shape"] = "" if g is None else str(getattr(g, "shape", ""))
         row["grade_borderline"] = "" if g is None else getattr(g, "borderline", "")
+        row["grade_uncertain"] = g is not None and "grade_uncertain" in getattr(g, "flags", [])
+        row["height_loss_sd"] = float("nan") if g is None else float(getattr(g, "height_loss_sd", float("nan")))
         tg = truth_grades_by_level.get(level)
         row["grade_of_true_heights"] = None if tg is None else getattr(tg, "genant_grade", None)
         ts = ts_by_level.get(level)
@@ -387,6 +389,13 @@ def print_precision(rows: list[dict], groups: list[str]) -> None:
         print(f"{group:<10} SD median {_median(sds):.2f} mm, p90 {np.percentile(sds, 90) if sds else float('nan'):.2f} mm"
               f" | |error| <= 2 SD: {np.mean(within) if within else float('nan'):.0%}"
               f" | imprecise_heights: {flagged}/{len(sel)} vertebrae | rotation |ΔH| / SD: {z_text}")
+        graded = [r for r in sel if r.get("grade") is not None]
+        wrong = [r for r in graded if int(r["grade"]) != int(r["truth_grade"])]
+        uncertain = [r for r in graded if r.get("grade_uncertain")]
+        print(f"{'':<10} grade_uncertain: {len(uncertain)}/{len(graded)} graded vertebrae "
+              f"({', '.join(sorted({r['case'] + ' ' + r['level'] for r in uncertain})) or 'none'}); graded unlike "
+              f"the truth: {len(wrong)}, of them flagged {sum(r['grade_uncertain'] for r in wrong)}"
+              f" or borderline {sum(bool(r['grade_borderline']) for r in wrong)}")
 
 
 def print_tables(rows: list[dict], have_grading: bool, have_ts: bool):

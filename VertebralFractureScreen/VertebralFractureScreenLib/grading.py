@@ -17,6 +17,13 @@ normal Ha/Hp from :data:`NORMAL_HA_HP`):
 * **height loss** = the largest of the three, clipped to [0, 1]; **shape** its argmax,
   ``normal`` below grade 1; **Genant grade** and **borderline** from :func:`genant_grade` and
   :func:`is_borderline`.
+* **grade uncertainty**: when the records carry the heights' standard deviations from the CT's
+  noise (``ha_sd_mm``, ``hm_sd_mm``, ``hp_sd_mm``, see :class:`~.morphometry.VertebraHeights`),
+  each loss gets its SD by first-order propagation (the reference's from the neighbours' Hp SDs),
+  and a vertebra whose grade differs between all losses lowered by :data:`UNCERTAIN_SDS` SDs and
+  all raised by as many is flagged ``grade_uncertain``. SPEC §4 fixes ``borderline`` at 3
+  percentage points whatever the image; this flag says where the image's own precision leaves
+  the grade open (thick slices, an endplate lying along a slice), and stays off where it does not.
 
 Losses are taken relative to each level's expected *normal shape*, not to a flat box: that is
 how the physiological wedging of T11–L1 (and of the mid-thoracic kyphosis) and L5's short
@@ -51,6 +58,10 @@ reference for its neighbours (it may be crushed itself)."""
 LOSS_DECIMALS = 9
 """Losses are rounded to this many decimals, so that a ratio exactly on a grade boundary grades as
 the boundary says instead of by floating-point noise (1 - 0.8 = 0.19999999999999996)."""
+
+UNCERTAIN_SDS = 2.0
+"""A grade is ``grade_uncertain`` when the losses moved by this many standard deviations (down,
+and up) give different grades: about a 95 % interval for each loss."""
 
 SHAPES = ("wedge", "biconcave", "crush")
 """Fracture shapes, in the order used to break a tie of equal losses."""
@@ -129,7 +140,13 @@ class VertebraGrade:
     * ``no_reference``: no usable neighbour, no crush criterion (``crush_loss`` NaN);
     * ``crushed_neighbour_excluded``: a neighbour was left out of Hp_ref as crush-suspect;
     * ``level_gap``: the level next to this one on that side is absent from the input (possible
-      level misidentification or missing vertebra); no reference is taken across the gap.
+      level misidentification or missing vertebra); no reference is taken across the gap;
+    * ``grade_uncertain``: the heights' noise leaves the grade open (see the module docstring).
+
+    ``height_loss_sd``: SD of ``height_loss`` from the heights' SDs (the SD of the loss that
+    decides it; NaN when the heights carry none). The three heights' errors are treated as
+    independent; they partly share their endplates, which cancels in the ratios, so this errs on
+    the large side.
     """
 
     level: str
@@ -145,6 +162,7 @@ class VertebraGrade:
     genant_grade: int | None = None
     shape: str = ""
     borderline: bool = False
+    height_loss_sd: float = NAN
     flags: list[str] = field(default_factory=list)
 
     @property
@@ -169,6 +187,31 @@ def _height(record, name: str) -> float:
     except (TypeError, ValueError):
         return NAN
     return value if math.isfinite(value) and value > 0.0 else NAN
+
+
+def _sd(record, name: str) -> float:
+    """A height's SD (mm) from the record, 0 when it carries none (mask-only heights, truth rows)."""
+    value = _field(record, name)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return value if math.isfinite(value) and value >= 0.0 else 0.0
+
+
+def _ratio_sd(top: float, top_sd: float, bottom: float, bottom_sd: float) -> float:
+    """First-order SD of ``top / bottom`` for independent errors."""
+    return abs(top / bottom) * math.hypot(top_sd / top, bottom_sd / bottom)
+
+
+def _uncertain(losses: Mapping[str, float], sds: Mapping[str, float]) -> bool:
+    """Whether the grade of the largest loss differs between every loss lowered and every loss
+    raised by :data:`UNCERTAIN_SDS` of its SD."""
+    def grade(sign: float) -> int:
+        loss = max(loss + sign * UNCERTAIN_SDS * sds[shape] for shape, loss in losses.items())
+        return genant_grade(min(1.0, max(0.0, loss)))
+
+    return grade(-1.0) != grade(+1.0)
 
 
 def _round(value: float) -> float:
@@ -225,9 +268,11 @@ def grade_spine(heights: Iterable, normal_shape: Mapping[str, float] = NORMAL_HA
     grades: list[VertebraGrade] = []
     gradeable: list[bool] = []
     hp: list[float] = []
+    sds: list[tuple[float, float, float]] = []  # Ha, Hm, Hp SDs (mm), 0 when not given
     for record, name, position in zip(records, levels, positions):
         a, m, p = (_height(record, key) for key in ("ha_mm", "hm_mm", "hp_mm"))
         hp.append(p)
+        sds.append(tuple(_sd(record, f"{key}_sd_mm") for key in ("ha", "hm", "hp")))
         measured = all(math.isfinite(x) for x in (a, m, p))
         complete = bool(_field(record, "complete")) and measured
         grade = VertebraGrade(level=name, complete=complete)
@@ -272,24 +317,35 @@ def grade_spine(heights: Iterable, normal_shape: Mapping[str, float] = NORMAL_HA
         used = [j for j in neighbours[i] if not suspect[j]]
         if len(used) < len(neighbours[i]):
             grade.flags.append("crushed_neighbour_excluded")
+        sd_a, sd_m, sd_p = sds[i]
+        crush_sd = NAN
         if used:
             grade.hp_ref_mm = sum(prediction(i, j) for j in used) / len(used)
             grade.hp_ref_ratio = hp[i] / grade.hp_ref_mm
+            ref_sd = math.hypot(*(sds[j][2] * m_norm[j] / m_norm[i] for j in used)) / len(used)
+            crush_sd = _ratio_sd(hp[i], sd_p, grade.hp_ref_mm, ref_sd)
             if len(used) == 1:
                 grade.flags.append("one_sided_reference")
         else:
             grade.flags.append("no_reference")
 
-        grade.wedge_loss = _round(1.0 - grade.ha_hp / normal_ha_hp(levels[i], normal_shape))
+        r = normal_ha_hp(levels[i], normal_shape)
+        grade.wedge_loss = _round(1.0 - grade.ha_hp / r)
         grade.biconcave_loss = _round(1.0 - grade.hm_hp / m_norm[i])
         grade.crush_loss = _round(1.0 - grade.hp_ref_ratio)
         losses = {"wedge": grade.wedge_loss, "biconcave": grade.biconcave_loss, "crush": grade.crush_loss}
+        loss_sds = {"wedge": _ratio_sd(hp[i] * grade.ha_hp, sd_a, hp[i], sd_p) / r,
+                    "biconcave": _ratio_sd(hp[i] * grade.hm_hp, sd_m, hp[i], sd_p) / m_norm[i], "crush": crush_sd}
         finite = {shape: loss for shape, loss in losses.items() if math.isfinite(loss)}
         worst = max(SHAPES, key=lambda s: finite.get(s, -math.inf))  # first of equal maxima
         grade.height_loss = min(1.0, max(0.0, finite[worst]))
         grade.genant_grade = genant_grade(grade.height_loss)
         grade.shape = worst if grade.genant_grade >= 1 else "normal"
         grade.borderline = is_borderline(grade.height_loss)
+        if any(x > 0.0 for x in (sd_a, sd_m, sd_p)):
+            grade.height_loss_sd = loss_sds[worst]
+            if _uncertain(finite, loss_sds):
+                grade.flags.append("grade_uncertain")
     return grades
 
 
@@ -299,7 +355,8 @@ def exam_fracture_summary(grades: Sequence[VertebraGrade]) -> dict:
     ``max_grade``: highest Genant grade among graded vertebrae (None when none was graded);
     ``fractured_levels``: levels with grade ≥ 1, cranial to caudal as given; ``count``: their
     number; ``graded_levels``: number of graded vertebrae; ``borderline_levels``: graded levels
-    whose loss lies near a grade boundary."""
+    whose loss lies near a grade boundary; ``uncertain_grade_levels``: graded levels whose grade
+    the heights' noise leaves open (flag ``grade_uncertain``)."""
     graded = [g for g in grades if g.genant_grade is not None]
     fractured = [g.level for g in graded if g.genant_grade >= 1]
     return {
@@ -308,4 +365,5 @@ def exam_fracture_summary(grades: Sequence[VertebraGrade]) -> dict:
         "count": len(fractured),
         "graded_levels": len(graded),
         "borderline_levels": [g.level for g in graded if g.borderline],
+        "uncertain_grade_levels": [g.level for g in graded if "grade_uncertain" in g.flags],
     }

@@ -552,7 +552,9 @@ def vertebra_label(v: QCVertebra) -> tuple[str, str]:
         return f"{v.level}  {reason}", second
     loss = f"{100.0 * v.height_loss:.0f}%" if math.isfinite(v.height_loss) else ""
     shape = v.shape if v.genant_grade >= 1 and v.shape and v.shape != "normal" else ""
-    imprecise = "heights imprecise" if "imprecise_heights" in v.flags else ""  # an SD > 0.5 mm from the noise
+    # The noise leaves the grade open (grading.UNCERTAIN_SDS), or at least a height SD > 0.5 mm.
+    imprecise = ("grade uncertain" if "grade_uncertain" in v.flags
+                 else "heights imprecise" if "imprecise_heights" in v.flags else "")
     main = "  ".join(part for part in (f"{v.level}", f"G{v.genant_grade}", shape, loss) if part)
     return main + (" *" if v.borderline else "") + (f"  · {imprecise}" if imprecise else ""), second
 

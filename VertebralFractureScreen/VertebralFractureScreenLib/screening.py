@@ -144,6 +144,9 @@ class ScreeningResult:
             lines.append(f"fractures: {', '.join(fracture['fractured_levels'])} (max Genant grade {fracture['max_grade']})")
         else:
             lines.append(f"fractures: none among {fracture['graded_levels']} graded vertebrae")
+        if fracture.get("uncertain_grade_levels"):
+            lines.append(f"grades the image's noise leaves open: {', '.join(fracture['uncertain_grade_levels'])} "
+                         "(heights' SDs span a grade boundary)")
         if bone.get("l1_hu") is not None:
             lines.append(f"bone: {bone.get('l1_level') or 'L1'} {bone['l1_hu']:.0f} HU → {bone.get('category')}"
                          + (f"; mean of non-fractured lumbar vertebrae {bone['lumbar_mean_hu']:.0f} HU"
@@ -179,8 +182,10 @@ def _cell_number(value, scale: float = 1.0, digits: int = 1) -> str:
 
 def vertebra_cells(row: dict) -> list[str]:
     """A ``vertebrae.csv`` row as the texts of a results table: level, Ha, Hm, Hp (mm), loss (%),
-    grade (``?`` when borderline, ``–`` when not graded), shape (``incomplete`` when cut) and HU."""
-    grade = "–" if row["genant_grade"] is None else str(row["genant_grade"]) + ("?" if row["borderline"] else "")
+    grade (``?`` when borderline or ``grade_uncertain``, ``–`` when not graded), shape
+    (``incomplete`` when cut) and HU."""
+    open_grade = row["borderline"] or "grade_uncertain" in row["flags"]
+    grade = "–" if row["genant_grade"] is None else str(row["genant_grade"]) + ("?" if open_grade else "")
     return [row["level"], _cell_number(row["ha_mm"]), _cell_number(row["hm_mm"]), _cell_number(row["hp_mm"]),
             _cell_number(row["height_loss"], 100, 0), grade, row["shape"] if row["complete"] else "incomplete",
             _cell_number(row["trabecular_hu_mean"], 1, 0)]
@@ -334,6 +339,8 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
         # SD of each height from the CT's noise (morphometry.VertebraHeights.ha_sd_mm); NaN → null
         "height_sd_mm": {h.level: {key: round(float(getattr(h, f"{key}_sd_mm")), 3) for key in ("ha", "hm", "hp")}
                          for h in heights},
+        # SD of each graded vertebra's height loss from those (grading.VertebraGrade.height_loss_sd)
+        "height_loss_sd": {g.level: round(float(g.height_loss_sd), 4) for g in grades if g.graded},
         "bone": _bone_json(bone),
         "contrast": asdict(contrast),
         "muscle": ({**muscle_summary(muscle_rows), "lumbar_length_mm": lumbar_length_mm(all_heights)} if muscle_rows
