@@ -294,24 +294,24 @@ def ts_mapping_check(rows: list[dict]) -> str:
               f"(Ha='{bc.TS_KEY_FOR['ha']}', Hm='{bc.TS_KEY_FOR['hm']}', Hp='{bc.TS_KEY_FOR['hp']}').")
 
 
-def rotation_stats(rows: list[dict], prefix: str) -> dict[str, tuple[float, float, int]]:
-    """Per group: (max, median, n) over vertebrae of max over Ha/Hm/Hp of |h(0°) − h(rotated)|."""
+def rotation_pairs(rows: list[dict]) -> list[tuple[str, dict, dict]]:
+    """``(pair, upright row, rotated row)`` for each vertebra measured in both renderings of a
+    rotation pair."""
     by_pair = defaultdict(dict)
     for r in rows:
         if r["pair"]:
-            role = "r0" if r["rotation_deg"] == "0/0/0" else "rot"
-            by_pair[(r["pair"], r["group"])].setdefault(role, {})[r["level"]] = r
+            by_pair[(r["pair"], r["level"])]["r0" if r["rotation_deg"] == "0/0/0" else "rot"] = r
+    return [(pair, roles["r0"], roles["rot"]) for (pair, _), roles in by_pair.items()
+            if "r0" in roles and "rot" in roles]
+
+
+def rotation_stats(rows: list[dict], prefix: str) -> dict[str, tuple[float, float, int]]:
+    """Per group: (max, median, n) over vertebrae of max over Ha/Hm/Hp of |h(0°) − h(rotated)|."""
     out = {}
     per_group = defaultdict(list)
-    for (pair, group), roles in by_pair.items():
-        if "r0" not in roles or "rot" not in roles:
-            continue
-        for level, a in roles["r0"].items():
-            b = roles["rot"].get(level)
-            if b is None:
-                continue
-            diffs = [abs(a[f"{prefix}_{k}"] - b[f"{prefix}_{k}"]) for k in HEIGHT_KEYS]
-            per_group[group].append(max(diffs) if all(math.isfinite(d) for d in diffs) else float("nan"))
+    for _, a, b in rotation_pairs(rows):
+        diffs = [abs(a[f"{prefix}_{k}"] - b[f"{prefix}_{k}"]) for k in HEIGHT_KEYS]
+        per_group[a["group"]].append(max(diffs) if all(math.isfinite(d) for d in diffs) else float("nan"))
     for group, values in per_group.items():
         finite = [v for v in values if math.isfinite(v)]
         out[group] = (max(finite) if finite else float("nan"), _median(finite), len(finite), len(values) - len(finite))
@@ -326,15 +326,8 @@ def rotation_noise_floor(rows: list[dict], draws: int = 10_000, seed: int = 0) -
     median and 5–95 % range, and stays within the goal with probability ``p_within``. A method
     without any systematic error would meet the goal no more often than that. Heights without an
     SD (from the mask) are left out and counted."""
-    by_pair = defaultdict(dict)
-    for r in rows:
-        if r["pair"]:
-            by_pair[(r["pair"], r["level"])]["r0" if r["rotation_deg"] == "0/0/0" else "rot"] = r
     pairs: dict[str, dict] = {}
-    for (pair, _), roles in by_pair.items():
-        if "r0" not in roles or "rot" not in roles:
-            continue
-        a, b = roles["r0"], roles["rot"]
+    for pair, a, b in rotation_pairs(rows):
         entry = pairs.setdefault(pair, {"group": a["group"], "case": a["case"], "sds": [], "observed": 0.0,
                                         "without_sd": 0})
         if not (a["ours_complete"] and b["ours_complete"]):
@@ -363,10 +356,7 @@ def print_precision(rows: list[dict], groups: list[str]) -> None:
     the two renderings' combined SD."""
     print("\n=== Reported precision: SD per height (noise only), |error| <= 2 SD, flagged imprecise, "
           "rotation difference / combined SD ===")
-    by_pair = defaultdict(dict)
-    for r in rows:
-        if r["pair"]:
-            by_pair[(r["pair"], r["level"])]["r0" if r["rotation_deg"] == "0/0/0" else "rot"] = r
+    pairs = rotation_pairs(rows)
     for group in groups:
         sel = [r for r in rows if r["group"] == group and r["ours_complete"]]
         sds, within = [], []
@@ -378,10 +368,9 @@ def print_precision(rows: list[dict], groups: list[str]) -> None:
                     within.append(abs(err) <= 2.0 * sd)
         flagged = sum("imprecise_heights" in r["ours_flags"].split(";") for r in sel)
         z = []
-        for roles in by_pair.values():
-            if "r0" in roles and "rot" in roles and roles["r0"]["group"] == group:
+        for _, a, b in pairs:
+            if a["group"] == group:
                 for key in HEIGHT_KEYS:
-                    a, b = roles["r0"], roles["rot"]
                     combined = math.hypot(a[f"ours_{key}_sd"], b[f"ours_{key}_sd"])
                     if math.isfinite(combined) and combined > 0:
                         z.append(abs(a[f"ours_{key}"] - b[f"ours_{key}"]) / combined)
