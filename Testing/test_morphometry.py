@@ -7,6 +7,7 @@ over a large phantom suite lives in ``Testing/benchmarks/bench_morphometry.py``.
 import numpy as np
 import pytest
 
+from VertebralFractureScreenLib import muscles as mu
 from VertebralFractureScreenLib.morphometry import measure_heights, spine_tangents
 from VertebralFractureScreenLib.phantom import Fracture, PhantomSpec, make_phantom
 
@@ -51,6 +52,57 @@ def test_heights_with_ct_are_sub_voxel(phantom_1mm, use_body_map):
     assert np.median(np.abs(errors)) <= 0.3
     assert np.max(np.abs(errors)) <= 0.8
     assert all(r.endplate_method == "ct" for r in results)
+
+
+def _axis_point_ap_errors(results, truth):
+    """Per complete vertebra: (axis point, Hm line's midpoint) minus the true Hm line's midpoint,
+    along the true antero-posterior axis (mm)."""
+    by_level = {v["level"]: v for v in truth["vertebrae"]}
+    errors = []
+    for r in results:
+        t = by_level[r.level]
+        if not t["complete"]:
+            continue
+        true_mid = np.mean(np.asarray(t["height_points_ras"]["hm"], dtype=float), axis=0)
+        hm_mid = np.mean(np.asarray(r.height_lines_ras["hm"], dtype=float), axis=0)
+        ap = np.asarray(t["axes_ras"]["ap"])
+        errors.append(((r.axis_point_ras - true_mid) @ ap, (hm_mid - true_mid) @ ap))
+    return np.array(errors)
+
+
+def test_axis_points_and_slab_planes_follow_the_phantom(phantom_1mm):
+    """The axis point lies between the CT-fitted walls; with 1 mm voxels the slab planes' normals
+    are the secants between them and follow the phantom's mid-disc planes."""
+    results = measure_heights(phantom_1mm.total, phantom_1mm.ijk_to_ras, body_labels=phantom_1mm.vertebrae_body,
+                              ct=phantom_1mm.ct)
+    assert all(r.axis_point_from_ct for r in results)
+    for r in results:  # a 1 mm voxel's width along an axis oblique to the grid: 1 to sqrt(3) mm
+        assert np.allclose(r.voxel_extent_mm, [np.abs(axis).sum() for axis in (r.frame.lr, r.frame.ap, r.frame.cc)])
+    errors = _axis_point_ap_errors(results, phantom_1mm.truth)
+    assert np.max(np.abs(errors[:, 0])) <= 0.05, errors
+    truth = {(r["muscle"], r["level"]): r for r in phantom_1mm.truth["muscles"]}
+    angles = []
+    for slab in mu.level_slabs(results):
+        for side in ("below", "above"):
+            plane = getattr(slab, side)
+            if plane.measured:
+                angles.append(_angle_deg(plane.normal, truth[("autochthon_left", slab.level)]["slab_planes_ras"][side]["normal"]))
+    assert len(angles) == 8 and max(angles) <= 0.5, angles
+
+
+def test_axis_point_at_thick_voxels_is_placed_by_the_ct():
+    """Upright 3 mm voxels: the mask's walls are off by up to half a voxel on every row, the
+    CT-fitted walls much less; without the CT the axis point is the Hm line's midpoint."""
+    p = make_phantom(PhantomSpec(levels=("L1", "L2", "L3", "L4"), spacing=(3.0, 3.0, 3.0), supersampling=3, seed=5))
+    with_ct = measure_heights(p.total, p.ijk_to_ras, body_labels=p.vertebrae_body, ct=p.ct)
+    assert all(r.axis_point_from_ct for r in with_ct)
+    errors = _axis_point_ap_errors(with_ct, p.truth)
+    assert np.max(np.abs(errors[:, 1])) > 1.0  # the mask's midpoint (L3 here)
+    assert np.mean(np.abs(errors[:, 0])) <= 0.4 * np.mean(np.abs(errors[:, 1])), errors
+    assert np.max(np.abs(errors[:, 0])) <= 0.6, errors
+    for r in measure_heights(p.total, p.ijk_to_ras, body_labels=p.vertebrae_body):
+        assert not r.axis_point_from_ct
+        assert np.allclose(r.axis_point_ras, np.mean(np.asarray(r.height_lines_ras["hm"], dtype=float), axis=0))
 
 
 def test_heights_from_masks_only(phantom_1mm):
