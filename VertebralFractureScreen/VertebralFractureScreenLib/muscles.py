@@ -23,7 +23,7 @@ discs above and below its vertebra. The mid-plane of the disc between vertebra A
   Hm lines' midpoints (walls from the mask) and the secant is averaged with the mean of the two
   vertebrae's own cranio-caudal axes (from the centre line through the body centroids). On the
   morphometry benchmark's 35 spines (271 planes, noise 10–30 HU) the angle to the phantom's
-  plane, median / p90 / max: 1 mm 0.13 / 0.49 / 1.02° and 0.7x0.7x3 mm 0.12 / 0.55 / 0.90°
+  plane, median / p90 / max: 1 mm 0.13 / 0.49 / 1.02° and 0.7x0.7x3 mm 0.13 / 0.55 / 0.98°
   (with the mask's midpoints and the axes there too: 0.28 / 0.77 / 1.24 and 0.26 / 0.78 /
   1.09°), 3 mm 0.44 / 1.09 / 2.95°. At 3 mm in-plane voxels the CT-fitted walls would have
   halved the noise-free planes' errors, but each wall fit carries the noise into the two planes
