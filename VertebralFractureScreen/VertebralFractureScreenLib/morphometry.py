@@ -808,21 +808,13 @@ class _BodyMeasurement:
         midpoint = self.frame.to_ras(np.array([0.5 * (hm_top + hm_bottom)]))[0]
         if not self.has_ct or "ha" not in lines or "hp" not in lines:
             return midpoint, False
-        local = self.voxel_local
-        swapped = VertebraFrame(self.frame.centre, -self.frame.lr, self.frame.cc, self.frame.ap)  # wall normal as "cc"
-        as_endplate = local[:, [0, 2, 1]] * np.array([-1.0, 1.0, 1.0], dtype=np.float32)
         band = max(AXIS_POINT_BAND_MM, 0.5 * self.result.voxel_extent_mm[0])
-        reach = 2.0 * self.s_v + 1.5
         walls = []
         for direction, edge, key in ((+1, self.v_ant, "ha"), (-1, self.v_post, "hp")):
             top, bottom = (float(self.frame.to_local(np.asarray(p, dtype=float)[None])[0][2]) for p in lines[key])
-            rel = direction * (local[:, 1] - edge)
-            window = ((np.abs(local[:, 0] - self.u_mid) <= band) & (np.abs(local[:, 2] - 0.5 * (top + bottom))
-                                                                     <= 0.2 * abs(top - bottom))
-                      & (rel >= -reach) & (rel <= reach))
-            wall, _, _ = _fit_endplate(self.ct_flat[window], as_endplate[window], direction, edge, 0.0, 0.0, swapped,
-                                       self.ijk_to_ras, self.cortex_mm, 0.5 * self.s_v + 0.3, slopes=(0.0,))
-            walls.append(wall)
+            walls.append(_fit_wall(self.ct_flat, self.voxel_local, self.frame, self.ijk_to_ras, direction, edge,
+                                   self.u_mid, band, 0.5 * (top + bottom), 0.2 * abs(top - bottom), self.s_v,
+                                   self.cortex_mm, slopes=(0.0,))[0])
         if not np.all(np.isfinite(walls)):
             return midpoint, False
         return self.frame.to_ras(np.array([[0.0, 0.5 * (walls[0] + walls[1]), 0.5 * (hm_top[2] + hm_bottom[2])]]))[0], True
@@ -970,27 +962,36 @@ def _outer_limits(v: np.ndarray, w_rel: np.ndarray, other: np.ndarray, reach: fl
     return np.minimum(reach, 0.5 * nearest[bins])
 
 
+def _fit_wall(ct_flat, voxel_local, frame, ijk_to_ras, direction: int, edge: float, u_mid: float, band: float,
+              w_centre: float, w_half: float, s_v: float, cortex_mm: float,
+              slopes=np.arange(-0.3, 0.3 + 1e-9, 0.1)) -> tuple[float, float]:
+    """The anterior (``direction`` +1) or posterior (-1) wall fitted like an endplate
+    (:func:`_fit_endplate`, the wall's normal playing the cranio-caudal axis) on the voxels within
+    ``band`` of ``u_mid``, ``w_half`` of ``w_centre`` and two voxels plus 1.5 mm of the mask's wall
+    ``edge`` (local mm). Returns the wall's position ``v`` and the plate's HU (NaN when no fit)."""
+    if not np.isfinite(edge):
+        return float("nan"), float("nan")
+    swapped = VertebraFrame(frame.centre, -frame.lr, frame.cc, frame.ap)  # wall normal plays "cc"
+    rel = direction * (voxel_local[:, 1] - edge)
+    reach = 2.0 * s_v + 1.5
+    window = ((np.abs(voxel_local[:, 0] - u_mid) <= band) & (np.abs(voxel_local[:, 2] - w_centre) <= w_half)
+              & (rel >= -reach) & (rel <= reach))
+    local = voxel_local[window][:, [0, 2, 1]] * np.array([-1.0, 1.0, 1.0])
+    wall, _, plate_hu = _fit_endplate(ct_flat[window], local, direction, edge, 0.0, 0.0, swapped, ijk_to_ras,
+                                      cortex_mm, 0.5 * s_v + 0.3, slopes=slopes)
+    return wall, plate_hu
+
+
 def _wall_plate_hu(ct_flat, voxel_local, frame, ijk_to_ras, u_mid, band, v_ant, v_post, w_lo, w_hi, s_v,
                    cortex_mm) -> float | None:
     """HU of the cortical plate (for a plate of ``cortex_mm``) fitted on the anterior and
-    posterior walls, where the grid is usually finer than across the endplates. Median of the
-    walls that give a fit; None when neither does."""
-    swapped = VertebraFrame(frame.centre, -frame.lr, frame.cc, frame.ap)  # wall normal plays "cc"
-    local = voxel_local[:, [0, 2, 1]] * np.array([-1.0, 1.0, 1.0])
-    height = w_hi - w_lo
-    central = (np.abs(voxel_local[:, 0] - u_mid) <= band) & (np.abs(voxel_local[:, 2] - 0.5 * (w_lo + w_hi))
-                                                             <= 0.2 * height)
-    reach = 2.0 * s_v + 1.5
-    plate_hus = []
-    for direction, edge in ((+1, v_ant), (-1, v_post)):
-        if not np.isfinite(edge):
-            continue
-        rel = direction * (voxel_local[:, 1] - edge)
-        window = central & (rel >= -reach) & (rel <= reach)
-        _, _, plate_hu = _fit_endplate(ct_flat[window], local[window], direction, edge, 0.0, 0.0, swapped,
-                                       ijk_to_ras, cortex_mm, 0.5 * s_v + 0.3)
-        if np.isfinite(plate_hu):
-            plate_hus.append(plate_hu)
+    posterior walls (:func:`_fit_wall`, the middle two fifths of the body's height), where the
+    grid is usually finer than across the endplates. Median of the walls that give a fit; None
+    when neither does."""
+    plate_hus = [_fit_wall(ct_flat, voxel_local, frame, ijk_to_ras, direction, edge, u_mid, band, 0.5 * (w_lo + w_hi),
+                           0.2 * (w_hi - w_lo), s_v, cortex_mm)[1]
+                 for direction, edge in ((+1, v_ant), (-1, v_post))]
+    plate_hus = [c for c in plate_hus if np.isfinite(c)]
     return float(np.median(plate_hus)) if plate_hus else None
 
 
