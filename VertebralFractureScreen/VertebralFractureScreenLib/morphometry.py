@@ -78,6 +78,9 @@ AXIS_POINT_BAND_MM = 2.0
 at least half a voxel: the walls curve across the body, and the depth is the mid-sagittal
 plane's."""
 
+PLANE_SLOPES = np.arange(-0.3, 0.3 + 1e-9, 0.1)
+"""Slopes (mm per mm) around its guess at which :func:`_fit_endplate` tries a plane."""
+
 IMPRECISE_HEIGHT_SD_MM = 0.5
 """A vertebra whose endplates were fitted on the CT is flagged ``imprecise_heights`` when a
 height's standard deviation from the noise (:attr:`VertebraHeights.ha_sd_mm` …) exceeds this
@@ -308,7 +311,7 @@ def _crossing(profile: np.ndarray, coords: np.ndarray, start: int, direction: in
 
 def _fit_endplate(values: np.ndarray, local: np.ndarray, direction: int, edge_guess: float, v_centre: float,
                   slope_guess: float, frame: VertebraFrame, ijk_to_ras: np.ndarray, cortex_mm: float,
-                  search: float, slopes: np.ndarray = np.arange(-0.3, 0.3 + 1e-9, 0.1)) -> tuple[float, float, float]:
+                  search: float, slopes: np.ndarray = PLANE_SLOPES) -> tuple[float, float, float]:
     """Outer surface of one endplate, fitted to the CT values of the voxels around it.
 
     ``values`` are the HU of voxels whose centres have local coordinates ``local`` (N, 3);
@@ -801,23 +804,21 @@ class _BodyMeasurement:
         its own height line (Ha for the anterior wall, Hp for the posterior one, so that a wedge's
         low anterior wall is still met). On the attenuation phantoms (noise-free) the point lies
         0.03–0.13 mm (median) from the true one at 3 mm voxels, 0.00 mm at 1 mm and 0.7x0.7x3 mm."""
-        lines = self.result.height_lines_ras
-        if "hm" not in lines:
+        (ha_top, ha_bottom), (hm_top, hm_bottom), (hp_top, hp_bottom) = self.edges  # local w, rows as AP_FRACTIONS
+        if not np.isfinite(hm_top - hm_bottom):
             return None, False
-        hm_top, hm_bottom = (self.frame.to_local(np.asarray(p, dtype=float)[None])[0] for p in lines["hm"])
-        midpoint = self.frame.to_ras(np.array([0.5 * (hm_top + hm_bottom)]))[0]
-        if not self.has_ct or "ha" not in lines or "hp" not in lines:
+        w_mid = 0.5 * (hm_top + hm_bottom)
+        midpoint = self.frame.to_ras(np.array([[self.u_mid, self.knots_v[1], w_mid]]))[0]
+        if not self.has_ct or not np.isfinite(ha_top - ha_bottom + hp_top - hp_bottom):
             return midpoint, False
         band = max(AXIS_POINT_BAND_MM, 0.5 * self.result.voxel_extent_mm[0])
-        walls = []
-        for direction, edge, key in ((+1, self.v_ant, "ha"), (-1, self.v_post, "hp")):
-            top, bottom = (float(self.frame.to_local(np.asarray(p, dtype=float)[None])[0][2]) for p in lines[key])
-            walls.append(_fit_wall(self.ct_flat, self.voxel_local, self.frame, self.ijk_to_ras, direction, edge,
-                                   self.u_mid, band, 0.5 * (top + bottom), 0.2 * abs(top - bottom), self.s_v,
-                                   self.cortex_mm, slopes=(0.0,))[0])
+        walls = [_fit_wall(self.ct_flat, self.voxel_local, self.frame, self.ijk_to_ras, direction, edge, self.u_mid, band,
+                           0.5 * (top + bottom), 0.2 * abs(top - bottom), self.s_v, self.cortex_mm, slopes=(0.0,))[0]
+                 for direction, edge, top, bottom in ((+1, self.v_ant, ha_top, ha_bottom),
+                                                      (-1, self.v_post, hp_top, hp_bottom))]
         if not np.all(np.isfinite(walls)):
             return midpoint, False
-        return self.frame.to_ras(np.array([[0.0, 0.5 * (walls[0] + walls[1]), 0.5 * (hm_top[2] + hm_bottom[2])]]))[0], True
+        return self.frame.to_ras(np.array([[0.0, 0.5 * (walls[0] + walls[1]), w_mid]]))[0], True
 
     def forget_fits(self) -> None:
         """Back to the mask's endplates, before fitting again with another plate HU."""
@@ -964,7 +965,7 @@ def _outer_limits(v: np.ndarray, w_rel: np.ndarray, other: np.ndarray, reach: fl
 
 def _fit_wall(ct_flat, voxel_local, frame, ijk_to_ras, direction: int, edge: float, u_mid: float, band: float,
               w_centre: float, w_half: float, s_v: float, cortex_mm: float,
-              slopes=np.arange(-0.3, 0.3 + 1e-9, 0.1)) -> tuple[float, float]:
+              slopes: np.ndarray = PLANE_SLOPES) -> tuple[float, float]:
     """The anterior (``direction`` +1) or posterior (-1) wall fitted like an endplate
     (:func:`_fit_endplate`, the wall's normal playing the cranio-caudal axis) on the voxels within
     ``band`` of ``u_mid``, ``w_half`` of ``w_centre`` and two voxels plus 1.5 mm of the mask's wall
