@@ -272,17 +272,6 @@ def print_trabecular(results: list[dict]):
               f"{np.mean(errors):>+7.2f}  {int(np.median(voxels)):>6}, {min(voxels):<13}{', '.join(small) or '-'}")
 
 
-def _noise_floor(voxels: list[float], noise_hu: float, goal: float, draws: int = 10_000, seed: int = 0) -> dict:
-    """What white Gaussian noise of ``noise_hu`` alone does to the largest |error| of ROI means of
-    ``voxels`` voxels each (standard error ``noise_hu / sqrt(voxels)``): its median and 5–95 %
-    range over ``draws`` simulated exams, and the share of them within ``goal``. A method without
-    systematic error meets a goal on the largest error no more often than that."""
-    se = noise_hu / np.sqrt(np.asarray(voxels, dtype=float))
-    largest = np.abs(np.random.default_rng(seed).standard_normal((draws, len(se))) * se).max(axis=1)
-    return {"median": float(np.median(largest)), "p5": float(np.percentile(largest, 5)),
-            "p95": float(np.percentile(largest, 95)), "p_within": float(np.mean(largest <= goal))}
-
-
 def print_muscles(results: list[dict]):
     print("\n=== Muscles: complete per-level rows (median / max of |error|); lumbar totals (max |error|) ===")
     print("  volume in %; mean_hu = SPEC mean over -29..150 HU, lean_hu = partial-volume-guarded; HU against the "
@@ -380,8 +369,9 @@ def check_goals(results: list[dict], checks: dict[str, dict]):
     print("         noise alone (each ROI's mean off by 20 HU / sqrt(voxels), Gaussian; 10,000 draws): largest "
           "|error| median (5-95 %), share of draws within the goal: "
           + "; ".join(f"{g} {f['median']:.2f} ({f['p5']:.2f}-{f['p95']:.2f}) {f['p_within']:.0%}"
-                      for g, f in ((g, _noise_floor([v["voxels"] for r in rs for v in r["vertebrae"] if v["usable"]],
-                                                    20.0, GOAL_TRABECULAR_HU)) for g, rs in at20.items())))
+                      for g, f in ((g, bc.largest_gaussian_error(
+                          20.0 / np.sqrt([v["voxels"] for r in rs for v in r["vertebrae"] if v["usable"]]),
+                          GOAL_TRABECULAR_HU)) for g, rs in at20.items())))
     centres = sum(c["centres"] for ch in checks.values() for c in ch.values())
     touching = sum(c["touching"] for ch in checks.values() for c in ch.values())
     closest = min(c["min_distance"] for ch in checks.values() for c in ch.values() if np.isfinite(c["min_distance"]))

@@ -341,11 +341,9 @@ def rotation_noise_floor(rows: list[dict], draws: int = 10_000, seed: int = 0) -
                 entry["without_sd"] += 1
     rng = np.random.default_rng(seed)
     for entry in pairs.values():
-        sds = np.asarray(entry.pop("sds"))
+        sds = entry.pop("sds")
         entry["heights"] = len(sds)
-        largest = np.abs(rng.standard_normal((draws, len(sds))) * sds).max(axis=1) if len(sds) else np.zeros(1)
-        entry.update(median=float(np.median(largest)), p5=float(np.percentile(largest, 5)),
-                     p95=float(np.percentile(largest, 95)), p_within=float(np.mean(largest <= GOALS["rotation_mm"])))
+        entry.update(bc.largest_gaussian_error(sds, GOALS["rotation_mm"], draws, rng))
     return pairs
 
 
