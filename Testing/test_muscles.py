@@ -180,6 +180,35 @@ def test_partial_volume_biases_the_spec_metrics_not_the_guarded_ones(partial_vol
         assert abs(r.fat_fraction - t["imat_fraction"]) < abs(r.imat_fraction - t["imat_fraction"]), r.muscle
 
 
+@pytest.mark.parametrize("voxel_mm", [1.0, 3.0])
+def test_fat_at_the_muscles_edge_counts_where_its_neighbour_is_close(voxel_mm):
+    """A 20-voxel cube of muscle (50 HU) whose outer 6 voxel layers on one side are fat (−100 HU),
+    in 0 HU tissue: 30 % fat. The edge voxels' own HU would mix with the tissue around a real
+    muscle, so the unmixing does not use it. With 1 mm voxels each edge voxel stands in with its
+    interior neighbours' HU and the band's fat on the edge counts (only the cube's edges and
+    corners, with no interior face neighbour, drop out: 0.296); with 3 mm voxels the neighbours
+    are too far and the edge is left out, reading the interior's 5 fat layers of 18 (0.278)."""
+    n, band = 20, 6
+    m = make_ijk_to_ras((voxel_mm,) * 3, (-0.5 * (n + 3) * voxel_mm,) * 3)  # the cube's centre at 0
+    labels = np.zeros((n + 4,) * 3, dtype=np.uint8)
+    labels[2:-2, 2:-2, 2:-2] = lv.TOTAL_AUTOCHTHON_LEFT
+    ct = np.where(labels > 0, 50, 0).astype(np.int16)
+    ct[2:-2, 2:-2, 2:2 + band] = -100
+    up = np.array([0.0, 0.0, 1.0])
+    slab = mu.LevelSlab("L2", mu.SlabPlane(np.array([0.0, 0.0, -1e3]), up, ("L2", "L3")),
+                        mu.SlabPlane(np.array([0.0, 0.0, 1e3]), up, ("L1", "L2")))
+    row = mu.measure_muscles(ct, labels, m, [], muscles={"autochthon_left": lv.TOTAL_AUTOCHTHON_LEFT},
+                             lumbar_total=False, slabs=[slab])[0]
+    assert row.voxels == n ** 3 and row.lean_hu == pytest.approx(50.0) and row.fat_reference_hu == pytest.approx(-100.0)
+    truth = band / n
+    interior_only = (band - 1) / (n - 2)
+    if voxel_mm == 1.0:
+        assert row.fat_fraction == pytest.approx(truth, abs=0.005)
+        assert abs(interior_only - truth) > 0.02  # what leaving the edge out would read
+    else:
+        assert row.fat_fraction == pytest.approx(interior_only, abs=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------
 # flags
 # ------------------------------------------------------------------------------------------------

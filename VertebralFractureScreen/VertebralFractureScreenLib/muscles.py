@@ -61,11 +61,21 @@ surrounds the muscle. On the phantom (fat in 3–7 mm spheres) ``mean_hu`` reads
   of the muscle within −29…150 HU. Voxels touching fat or the muscle's edge are left out, so
   partly-fat voxels drop out while voxels of lean muscle with diffuse (sub-voxel) fat infiltration
   stay and still lower it;
-* ``fat_fraction``: linear unmixing of the interior voxels (face neighbours in the muscle),
-  ``(lean_hu - mean) / (lean_hu - fat_hu)``, with ``mean`` their mean HU within −190…150 HU (the
-  mean is what partial volume preserves) and ``fat_hu`` the mean of the exam's pure fat voxels
-  inside the muscles (fat-range voxels whose face neighbours are too), or
-  :data:`DEFAULT_FAT_HU` when there are too few.
+* ``fat_fraction``: linear unmixing, ``(lean_hu - mean) / (lean_hu - fat_hu)``, with ``fat_hu``
+  the mean of the exam's pure fat voxels inside the muscles (fat-range voxels whose face
+  neighbours are too), or :data:`DEFAULT_FAT_HU` when there are too few, and ``mean`` the mean HU
+  (what partial volume preserves) of the muscle's interior voxels (six face neighbours in the
+  muscle) within −190…150 HU and of its edge voxels, each edge voxel standing in with the mean HU
+  of those of its face neighbours along the axes whose spacing is at most
+  :data:`RIM_NEIGHBOUR_MAX_MM` (left out when it has none). An edge voxel's own HU
+  mixes with whatever surrounds the muscle (fat, bone, or the phantom's 0 HU tissue), but fat
+  pockets a few mm across reach into it from the neighbour beside it; leaving the edge out
+  altogether weights the row by its interior only, which in a thin row (the 1 ml of iliopsoas
+  at T12) misses the fat that lies near its surface. On the attenuation benchmark the largest
+  per-level error went 0.025 → 0.011 at 1 mm and 0.045 → 0.035 at 0.7x0.7x3 mm (there only the
+  in-plane neighbours stand in), the L1–L5 totals' 0.006 → 0.003 and 0.004 → 0.002. With 3 mm neighbours the edge is left out (as before: standing
+  in with them made 3 mm rows worse, 0.044 → 0.056, their interior lying deeper than the fat
+  that reaches the edge).
 
 **Field of view.** A level is ``complete = False`` with a flag when a slab plane had to be
 extrapolated (``no_vertebra_above`` / ``no_vertebra_below``, ``vertebra_above_incomplete`` /
@@ -84,7 +94,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import levels as lv
-from .geometry import partial_volume_share, unit, voxel_volume_ml
+from .geometry import partial_volume_share, unit, voxel_spacing, voxel_volume_ml
 from .morphometry import THICK_VOXEL_MM
 
 MUSCLE_LABELS: dict[str, int] = {
@@ -116,6 +126,10 @@ DEFAULT_FAT_HU = -100.0
 :data:`MIN_PURE_FAT_VOXELS` pure fat voxels (typical adipose tissue at 120 kV: −120 to −80 HU)."""
 
 MIN_PURE_FAT_VOXELS = 50
+
+RIM_NEIGHBOUR_MAX_MM = 2.0
+"""Largest spacing (mm) along which an interior voxel stands in for a neighbouring voxel on the
+muscle's edge in ``fat_fraction``'s unmixing (see the module docstring)."""
 
 SLAB_REACH_MM = 150.0
 """Muscle voxels farther than this (mm) from the line through a slab's plane points are not
@@ -301,8 +315,9 @@ class MuscleMeasurement:
 
     Partial-volume-robust companions (see the module docstring): ``lean_hu`` mean HU of the
     voxels within −29…150 HU whose six face neighbours are muscle voxels within that range too;
-    ``fat_fraction`` fat volume fraction by linear unmixing of the interior voxels' mean HU
-    between ``lean_hu`` and the exam's fat HU ``fat_reference_hu``.
+    ``fat_fraction`` fat volume fraction by linear unmixing of the voxels' mean HU between
+    ``lean_hu`` and the exam's fat HU ``fat_reference_hu`` (edge voxels standing in with their
+    interior neighbours' HU).
 
     ``voxels``: voxel count (shares summed); ``complete`` False when the slab is only partly
     measured, ``flags`` say why; a muscle whose label is nowhere in the segmentation is
@@ -383,16 +398,21 @@ def _hu_classes(hu: np.ndarray) -> np.ndarray:
 
 
 def _voxel_classes(ct: np.ndarray, labels: np.ndarray, kji: tuple[np.ndarray, np.ndarray, np.ndarray],
-                   values: np.ndarray, ids: np.ndarray):
+                   values: np.ndarray, ids: np.ndarray, spacing_kji: Sequence[float]):
     """Per muscle voxel (indices ``kji``, label ``values``): lean voxels guarded against partial
-    volume (:func:`_face_interior` of its muscle's lean voxels), interior voxels of its muscle, and
-    pure fat voxels (fat-range voxels whose face neighbours are fat-range voxels of the muscle).
-    Each muscle is processed on the crop of its bounding box. The image border is not the muscle's
-    edge, but nothing is known beyond it: voxels there stay out of these sets."""
+    volume (:func:`_face_interior` of its muscle's lean voxels), pure fat voxels (fat-range voxels
+    whose face neighbours are fat-range voxels of the muscle), and the HU each voxel contributes
+    to ``fat_fraction``'s unmixing (float32, NaN where it contributes none): an interior voxel
+    (face neighbours in the muscle) within −190…150 HU its own, an edge voxel the mean of such
+    interior face neighbours along the axes whose spacing ``spacing_kji`` (mm, k, j, i) is at most
+    :data:`RIM_NEIGHBOUR_MAX_MM`. Each muscle is processed on the crop of its bounding box. The
+    image border is not the muscle's edge, but nothing is known beyond it: voxels there are
+    neither guarded lean nor pure fat."""
     k, j, i = kji
     guard = np.zeros(len(values), dtype=bool)
-    inner = np.zeros(len(values), dtype=bool)
     pure_fat = np.zeros(len(values), dtype=bool)
+    unmix_hu = np.full(len(values), np.nan, dtype=np.float32)
+    fill_axes = [axis for axis in range(3) if spacing_kji[axis] <= RIM_NEIGHBOUR_MAX_MM]
     for label in ids:
         where = np.flatnonzero(values == label)
         if not len(where):
@@ -402,12 +422,34 @@ def _voxel_classes(ct: np.ndarray, labels: np.ndarray, kji: tuple[np.ndarray, np
         hi = np.minimum(np.array([kk[-1], jj.max(), ii.max()]) + 2, labels.shape)
         crop = tuple(slice(a, b) for a, b in zip(lo, hi))
         mask = labels[crop] == label
-        classes = _hu_classes(ct[crop])
+        hu = ct[crop].reshape(-1)
+        classes = _hu_classes(hu).reshape(mask.shape)
+        strides = np.array([mask.shape[1] * mask.shape[2], mask.shape[2], 1])
         local = (kk - lo[0], jj - lo[1], ii - lo[2])
-        guard[where] = _face_interior(mask & (classes == 1))[local]
-        inner[where] = _face_interior(mask)[local]
-        pure_fat[where] = _face_interior(mask & (classes == 2))[local]
-    return guard, inner, pure_fat
+        at = local[0] * strides[0] + local[1] * strides[1] + local[2]  # flat indices in the crop
+        guard[where] = _face_interior(mask & (classes == 1)).reshape(-1)[at]
+        pure_fat[where] = _face_interior(mask & (classes == 2)).reshape(-1)[at]
+        interior = _face_interior(mask).reshape(-1)
+        unmixable = interior & (classes.reshape(-1) > 0)  # within -190..150 HU
+        contribution = np.where(unmixable[at], hu[at].astype(np.float32), np.float32(np.nan))
+        edge = np.flatnonzero(~interior[at]) if fill_axes else ()
+        if len(edge):
+            # Mean HU of the edge voxels' unmixable face neighbours along the close axes. A
+            # neighbour beyond the crop points back at the edge voxel, which is not unmixable.
+            counts = np.zeros(len(edge), dtype=np.float32)
+            sums = np.zeros(len(edge), dtype=np.float32)
+            for axis in fill_axes:
+                position = local[axis][edge]
+                for step in (-1, 1):
+                    inside = (position + step >= 0) & (position + step < mask.shape[axis])
+                    beside = np.where(inside, at[edge] + step * strides[axis], at[edge])
+                    take = unmixable[beside]
+                    counts += take
+                    sums += np.where(take, hu[beside], 0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                contribution[edge] = np.where(counts > 0, sums / counts, np.float32(np.nan))
+        unmix_hu[where] = contribution
+    return guard, unmix_hu, pure_fat
 
 
 def _slab_shares(ijk: tuple[np.ndarray, np.ndarray, np.ndarray], slabs: Sequence[LevelSlab],
@@ -503,7 +545,7 @@ def _runs_out(ijk: tuple[np.ndarray, np.ndarray, np.ndarray], shape_kji, voxel: 
     return out
 
 
-_SUMS = ("count", "lean_count", "lean_sum", "fat_count", "guard_count", "guard_sum", "inner_count", "inner_sum",
+_SUMS = ("count", "lean_count", "lean_sum", "fat_count", "guard_count", "guard_sum", "unmix_count", "unmix_sum",
          "border")
 
 
@@ -519,9 +561,9 @@ def _row(name: str, level: str, sums: dict, cells, voxel_ml: float, fat_hu: floa
         lean_hu = mean_hu
         if count > 0:
             flags = flags + ["lean_hu_unguarded"]
-    interior_mean = total["inner_sum"] / total["inner_count"] if total["inner_count"] > 0 else float("nan")
-    if np.isfinite(lean_hu) and np.isfinite(interior_mean) and lean_hu - fat_hu > 1.0:
-        fat_fraction = float(np.clip((lean_hu - interior_mean) / (lean_hu - fat_hu), 0.0, 1.0))
+    unmix_mean = total["unmix_sum"] / total["unmix_count"] if total["unmix_count"] > 0 else float("nan")
+    if np.isfinite(lean_hu) and np.isfinite(unmix_mean) and lean_hu - fat_hu > 1.0:
+        fat_fraction = float(np.clip((lean_hu - unmix_mean) / (lean_hu - fat_hu), 0.0, 1.0))
     else:
         fat_fraction = float("nan")
     return MuscleMeasurement(
@@ -581,12 +623,13 @@ def measure_muscles(
     del rest
     index_type = np.int16 if max(labels.shape) < 2**15 else np.int32
     k, j, i = (axis.astype(index_type) for axis in (k, j, i))
-    guard, inner, pure_fat = _voxel_classes(ct, labels, (k, j, i), values, ids)
+    spacing_kji = voxel_spacing(ijk_to_ras)[::-1]
+    guard, unmix_hu, pure_fat = _voxel_classes(ct, labels, (k, j, i), values, ids, spacing_kji)
     hu = ct.reshape(-1)[flat]
     classes = _hu_classes(hu)
     hu = hu.astype(np.float32)
     lean, fat = classes == 1, classes == 2
-    unmixed = inner & (hu >= FAT_RANGE_HU[0]) & (hu <= LEAN_RANGE_HU[1])
+    unmixed = np.isfinite(unmix_hu)
     if fat_hu is None:
         fat_hu = float(hu[pure_fat].mean()) if np.count_nonzero(pure_fat) >= MIN_PURE_FAT_VOXELS else DEFAULT_FAT_HU
     voxel_ml = voxel_volume_ml(ijk_to_ras)
@@ -601,7 +644,7 @@ def measure_muscles(
     sums = {
         "count": total(), "lean_count": total(lean), "lean_sum": total(np.where(lean, hu, np.float32(0.0))),
         "fat_count": total(fat), "guard_count": total(guard), "guard_sum": total(np.where(guard, hu, np.float32(0.0))),
-        "inner_count": total(unmixed), "inner_sum": total(np.where(unmixed, hu, np.float32(0.0))),
+        "unmix_count": total(unmixed), "unmix_sum": total(np.where(unmixed, unmix_hu, np.float32(0.0))),
         "border": np.bincount(key, weights=_runs_out((i, j, k), labels.shape, voxel, slab_of, slabs, ijk_to_ras),
                               minlength=size),
     }
