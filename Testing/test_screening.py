@@ -68,6 +68,17 @@ def test_screen_writes_the_spec_files(screened, truth):
         assert int(row["roi_voxels"]) > 0
     m_columns, m_rows = read_csv(screened / "muscles.csv")
     assert tuple(m_columns) == MUSCLE_COLUMNS
+    assert tuple(m_columns[:6]) == ("exam_id", "muscle", "level", "volume_ml", "mean_hu", "imat_fraction")  # SPEC §5
+    # Each row says whether it is complete and why not: T12, the top of the phantom, has no
+    # vertebra above to bound its slab; L1–L5 are whole, and so are their totals.
+    muscle_truth = {(t["muscle"], t["level"]): t for t in truth["muscles"]}
+    for row in m_rows:
+        assert row["complete"] == ("false" if row["level"] == "T12" else "true"), row
+        assert ("no_vertebra_above" in row["flags"].split(";")) == (row["level"] == "T12"), row
+        t = muscle_truth.get((row["muscle"], row["level"]))
+        if t is not None and row["complete"] == "true":
+            assert float(row["lean_hu"]) == pytest.approx(t["lean_hu"], abs=3.0), row
+            assert float(row["fat_fraction"]) == pytest.approx(t["imat_fraction"], abs=0.03), row
     assert {r["muscle"] for r in m_rows} == {"autochthon_left", "autochthon_right", "iliopsoas_left", "iliopsoas_right"}
     assert {r["level"] for r in m_rows} >= {"L1", "L2", "L3", "L4", "L5", "lumbar"}
     exam = json.loads((screened / "exam.json").read_text())

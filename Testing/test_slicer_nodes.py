@@ -109,6 +109,23 @@ def test_result_nodes_tables_lines_colours_and_rerun(mrml, phantom_files):
             assert float(table.GetTable().GetValue(r, col[key]).ToDouble()) == pytest.approx(row[key], abs=1e-9)
         assert float(table.GetCellText(r, col["genant_grade"])) == row["genant_grade"]
 
+    muscles = made["muscles"]
+    assert muscles.GetName() == "VFS muscles"
+    assert [muscles.GetColumnName(c) for c in range(muscles.GetNumberOfColumns())] == list(screening.MUSCLE_COLUMNS)
+    assert muscles.GetNumberOfRows() == len(result.muscles) > 0
+    col = {name: c for c, name in enumerate(screening.MUSCLE_COLUMNS)}
+    for r, row in enumerate(result.muscles):
+        assert (muscles.GetCellText(r, col["muscle"]), muscles.GetCellText(r, col["level"])) == (row["muscle"], row["level"])
+        for key in ("volume_ml", "mean_hu", "imat_fraction", "lean_hu", "fat_fraction"):
+            value = float(muscles.GetTable().GetValue(r, col[key]).ToDouble())
+            assert value == pytest.approx(row[key], abs=1e-9, nan_ok=True), (row["level"], key)
+        assert muscles.GetCellText(r, col["complete"]) == ("true" if row["complete"] else "false")
+        assert muscles.GetCellText(r, col["flags"]) == ";".join(row["flags"])
+    # T12 tops the phantom: its slab has no disc above, so its rows are flagged in the table too.
+    t12 = [r for r, row in enumerate(result.muscles) if row["level"] == "T12"]
+    assert t12 and all(muscles.GetCellText(r, col["complete"]) == "false"
+                       and "no_vertebra_above" in muscles.GetCellText(r, col["flags"]) for r in t12)
+
     exam = made["exam"]
     assert exam.GetName() == "VFS exam"
     pairs = {exam.GetCellText(r, 0): exam.GetCellText(r, 1) for r in range(exam.GetNumberOfRows())}
@@ -134,7 +151,7 @@ def test_result_nodes_tables_lines_colours_and_rerun(mrml, phantom_files):
 
     # A second run replaces the result nodes instead of adding more.
     count, total = len(slicer_nodes.result_nodes(mrml.scene)), mrml.scene.GetNumberOfNodes()
-    assert count == 2 + 12
+    assert count == 3 + 12  # vertebrae, muscles and exam tables, 12 height lines
     again = slicer_nodes.write_result_nodes(result, slicer, segmentation_node=segmentation)
     assert len(slicer_nodes.result_nodes(mrml.scene)) == count
     assert mrml.scene.GetNumberOfNodes() == total

@@ -54,8 +54,12 @@ VERTEBRA_COLUMNS = (
     "roi_voxels", "body_volume_ml", "flags",
 )
 """Columns of ``vertebrae.csv`` (SPEC §5)."""
-MUSCLE_COLUMNS = ("exam_id", "muscle", "level", "volume_ml", "mean_hu", "imat_fraction")
-"""Columns of ``muscles.csv`` (SPEC §5)."""
+MUSCLE_COLUMNS = ("exam_id", "muscle", "level", "volume_ml", "mean_hu", "imat_fraction", "lean_hu", "fat_fraction",
+                  "complete", "flags")
+"""Columns of ``muscles.csv``: SPEC §5's six, then the partial-volume-guarded ``lean_hu`` and the
+unmixed ``fat_fraction`` (:class:`.muscles.MuscleMeasurement`), and, as in ``vertebrae.csv``,
+``complete`` and the ``flags`` that say why a row is not (a slab cut by the field of view, a
+neighbouring vertebra missing, a muscle not segmented)."""
 OUTPUT_FILES = ("vertebrae.csv", "muscles.csv", "qc.png", "exam.json")
 """The files of one exam's folder; ``exam.json`` is written last and marks it finished."""
 SEGMENTATION_FOLDER = "segmentation"
@@ -322,7 +326,9 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
             "body_volume_ml": h.body_volume_ml, "flags": flags,
         })
     muscle_table = [{"exam_id": exam_id, "muscle": m.muscle, "level": m.level, "volume_ml": m.volume_ml,
-                     "mean_hu": m.mean_hu, "imat_fraction": m.imat_fraction} for m in muscle_rows]
+                     "mean_hu": m.mean_hu, "imat_fraction": m.imat_fraction, "lean_hu": m.lean_hu,
+                     "fat_fraction": m.fat_fraction, "complete": m.complete, "flags": list(m.flags)}
+                    for m in muscle_rows]
     timings["total"] = round(time.perf_counter() - started, 3)
 
     present = [h.level for h in heights]

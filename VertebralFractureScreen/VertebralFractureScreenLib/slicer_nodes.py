@@ -4,9 +4,9 @@
 the CT's voxel grid as TotalSegmentator ``total`` ids and runs :func:`.screening.screen_exam` on
 the arrays in memory: the same measurements as ``vfscreen screen`` on the same data.
 :func:`write_result_nodes` shows a :class:`~.screening.ScreeningResult` in the scene: a table of
-the vertebrae (the columns of ``vertebrae.csv``), a key/value table of the exam summary
-(``exam.json``), one markups line per measured height coloured by Genant grade, and the vertebra
-segments coloured by grade. Running it again replaces the earlier result nodes of the same prefix.
+the vertebrae (the columns of ``vertebrae.csv``), one of the muscles (``muscles.csv``), a
+key/value table of the exam summary (``exam.json``), one markups line per measured height
+coloured by Genant grade, and the vertebra segments coloured by grade. Running it again replaces the earlier result nodes of the same prefix.
 
 Segments are matched to structures as SPEC §3 says and as :func:`.imageio.read_labelmap` does for
 ``.seg.nrrd`` files: by segment ID (a TotalSegmentator class name such as ``vertebrae_L1``), then by
@@ -29,7 +29,7 @@ import numpy as np
 from . import levels as lv
 from .errors import InputError
 from .imageio import LabelMapWarning, Volume, convention_ids, structure_from_terminology, vertebra_from_text
-from .screening import VERTEBRA_COLUMNS, ScreeningResult, screen_exam, vertebra_cells
+from .screening import MUSCLE_COLUMNS, VERTEBRA_COLUMNS, ScreeningResult, screen_exam, vertebra_cells
 from .serialization import jsonable
 
 RESULT_ATTRIBUTE = "VertebralFractureScreen.Result"
@@ -49,7 +49,8 @@ GRADE_COLORS: dict[int | None, tuple[float, float, float]] = {
 """Display colour (RGB 0–1) per Genant grade; ``None`` for vertebrae without a grade."""
 
 HEIGHT_NAMES = {"ha": "Ha", "hm": "Hm", "hp": "Hp"}
-_NUMERIC_COLUMNS = frozenset(VERTEBRA_COLUMNS) - {"exam_id", "level", "complete", "shape", "borderline", "flags"}
+_NUMERIC_COLUMNS = (frozenset(VERTEBRA_COLUMNS) | frozenset(MUSCLE_COLUMNS)) - {
+    "exam_id", "level", "muscle", "complete", "shape", "borderline", "flags"}
 
 
 @dataclass
@@ -300,15 +301,17 @@ def _flatten(data: dict, stem: str = "") -> list[tuple[str, object]]:
     return rows
 
 
-def _vertebra_table(scene, result: ScreeningResult, name: str):
+def _rows_table(scene, columns, rows: list[dict], name: str):
+    """A table node with ``columns`` (numbers as doubles, NaN where missing; text otherwise, as the
+    CSV files write it) and one row per dict of ``rows``."""
     import vtk
 
     node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
     table = node.GetTable()
-    for column in VERTEBRA_COLUMNS:
+    for column in columns:
         array = vtk.vtkDoubleArray() if column in _NUMERIC_COLUMNS else vtk.vtkStringArray()
         array.SetName(column)
-        for row in result.vertebrae:
+        for row in rows:
             value = row.get(column)
             if column in _NUMERIC_COLUMNS:
                 array.InsertNextValue(float("nan") if value is None else float(value))
@@ -345,7 +348,9 @@ def write_result_nodes(result: ScreeningResult, scene=None, *, prefix: str = "VF
     """Show ``result`` in the MRML scene, replacing earlier results of the same ``prefix``.
 
     Makes a table node ``"<prefix> vertebrae"`` (one row per vertebra, the columns of
-    ``vertebrae.csv``; numbers as doubles, NaN where missing), a table node ``"<prefix> exam"``
+    ``vertebrae.csv``; numbers as doubles, NaN where missing), a table node ``"<prefix> muscles"``
+    (the rows and columns of ``muscles.csv``; None when no muscle was measured, e.g. VerSe
+    labels), a table node ``"<prefix> exam"``
     (``key``/``value`` rows of ``exam.json``, nested keys joined by dots) and a markups line node
     ``"<level> <Ha|Hm|Hp>"`` (``"<prefix> <level> ..."`` for a prefix other than ``VFS``) per
     measured height, from the superior to the inferior end point (RAS), coloured by the
@@ -359,13 +364,18 @@ def write_result_nodes(result: ScreeningResult, scene=None, *, prefix: str = "VF
         scene: a ``vtkMRMLScene``, the ``slicer`` module, or None for ``slicer.mrmlScene``.
 
     Returns:
-        ``{"vertebrae": table node, "exam": table node, "lines": {"L1 Ha": line node, ...},
+        ``{"vertebrae": table node, "muscles": table node or None, "exam": table node,
+        "lines": {"L1 Ha": line node, ...},
         "segments": {segment ID: grade}}``.
     """
     scene = _scene_of(scene)
     remove_result_nodes(scene, prefix)
-    vertebrae = _vertebra_table(scene, result, f"{prefix} vertebrae")
+    vertebrae = _rows_table(scene, VERTEBRA_COLUMNS, result.vertebrae, f"{prefix} vertebrae")
     _mark(vertebrae, prefix)
+    muscles = None
+    if result.muscles:
+        muscles = _rows_table(scene, MUSCLE_COLUMNS, result.muscles, f"{prefix} muscles")
+        _mark(muscles, prefix)
     exam = _exam_table(scene, result, f"{prefix} exam")
     _mark(exam, prefix)
 
@@ -403,7 +413,7 @@ def write_result_nodes(result: ScreeningResult, scene=None, *, prefix: str = "VF
             grade = grade_of[level]
             segmentation.GetSegment(segment_id).SetColor(*grade_color(grade.genant_grade, grade.complete))
             segments[segment_id] = grade.genant_grade if grade.complete else None
-    return {"vertebrae": vertebrae, "exam": exam, "lines": lines, "segments": segments}
+    return {"vertebrae": vertebrae, "muscles": muscles, "exam": exam, "lines": lines, "segments": segments}
 
 
 def line_length_mm(line_node) -> float:
