@@ -66,7 +66,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import levels as lv
-from .geometry import ras_to_ijk_points, voxel_extent_along, voxel_spacing, voxel_volume_ml
+from .geometry import find_label_boxes, ras_to_ijk_points, voxel_extent_along, voxel_spacing, voxel_volume_ml
 
 ROI_MARGIN_MM = 3.0
 """Minimum distance (mm) of the ROI from the cortical surface and the endplates (SPEC §4)."""
@@ -630,7 +630,7 @@ def measure_contrast(
     if label_boxes is not None:
         box = label_boxes[aorta_label - 1] if len(label_boxes) >= aorta_label else None
     else:  # one pass, no full-size temporary
-        box = (ndimage.find_objects(labels, max_label=aorta_label)[aorta_label - 1]
+        box = (find_label_boxes(labels, aorta_label)[aorta_label - 1]
                if np.issubdtype(labels.dtype, np.integer) else None)
     if box is None:
         result.warnings.append(f"no aorta (label {aorta_label}) in the segmentation: contrast phase unknown")

@@ -28,12 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from . import imageio
 from . import levels as lv
 from .errors import InputError
-from .geometry import mask_centroid_ras
+from .geometry import find_label_boxes, mask_centroid_ras
 
 HU_AIR_FAT_RANGE = (-1100.0, -100.0)
 """HU of voxels that every body CT has somewhere (air and fat)."""
@@ -60,7 +59,8 @@ class ExamInputs:
     sources: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     label_boxes: list | None = None
-    """``ndimage.find_objects(labels.array)``: each label's bounding box, found once for all steps."""
+    """Each label's bounding box (:func:`.geometry.find_label_boxes`, as ``ndimage.find_objects``),
+    found once for all steps."""
 
 
 def _source(value) -> str:
@@ -126,7 +126,7 @@ def check_vertebrae(labels: imageio.Volume, convention: str, name: str = "segmen
     ids = lv.vertebra_ids(convention)
     by_label = {label: level for level, label in ids.items()}
     objects = (label_boxes if label_boxes is not None and len(label_boxes) >= max(ids.values())
-               else ndimage.find_objects(labels.array, max_label=max(ids.values())))
+               else find_label_boxes(labels.array, max(ids.values())))
     present = [by_label[label] for label, box in enumerate(objects, start=1) if box is not None and label in by_label]
     if not present:
         raise InputError(f"the {name} has no vertebra labels in the {convention} convention; "
@@ -168,8 +168,8 @@ def load_exam(ct, seg, body_seg=None, *, convention: str = "totalsegmentator",
     body = None if body_seg is None else _labels_on_grid(body_seg, volume, "vertebrae_body",
                                                          "vertebrae_body segmentation", messages)
     # Each label's bounding box, once: the checks, the morphometry, the aorta and the muscles use it.
-    label_boxes = ndimage.find_objects(labels.array, max_label=_BOX_LABELS[convention])
-    check_vertebrae(labels, convention, label_boxes=label_boxes)
+    boxes = find_label_boxes(labels.array, _BOX_LABELS[convention])
+    check_vertebrae(labels, convention, label_boxes=boxes)
     if body is not None and not _contains(body.array, lv.BODY_LABEL):
         messages.append("the vertebrae_body segmentation has no vertebral body (label 1); bodies are separated "
                         "by shape instead")
@@ -177,7 +177,7 @@ def load_exam(ct, seg, body_seg=None, *, convention: str = "totalsegmentator",
     sources = {"ct": _source(ct), "segmentation": "in memory" if isinstance(seg, np.ndarray) else _source(seg)}
     if body_seg is not None:
         sources["vertebrae_body"] = "in memory" if isinstance(body_seg, np.ndarray) else _source(body_seg)
-    return ExamInputs(volume, labels, body, convention, sources, messages, label_boxes)
+    return ExamInputs(volume, labels, body, convention, sources, messages, boxes)
 
 
 _BOX_LABELS = {"totalsegmentator": max(lv.TOTAL_ILIOPSOAS_RIGHT, lv.TOTAL_AORTA, max(lv.vertebra_ids("totalsegmentator").values())),

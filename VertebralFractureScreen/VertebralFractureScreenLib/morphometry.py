@@ -48,6 +48,7 @@ from scipy import ndimage, optimize, stats
 
 from . import levels as lv
 from .geometry import (
+    find_label_boxes,
     mask_centroid_ras,
     partial_volume_share,
     unit,
@@ -1097,7 +1098,7 @@ def measure_heights(
     if label_boxes is not None and len(label_boxes) >= max_label:
         objects = label_boxes[:max_label]
     else:
-        objects = ndimage.find_objects(labels, max_label=max_label)
+        objects = find_label_boxes(labels, max_label)
     spacing = voxel_spacing(ijk_to_ras)
     margin = np.ceil(CROP_MARGIN_MM / spacing).astype(int)  # (i, j, k)
     shape = labels.shape

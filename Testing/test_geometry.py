@@ -1,0 +1,24 @@
+"""Voxel-grid helpers of ``geometry`` that no measurement test pins on its own."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from VertebralFractureScreenLib.geometry import find_label_boxes
+
+
+def test_label_boxes_are_scipys_find_objects():
+    """Scanning slabs of slices in threads and merging gives exactly ``ndimage.find_objects``'s
+    boxes: labels that span slabs, that lie in one slab only, that are absent (None), and ids
+    above ``max_label`` (left out)."""
+    rng = np.random.default_rng(3)
+    labels = np.zeros((200, 40, 30), dtype=np.uint8)
+    labels[5:190, 3:30, 2:20] = 7  # spans every slab
+    labels[120:121, 10, 11] = 9  # one voxel in one slab
+    labels[rng.integers(0, 200, 50), rng.integers(0, 40, 50), rng.integers(0, 30, 50)] = 12  # scattered
+    labels[0, 0, 0] = labels[199, 39, 29] = 3  # the array's corners
+    for max_label in (None, 9, 12, 20):
+        assert find_label_boxes(labels, max_label) == ndimage.find_objects(labels, max_label=max_label or 0)
+    assert find_label_boxes(labels, 9)[4] is None  # label 5 is absent
+    assert find_label_boxes(labels[:40]) == ndimage.find_objects(labels[:40])  # too few slices to split
