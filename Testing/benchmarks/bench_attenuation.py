@@ -385,7 +385,7 @@ def check_goals(results: list[dict], checks: dict[str, dict]):
                                 if m["complete"] and m["level"] != "lumbar"])[2] for g, rs in by_group.items()}
         lumbar = {g: _stats([m[key] for r in rs for m in r["muscles"] if m["level"] == "lumbar"])[2]
                   for g, rs in by_group.items()}
-        digits = 3 if bound < 1 else 1
+        digits = 3 if bound < 1 else 2  # 2 HU and 3 % goals: 1.97 must not print as 2.0
         line(all(v <= bound for v in per_group.values()),
              f"{label} <= {bound:g}{unit}, every complete level row, all noises (max): "
              + "; ".join(f"{g} {v:.{digits}f}" for g, v in per_group.items()))
