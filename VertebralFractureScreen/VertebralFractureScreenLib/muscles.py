@@ -61,21 +61,21 @@ surrounds the muscle. On the phantom (fat in 3–7 mm spheres) ``mean_hu`` reads
   of the muscle within −29…150 HU. Voxels touching fat or the muscle's edge are left out, so
   partly-fat voxels drop out while voxels of lean muscle with diffuse (sub-voxel) fat infiltration
   stay and still lower it;
-* ``fat_fraction``: linear unmixing, ``(lean_hu - mean) / (lean_hu - fat_hu)``, with ``fat_hu``
+* ``fat_fraction``: linear unmixing, ``(lean_hu - mean) / (lean_hu - fat_hu)``. ``fat_hu`` is
   the mean of the exam's pure fat voxels inside the muscles (fat-range voxels whose face
-  neighbours are too), or :data:`DEFAULT_FAT_HU` when there are too few, and ``mean`` the mean HU
+  neighbours are too), or :data:`DEFAULT_FAT_HU` when there are too few. ``mean`` is the mean HU
   (what partial volume preserves) of the muscle's interior voxels (six face neighbours in the
   muscle) within −190…150 HU and of its edge voxels, each edge voxel standing in with the mean HU
   of those of its face neighbours along the axes whose spacing is at most
-  :data:`RIM_NEIGHBOUR_MAX_MM` (left out when it has none). An edge voxel's own HU
-  mixes with whatever surrounds the muscle (fat, bone, or the phantom's 0 HU tissue), but fat
-  pockets a few mm across reach into it from the neighbour beside it; leaving the edge out
-  altogether weights the row by its interior only, which in a thin row (the 1 ml of iliopsoas
-  at T12) misses the fat that lies near its surface. On the attenuation benchmark the largest
-  per-level error went 0.025 → 0.011 at 1 mm and 0.045 → 0.035 at 0.7x0.7x3 mm (there only the
-  in-plane neighbours stand in), the L1–L5 totals' 0.006 → 0.003 and 0.004 → 0.002. With 3 mm neighbours the edge is left out (as before: standing
-  in with them made 3 mm rows worse, 0.044 → 0.056, their interior lying deeper than the fat
-  that reaches the edge).
+  :data:`RIM_NEIGHBOUR_MAX_MM` (left out when it has none). An edge voxel's own HU mixes with
+  whatever surrounds the muscle (fat, bone, or the phantom's 0 HU tissue), but fat pockets a few
+  mm across reach into it from the neighbour beside it; leaving the edge out altogether weights
+  the row by its interior only, which in a thin row (the 1 ml of iliopsoas at T12) misses the fat
+  that lies near its surface. On the attenuation benchmark the largest per-level error went
+  0.025 → 0.011 at 1 mm and 0.045 → 0.035 at 0.7x0.7x3 mm (there only the in-plane neighbours
+  stand in), the L1–L5 totals' 0.006 → 0.003 and 0.004 → 0.002. With 3 mm neighbours the edge
+  is left out, as before: standing in with them made 3 mm rows worse (0.044 → 0.056), their
+  interior lying deeper than the fat that reaches the edge.
 
 **Field of view.** A level is ``complete = False`` with a flag when a slab plane had to be
 extrapolated (``no_vertebra_above`` / ``no_vertebra_below``, ``vertebra_above_incomplete`` /
