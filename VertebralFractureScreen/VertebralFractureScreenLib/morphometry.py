@@ -684,9 +684,11 @@ class _BodyMeasurement:
         grid = _local_grid(frame, box_to_ras, body.shape)
         local = grid[body].astype(float)
         self.s_v = s_v = voxel_extent_along(frame.ap, ijk_to_ras)
+        s_u = voxel_extent_along(frame.lr, ijk_to_ras)
+        result.voxel_extent_mm = (float(s_u), float(s_v), float(s_w))
         fine = 0.2
         u_lo, u_hi = np.percentile(local[:, 0], [0.5, 99.5])
-        width = u_hi - u_lo + voxel_extent_along(frame.lr, ijk_to_ras)
+        width = u_hi - u_lo + s_u
         self.u_mid = u_mid = 0.5 * (u_lo + u_hi)
         self.w_lo, self.w_hi = w_lo, w_hi = local[:, 2].min(), local[:, 2].max()
         v_lo, v_hi = local[:, 1].min(), local[:, 1].max()
@@ -787,8 +789,6 @@ class _BodyMeasurement:
             result.flags.append("endplate_from_mask")
         if fitted == 2 and not max(result.ha_sd_mm, result.hm_sd_mm, result.hp_sd_mm) <= IMPRECISE_HEIGHT_SD_MM:
             result.flags.append("imprecise_heights")
-        result.voxel_extent_mm = tuple(float(voxel_extent_along(axis, self.ijk_to_ras))
-                                       for axis in (frame.lr, frame.ap, frame.cc))
         result.axis_point_ras, result.axis_point_from_ct = self.axis_point()
         _check_plausible(result)
         return result
