@@ -133,13 +133,14 @@ def find_label_boxes(labels: np.ndarray, max_label: int | None = None) -> list:
 
     from scipy import ndimage
 
+    limit = max_label or 0  # scipy's "every label present"
     n = labels.shape[0]
     threads = min(os.cpu_count() or 1, LABEL_BOX_THREADS, n // 32)
     if labels.ndim != 3 or threads <= 1:
-        return ndimage.find_objects(labels, max_label=max_label or 0)
+        return ndimage.find_objects(labels, max_label=limit)
     bounds = np.linspace(0, n, threads + 1).astype(int)
     with ThreadPoolExecutor(threads) as pool:
-        parts = list(pool.map(lambda lo_hi: ndimage.find_objects(labels[lo_hi[0]:lo_hi[1]], max_label=max_label or 0),
+        parts = list(pool.map(lambda lo_hi: ndimage.find_objects(labels[lo_hi[0]:lo_hi[1]], max_label=limit),
                               zip(bounds[:-1], bounds[1:])))
     boxes: list = [None] * max(len(part) for part in parts)
     for start, part in zip(bounds[:-1], parts):

@@ -211,8 +211,7 @@ def _ct_axis_point(h) -> np.ndarray | None:
     """A body's axis point between its CT-fitted walls
     (:attr:`.morphometry.VertebraHeights.axis_point_ras`) when it was sampled at most
     :data:`~.morphometry.THICK_VOXEL_MM` along its antero-posterior axis; None otherwise."""
-    extent = getattr(h, "voxel_extent_mm", (float("nan"),) * 3)[1]
-    if not getattr(h, "axis_point_from_ct", False) or not extent <= THICK_VOXEL_MM:
+    if not h.axis_point_from_ct or not h.voxel_extent_mm[1] <= THICK_VOXEL_MM:
         return None
     point = np.asarray(h.axis_point_ras, dtype=float)
     return point if np.all(np.isfinite(point)) else None
@@ -567,8 +566,8 @@ def _row(name: str, level: str, sums: dict, cells, voxel_ml: float, fat_hu: floa
     else:
         fat_fraction = float("nan")
     return MuscleMeasurement(
-        muscle=name, level=level, volume_ml=float("nan") if "not_segmented" in flags else count * voxel_ml, mean_hu=float(mean_hu),
-        imat_fraction=total["fat_count"] / count if count > 0 else float("nan"), lean_hu=float(lean_hu),
+        muscle=name, level=level, volume_ml=float("nan") if "not_segmented" in flags else count * voxel_ml,
+        mean_hu=float(mean_hu), imat_fraction=total["fat_count"] / count if count > 0 else float("nan"), lean_hu=float(lean_hu),
         fat_fraction=fat_fraction, voxels=count, fat_reference_hu=float(fat_hu), complete=not flags, flags=flags)
 
 

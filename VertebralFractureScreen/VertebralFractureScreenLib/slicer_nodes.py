@@ -6,7 +6,8 @@ the arrays in memory: the same measurements as ``vfscreen screen`` on the same d
 :func:`write_result_nodes` shows a :class:`~.screening.ScreeningResult` in the scene: a table of
 the vertebrae (the columns of ``vertebrae.csv``), one of the muscles (``muscles.csv``), a
 key/value table of the exam summary (``exam.json``), one markups line per measured height
-coloured by Genant grade, and the vertebra segments coloured by grade. Running it again replaces the earlier result nodes of the same prefix.
+coloured by Genant grade, and the vertebra segments coloured by grade. Running it again replaces
+the earlier result nodes of the same prefix.
 
 Segments are matched to structures as SPEC §3 says and as :func:`.imageio.read_labelmap` does for
 ``.seg.nrrd`` files: by segment ID (a TotalSegmentator class name such as ``vertebrae_L1``), then by
@@ -350,8 +351,8 @@ def write_result_nodes(result: ScreeningResult, scene=None, *, prefix: str = "VF
     Makes a table node ``"<prefix> vertebrae"`` (one row per vertebra, the columns of
     ``vertebrae.csv``; numbers as doubles, NaN where missing), a table node ``"<prefix> muscles"``
     (the rows and columns of ``muscles.csv``; None when no muscle was measured, e.g. VerSe
-    labels), a table node ``"<prefix> exam"``
-    (``key``/``value`` rows of ``exam.json``, nested keys joined by dots) and a markups line node
+    labels), a table node ``"<prefix> exam"`` (``key``/``value`` rows of ``exam.json``, nested
+    keys joined by dots) and a markups line node
     ``"<level> <Ha|Hm|Hp>"`` (``"<prefix> <level> ..."`` for a prefix other than ``VFS``) per
     measured height, from the superior to the inferior end point (RAS), coloured by the
     vertebra's grade (:data:`GRADE_COLORS`). When ``segmentation_node`` is given, its vertebra
@@ -365,8 +366,7 @@ def write_result_nodes(result: ScreeningResult, scene=None, *, prefix: str = "VF
 
     Returns:
         ``{"vertebrae": table node, "muscles": table node or None, "exam": table node,
-        "lines": {"L1 Ha": line node, ...},
-        "segments": {segment ID: grade}}``.
+        "lines": {"L1 Ha": line node, ...}, "segments": {segment ID: grade}}``.
     """
     scene = _scene_of(scene)
     remove_result_nodes(scene, prefix)
