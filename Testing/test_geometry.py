@@ -22,3 +22,18 @@ def test_label_boxes_are_scipys_find_objects():
         assert find_label_boxes(labels, max_label) == ndimage.find_objects(labels, max_label=max_label or 0)
     assert find_label_boxes(labels, 9)[4] is None  # label 5 is absent
     assert find_label_boxes(labels[:40]) == ndimage.find_objects(labels[:40])  # too few slices to split
+
+
+def test_label_boxes_of_a_map_labelled_in_its_middle_only():
+    """The scan is limited to the box of all labelled voxels: boxes are still in the whole
+    array's indices, for any integer type and for a strided view; an empty map has no boxes."""
+    labels = np.zeros((150, 60, 50), dtype=np.int16)
+    labels[40:90, 20:35, 12:30] = 2
+    labels[88:110, 33:41, 29:31] = 5
+    labels[70, 25, 15] = 300
+    for case in (labels, labels[::-1, :, ::2], labels.astype(np.uint32)):
+        for max_label in (None, 5):
+            assert find_label_boxes(case, max_label) == ndimage.find_objects(case, max_label=max_label or 0)
+    empty = np.zeros((100, 20, 20), dtype=np.uint8)
+    assert find_label_boxes(empty) == [] == ndimage.find_objects(empty)
+    assert find_label_boxes(empty, 4) == [None] * 4 == ndimage.find_objects(empty, max_label=4)

@@ -9,6 +9,7 @@ order.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -96,16 +97,30 @@ def partial_volume_share(normal: np.ndarray, ijk_to_ras: np.ndarray, step: float
     the whole voxel is past the plane). It is the cumulative distribution of the convolution of
     three boxes, the voxel's edges projected on the normal (each rounded to ``step``), exact at the
     bins' edges and linear between them."""
+    widths = tuple(int(round(width / step)) for width in voxel_edge_projections(normal, ijk_to_ras))
+    table = _box_convolution_cdf(widths, float(step))
+    if table is None:  # a voxel with no extent along the normal (not a real grid): a step
+        return lambda d: (np.asarray(d) >= 0).astype(float)
+    edges, values = table
+    return lambda d: np.interp(d, edges, values, left=0.0, right=1.0)
+
+
+@functools.lru_cache(maxsize=256)
+def _box_convolution_cdf(widths: tuple[int, ...], step: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """Bin edges (mm) and cumulative shares of the convolution of boxes ``widths`` bins wide (bins
+    of ``step`` mm), centred on 0; None when no box is wider than one bin. Cached: the endplate
+    fits ask for the same few voxel footprints hundreds of times per exam (the tilts they try round
+    to the same bins). The arrays are shared, read-only."""
     kernel = np.ones(1)
-    for width in voxel_edge_projections(normal, ijk_to_ras):
-        n = int(round(width / step))
+    for n in widths:
         if n > 1:
             kernel = np.convolve(kernel, np.ones(n) / n)
-    if len(kernel) == 1:  # a voxel with no extent along the normal (not a real grid): a step
-        return lambda d: (np.asarray(d) >= 0).astype(float)
+    if len(kernel) == 1:
+        return None
     edges = (np.arange(len(kernel) + 1) - 0.5 * len(kernel)) * step
     values = np.concatenate([[0.0], np.cumsum(kernel)]) / kernel.sum()
-    return lambda d: np.interp(d, edges, values, left=0.0, right=1.0)
+    edges.flags.writeable = values.flags.writeable = False
+    return edges, values
 
 
 def mask_centroid_ras(mask: np.ndarray, ijk_to_ras: np.ndarray, origin_ijk=(0, 0, 0)) -> np.ndarray:
@@ -126,28 +141,41 @@ LABEL_BOX_THREADS = 4
 
 def find_label_boxes(labels: np.ndarray, max_label: int | None = None) -> list:
     """``scipy.ndimage.find_objects(labels, max_label)``: each label's bounding box as a tuple of
-    slices, None for a label that is absent; the same boxes, found faster on a large map by
-    scanning slabs of slices (along the array's first axis) in parallel threads (the scan
-    releases the GIL: a 512x512x500 map took 0.10–0.17 s instead of 0.19–0.29 s on 2 cores)."""
+    slices, None for a label that is absent; the same boxes, found faster on a large 3-D map: the
+    scan is limited to the box of all labelled voxels (two fast ``any`` reductions find it; a
+    segmentation rarely fills its grid) and runs on slabs of slices (along the array's first axis)
+    in parallel threads (the scan releases the GIL). A 512x512x500 spine phantom: 0.20 s for
+    ``find_objects``, 0.10–0.17 s on 2 threads, 0.04 s cropped first."""
     from concurrent.futures import ThreadPoolExecutor
 
     from scipy import ndimage
 
     limit = max_label or 0  # scipy's "every label present"
-    n = labels.shape[0]
-    threads = min(os.cpu_count() or 1, LABEL_BOX_THREADS, n // 32)
-    if labels.ndim != 3 or threads <= 1:
+    if labels.ndim != 3:
         return ndimage.find_objects(labels, max_label=limit)
-    bounds = np.linspace(0, n, threads + 1).astype(int)
-    with ThreadPoolExecutor(threads) as pool:
-        parts = list(pool.map(lambda lo_hi: ndimage.find_objects(labels[lo_hi[0]:lo_hi[1]], max_label=limit),
-                              zip(bounds[:-1], bounds[1:])))
+    slices_occupied = np.flatnonzero(np.any(labels, axis=(1, 2)))
+    if not len(slices_occupied):
+        return [None] * limit
+    k0, k1 = int(slices_occupied[0]), int(slices_occupied[-1]) + 1
+    footprint = np.any(labels[k0:k1], axis=0)
+    rows, columns = np.flatnonzero(footprint.any(axis=1)), np.flatnonzero(footprint.any(axis=0))
+    j0, i0 = int(rows[0]), int(columns[0])
+    occupied = labels[k0:k1, j0:int(rows[-1]) + 1, i0:int(columns[-1]) + 1]
+    n = occupied.shape[0]
+    threads = min(os.cpu_count() or 1, LABEL_BOX_THREADS, n // 32)
+    if threads <= 1:
+        parts, bounds = [ndimage.find_objects(occupied, max_label=limit)], np.array([0, n])
+    else:
+        bounds = np.linspace(0, n, threads + 1).astype(int)
+        with ThreadPoolExecutor(threads) as pool:
+            parts = list(pool.map(lambda lo_hi: ndimage.find_objects(occupied[lo_hi[0]:lo_hi[1]], max_label=limit),
+                                  zip(bounds[:-1], bounds[1:])))
     boxes: list = [None] * max(len(part) for part in parts)
     for start, part in zip(bounds[:-1], parts):
         for index, box in enumerate(part):
             if box is None:
                 continue
-            box = (slice(box[0].start + start, box[0].stop + start), box[1], box[2])
+            box = tuple(slice(b.start + offset, b.stop + offset) for b, offset in zip(box, (k0 + start, j0, i0)))
             if boxes[index] is None:
                 boxes[index] = box
             else:
