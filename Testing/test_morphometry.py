@@ -266,3 +266,32 @@ def test_height_sd_matches_the_spread_over_noise_draws():
         assert observed == pytest.approx(reported, rel=0.3), (sigma, observed, reported)
         spread[sigma] = np.median(reported)
     assert spread[20.0] == pytest.approx(2.0 * spread[10.0], rel=0.3)
+
+
+def test_endplate_fit_leans_on_the_mask_only_where_the_noise_hides_the_endplate():
+    """Each CT-fitted endplate is combined with the mask's by inverse variance (the mask's SD half
+    a voxel): at 10 HU noise the fit decides (the mask's endplate, 1 mm off, moves it by less than
+    0.05 mm); at 300 HU noise the combination lies between the fit and the mask, and its reported
+    SD never exceeds either's. An undetermined fit (inf SD) takes the mask's endplate and SD."""
+    from VertebralFractureScreenLib.morphometry import (
+        MASK_ENDPLATE_SD_VOXELS, VertebraFrame, _fit_endplate_profile, _with_mask_endplate)
+
+    frame = VertebraFrame(np.zeros(3), np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.array([0, 0, 1.0]))
+    knots_v = np.array([10.0, 0.0, -10.0])
+    surface = 0.4
+    values, local, ijk_to_ras = _upright_endplate_voxels(surface)
+    mask = np.full(3, surface + 1.0)
+    mask_sd = MASK_ENDPLATE_SD_VOXELS * 3.0
+    rng = np.random.default_rng(5)
+    for sigma in (10.0, 300.0):
+        for _ in range(10):
+            noisy = values + rng.normal(0.0, sigma, values.shape)
+            fitted, _, sd = _fit_endplate_profile(noisy, local, +1, knots_v, mask, frame, ijk_to_ras, 1.0, 2.3,
+                                                  700.0, 90.0, straight_only=True, thorough=True)
+            combined, combined_sd = _with_mask_endplate(fitted, sd, mask, mask_sd)
+            assert np.all(combined_sd <= np.minimum(sd, mask_sd) + 1e-12)
+            assert np.all((combined - fitted) * (combined - mask) <= 1e-12)  # between the two
+            if sigma == 10.0:
+                assert np.max(np.abs(combined - fitted)) < 0.05
+    combined, combined_sd = _with_mask_endplate(np.array([2.0, 3.0]), np.array([np.inf, 0.5]), np.array([1.0, 1.0]), 0.5)
+    assert combined == pytest.approx([1.0, 2.0]) and combined_sd == pytest.approx([0.5, 0.5 / np.sqrt(2.0)])
