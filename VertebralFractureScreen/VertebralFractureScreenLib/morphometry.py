@@ -120,6 +120,9 @@ LINE_SEARCH_STEP_MM = 0.3
 THOROUGH_BENT_SWEEPS = 4
 """Sweeps of line searches for a bent endplate in a thorough fit (thick slices)."""
 
+PROFILE_STEP_MM = 0.1
+"""Grid step (mm) of the endplate's residual profile behind its reported SD at thick slices."""
+
 SWEEP_TOLERANCE_MM = 0.02
 """The endplate fits' line searches stop when a sweep moves no knot by more than this (mm)."""
 
@@ -174,10 +177,12 @@ class VertebraHeights:
     ha_sd_mm: float = float("nan")
     hm_sd_mm: float = float("nan")
     hp_sd_mm: float = float("nan")
-    """Standard deviations (mm) of the heights from the CT's noise, by the least-squares covariance
-    of the two endplate fits (NaN where an endplate comes from the mask). They leave out the
-    model's own errors and assume uncorrelated voxel noise: a reconstruction kernel that
-    correlates neighbouring voxels makes the true spread larger."""
+    """Standard deviations (mm) of the heights from the CT's noise, from the two endplate fits
+    (their least-squares covariance, at thick slices at least their residual's likelihood spread;
+    each fit combined with the mask's endplate, :data:`MASK_ENDPLATE_SD_VOXELS`; NaN where an
+    endplate comes from the mask alone). They leave out the model's own errors and assume
+    uncorrelated voxel noise: a reconstruction kernel that correlates neighbouring voxels makes
+    the true spread larger."""
     axis_point_ras: np.ndarray | None = None
     """The body's middle on the spine's centre line (RAS mm): in the mid-sagittal plane, at the
     middle of the Hm line's height, halfway between the anterior and posterior walls as fitted on
@@ -462,7 +467,8 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
     inferior one. When the endplate is bent, each height is refined on the voxels within
     ``local_half`` (mm along ``v``) of its position. Returns the surface's ``w`` at ``knots_v``
     (same order), the disc HU ``a`` and the standard deviation of the surface at ``knots_v`` from
-    the noise (the least-squares covariance; mm, inf where the data do not determine it), or None
+    the noise (the least-squares covariance, with ``thorough`` at least the residual's likelihood
+    spread; mm, inf where the data do not determine it), or None
     when no fit has a bright plate."""
     order = np.argsort(knots_v)
     if len(values) < 8:
@@ -587,8 +593,8 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
     def knot_sd(knots, directions) -> np.ndarray:
         """Standard deviation (mm) of each knot of the fitted profile ``knots`` from the noise of the
         voxel values: the least-squares covariance ``s² (JᵀJ)⁻¹`` of the moves along
-        ``directions``, with ``s²`` the residual variance, mapped to the knots. Inf where the data
-        do not determine the profile."""
+        ``directions``, with ``s²`` the residual variance, mapped to the knots; with ``thorough``
+        at least :func:`profile_sd`. Inf where the data do not determine the profile."""
         span = np.stack(directions, axis=1)
         residual_vector, jacobian = projected(knots, span)
         p0 = np.zeros(span.shape[1])
@@ -598,8 +604,34 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
         normal = jac.T @ jac
         if dof <= 0 or np.linalg.cond(normal) > 1e12:
             return np.full(len(knots), np.inf)
-        covariance = span @ np.linalg.inv(normal) @ span.T * (residual @ residual / dof)
-        return np.sqrt(np.clip(np.diag(covariance), 0.0, None))
+        variance = residual @ residual / dof
+        covariance = span @ np.linalg.inv(normal) @ span.T * variance
+        sd = np.sqrt(np.clip(np.diag(covariance), 0.0, None))
+        if thorough:
+            sd = np.maximum(sd, profile_sd(knots, directions, variance))
+        return sd
+
+    def profile_sd(knots, directions, variance) -> np.ndarray:
+        """Per knot, the spread (mm) of the residual's relative likelihood
+        ``exp(-(rss - rss_fit) / 2σ²)`` along a shift and a tilt of the whole endplate and, when
+        bent, moves of each knot alone: the root mean square of the move over a grid of
+        :data:`PROFILE_STEP_MM` within ``search``. Unlike the covariance (the residual's curvature at its optimum) it
+        sees a residual made bumpy by the noise across a thick slice, where the fit jumps between
+        nearby minima from one noise draw to the next."""
+        steps = np.arange(1, int(search / PROFILE_STEP_MM) + 1) * PROFILE_STEP_MM
+        steps = np.concatenate([-steps[::-1], [0.0], steps])
+        moves = [shift, tilt] + (list(np.eye(len(knots))) if len(directions) > 2 else [])
+        sd = np.zeros(len(knots))
+        for move in moves:
+            surfaces = (basis @ knots)[None, :] + steps[:, None] * (basis @ move)[None, :]
+            rss, _ = residuals(surfaces, knots)
+            finite = np.isfinite(rss)
+            if not finite[len(steps) // 2]:
+                continue
+            likelihood = np.exp(-(rss[finite] - rss[finite].min()) / (2.0 * variance))
+            spread = float(np.sqrt(np.sum(likelihood * steps[finite] ** 2) / np.sum(likelihood)))
+            sd = np.maximum(sd, spread * np.abs(move))
+        return sd
 
     # The straight endplate is searched near the straight line closest to the mask's endplate
     # (bent by up to a voxel at thick slices), the bent one near the mask's endplate itself.
