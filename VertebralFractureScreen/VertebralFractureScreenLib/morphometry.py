@@ -590,11 +590,12 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
         result = evaluated(polished)
         return result if result[1] < rss else (knots, rss, disc)
 
-    def knot_sd(knots, directions) -> np.ndarray:
+    def knot_sd(knots, directions, centre) -> np.ndarray:
         """Standard deviation (mm) of each knot of the fitted profile ``knots`` from the noise of the
         voxel values: the least-squares covariance ``s² (JᵀJ)⁻¹`` of the moves along
         ``directions``, with ``s²`` the residual variance, mapped to the knots; with ``thorough``
-        at least :func:`profile_sd`. Inf where the data do not determine the profile."""
+        at least :func:`profile_sd` (within ``search`` of ``centre``, where the fit looked). Inf
+        where the data do not determine the profile."""
         span = np.stack(directions, axis=1)
         residual_vector, jacobian = projected(knots, span)
         p0 = np.zeros(span.shape[1])
@@ -608,23 +609,26 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
         covariance = span @ np.linalg.inv(normal) @ span.T * variance
         sd = np.sqrt(np.clip(np.diag(covariance), 0.0, None))
         if thorough:
-            sd = np.maximum(sd, profile_sd(knots, directions, variance))
+            sd = np.maximum(sd, profile_sd(knots, len(directions) > 2, variance, centre))
         return sd
 
-    def profile_sd(knots, directions, variance) -> np.ndarray:
+    def profile_sd(knots, bent, variance, centre) -> np.ndarray:
         """Per knot, the spread (mm) of the residual's relative likelihood
-        ``exp(-(rss - rss_fit) / 2σ²)`` along a shift and a tilt of the whole endplate and, when
-        bent, moves of each knot alone: the root mean square of the move over a grid of
-        :data:`PROFILE_STEP_MM` within ``search``. Unlike the covariance (the residual's curvature at its optimum) it
-        sees a residual made bumpy by the noise across a thick slice, where the fit jumps between
-        nearby minima from one noise draw to the next."""
+        ``exp(-(rss - rss_min) / 2σ²)`` along a shift and a tilt of the whole endplate and, when
+        ``bent``, moves of each knot alone: the root mean square of the move over a grid of
+        :data:`PROFILE_STEP_MM`, as far as the fit looked (``search`` around ``centre``). Unlike
+        the covariance (the residual's curvature at its optimum) it sees a residual made bumpy by
+        the noise across a thick slice, where the fit jumps between nearby minima from one noise
+        draw to the next."""
         steps = np.arange(1, int(search / PROFILE_STEP_MM) + 1) * PROFILE_STEP_MM
         steps = np.concatenate([-steps[::-1], [0.0], steps])
-        moves = [shift, tilt] + (list(np.eye(len(knots))) if len(directions) > 2 else [])
+        moves = [shift, tilt] + (list(np.eye(len(knots))) if bent else [])
         sd = np.zeros(len(knots))
         for move in moves:
+            candidates = knots[None, :] + steps[:, None] * move[None, :]
             surfaces = (basis @ knots)[None, :] + steps[:, None] * (basis @ move)[None, :]
             rss, _ = residuals(surfaces, knots)
+            rss[~np.all(np.abs(candidates - centre) <= search + 1e-9, axis=1)] = np.inf
             finite = np.isfinite(rss)
             if not finite[len(steps) // 2]:
                 continue
@@ -672,7 +676,7 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
         or (n * np.log(max(rss_straight, 1e-9) / max(rss_bent, 1e-9)) > evidence
             and np.max(np.abs(bent - straight)) >= min_bend))
     if bend_is_real:
-        knots, disc, sd = bent, disc_bent, knot_sd(bent, knot_moves)  # refined below: the whole profile's SD
+        knots, disc, sd = bent, disc_bent, knot_sd(bent, knot_moves, guess)  # refined below: the whole profile's SD
         if local_half is not None and not free:
             # A bent endplate (a biconcave fracture) is only approximately piecewise linear: each
             # height is refined on the voxels near its position, with the profile's disc HU, the
@@ -695,7 +699,7 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
                     refined[k] = knots[k] + _parabolic_minimum(steps, residual)
             knots = refined
     elif np.isfinite(rss_straight):
-        knots, disc, sd = straight, disc_straight, knot_sd(straight, [shift, tilt])
+        knots, disc, sd = straight, disc_straight, knot_sd(straight, [shift, tilt], guess_line)
     else:
         return None
     result, result_sd = np.empty(len(measured_v)), np.empty(len(measured_v))
