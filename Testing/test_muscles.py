@@ -97,6 +97,34 @@ def _fake_vertebra(level: str, z: float, top: float, bottom: float) -> VertebraH
                            hp_mm=top + bottom, frame=frame, height_lines_ras=lines)
 
 
+def test_thick_slab_normal_averages_the_masks_and_the_cts_middles():
+    """With voxels thicker than 2 mm along the bodies' depth, a disc plane's normal is the mean of
+    the bodies' axes and of the secant between their middles, each middle the Hm line's midpoint
+    (walls from the mask, here 1 mm off to either side) averaged with the CT's axis point (here on
+    the true axis): the plane tilts by half the mask's error, and by all of it without the CT."""
+    upper, lower = _fake_vertebra("L1", 31.0, 11.0, 11.0), _fake_vertebra("L2", 0.0, 11.0, 11.0)
+    for h, ap_error in ((upper, 1.0), (lower, -1.0)):
+        h.voxel_extent_mm = (3.0, 3.0, 3.0)
+        h.height_lines_ras = {key: (a + [0.0, ap_error, 0.0], b + [0.0, ap_error, 0.0])
+                              for key, (a, b) in h.height_lines_ras.items()}
+    spine_axis = np.array([0.0, 0.0, 1.0])
+
+    def tilt_deg(heights) -> float:
+        plane = mu.level_slabs(heights)[0].below
+        return float(np.degrees(np.arctan2(plane.normal[1], plane.normal[2])))
+
+    def expected(ap_offset: float) -> float:  # the middles ap_offset mm off, either way
+        secant = np.array([0.0, 2.0 * ap_offset, 31.0])
+        normal = secant / np.linalg.norm(secant) + spine_axis
+        return float(np.degrees(np.arctan2(normal[1], normal[2])))
+
+    assert tilt_deg([upper, lower]) == pytest.approx(expected(1.0), abs=1e-9)  # no CT axis points
+    for h in (upper, lower):
+        h.axis_point_ras, h.axis_point_from_ct = h.frame.centre.copy(), True
+    assert tilt_deg([upper, lower]) == pytest.approx(expected(0.5), abs=1e-9)
+    assert 0.5 < expected(0.5) < 0.5 * expected(1.0) + 0.01
+
+
 @pytest.mark.parametrize("rotated", [False, True], ids=["slices", "grid turned in plane"])
 def test_slab_volume_is_exact_between_arbitrary_planes(rotated):
     """A block of muscle on thick slices: a slab's volume is the block's cross-section times the
