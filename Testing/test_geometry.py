@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from VertebralFractureScreenLib.geometry import find_label_boxes
+from VertebralFractureScreenLib.geometry import find_label_boxes, mask_box
 
 
 def test_label_boxes_are_scipys_find_objects():
@@ -37,3 +37,13 @@ def test_label_boxes_of_a_map_labelled_in_its_middle_only():
     empty = np.zeros((100, 20, 20), dtype=np.uint8)
     assert find_label_boxes(empty) == [] == ndimage.find_objects(empty)
     assert find_label_boxes(empty, 4) == [None] * 4 == ndimage.find_objects(empty, max_label=4)
+
+
+def test_mask_box_is_find_objects_of_the_mask():
+    rng = np.random.default_rng(4)
+    for shape in ((30, 20, 25), (7, 40), (50,)):
+        for fill in (0.001, 0.05, 0.5):
+            mask = rng.random(shape) < fill
+            expected = ndimage.find_objects(mask.astype(np.uint8))
+            assert mask_box(mask) == (expected[0] if expected else None)
+    assert mask_box(np.zeros((4, 5, 6), dtype=bool)) is None

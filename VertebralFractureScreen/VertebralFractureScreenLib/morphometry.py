@@ -49,6 +49,7 @@ from scipy import ndimage, optimize, stats
 from . import levels as lv
 from .geometry import (
     find_label_boxes,
+    mask_box,
     mask_centroid_ras,
     partial_volume_share,
     unit,
@@ -312,19 +313,24 @@ def _separate_body(vertebra: _Vertebra, frame: VertebraFrame, sample: _CropSampl
     return vertebra.mask & (local_v >= posterior_wall - 0.5 * step)
 
 
-def _crossing(profile: np.ndarray, coords: np.ndarray, start: int, direction: int, level: float = 0.5) -> float:
-    """Position where ``profile`` falls below ``level`` walking from index ``start``; linear
-    interpolation between samples. NaN if it never does."""
-    index = start
-    last = len(profile) - 1
-    while 0 <= index + direction <= last and profile[index + direction] >= level:
-        index += direction
-    nxt = index + direction
-    if not 0 <= nxt <= last:
-        return float("nan")
-    a, b = profile[index], profile[nxt]
-    t = (a - level) / (a - b) if a != b else 0.5
-    return float(coords[index] + t * (coords[nxt] - coords[index]))
+def _crossings(profiles: np.ndarray, coords: np.ndarray, starts: np.ndarray, direction: int,
+               level: float = 0.5) -> np.ndarray:
+    """Per row of ``profiles`` (``(L, W)`` samples at ``coords``), the position where it first falls
+    below ``level`` walking from index ``starts[row]`` in ``direction`` (+1 or -1); linear
+    interpolation between samples. NaN where it never does."""
+    rows = np.arange(profiles.shape[0])
+    columns = np.arange(profiles.shape[1])
+    beyond = (direction * (columns[None, :] - starts[:, None]) > 0) & (profiles < level)
+    if direction > 0:
+        after = np.argmax(beyond, axis=1)
+    else:
+        after = profiles.shape[1] - 1 - np.argmax(beyond[:, ::-1], axis=1)
+    before = np.clip(after - direction, 0, profiles.shape[1] - 1)
+    a, b = profiles[rows, before], profiles[rows, after]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = np.where(a != b, (a - level) / (a - b), 0.5)
+    out = coords[before] + t * (coords[after] - coords[before])
+    return np.where(beyond.any(axis=1), out, np.nan)
 
 
 def _fit_endplate(values: np.ndarray, local: np.ndarray, direction: int, edge_guess: float, v_centre: float,
@@ -724,7 +730,7 @@ class _BodyMeasurement:
         self.s_w = s_w = voxel_extent_along(frame.cc, ijk_to_ras)
         # Local coordinates only around the body (the endplate fits look up to 2 s_w + 1.5 mm beyond).
         reach = np.ceil((2.5 * s_w + 3.0) / voxel_spacing(ijk_to_ras)).astype(int)[::-1]  # (k, j, i)
-        box = ndimage.find_objects(vertebra.body.astype(np.uint8))[0]
+        box = mask_box(vertebra.body)
         box = tuple(slice(max(0, s.start - r), min(n, s.stop + r)) for s, r, n in zip(box, reach, vertebra.body.shape))
         box_to_ras = np.linalg.inv(sample.ras_to_crop)
         box_to_ras[:3, 3] += box_to_ras[:3, :3] @ np.array([box[2].start, box[1].start, box[0].start], dtype=float)
@@ -755,15 +761,11 @@ class _BodyMeasurement:
         uu, vv, ww = np.meshgrid(depth_us, vs, ws, indexing="ij")
         occupancy = sample(body_f, frame.to_ras(np.stack([uu.ravel(), vv.ravel(), ww.ravel()], axis=1)))
         rows = occupancy.reshape(uu.shape).mean(axis=0).T  # (w rows, v)
-        anterior, posterior = [], []
-        for row in rows:
-            if row.max() < 0.5:
-                continue
-            centre_index = int(np.argmax(row))
-            anterior.append(_crossing(row, vs, centre_index, +1))
-            posterior.append(_crossing(row, vs, centre_index, -1))
-        self.v_ant = float(np.nanpercentile(anterior, 85)) if anterior else float("nan")
-        self.v_post = float(np.nanmedian(posterior)) if posterior else float("nan")
+        rows = rows[rows.max(axis=1) >= 0.5]
+        centres = np.argmax(rows, axis=1)
+        anterior, posterior = _crossings(rows, vs, centres, +1), _crossings(rows, vs, centres, -1)
+        self.v_ant = float(np.nanpercentile(anterior, 85)) if len(rows) else float("nan")
+        self.v_post = float(np.nanmedian(posterior)) if len(rows) else float("nan")
         result.width_mm = float(width)
         result.depth_mm = float(self.v_ant - self.v_post)
         self.ws = np.arange(w_lo - 2.5 * s_w - 3.0, w_hi + 2.5 * s_w + 3.0, fine)
@@ -999,21 +1001,16 @@ def _plate_hu_residuals(values: np.ndarray, local: np.ndarray, direction: int, k
 def _mask_edges(occupancy: np.ndarray, ws: np.ndarray) -> tuple[float, float]:
     """Superior and inferior endplate of a bundle of cranio-caudal lines through the body mask
     (rows of ``occupancy`` sampled at ``ws``): where the occupancy crosses one half walking out
-    from the body's centre, median over the lines."""
+    from the body's centre (or from the line's nearest inside sample), median over the lines."""
     start = int(np.argmin(np.abs(ws)))
-    tops, bottoms = [], []
-    for line in occupancy:
-        if line[start] < 0.5:
-            inside = np.nonzero(line >= 0.5)[0]
-            if not len(inside):
-                continue
-            index = inside[np.argmin(np.abs(inside - start))]
-        else:
-            index = start
-        tops.append(_crossing(line, ws, index, +1))
-        bottoms.append(_crossing(line, ws, index, -1))
-    if not tops:
+    inside = occupancy >= 0.5
+    lines = inside.any(axis=1)
+    if not lines.any():
         return float("nan"), float("nan")
+    occupancy, inside = occupancy[lines], inside[lines]
+    distance = np.where(inside, np.abs(np.arange(len(ws)) - start)[None, :], len(ws))
+    starts = np.argmin(distance, axis=1)
+    tops, bottoms = _crossings(occupancy, ws, starts, +1), _crossings(occupancy, ws, starts, -1)
     return float(np.nanmedian(tops)), float(np.nanmedian(bottoms))
 
 
