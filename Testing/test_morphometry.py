@@ -320,3 +320,23 @@ def test_endplate_fit_leans_on_the_mask_only_where_the_noise_hides_the_endplate(
                 assert np.max(np.abs(combined - fitted)) < 0.05
     combined, combined_sd = _with_mask_endplate(np.array([2.0, 3.0]), np.array([np.inf, 0.5]), np.array([1.0, 1.0]), 0.5)
     assert combined == pytest.approx([1.0, 2.0]) and combined_sd == pytest.approx([0.5, 0.5 / np.sqrt(2.0)])
+
+
+def test_crossings_walk_out_from_each_start():
+    """Where each profile first falls below one half walking out from its start, interpolated
+    between samples; NaN where it never does (the profile runs off the grid)."""
+    from VertebralFractureScreenLib.morphometry import _crossings
+
+    coords = np.arange(8) * 0.5  # mm
+    profiles = np.array([
+        [0.0, 0.2, 1.0, 1.0, 1.0, 0.6, 0.0, 0.0],  # crosses between 2.5 and 3.0 mm up, 0.5 and 1.0 down
+        [0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0],  # from index 4 it never falls going up
+        [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0],  # started at its last inside sample
+    ])
+    starts = np.array([3, 4, 3])
+    up = _crossings(profiles, coords, starts, +1)
+    down = _crossings(profiles, coords, starts, -1)
+    assert up[0] == pytest.approx(2.5 + 0.5 * (0.6 - 0.5) / 0.6)
+    assert np.isnan(up[1]) and up[2] == pytest.approx(1.5 + 0.5 * 0.5)
+    assert down[0] == pytest.approx(1.0 - 0.5 * (1.0 - 0.5) / 0.8)
+    assert down[1] == pytest.approx(1.0 + 0.5 * 0.5) and np.isnan(down[2])
