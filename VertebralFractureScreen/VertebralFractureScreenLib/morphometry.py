@@ -496,6 +496,11 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
     free, disc_fixed = plate_hu is None, disc_hu is not None
     offsets = np.arange(-search, search + 1e-9, LINE_SEARCH_STEP_MM)
 
+    def in_window(candidates: np.ndarray, centre: np.ndarray) -> np.ndarray:
+        """Whether each candidate profile (rows of knots) keeps every knot within ``search`` of
+        ``centre``: where the fit looks (near the mask's endplate)."""
+        return np.all(np.abs(np.atleast_2d(candidates) - centre) <= search + 1e-9, axis=1)
+
     def residuals(surfaces: np.ndarray, knots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Residual and disc HU for candidate surfaces ``(K, N)`` near the profile ``knots``, whose
         slopes set the partial-volume kernel and the distance along the normal (they vary little
@@ -526,7 +531,7 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
                 candidates = knots[None, :] + offsets[:, None] * direction_k[None, :]
                 surfaces = (basis @ knots)[None, :] + offsets[:, None] * (basis @ direction_k)[None, :]
                 residual, _ = residuals(surfaces, knots)
-                residual[~np.all(np.abs(candidates - centre) <= search + 1e-9, axis=1)] = np.inf  # near the mask
+                residual[~in_window(candidates, centre)] = np.inf
                 if np.isfinite(residual).any():
                     knots = knots + _parabolic_minimum(offsets, residual) * direction_k
             if np.max(np.abs(knots - start)) < SWEEP_TOLERANCE_MM:
@@ -591,7 +596,7 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
         fit = optimize.least_squares(residual_vector, np.zeros(span.shape[1]), jac=jacobian, x_scale=0.1,
                                      xtol=1e-4, max_nfev=60)
         polished = knots + span @ fit.x
-        if not np.all(np.abs(polished - centre) <= search + 1e-9):
+        if not in_window(polished, centre)[0]:
             return knots, rss, disc
         result = evaluated(polished)
         return result if result[1] < rss else (knots, rss, disc)
@@ -634,7 +639,7 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
             candidates = knots[None, :] + steps[:, None] * move[None, :]
             surfaces = (basis @ knots)[None, :] + steps[:, None] * (basis @ move)[None, :]
             rss, _ = residuals(surfaces, knots)
-            rss[~np.all(np.abs(candidates - centre) <= search + 1e-9, axis=1)] = np.inf
+            rss[~in_window(candidates, centre)] = np.inf
             finite = np.isfinite(rss)
             if not finite[len(steps) // 2]:
                 continue

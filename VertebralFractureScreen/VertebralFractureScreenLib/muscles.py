@@ -211,23 +211,27 @@ def _middle_point(h) -> np.ndarray | None:
     return point if np.all(np.isfinite(point)) else None
 
 
-def _ct_axis_point(h) -> np.ndarray | None:
+def _fitted_axis_point(h) -> np.ndarray | None:
     """A body's axis point between its CT-fitted walls
-    (:attr:`.morphometry.VertebraHeights.axis_point_ras`) when it was sampled at most
-    :data:`~.morphometry.THICK_VOXEL_MM` along its antero-posterior axis; None otherwise."""
-    if not h.axis_point_from_ct or not h.voxel_extent_mm[1] <= THICK_VOXEL_MM:
+    (:attr:`.morphometry.VertebraHeights.axis_point_ras`); None when the CT did not place it."""
+    if not h.axis_point_from_ct:
         return None
     point = np.asarray(h.axis_point_ras, dtype=float)
     return point if np.all(np.isfinite(point)) else None
+
+
+def _ct_axis_point(h) -> np.ndarray | None:
+    """The CT-fitted axis point (:func:`_fitted_axis_point`) when the body was sampled at most
+    :data:`~.morphometry.THICK_VOXEL_MM` along its antero-posterior axis; None otherwise."""
+    return _fitted_axis_point(h) if h.voxel_extent_mm[1] <= THICK_VOXEL_MM else None
 
 
 def _thick_middle_point(h) -> np.ndarray:
     """A body's middle for the slab normal where its voxels are thick along the antero-posterior
     axis: the Hm line's midpoint (walls from the mask), averaged with the axis point between the
     CT-fitted walls when there is one."""
-    middle = _middle_point(h)
-    point = np.asarray(h.axis_point_ras, dtype=float) if h.axis_point_from_ct else None
-    return middle if point is None or not np.all(np.isfinite(point)) else 0.5 * (middle + point)
+    middle, point = _middle_point(h), _fitted_axis_point(h)
+    return middle if point is None else 0.5 * (middle + point)
 
 
 def level_slabs(heights: Sequence, levels: Sequence[str] | None = None) -> list[LevelSlab]:
