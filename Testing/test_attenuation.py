@@ -255,6 +255,53 @@ def test_bone_summary_without_grades_uses_l1_and_warns(rotated):
     assert any("unknown" in w for w in summary.warnings)
 
 
+def test_roi_mean_carries_its_standard_error(rotated):
+    """The phantom's trabecular bone is uniform, so with Gaussian noise of 20 HU added the ROI mean's
+    true standard error is 20 / sqrt(voxels); the reported one (ROI SD / sqrt(voxels)) must match it
+    and the spread of the means over noise draws (same ROIs: the heights of the noise-free exam)."""
+    p = rotated.phantom
+    noise_free = {r.level: r for r in rotated.rois()}
+    assert all(r.mean_hu_se == pytest.approx(0.0, abs=1e-9) for r in noise_free.values())  # uniform bone
+    rng = np.random.default_rng(7)
+    means, ses = {level: [] for level in noise_free}, {level: [] for level in noise_free}
+    for _ in range(40):
+        ct = (p.ct + rng.normal(0.0, 20.0, p.ct.shape)).astype(np.float32)
+        for r in at.measure_trabecular(ct, p.total, p.ijk_to_ras, rotated.heights, body_labels=p.vertebrae_body,
+                                       grades=rotated.grades):
+            assert r.voxels == noise_free[r.level].voxels
+            means[r.level].append(r.mean_hu)
+            ses[r.level].append(r.mean_hu_se)
+    for level, roi in noise_free.items():
+        true_se = 20.0 / np.sqrt(roi.voxels)
+        assert np.median(ses[level]) == pytest.approx(true_se, rel=0.05)
+        assert np.std(means[level], ddof=1) == pytest.approx(true_se, rel=0.35)  # 40 draws: ±11 % (1 SD)
+
+
+def _roi(level: str, mean_hu: float, se: float, voxels: int = 100) -> at.TrabecularROI:
+    return at.TrabecularROI(level, lv.TOTAL_VERTEBRA_IDS[level], mean_hu=mean_hu, median_hu=mean_hu,
+                            sd_hu=se * np.sqrt(voxels), mean_hu_se=se, voxels=voxels, volume_ml=2.7, complete=True,
+                            fractured=False)
+
+
+@pytest.mark.parametrize("mean_hu, se, uncertain", [(108.0, 1.5, True), (112.5, 1.5, True), (105.0, 1.5, False),
+                                                    (113.5, 1.5, False), (158.0, 1.5, True), (135.0, 10.0, False),
+                                                    (135.0, 13.0, True)])
+def test_category_is_uncertain_within_two_standard_errors_of_a_threshold(mean_hu, se, uncertain):
+    summary = at.bone_summary([_roi("L1", mean_hu, se), _roi("L2", 200.0, 1.0)])
+    assert summary.l1_level == "L1" and summary.l1_hu == mean_hu and summary.l1_hu_se == se
+    assert summary.category == at.opportunistic_category(mean_hu)
+    assert summary.category_uncertain is uncertain
+    assert any("category uncertain" in w for w in summary.warnings) is uncertain
+
+
+def test_category_without_a_standard_error_is_not_called_certain():
+    spread_unknown = at.TrabecularROI("L1", lv.TOTAL_VERTEBRA_IDS["L1"], mean_hu=108.0, voxels=40, volume_ml=1.0,
+                                 complete=True, fractured=False)  # no SD, no standard error
+    summary = at.bone_summary([spread_unknown])
+    assert summary.category == "osteoporosis-likely"
+    assert summary.l1_hu_se is None and summary.category_uncertain is None
+
+
 def test_bone_summary_without_lumbar_vertebrae(thoracic):
     summary = at.bone_summary(thoracic.rois())
     assert summary.category is None and summary.l1_hu is None and summary.lumbar_mean_hu is None

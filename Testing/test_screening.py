@@ -86,6 +86,14 @@ def test_screen_writes_the_spec_files(screened, truth):
     assert exam["fracture"]["fractured_levels"] == ["L1", "L3"] and exam["fracture"]["max_grade"] == 3
     assert exam["contrast"]["contrast_enhanced"] is True  # the phantom's aorta is enhanced
     assert exam["bone"]["l1_level"] == "L2"  # L1 is fractured: the category falls back and says so
+    # the L2 ROI's mean carries its standard error: the phantom's bone is uniform, so it is the
+    # noise's 10 HU over the root of the ROI's voxels; its 160 HU lie on the category threshold,
+    # so the category is left open, with a warning
+    l2 = next(r for r in rows if r["level"] == "L2")
+    assert exam["bone"]["l1_hu_se"] == pytest.approx(10.0 / np.sqrt(int(l2["roi_voxels"])), rel=0.1)
+    assert abs(exam["bone"]["l1_hu"] - 160.0) < 2.0 * exam["bone"]["l1_hu_se"]
+    assert exam["bone"]["category_uncertain"] is True
+    assert any("160 HU category threshold" in w for w in exam["warnings"])
     assert any("L1" in w for w in exam["warnings"])
     assert exam["software"]["version"] and exam["timings_s"]["total"] > 0
     assert exam["model"]["probability"] is None

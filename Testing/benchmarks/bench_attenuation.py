@@ -204,6 +204,7 @@ def measure_exam(case: Case, phantom: bc.CachedPhantom, noise: float) -> dict:
         t = truth_v[roi.level]
         vertebrae.append({"level": roi.level, "error": roi.mean_hu - t["trabecular_hu"],
                           "median_error": roi.median_hu - t["trabecular_hu"], "voxels": roi.voxels,
+                          "se": roi.mean_hu_se,
                           "usable": roi.usable, "complete": roi.complete, "flags": roi.flags})
     muscles = []
     for row in rows:
@@ -236,6 +237,7 @@ def measure_exam(case: Case, phantom: bc.CachedPhantom, noise: float) -> dict:
         "aorta_plain_error": float(ct[phantom.total == lv.TOTAL_AORTA].mean()) - phantom.truth["aorta"]["hu"],
         "contrast_ok": contrast.contrast_enhanced == phantom.truth["aorta"]["contrast_enhanced"],
         "category_ok": summary.l1_level == "L1" and summary.category == at.opportunistic_category(true_l1),
+        "category_uncertain": summary.category_uncertain, "l1_hu_se": summary.l1_hu_se,
         "heights": heights,
     }
 
@@ -258,9 +260,10 @@ def _fmt(triple, digits=2) -> str:
 
 def print_trabecular(results: list[dict]):
     print("\n=== Trabecular ROI: |mean HU - truth| over complete vertebrae with a usable ROI "
-          "(median / p90 / max), bias, ROI voxels ===")
-    print(f"{'group':<12}{'rot':<5}{'noise':>6}  {'|error| HU':<22}{'bias':>7}  {'voxels (median, min)':<22}"
-          f"{'small/empty ROIs'}")
+          "(median / p90 / max), bias, reported standard error (median / max) and the share of ROIs within "
+          "two of it, ROI voxels ===")
+    print(f"{'group':<12}{'rot':<5}{'noise':>6}  {'|error| HU':<22}{'bias':>7}  {'SE HU':<12}{'<=2 SE':>7}  "
+          f"{'voxels (median, min)':<22}{'small/empty ROIs'}")
     for r in results:
         if "contrast" in r["case"].name:
             continue
@@ -268,8 +271,11 @@ def print_trabecular(results: list[dict]):
         errors = [v["error"] for v in usable]
         voxels = [v["voxels"] for v in usable]
         small = [v["level"] for v in r["vertebrae"] if "roi_small" in v["flags"] or "roi_empty" in v["flags"]]
+        ses = np.array([v["se"] for v in usable])
+        within = np.mean(np.abs(errors) <= 2.0 * ses + 1e-9)
         print(f"{r['case'].group:<12}{r['case'].rotation:<5}{r['noise']:>6.0f}  {_fmt(_stats(errors)):<22}"
-              f"{np.mean(errors):>+7.2f}  {int(np.median(voxels)):>6}, {min(voxels):<13}{', '.join(small) or '-'}")
+              f"{np.mean(errors):>+7.2f}  {np.median(ses):4.2f} / {np.max(ses):4.2f} {100 * within:>6.0f}%  "
+              f"{int(np.median(voxels)):>6}, {min(voxels):<13}{', '.join(small) or '-'}")
 
 
 def print_muscles(results: list[dict]):
@@ -408,6 +414,9 @@ def check_goals(results: list[dict], checks: dict[str, dict]):
     line(all(r["category_ok"] for r in rows),
          f"opportunistic category from L1 as the truth gives it: {sum(r['category_ok'] for r in rows)}/{len(rows)} "
          "exams")
+    uncertain = [f"{r['case'].name} noise {r['noise']:.0f}" for r in rows if r["category_uncertain"]]
+    print(f"         L1 {TRABECULAR_HU['L1']:g} HU, {at.CATEGORY_THRESHOLDS_HU[0]:g} HU threshold: category_uncertain "
+          f"in {len(uncertain)} of {len(rows)} exams{(': ' + ', '.join(uncertain)) if uncertain else ''}")
 
 
 # ------------------------------------------------------------------------------------------------

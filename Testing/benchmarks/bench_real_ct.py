@@ -57,14 +57,16 @@ def attenuation_report(data: Path, ct, labels, bodies, heights, grades, report: 
     rows = muscles.measure_muscles(ct.array, total.array, ct.ijk_to_ras, heights)
     elapsed = time.perf_counter() - started
     print(f"\nattenuation, contrast and muscles in {elapsed:.2f} s")
-    print("level  trabecular ROI: mean median   SD  voxels  ml | spine report body: mean median | flags")
+    print("level  trabecular ROI: mean   SE median   SD  voxels  ml | spine report body: mean median | flags")
     for r in rois:
         ts_mean = report.get(f"vertebrae_{r.level}_intensity")
         ts_median = report.get(f"vertebrae_{r.level}_intensity_median")
         ts_text = f"{ts_mean:6.1f} {ts_median:6.1f}" if ts_mean is not None else "     —      —"
-        print(f"{r.level:<6} {r.mean_hu:21.1f} {r.median_hu:6.1f} {r.sd_hu:5.1f} {r.voxels:6d} {r.volume_ml:4.1f} |"
+        print(f"{r.level:<6} {r.mean_hu:21.1f} {r.mean_hu_se:4.1f} {r.median_hu:6.1f} {r.sd_hu:5.1f} {r.voxels:6d} "
+              f"{r.volume_ml:4.1f} |"
               f"                  {ts_text} | {', '.join(r.flags)}")
-    print(f"bone: L1 HU {summary.l1_hu} ({summary.l1_level}) -> {summary.category}; lumbar mean "
+    print(f"bone: L1 HU {summary.l1_hu} ± {summary.l1_hu_se} SE ({summary.l1_level}) -> {summary.category}"
+          f"{' (uncertain)' if summary.category_uncertain else ''}; lumbar mean "
           f"{summary.lumbar_mean_hu} over {', '.join(summary.lumbar_levels)}; warnings: {summary.warnings or '-'}")
     print(f"contrast: aorta {contrast.aorta_hu} HU over {contrast.aorta_voxels} voxels -> contrast_enhanced "
           f"{contrast.contrast_enhanced} {contrast.warnings or ''}")

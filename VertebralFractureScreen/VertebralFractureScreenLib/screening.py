@@ -36,7 +36,7 @@ import numpy as np
 
 from . import __version__
 from . import levels as lv
-from .attenuation import bone_summary, measure_contrast, measure_trabecular
+from .attenuation import CATEGORY_UNCERTAIN_SES, bone_summary, measure_contrast, measure_trabecular
 from .errors import InputError
 from .exam_inputs import ExamInputs, load_exam, read_ct_checked
 from .features import exam_features
@@ -153,6 +153,9 @@ class ScreeningResult:
                          "(heights' SDs span a grade boundary)")
         if bone.get("l1_hu") is not None:
             lines.append(f"bone: {bone.get('l1_level') or 'L1'} {bone['l1_hu']:.0f} HU → {bone.get('category')}"
+                         + (f" (uncertain: {bone['l1_hu']:.1f} ± {CATEGORY_UNCERTAIN_SES * bone['l1_hu_se']:.1f} HU, "
+                            f"{CATEGORY_UNCERTAIN_SES:g} standard errors, spans a threshold)"
+                            if bone.get("category_uncertain") else "")
                          + (f"; mean of non-fractured lumbar vertebrae {bone['lumbar_mean_hu']:.0f} HU"
                             if bone.get("lumbar_mean_hu") is not None else ""))
         if contrast.get("aorta_hu") is not None:
