@@ -529,9 +529,11 @@ def measure_trabecular(
             result.volume_ml = result.voxels * voxel_ml
             result.mean_hu = float(values.mean())
             result.median_hu = float(np.median(values))
-            result.sd_hu = float(values.std(ddof=1)) if values.size > 1 else 0.0
             if values.size > 1:
+                result.sd_hu = float(values.std(ddof=1))
                 result.mean_hu_se = result.sd_hu / float(np.sqrt(values.size))
+            else:
+                result.sd_hu = 0.0
             index = np.nonzero(roi)
             centre_ijk = np.array([index[2].mean() + slices[2].start, index[1].mean() + slices[1].start,
                                    index[0].mean() + slices[0].start])

@@ -136,17 +136,18 @@ def mask_centroid_ras(mask: np.ndarray, ijk_to_ras: np.ndarray, origin_ijk=(0, 0
 
 
 def mask_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Bounding box of a boolean mask's true voxels as a tuple of slices (one per axis), None when
-    it has none: ``ndimage.find_objects(mask.astype(np.uint8))[0]`` from one ``any`` reduction per
-    axis (a vertebral body's crop: 0.1 ms instead of 1.6 ms)."""
-    box = []
-    for axis in range(mask.ndim):
-        others = tuple(a for a in range(mask.ndim) if a != axis)
-        occupied = np.flatnonzero(np.any(mask, axis=others))
-        if not len(occupied):
-            return None
-        box.append(slice(int(occupied[0]), int(occupied[-1]) + 1))
-    return tuple(box)
+    """Bounding box of a mask's nonzero voxels as a tuple of slices (one per axis), None when it
+    has none: ``ndimage.find_objects(mask.astype(np.uint8))[0]`` from ``any`` reductions. The first
+    axis's extent comes from one reduction over the whole mask, the other axes' from the footprint
+    of that slab alone (a vertebral body's crop: 0.1 ms instead of 1.6 ms; a segmentation rarely
+    fills its grid)."""
+    occupied = np.flatnonzero(np.any(mask, axis=tuple(range(1, mask.ndim))) if mask.ndim > 1 else mask)
+    if not len(occupied):
+        return None
+    first = slice(int(occupied[0]), int(occupied[-1]) + 1)
+    if mask.ndim == 1:
+        return (first,)
+    return (first,) + mask_box(np.any(mask[first], axis=0))
 
 
 LABEL_BOX_THREADS = 4
@@ -156,8 +157,8 @@ LABEL_BOX_THREADS = 4
 def find_label_boxes(labels: np.ndarray, max_label: int | None = None) -> list:
     """``scipy.ndimage.find_objects(labels, max_label)``: each label's bounding box as a tuple of
     slices, None for a label that is absent; the same boxes, found faster on a large 3-D map: the
-    scan is limited to the box of all labelled voxels (two fast ``any`` reductions find it; a
-    segmentation rarely fills its grid) and runs on slabs of slices (along the array's first axis)
+    scan is limited to the box of all labelled voxels (:func:`mask_box`; a segmentation rarely
+    fills its grid) and runs on slabs of slices (along the array's first axis)
     in parallel threads (the scan releases the GIL). A 512x512x500 spine phantom: 0.20 s for
     ``find_objects``, 0.10–0.17 s on 2 threads, 0.04 s cropped first."""
     from concurrent.futures import ThreadPoolExecutor
@@ -167,14 +168,11 @@ def find_label_boxes(labels: np.ndarray, max_label: int | None = None) -> list:
     limit = max_label or 0  # scipy's "every label present"
     if labels.ndim != 3:
         return ndimage.find_objects(labels, max_label=limit)
-    slices_occupied = np.flatnonzero(np.any(labels, axis=(1, 2)))
-    if not len(slices_occupied):
+    box = mask_box(labels)
+    if box is None:
         return [None] * limit
-    k0, k1 = int(slices_occupied[0]), int(slices_occupied[-1]) + 1
-    footprint = np.any(labels[k0:k1], axis=0)
-    rows, columns = np.flatnonzero(footprint.any(axis=1)), np.flatnonzero(footprint.any(axis=0))
-    j0, i0 = int(rows[0]), int(columns[0])
-    occupied = labels[k0:k1, j0:int(rows[-1]) + 1, i0:int(columns[-1]) + 1]
+    k0, j0, i0 = (b.start for b in box)
+    occupied = labels[box]
     n = occupied.shape[0]
     threads = min(os.cpu_count() or 1, LABEL_BOX_THREADS, n // 32)
     if threads <= 1:
