@@ -208,6 +208,46 @@ def test_partial_volume_biases_the_spec_metrics_not_the_guarded_ones(partial_vol
         assert abs(r.fat_fraction - t["imat_fraction"]) < abs(r.imat_fraction - t["imat_fraction"]), r.muscle
 
 
+def test_standard_error_of_a_weighted_mean():
+    """Unit weights: the sample SD over sqrt(n); a voxel cut in half by a slab plane counts as half
+    a voxel in the effective number."""
+    rng = np.random.default_rng(5)
+    hu = rng.normal(50.0, 20.0, 200)
+    ones = np.ones_like(hu)
+    se = mu._standard_error(ones.sum(), hu.sum(), (hu * hu).sum(), ones.sum())
+    assert se == pytest.approx(hu.std(ddof=1) / np.sqrt(len(hu)), rel=1e-9)
+    half = np.where(np.arange(len(hu)) < 100, 1.0, 0.5)
+    n_effective = half.sum() ** 2 / (half ** 2).sum()
+    mean = (half * hu).sum() / half.sum()
+    sd = np.sqrt((half * (hu - mean) ** 2).sum() / half.sum() * n_effective / (n_effective - 1))
+    assert mu._standard_error(half.sum(), (half * hu).sum(), (half * hu * hu).sum(), (half ** 2).sum()) == \
+        pytest.approx(sd / np.sqrt(n_effective), rel=1e-9)
+    assert np.isnan(mu._standard_error(1.0, 50.0, 2500.0, 1.0))  # one voxel: no spread to measure
+
+
+def test_hu_standard_errors_match_the_spread_over_noise_draws(full):
+    """The muscles are uniform (50 HU, fat pure) and noise-free: every SE is 0. With Gaussian noise
+    of 20 HU added, in the same slabs (the noise-free exam's heights), each row's reported SE of
+    ``lean_hu`` and ``mean_hu`` is the spread of those means over 40 noise draws (within 35 %),
+    and ``lean_hu``'s is the larger (its guarded voxels are a subset of the lean ones)."""
+    p = full.phantom
+    complete = [r for r in full.rows if r.complete and r.voxels > 100]
+    assert complete and all(r.lean_hu_se < 1e-3 and r.mean_hu_se < 1e-3 for r in complete)  # rounding only
+    slabs = mu.level_slabs(full.heights)
+    rng = np.random.default_rng(11)
+    draws = {(r.muscle, r.level): [] for r in complete}
+    for _ in range(40):
+        ct = (p.ct + rng.normal(0.0, 20.0, p.ct.shape)).astype(np.float32)
+        for r in mu.measure_muscles(ct, p.total, p.ijk_to_ras, full.heights, slabs=slabs):
+            if (r.muscle, r.level) in draws:
+                draws[(r.muscle, r.level)].append((r.lean_hu, r.lean_hu_se, r.mean_hu, r.mean_hu_se))
+    for key, rows in draws.items():
+        lean, lean_se, mean, mean_se = np.array(rows).T
+        assert np.median(lean_se) == pytest.approx(np.std(lean, ddof=1), rel=0.35), key
+        assert np.median(mean_se) == pytest.approx(np.std(mean, ddof=1), rel=0.35), key
+        assert np.all(lean_se > mean_se), key  # the guarded voxels are a subset of the lean ones
+
+
 @pytest.mark.parametrize("voxel_mm", [1.0, 3.0])
 def test_fat_at_the_muscles_edge_counts_where_its_neighbour_is_close(voxel_mm):
     """A 20-voxel cube of muscle (50 HU) whose outer 6 voxel layers on one side are fat (−100 HU),

@@ -79,6 +79,8 @@ def test_screen_writes_the_spec_files(screened, truth):
         if t is not None and row["complete"] == "true":
             assert float(row["lean_hu"]) == pytest.approx(t["lean_hu"], abs=3.0), row
             assert float(row["fat_fraction"]) == pytest.approx(t["imat_fraction"], abs=0.03), row
+            # 10 HU of noise over hundreds to thousands of voxels (mean_hu's also partial volume's spread)
+            assert 0.05 < float(row["lean_hu_se"]) < 1.5 and 0.05 < float(row["mean_hu_se"]) < 1.5, row
     assert {r["muscle"] for r in m_rows} == {"autochthon_left", "autochthon_right", "iliopsoas_left", "iliopsoas_right"}
     assert {r["level"] for r in m_rows} >= {"L1", "L2", "L3", "L4", "L5", "lumbar"}
     exam = json.loads((screened / "exam.json").read_text())

@@ -216,7 +216,7 @@ def measure_exam(case: Case, phantom: bc.CachedPhantom, noise: float) -> dict:
             "fov_fraction": t["fov_fraction"], "volume_pct": 100.0 * (row.volume_ml / t["volume_ml"] - 1.0),
             "mean_hu": row.mean_hu - t["lean_hu"], "lean_hu": row.lean_hu - t["lean_hu"],
             "imat": row.imat_fraction - t["imat_fraction"], "fat": row.fat_fraction - t["imat_fraction"],
-            "volume_ml": row.volume_ml})
+            "volume_ml": row.volume_ml, "lean_se": row.lean_hu_se})
     true_l1 = truth_v["L1"]["trabecular_hu"]
     volume_with_true_planes = []
     if noise == 0.0:
@@ -400,6 +400,21 @@ def check_goals(results: list[dict], checks: dict[str, dict]):
 
     muscle_goal("volume_pct", GOAL_VOLUME_PCT, "muscle volume error", " %")
     muscle_goal("lean_hu", GOAL_MUSCLE_HU, "muscle HU error, partial-volume-guarded lean_hu", " HU")
+    print("         lean_hu's standard error (lean_hu_se) at noise 20 / 30 HU, level rows: median / max; rows within "
+          "2 SE of the truth; noise alone (each row's lean_hu off by its SE, Gaussian; 10,000 draws): largest |error| "
+          "median (5-95 %), share of draws within the goal")
+    for g, rs in by_group.items():
+        cells = []
+        for noise in (20.0, 30.0):
+            level_rows = [m for r in rs if r["noise"] == noise for m in r["muscles"]
+                          if m["complete"] and m["level"] != "lumbar" and np.isfinite(m["lean_se"])]
+            se = np.array([m["lean_se"] for m in level_rows])
+            within = np.mean([abs(m["lean_hu"]) <= 2.0 * m["lean_se"] for m in level_rows])
+            floor = bc.largest_gaussian_error(se, GOAL_MUSCLE_HU)
+            cells.append(f"{noise:.0f} HU: SE {np.median(se):.2f} / {se.max():.2f}, {within:.0%} within 2 SE, "
+                         f"noise alone {floor['median']:.2f} ({floor['p5']:.2f}-{floor['p95']:.2f}) "
+                         f"{floor['p_within']:.0%}")
+        print(f"           {g:<14}" + "; ".join(cells))
     muscle_goal("mean_hu", GOAL_MUSCLE_HU, "muscle HU error, SPEC mean_hu (threshold mean)", " HU")
     muscle_goal("fat", GOAL_FAT_FRACTION, "fat fraction error, unmixed fat_fraction")
     muscle_goal("imat", GOAL_FAT_FRACTION, "fat fraction error, SPEC imat_fraction (threshold share)")

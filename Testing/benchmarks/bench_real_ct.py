@@ -70,10 +70,10 @@ def attenuation_report(data: Path, ct, labels, bodies, heights, grades, report: 
           f"{summary.lumbar_mean_hu} over {', '.join(summary.lumbar_levels)}; warnings: {summary.warnings or '-'}")
     print(f"contrast: aorta {contrast.aorta_hu} HU over {contrast.aorta_voxels} voxels -> contrast_enhanced "
           f"{contrast.contrast_enhanced} {contrast.warnings or ''}")
-    print("muscle            level   volume ml  mean HU  lean HU   IMAT  fat fr. | flags")
+    print("muscle            level   volume ml  mean HU (SE)    lean HU (SE)    IMAT  fat fr. | flags")
     for m in rows:
-        print(f"{m.muscle:<17} {m.level:<7} {m.volume_ml:9.1f} {m.mean_hu:8.1f} {m.lean_hu:8.1f} "
-              f"{m.imat_fraction:6.3f} {m.fat_fraction:7.3f} | {', '.join(m.flags)}")
+        print(f"{m.muscle:<17} {m.level:<7} {m.volume_ml:9.1f} {m.mean_hu:8.1f} ({m.mean_hu_se:4.2f}) "
+              f"{m.lean_hu:8.1f} ({m.lean_hu_se:4.2f}) {m.imat_fraction:6.3f} {m.fat_fraction:7.3f} | {', '.join(m.flags)}")
 
 
 if __name__ == "__main__":

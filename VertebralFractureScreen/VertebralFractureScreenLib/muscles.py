@@ -335,6 +335,12 @@ class MuscleMeasurement:
     ``lean_hu`` and the exam's fat HU ``fat_reference_hu`` (edge voxels standing in with their
     interior neighbours' HU).
 
+    ``mean_hu_se`` and ``lean_hu_se``: standard errors (HU) of ``mean_hu`` and ``lean_hu``, the SD of
+    the voxels they average over the square root of their number (NaN below two voxels). They say
+    how much the noise moves the mean: a lower bound where the reconstruction correlates
+    neighbouring voxels' noise, and blind to partial volume's bias (sub-voxel fat lowers
+    ``lean_hu`` by a few HU at 3 mm voxels whatever the noise).
+
     ``voxels``: voxel count (shares summed); ``complete`` False when the slab is only partly
     measured, ``flags`` say why; a muscle whose label is nowhere in the segmentation is
     ``not_segmented`` with a NaN volume (unknown, not 0 ml)."""
@@ -346,6 +352,8 @@ class MuscleMeasurement:
     imat_fraction: float
     lean_hu: float = float("nan")
     fat_fraction: float = float("nan")
+    mean_hu_se: float = float("nan")
+    lean_hu_se: float = float("nan")
     voxels: float = 0.0
     fat_reference_hu: float = float("nan")
     complete: bool = True
@@ -561,8 +569,24 @@ def _runs_out(ijk: tuple[np.ndarray, np.ndarray, np.ndarray], shape_kji, voxel: 
     return out
 
 
-_SUMS = ("count", "lean_count", "lean_sum", "fat_count", "guard_count", "guard_sum", "unmix_count", "unmix_sum",
-         "border")
+_SUMS = ("count", "lean_count", "lean_sum", "lean_squares", "lean_weights_sq", "fat_count", "guard_count",
+         "guard_sum", "guard_squares", "guard_weights_sq", "unmix_count", "unmix_sum", "border")
+
+
+def _standard_error(weights: float, total: float, squares: float, weights_sq: float) -> float:
+    """Standard error (HU) of a weighted mean ``total / weights`` from the weighted sums of the
+    values (``total``), of their squares (``squares``) and of the squared weights
+    (``weights_sq``): the weighted SD over the square root of the effective number of voxels
+    ``weights² / weights_sq`` (the voxels cut by a slab plane count with their share). NaN below
+    two effective voxels."""
+    if not weights > 0 or not weights_sq > 0:
+        return float("nan")
+    n_effective = weights * weights / weights_sq
+    if n_effective < 2.0:
+        return float("nan")
+    mean = total / weights
+    variance = max(squares / weights - mean * mean, 0.0) * n_effective / (n_effective - 1.0)
+    return float(np.sqrt(variance / n_effective))
 
 
 def _row(name: str, level: str, sums: dict, cells, voxel_ml: float, fat_hu: float, flags: list[str]):
@@ -571,10 +595,14 @@ def _row(name: str, level: str, sums: dict, cells, voxel_ml: float, fat_hu: floa
     total = {key: float(np.sum(sums[key][cells])) for key in _SUMS}
     count = total["count"]
     mean_hu = total["lean_sum"] / total["lean_count"] if total["lean_count"] > 0 else float("nan")
+    mean_hu_se = _standard_error(total["lean_count"], total["lean_sum"], total["lean_squares"],
+                                 total["lean_weights_sq"])
     if total["guard_count"] >= MIN_GUARDED_VOXELS:
         lean_hu = total["guard_sum"] / total["guard_count"]
+        lean_hu_se = _standard_error(total["guard_count"], total["guard_sum"], total["guard_squares"],
+                                     total["guard_weights_sq"])
     else:
-        lean_hu = mean_hu
+        lean_hu, lean_hu_se = mean_hu, mean_hu_se
         if count > 0:
             flags = flags + ["lean_hu_unguarded"]
     unmix_mean = total["unmix_sum"] / total["unmix_count"] if total["unmix_count"] > 0 else float("nan")
@@ -585,7 +613,8 @@ def _row(name: str, level: str, sums: dict, cells, voxel_ml: float, fat_hu: floa
     return MuscleMeasurement(
         muscle=name, level=level, volume_ml=float("nan") if "not_segmented" in flags else count * voxel_ml,
         mean_hu=float(mean_hu), imat_fraction=total["fat_count"] / count if count > 0 else float("nan"), lean_hu=float(lean_hu),
-        fat_fraction=fat_fraction, voxels=count, fat_reference_hu=float(fat_hu), complete=not flags, flags=flags)
+        fat_fraction=fat_fraction, mean_hu_se=mean_hu_se, lean_hu_se=lean_hu_se, voxels=count,
+        fat_reference_hu=float(fat_hu), complete=not flags, flags=flags)
 
 
 def measure_muscles(
@@ -654,12 +683,17 @@ def measure_muscles(
     key = slab_of.astype(np.int32) * len(names) + muscle_index[voxel]
     size = len(slabs) * len(names)
 
-    def total(values=None):
-        return np.bincount(key, weights=weight if values is None else weight * values[voxel], minlength=size)
+    def total(values=None, weights=weight):
+        return np.bincount(key, weights=weights if values is None else weights * values[voxel], minlength=size)
 
+    hu64 = hu.astype(np.float64)  # squares of HU summed over hundreds of thousands of voxels
+    weight_sq = weight * weight
+    lean_hu_values, guard_hu_values = np.where(lean, hu64, 0.0), np.where(guard, hu64, 0.0)
     sums = {
-        "count": total(), "lean_count": total(lean), "lean_sum": total(np.where(lean, hu, np.float32(0.0))),
-        "fat_count": total(fat), "guard_count": total(guard), "guard_sum": total(np.where(guard, hu, np.float32(0.0))),
+        "count": total(), "lean_count": total(lean), "lean_sum": total(lean_hu_values),
+        "lean_squares": total(lean_hu_values * hu64), "lean_weights_sq": total(lean, weight_sq),
+        "fat_count": total(fat), "guard_count": total(guard), "guard_sum": total(guard_hu_values),
+        "guard_squares": total(guard_hu_values * hu64), "guard_weights_sq": total(guard, weight_sq),
         "unmix_count": total(unmixed), "unmix_sum": total(np.where(unmixed, unmix_hu, np.float32(0.0))),
         "border": np.bincount(key, weights=_runs_out((i, j, k), labels.shape, voxel, slab_of, slabs, ijk_to_ras),
                               minlength=size),
@@ -694,7 +728,8 @@ def measure_muscles(
 def muscle_summary(rows: Sequence[MuscleMeasurement]) -> dict:
     """Exam-level muscle summary (for ``exam.json``): ``lumbar`` holds the L1–L5 totals per muscle
     and per muscle group (left + right: ``autochthon``, ``iliopsoas``), each with ``volume_ml``,
-    ``mean_hu``, ``imat_fraction``, ``lean_hu``, ``fat_fraction``, ``complete`` and ``flags``;
+    ``mean_hu``, ``imat_fraction``, ``lean_hu``, ``fat_fraction``, the standard errors
+    ``mean_hu_se`` and ``lean_hu_se``, ``complete`` and ``flags``;
     ``levels`` the levels measured, ``incomplete_levels`` those with a flagged row, and
     ``fat_reference_hu`` the fat HU used for ``fat_fraction``."""
     lumbar = [r for r in rows if r.level == LUMBAR]
@@ -706,7 +741,7 @@ def muscle_summary(rows: Sequence[MuscleMeasurement]) -> dict:
                                     key=lv.level_position),
         "fat_reference_hu": rows[0].fat_reference_hu if rows else None,
     }
-    keys = ("volume_ml", "mean_hu", "imat_fraction", "lean_hu", "fat_fraction", "voxels")
+    keys = ("volume_ml", "mean_hu", "imat_fraction", "lean_hu", "fat_fraction", "mean_hu_se", "lean_hu_se", "voxels")
     for r in lumbar:
         out["lumbar"][r.muscle] = {key: getattr(r, key) for key in keys} | {"complete": r.complete,
                                                                               "flags": list(r.flags)}
@@ -721,6 +756,14 @@ def muscle_summary(rows: Sequence[MuscleMeasurement]) -> dict:
                      if w > 0 and np.isfinite(getattr(r, attribute))]
             return float(sum(w * x for w, x in pairs) / sum(w for w, _ in pairs)) if pairs else float("nan")
 
+        def pooled_se(attribute, weights):
+            """Standard error of :func:`pooled` from the sides' (independent) standard errors."""
+            pairs = [(w, getattr(r, attribute)) for w, r in zip(weights, sides)
+                     if w > 0 and np.isfinite(getattr(r, attribute))]
+            if len(pairs) < len(sides):
+                return float("nan")
+            return float(np.sqrt(sum((w * se) ** 2 for w, se in pairs)) / sum(w for w, _ in pairs))
+
         counts = [r.voxels for r in sides]
         lean_counts = [r.voxels * (1.0 - r.imat_fraction) if np.isfinite(r.imat_fraction) else 0.0 for r in sides]
         out["lumbar"][group] = {
@@ -729,6 +772,8 @@ def muscle_summary(rows: Sequence[MuscleMeasurement]) -> dict:
             "imat_fraction": pooled("imat_fraction", counts),
             "lean_hu": pooled("lean_hu", lean_counts),
             "fat_fraction": pooled("fat_fraction", counts),
+            "mean_hu_se": pooled_se("mean_hu_se", lean_counts),
+            "lean_hu_se": pooled_se("lean_hu_se", lean_counts),
             "voxels": voxels,
             "complete": all(r.complete for r in sides),
             "flags": sorted({f for r in sides for f in r.flags}),

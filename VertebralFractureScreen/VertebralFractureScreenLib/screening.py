@@ -55,9 +55,10 @@ VERTEBRA_COLUMNS = (
 )
 """Columns of ``vertebrae.csv`` (SPEC §5)."""
 MUSCLE_COLUMNS = ("exam_id", "muscle", "level", "volume_ml", "mean_hu", "imat_fraction", "lean_hu", "fat_fraction",
-                  "complete", "flags")
+                  "mean_hu_se", "lean_hu_se", "complete", "flags")
 """Columns of ``muscles.csv``: SPEC §5's six, then the partial-volume-guarded ``lean_hu`` and the
-unmixed ``fat_fraction`` (:class:`.muscles.MuscleMeasurement`), and, as in ``vertebrae.csv``,
+unmixed ``fat_fraction``, the standard errors of ``mean_hu`` and ``lean_hu`` from the noise
+(:class:`.muscles.MuscleMeasurement`), and, as in ``vertebrae.csv``,
 ``complete`` and the ``flags`` that say why a row is not (a slab cut by the field of view, a
 neighbouring vertebra missing, a muscle not segmented)."""
 OUTPUT_FILES = ("vertebrae.csv", "muscles.csv", "qc.png", "exam.json")
@@ -330,7 +331,8 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
         })
     muscle_table = [{"exam_id": exam_id, "muscle": m.muscle, "level": m.level, "volume_ml": m.volume_ml,
                      "mean_hu": m.mean_hu, "imat_fraction": m.imat_fraction, "lean_hu": m.lean_hu,
-                     "fat_fraction": m.fat_fraction, "complete": m.complete, "flags": list(m.flags)}
+                     "fat_fraction": m.fat_fraction, "mean_hu_se": m.mean_hu_se, "lean_hu_se": m.lean_hu_se,
+                     "complete": m.complete, "flags": list(m.flags)}
                     for m in muscle_rows]
     timings["total"] = round(time.perf_counter() - started, 3)
 
