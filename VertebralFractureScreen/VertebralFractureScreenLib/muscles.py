@@ -751,15 +751,18 @@ def muscle_summary(rows: Sequence[MuscleMeasurement]) -> dict:
             continue
         voxels = sum(r.voxels for r in sides)
 
+        def weighted(attribute, weights):
+            """(weight, value) of the sides with a positive weight and a finite ``attribute``."""
+            return [(w, getattr(r, attribute)) for w, r in zip(weights, sides)
+                    if w > 0 and np.isfinite(getattr(r, attribute))]
+
         def pooled(attribute, weights):
-            pairs = [(w, getattr(r, attribute)) for w, r in zip(weights, sides)
-                     if w > 0 and np.isfinite(getattr(r, attribute))]
+            pairs = weighted(attribute, weights)
             return float(sum(w * x for w, x in pairs) / sum(w for w, _ in pairs)) if pairs else float("nan")
 
         def pooled_se(attribute, weights):
             """Standard error of :func:`pooled` from the sides' (independent) standard errors."""
-            pairs = [(w, getattr(r, attribute)) for w, r in zip(weights, sides)
-                     if w > 0 and np.isfinite(getattr(r, attribute))]
+            pairs = weighted(attribute, weights)
             if len(pairs) < len(sides):
                 return float("nan")
             return float(np.sqrt(sum((w * se) ** 2 for w, se in pairs)) / sum(w for w, _ in pairs))
