@@ -174,15 +174,17 @@ def test_real_example_ct(example_data):
 
 
 def _upright_endplate_voxels(surface_w: float, spacing=(3.0, 3.0, 3.0), disc=90.0, trabecular=160.0,
-                             cortical=700.0, cortex=1.0):
+                             cortical=700.0, cortex=1.0, slope=0.0):
     """CT values of an upright superior endplate (body below ``surface_w``, a ``cortex`` mm plate
     just inside it) on a grid of ``spacing`` mm voxels, each the exact mean of the profile over its
-    slice (numerical integration, independent of the fit's partial-volume model). Returns the
-    values, the voxels' local ``(u, v, w)`` and the grid's IJK→RAS matrix (local = RAS)."""
+    slice (numerical integration, independent of the fit's partial-volume model). With ``slope``
+    the endplate is tilted, ``surface_w + slope · v`` at each voxel's ``v``. Returns the values,
+    the voxels' local ``(u, v, w)`` and the grid's IJK→RAS matrix (local = RAS)."""
     su, sv, sw = spacing
     u, v, w = np.meshgrid(np.arange(-2, 3) * su, np.arange(-4, 5) * sv, np.arange(-3, 3) * sw + 0.5 * sw,
                           indexing="ij")
     fine = np.linspace(-0.5, 0.5, 3001)[None, :] * sw + w.reshape(-1, 1)
+    surface_w = surface_w + slope * v.reshape(-1, 1)
     profile = np.where(fine > surface_w, disc, np.where(fine > surface_w - cortex, cortical, trabecular))
     values = profile.mean(axis=1)
     local = np.stack([u.ravel(), v.ravel(), w.ravel()], axis=1)
@@ -306,20 +308,15 @@ def test_thick_slice_endplate_fit_stays_in_its_window():
 
     frame = VertebraFrame(np.zeros(3), np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.array([0, 0, 1.0]))
     knots_v = np.array([10.0, 0.0, -10.0])
-    u, v, w = np.meshgrid(np.arange(-2, 3) * 3.0, np.arange(-4, 5) * 3.0, np.arange(-3, 3) * 3.0 + 1.5,
-                          indexing="ij")
-    local = np.stack([u.ravel(), v.ravel(), w.ravel()], axis=1)
-    fine = np.linspace(-1.5, 1.5, 3001)[None, :] + local[:, 2:3]  # each voxel's slice, mm
     mask, search = np.full(3, 0.9), 2.3
     rng = np.random.default_rng(1)
     for slope in (0.0, 0.1, 0.15, 0.2, 0.25, 0.3):
-        surface = 0.4 + slope * local[:, 1:2]  # superior endplate: disc above, 1 mm plate, bone below
-        values = np.where(fine > surface, 90.0, np.where(fine > surface - 1.0, 700.0, 160.0)).mean(axis=1)
+        values, local, ijk_to_ras = _upright_endplate_voxels(0.4, slope=slope)
         truth = 0.4 + slope * knots_v
         for sigma in (0.0, 20.0):
             noisy = values + rng.normal(0.0, sigma, values.shape)
-            fitted, _, sd = _fit_endplate_profile(noisy, local, +1, knots_v, mask, frame, np.diag([3.0, 3.0, 3.0, 1.0]),
-                                                  1.0, search, 700.0, 90.0, straight_only=True, thorough=True)
+            fitted, _, sd = _fit_endplate_profile(noisy, local, +1, knots_v, mask, frame, ijk_to_ras, 1.0, search,
+                                                  700.0, 90.0, straight_only=True, thorough=True)
             assert np.max(np.abs(fitted - mask)) <= search + 1e-9, (slope, sigma, fitted)
             assert np.all(np.isfinite(sd)), (slope, sigma, sd)
             if np.max(np.abs(truth - mask)) <= search:
