@@ -665,8 +665,8 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
     if thorough:
         grid = (guess_line[None, None, :] + offsets[:, None, None] * shift[None, None, :]
                 + offsets[None, :, None] * tilt[None, None, :]).reshape(-1, len(kv))
+        grid = grid[in_window(grid, guess_line)]  # holds guess_line itself (no shift, no tilt)
         residual, _ = residuals(grid @ basis.T, guess_line)
-        residual[~in_window(grid, guess_line)] = np.inf
         straight_start = evaluated(grid[int(np.argmin(residual))]) if np.isfinite(residual).any() else None
     if not thorough or straight_start is None:
         straight_start = line_searches(guess_line, [shift, tilt], guess_line)
