@@ -329,11 +329,9 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
             "roi_voxels": roi.voxels if roi else 0,
             "body_volume_ml": h.body_volume_ml, "flags": flags,
         })
-    muscle_table = [{"exam_id": exam_id, "muscle": m.muscle, "level": m.level, "volume_ml": m.volume_ml,
-                     "mean_hu": m.mean_hu, "imat_fraction": m.imat_fraction, "lean_hu": m.lean_hu,
-                     "fat_fraction": m.fat_fraction, "mean_hu_se": m.mean_hu_se, "lean_hu_se": m.lean_hu_se,
-                     "complete": m.complete, "flags": list(m.flags)}
-                    for m in muscle_rows]
+    # Every muscles.csv column but the exam's id is the row's attribute of the same name.
+    muscle_table = [{"exam_id": exam_id} | {column: getattr(m, column) for column in MUSCLE_COLUMNS[1:]}
+                    | {"flags": list(m.flags)} for m in muscle_rows]
     timings["total"] = round(time.perf_counter() - started, 3)
 
     present = [h.level for h in heights]
