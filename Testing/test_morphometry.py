@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 
 from VertebralFractureScreenLib import muscles as mu
-from VertebralFractureScreenLib.morphometry import measure_heights, spine_tangents
+from VertebralFractureScreenLib.morphometry import VertebraFrame, measure_heights, spine_tangents
 from VertebralFractureScreenLib.phantom import Fracture, PhantomSpec, make_phantom
+
+LOCAL_IS_RAS = VertebraFrame(np.zeros(3), np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.array([0, 0, 1.0]))
+"""A vertebra frame whose local ``(u, v, w)`` are RAS millimetres (the synthetic endplate patches'
+frame)."""
 
 FRACTURES = (Fracture("L1", "wedge", 0.3), Fracture("L2", "biconcave", 0.3), Fracture("L3", "crush", 0.25))
 
@@ -195,9 +199,9 @@ def test_plate_hu_is_fitted_jointly_over_endplates():
     """An endplate whose plate lies inside one slice cannot tell its plate's HU from its
     position; summed over endplates at several offsets to the slices, the residual is smallest
     at the true cortical HU (700), whatever the trabecular bone beside it."""
-    from VertebralFractureScreenLib.morphometry import PLATE_HUS, VertebraFrame, _plate_hu_residuals
+    from VertebralFractureScreenLib.morphometry import PLATE_HUS, _plate_hu_residuals
 
-    frame = VertebraFrame(np.zeros(3), np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.array([0, 0, 1.0]))
+    frame = LOCAL_IS_RAS
     knots_v = np.array([10.0, 0.0, -10.0])
     total = np.zeros(len(PLATE_HUS))
     for offset, trabecular in zip(np.linspace(-1.4, 1.4, 8), np.linspace(90.0, 200.0, 8)):  # position in the slice, mm
@@ -247,9 +251,9 @@ def test_height_sd_matches_the_spread_over_noise_draws():
     spread of the fitted surface over independent noise draws: an upright endplate at 3 mm
     slices, 40 draws of 20 HU noise, reported and observed spread within 30 % of each other; and
     the spread grows with the noise."""
-    from VertebralFractureScreenLib.morphometry import VertebraFrame, _fit_endplate_profile
+    from VertebralFractureScreenLib.morphometry import _fit_endplate_profile
 
-    frame = VertebraFrame(np.zeros(3), np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.array([0, 0, 1.0]))
+    frame = LOCAL_IS_RAS
     knots_v = np.array([10.0, 0.0, -10.0])
     surface = 0.4  # mm within its slice
     values, local, ijk_to_ras = _upright_endplate_voxels(surface)
@@ -277,9 +281,9 @@ def test_height_sd_sees_a_residual_made_bumpy_by_the_noise():
     residual's likelihood along shifts and tilts of the endplate, within the fit's window) comes
     within a factor 3.4 of it without overshooting. (The profiles are conditional, one move at a
     time, so they still miss the tilt's share of a knot's spread.)"""
-    from VertebralFractureScreenLib.morphometry import VertebraFrame, _fit_endplate_profile
+    from VertebralFractureScreenLib.morphometry import _fit_endplate_profile
 
-    frame = VertebraFrame(np.zeros(3), np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.array([0, 0, 1.0]))
+    frame = LOCAL_IS_RAS
     knots_v = np.array([10.0, 0.0, -10.0])
     surface = 0.4
     values, local, ijk_to_ras = _upright_endplate_voxels(surface)
@@ -304,9 +308,9 @@ def test_thick_slice_endplate_fit_stays_in_its_window():
     its SD was skipped: 0.08 mm reported.) Endplates tilted against the mask's flat one by up to
     0.3 mm per mm, 3 mm voxels, noise-free and at 20 HU: every fitted knot lies within the reach,
     and where the endplate lies within it the fit finds it."""
-    from VertebralFractureScreenLib.morphometry import VertebraFrame, _fit_endplate_profile
+    from VertebralFractureScreenLib.morphometry import _fit_endplate_profile
 
-    frame = VertebraFrame(np.zeros(3), np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.array([0, 0, 1.0]))
+    frame = LOCAL_IS_RAS
     knots_v = np.array([10.0, 0.0, -10.0])
     mask, search = np.full(3, 0.9), 2.3
     rng = np.random.default_rng(1)
@@ -329,9 +333,9 @@ def test_endplate_fit_leans_on_the_mask_only_where_the_noise_hides_the_endplate(
     0.05 mm); at 300 HU noise the combination lies between the fit and the mask, and its reported
     SD never exceeds either's. An undetermined fit (inf SD) takes the mask's endplate and SD."""
     from VertebralFractureScreenLib.morphometry import (
-        MASK_ENDPLATE_SD_VOXELS, VertebraFrame, _fit_endplate_profile, _with_mask_endplate)
+        MASK_ENDPLATE_SD_VOXELS, _fit_endplate_profile, _with_mask_endplate)
 
-    frame = VertebraFrame(np.zeros(3), np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.array([0, 0, 1.0]))
+    frame = LOCAL_IS_RAS
     knots_v = np.array([10.0, 0.0, -10.0])
     surface = 0.4
     values, local, ijk_to_ras = _upright_endplate_voxels(surface)
