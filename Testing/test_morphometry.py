@@ -177,6 +177,24 @@ def test_real_example_ct(example_data):
         assert grades[level].genant_grade is None
 
 
+def test_no_negative_height_on_a_vertebra_cut_by_the_field_of_view(example_data):
+    """The 20-slice DICOM example (2 mm slices) ends inside T11: there the superior endplate's fit
+    lands below the inferior one at the anterior line. That is no height: it is left out (NaN,
+    ``endplates_cross``), the vertebra is incomplete, and no vertebra reports a height <= 0."""
+    from VertebralFractureScreenLib.imageio import read_ct, read_labelmap
+
+    ct = read_ct(example_data / "example_ct_dicom")
+    labels = read_labelmap(example_data / "example_seg_dicom.nii.gz", reference=ct)
+    by_level = {h.level: h for h in measure_heights(labels.array, ct.ijk_to_ras, ct=ct.array)}
+    t11 = by_level["T11"]
+    assert "endplates_cross" in t11.flags and not t11.complete
+    assert np.isnan(t11.ha_mm) and "ha" not in t11.height_lines_ras
+    assert np.isfinite(t11.hm_mm) and np.isfinite(t11.hp_mm)  # the lines where the endplates do not cross
+    for h in by_level.values():
+        heights = np.array([h.ha_mm, h.hm_mm, h.hp_mm])
+        assert not np.any(heights[np.isfinite(heights)] <= 0.0), h.level
+
+
 def _upright_endplate_voxels(surface_w: float, spacing=(3.0, 3.0, 3.0), disc=90.0, trabecular=160.0,
                              cortical=700.0, cortex=1.0, slope=0.0):
     """CT values of an upright superior endplate (body below ``surface_w``, a ``cortex`` mm plate

@@ -36,7 +36,8 @@ Method, per vertebra (all work on a crop around the vertebra):
      interpolated occupancy crosses one half; the median over the bundle's lines is taken.
 
 Vertebrae touching the edge of the field of view, or with implausible bodies, are returned with
-``complete = False`` and flags saying why.
+``complete = False`` and flags saying why. A height whose superior endplate was found at or below
+the inferior one is not reported (NaN, flag ``endplates_cross``), never as a negative number.
 """
 
 from __future__ import annotations
@@ -839,6 +840,12 @@ class _BodyMeasurement:
         for (key, v_f), (top, bottom), (sd_top, sd_bottom) in zip(zip(AP_FRACTIONS, self.knots_v), self.edges,
                                                                    self.edge_sd):
             if not np.isfinite(top - bottom):
+                continue
+            if top - bottom <= 0.0:
+                # The superior endplate found at or below the inferior one (a body cut by the field
+                # of view, a broken mask): that is no height, so none is reported, not a negative one.
+                if "endplates_cross" not in result.flags:
+                    result.flags.append("endplates_cross")
                 continue
             setattr(result, f"{key}_mm", float(top - bottom))
             setattr(result, f"{key}_sd_mm", float(np.hypot(sd_top, sd_bottom)))
