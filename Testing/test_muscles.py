@@ -277,6 +277,32 @@ def test_fat_at_the_muscles_edge_counts_where_its_neighbour_is_close(voxel_mm):
         assert row.fat_fraction == pytest.approx(interior_only, abs=1e-6)
 
 
+def test_voxel_offsets_do_not_overflow_the_index_type():
+    """A 10 x 60 x 200-voxel block of muscle near the far corner of a 512x512x12 grid, its lower
+    five slices fat (−100 HU), the upper five lean (50 HU), in fat. :func:`~.muscles.measure_muscles`
+    keeps the voxel indices as int16, and the block's crop has a slice stride of 62 x 202 voxels:
+    a slice index times it passes 32767, so the offsets must be computed in a wider type (numpy
+    1.x, as in 3D Slicer 5.8, keeps int16 times a NumPy integer in int16 when the integer fits;
+    there the guarded voxels were looked up at wrapped offsets and ``lean_hu`` read −25 HU)."""
+    labels = np.zeros((12, 512, 512), dtype=np.uint8)
+    labels[1:11, 450:510, 300:500] = lv.TOTAL_AUTOCHTHON_LEFT
+    ct = np.where(labels > 0, 50, -100).astype(np.int16)
+    ct[1:6, 450:510, 300:500] = -100
+    m = make_ijk_to_ras((0.8, 0.8, 1.0), (0.0, 0.0, 0.0))
+    up, centre = np.array([0.0, 0.0, 1.0]), np.array([320.0, 384.0, 0.0])  # the block's centre line
+    slab = mu.LevelSlab("L2", mu.SlabPlane(centre - 1e3 * up, up, ("L2", "L3")),
+                        mu.SlabPlane(centre + 1e3 * up, up, ("L1", "L2")))
+    row = mu.measure_muscles(ct, labels, m, [], muscles={"autochthon_left": lv.TOTAL_AUTOCHTHON_LEFT},
+                             lumbar_total=False, slabs=[slab])[0]
+    assert row.voxels == 10 * 60 * 200 and row.mean_hu == 50.0 and row.imat_fraction == 0.5
+    assert row.lean_hu == 50.0 and row.fat_reference_hu == -100.0 and row.fat_fraction == pytest.approx(0.5)
+    # Guarded lean and pure fat voxels: the interiors of the two halves, three slices each.
+    kji = tuple(a.astype(np.int16) for a in np.nonzero(labels))
+    values = labels[labels > 0]
+    guard, _, pure_fat = mu._voxel_classes(ct, labels, kji, values, values[:1], (1.0, 0.8, 0.8))
+    assert np.count_nonzero(guard) == np.count_nonzero(pure_fat) == 3 * 58 * 198
+
+
 # ------------------------------------------------------------------------------------------------
 # flags
 # ------------------------------------------------------------------------------------------------

@@ -957,7 +957,7 @@ def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
     ijk_to_ras[:3, 3] = to_ras @ origin
 
     # data
-    count = int(np.prod(sizes))
+    count = math.prod(sizes)  # Python ints: np.prod would count in a 32-bit int on Windows with numpy 1.x
     nbytes = count * dtype.itemsize
     data_file = fields.get("data file", fields.get("datafile"))
     try:

@@ -431,7 +431,9 @@ def _voxel_classes(ct: np.ndarray, labels: np.ndarray, kji: tuple[np.ndarray, np
     interior face neighbours along the axes whose spacing ``spacing_kji`` (mm, k, j, i) is at most
     :data:`RIM_NEIGHBOUR_MAX_MM`. Each muscle is processed on the crop of its bounding box. The
     image border is not the muscle's edge, but nothing is known beyond it: voxels there are
-    neither guarded lean nor pure fat."""
+    neither guarded lean nor pure fat. Offsets and flat indices in the crops are ``np.intp``
+    whatever the type of ``kji`` (int16 in :func:`measure_muscles`: an int16 index times a
+    stride overflows)."""
     k, j, i = kji
     guard = np.zeros(len(values), dtype=bool)
     pure_fat = np.zeros(len(values), dtype=bool)
@@ -441,14 +443,14 @@ def _voxel_classes(ct: np.ndarray, labels: np.ndarray, kji: tuple[np.ndarray, np
         where = np.flatnonzero(values == label)
         if not len(where):
             continue
-        kk, jj, ii = k[where], j[where], i[where]
+        kk, jj, ii = (axis[where].astype(np.intp) for axis in (k, j, i))
         lo = np.maximum(np.array([kk[0], jj.min(), ii.min()]) - 1, 0)
         hi = np.minimum(np.array([kk[-1], jj.max(), ii.max()]) + 2, labels.shape)
         crop = tuple(slice(a, b) for a, b in zip(lo, hi))
         mask = labels[crop] == label
         hu = ct[crop].reshape(-1)
         classes = _hu_classes(hu).reshape(mask.shape)
-        strides = np.array([mask.shape[1] * mask.shape[2], mask.shape[2], 1])
+        strides = np.array([mask.shape[1] * mask.shape[2], mask.shape[2], 1], dtype=np.intp)
         local = (kk - lo[0], jj - lo[1], ii - lo[2])
         at = local[0] * strides[0] + local[1] * strides[1] + local[2]  # flat indices in the crop
         guard[where] = _face_interior(mask & (classes == 1)).reshape(-1)[at]
@@ -505,7 +507,9 @@ def _slab_shares(ijk: tuple[np.ndarray, np.ndarray, np.ndarray], slabs: Sequence
             along = float(np.clip(plane.normal @ k_row / k_scale, -1.0, 1.0))
             half = 1.1 * SLAB_REACH_MM * k_scale * np.sqrt(1.0 - along * along)
             reach += [k_centre - half - 2.0, k_centre + half + 2.0]
-        bounds = np.array([np.floor(min(reach)), np.ceil(max(reach))]).astype(k.dtype)
+        # In ``k``'s type for the search (a float search would copy ``k``), clipped to its range.
+        limits = np.iinfo(k.dtype)
+        bounds = np.clip([np.floor(min(reach)), np.ceil(max(reach))], limits.min, limits.max).astype(k.dtype)
         first, last = (int(x) for x in np.searchsorted(k, bounds, side="left"))
         if first >= last:
             continue
@@ -652,7 +656,8 @@ def measure_muscles(
     ids = np.array([muscles[n] for n in names], dtype=labels.dtype)
     k_range = None
     if label_boxes is not None:  # ``ndimage.find_objects(labels)``: scan only the muscles' slices
-        boxes = [label_boxes[m - 1] for m in ids if m - 1 < len(label_boxes) and label_boxes[m - 1] is not None]
+        boxes = [label_boxes[m - 1] for m in ids.tolist()  # Python ints: no wrap-around of m - 1
+                 if m - 1 < len(label_boxes) and label_boxes[m - 1] is not None]
         k_range = (min(b[0].start for b in boxes), max(b[0].stop for b in boxes)) if boxes else (0, 0)
     flat, values = _muscle_voxels(labels, ids, k_range)
     muscle_index = np.argsort(ids)[np.searchsorted(np.sort(ids), values)].astype(np.int8)  # index into ``names``
