@@ -31,3 +31,14 @@ def example_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared example data not found at {path} (set VFS_SHARED_DATA)")
     return path
+
+
+@pytest.fixture(scope="module")
+def trap():
+    """A local connection trap used as HTTP(S) proxy (``totalseg_offline.ConnectionTrap``): it
+    records any connection attempt of an offline TotalSegmentator run."""
+    from totalseg_offline import ConnectionTrap
+
+    trap = ConnectionTrap()
+    yield trap
+    trap.close()

@@ -15,92 +15,22 @@ They skip, with the reason, when TotalSegmentator, nnU-Net or PyTorch is not ins
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import socket
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from VertebralFractureScreenLib import imageio, levels, phantom, segmentation
+from VertebralFractureScreenLib import imageio, levels, segmentation
 from VertebralFractureScreenLib.errors import DependencyError, InputError, VFSError
 
 import fake_totalseg_weights as fake  # Testing/ is on sys.path under pytest, as for mrml_support
-
-HAVE_TOTALSEGMENTATOR = all(importlib.util.find_spec(name) is not None
-                            for name in ("torch", "nnunetv2", "totalsegmentator"))
-needs_totalsegmentator = pytest.mark.skipif(
-    not HAVE_TOTALSEGMENTATOR,
-    reason="TotalSegmentator, nnU-Net or PyTorch is not installed "
-           "(pip install torch==2.13.0, then pip install -e '.[test,segment]')",
-)
+from totalseg_offline import needs_totalsegmentator, phantom_ct, set_offline_environment
 
 L1 = levels.TOTAL_VERTEBRA_IDS["L1"]  # what the fake 3 mm `total` model predicts everywhere
 AORTA = levels.TOTAL_AORTA  # what the fake 6 mm crop model predicts everywhere
 BODY = levels.BODY_LABEL  # what the fake vertebrae_body model predicts everywhere
-
-
-def _phantom_ct(orientation: str) -> imageio.Volume:
-    """A small L1 phantom at 3 mm. The noise leaves no plane of exactly 0 HU at the border, which
-    nnU-Net would crop away as background before predicting."""
-    spec = phantom.PhantomSpec(levels=("L1",), spacing=(3.0, 3.0, 3.0), grid_orientation=orientation,
-                               noise_hu=20.0, supersampling=1)
-    ph = phantom.make_phantom(spec)
-    return imageio.Volume(ph.ct, ph.ijk_to_ras)
-
-
-class ConnectionTrap:
-    """A local TCP listener used as HTTP(S) proxy: it records the first line of every request
-    (``CONNECT host:443 HTTP/1.1`` for HTTPS) and closes the connection."""
-
-    def __init__(self):
-        self.requests: list[str] = []
-        self._server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._server.bind(("127.0.0.1", 0))
-        self._server.listen(8)
-        self._server.settimeout(0.2)
-        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self):
-        while not self._stop.is_set():
-            try:
-                connection, _ = self._server.accept()
-            except (socket.timeout, OSError):
-                continue
-            with connection:
-                connection.settimeout(2.0)
-                try:
-                    first_line = connection.recv(4096).split(b"\r\n", 1)[0].decode("ascii", "replace")
-                except OSError:
-                    first_line = "?"
-                self.requests.append(first_line)
-
-    def close(self):
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._server.close()
-
-
-def _offline_environment(monkeypatch, weights_dir: Path, home_dir: Path, trap: ConnectionTrap) -> None:
-    monkeypatch.setenv("TOTALSEG_WEIGHTS_PATH", str(weights_dir))
-    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(home_dir))
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.setenv(name, trap.url)
-    for name in ("NO_PROXY", "no_proxy"):
-        monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture(scope="module")
-def trap():
-    trap = ConnectionTrap()
-    yield trap
-    trap.close()
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +43,7 @@ def offline(tmp_path_factory, trap):
     fake.write_fake_vertebrae_body_weights(weights, label=BODY)
     home.mkdir()
     with pytest.MonkeyPatch.context() as monkeypatch:
-        _offline_environment(monkeypatch, weights, home, trap)
+        set_offline_environment(monkeypatch, weights, home, trap)
         yield {"root": root, "weights": weights, "home": home}
 
 
@@ -122,7 +52,7 @@ def screened(offline, trap):
     """One `fast` run with the `vertebrae_body` task on an NRRD CT on an oblique grid (the CT
     goes through our reader, as DICOM would), with the default classes and settings."""
     ct_path = offline["root"] / "ct.nrrd"
-    imageio.write_volume(ct_path, _phantom_ct("oblique"))
+    imageio.write_volume(ct_path, phantom_ct("oblique"))
     out = offline["root"] / "screen"
     result = segmentation.segment_ct(ct_path, out, quality="fast", body=True)
     return {"ct_path": ct_path, "out": out, "result": result, "requests": list(trap.requests),
@@ -135,7 +65,7 @@ def subset_run(screened, offline, trap):
     aorta, the 3 mm model predicts L1 everywhere, and TotalSegmentator must drop it. Usage
     statistics are switched on here, to see that the switch really controls the sending."""
     ct_path = offline["root"] / "ct_lps.nii.gz"
-    imageio.write_volume(ct_path, _phantom_ct("LPS"))
+    imageio.write_volume(ct_path, phantom_ct("LPS"))
     out = offline["root"] / "subset"
     before = len(trap.requests)
     result = segmentation.segment_ct(ct_path, out, quality="fast", classes=("spinal_cord", "aorta"),
@@ -391,7 +321,7 @@ def test_vfscreen_screen_without_seg_segments_then_screens(offline, trap, tmp_pa
     from VertebralFractureScreenLib.cli import main
 
     ct_path = tmp_path / "ct.nii.gz"
-    imageio.write_volume(ct_path, _phantom_ct("RAS"))
+    imageio.write_volume(ct_path, phantom_ct("RAS"))
     out = tmp_path / "out"
     requests_before = len(trap.requests)
     assert main(["screen", str(ct_path), "--out", str(out), "--quality", "fast", "--body"]) == 0, capsys.readouterr().err

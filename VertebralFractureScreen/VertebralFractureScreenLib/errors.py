@@ -21,3 +21,8 @@ class DependencyError(VFSError):
 class SegmentationError(VFSError):
     """TotalSegmentator ran but could not produce a usable segmentation (out of memory, its worker
     processes died, it stopped, or its output does not fit the CT)."""
+
+
+class WeightsMissingError(DependencyError):
+    """TotalSegmentator is installed but the model weights a run needs are not on this computer,
+    and downloading them was not allowed (the caller may ask the user, then allow it)."""

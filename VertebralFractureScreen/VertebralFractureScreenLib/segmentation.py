@@ -61,7 +61,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from . import imageio, levels
-from .errors import DependencyError, InputError, SegmentationError
+from .errors import DependencyError, InputError, SegmentationError, WeightsMissingError
 
 __all__ = [
     "SCREENING_CLASSES",
@@ -442,7 +442,7 @@ def segment_ct(ct, out_dir, *, quality: str = "normal", device: str = "cpu", bod
         plan.append(("vertebrae_body", _datasets(ts, "vertebrae_body", quality, classes)))
     missing, commands = _missing_weights(ts, plan, quality)
     if missing and not download:
-        raise DependencyError(_weights_sentence(ts, missing, commands, download_failed=False))
+        raise WeightsMissingError(_weights_sentence(ts, missing, commands, download_failed=False))
     download_hint = _weights_sentence(ts, missing, commands, download_failed=True) if missing else ""
     _configure_usage_statistics(ts, usage_statistics)
     _check_nnunet_paths(ts)
