@@ -121,6 +121,108 @@ def test_icons_are_128_pixel_pngs(path):
     assert struct.unpack(">II", header[16:24]) == (128, 128)
 
 
+# Which field types Slicer's parameter-node wrapper connects to which widget class: the
+# ``canRepresent`` rules of Base/Python/slicer/parameterNodeWrapper/guiConnectors.py, read from
+# Slicer's tags v5.8.1 and v5.10.0. Each connector compares the widget's exact class
+# (``type(widget) == ...``), so a subclass does not inherit a rule. A type is written as the
+# checker below names it: "bool", "int", "float", "str", "Path" (any pathlib class), "FloatRange",
+# "QColor", "node" (a vtkMRML...Node class or a Union of them); "+Choice" means the field must be
+# annotated with ``Choice``; "Enum" an enum.Enum subclass.
+_PATHS = {"Path"}
+SLICER_CONNECTOR_RULES = {
+    "v5.8.1": {
+        "QCheckBox": {"bool"}, "ctkCheckBox": {"bool"}, "QPushButton": {"bool"},
+        "QSlider": {"int"}, "QSpinBox": {"int"},
+        **{w: {"float"} for w in ("QDoubleSpinBox", "ctkSliderWidget", "qMRMLSliderWidget", "ctkDoubleSlider",
+                                  "ctkDoubleSpinBox", "qMRMLSpinBox")},
+        "QComboBox": {"int+Choice", "float+Choice", "str+Choice", "bool+Choice", "Enum"},
+        "ctkComboBox": {"int+Choice", "float+Choice", "str+Choice", "bool+Choice", "Enum"},
+        "QLineEdit": {"str"}, "QLabel": {"str"}, "QTextEdit": {"str"},
+        **{w: {"FloatRange"} for w in ("ctkRangeWidget", "ctkDoubleRangeSlider", "qMRMLRangeWidget")},
+        "ctkPathLineEdit": _PATHS, "ctkDirectoryButton": _PATHS,
+        "qMRMLNodeComboBox": {"node"},
+    },
+}
+SLICER_CONNECTOR_RULES["v5.10.0"] = {
+    **SLICER_CONNECTOR_RULES["v5.8.1"],
+    "ctkCheckablePushButton": {"bool"},
+    **{w: {"float", "int"} for w in ("QDoubleSpinBox", "ctkSliderWidget", "qMRMLSliderWidget", "ctkDoubleSlider",
+                                     "ctkDoubleSpinBox", "qMRMLSpinBox")},
+    "ctkColorPickerButton": {"QColor"},
+}
+
+
+def _field_type(annotation: ast.expr) -> tuple[str, set[str]]:
+    """(type name as the rules write it, names of its Annotated extras) of a field annotation."""
+    extras: set[str] = set()
+    if isinstance(annotation, ast.Subscript) and ast.unparse(annotation.value) in ("Annotated", "typing.Annotated"):
+        elements = annotation.slice.elts if isinstance(annotation.slice, ast.Tuple) else [annotation.slice]
+        annotation = elements[0]
+        extras = {ast.unparse(e.func if isinstance(e, ast.Call) else e).split(".")[-1] for e in elements[1:]}
+    text = ast.unparse(annotation)
+    name = text.split(".")[-1]
+    if name in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"):
+        return "Path", extras
+    if re.fullmatch(r"vtkMRML\w*Node", name) or (text.startswith(("Union[", "Optional[")) and "vtkMRML" in text):
+        return "node", extras
+    return name, extras
+
+
+def binding_problems(fields: dict[str, ast.expr], bound: dict[str, tuple[str, str]], rules: dict) -> list[str]:
+    """Each widget bound to a parameter whose type no connector of ``rules`` represents."""
+    problems = []
+    for widget, (widget_class, parameter) in sorted(bound.items()):
+        if parameter not in fields:
+            problems.append(f"{widget}: no parameter {parameter}")
+            continue
+        kind, extras = _field_type(fields[parameter])
+        accepted = rules.get(widget_class, set())
+        ok = kind in accepted or (f"{kind}+Choice" in accepted and "Choice" in extras)
+        if not ok:
+            problems.append(f"{widget} ({widget_class}) cannot represent {parameter}: {kind}"
+                            f"{' with ' + ', '.join(sorted(extras)) if extras else ''}; it takes "
+                            f"{', '.join(sorted(accepted)) or 'nothing'}")
+    return problems
+
+
+def _parameter_fields(source: str) -> dict[str, ast.expr]:
+    module = ast.parse(source)
+    wrapper = next(node for node in module.body if isinstance(node, ast.ClassDef)
+                   and any(getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list))
+    return {node.target.id: node.annotation for node in wrapper.body if isinstance(node, ast.AnnAssign)}
+
+
+def _bound_widgets() -> dict[str, tuple[str, str]]:
+    bound = {}
+    for widget in ET.parse(UI_FILE).getroot().iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[widget.get("name")] = (widget.get("class"), prop.findtext("string"))
+    return bound
+
+
+@pytest.mark.parametrize("version", sorted(SLICER_CONNECTOR_RULES))
+def test_every_bound_widget_can_represent_its_parameter_type(version):
+    """connectGui builds a connector for every bound widget before wiring any: one type that no
+    connector represents and the whole panel is unbound (Apply never enabled)."""
+    fields = _parameter_fields(MODULE_FILE.read_text(encoding="utf-8"))
+    bound = _bound_widgets()
+    assert {"inputVolume", "inputSegmentation", "modelPath", "quality", "outputTable"} <= {p for _, p in bound.values()}
+    assert binding_problems(fields, bound, SLICER_CONNECTOR_RULES[version]) == []
+
+
+def test_binding_check_rejects_what_slicer_rejects():
+    """The check catches the defect it was written for (a str bound to a ctkPathLineEdit) and a
+    QComboBox without Choice, and accepts their fixes."""
+    rules = SLICER_CONNECTOR_RULES["v5.8.1"]
+    fields = _parameter_fields("@parameterNodeWrapper\nclass P:\n    a: str = ''\n    b: pathlib.Path\n"
+                               "    c: str = 'x'\n    d: Annotated[str, Choice(['x'])] = 'x'\n")
+    bound = {"w1": ("ctkPathLineEdit", "a"), "w2": ("ctkPathLineEdit", "b"), "w3": ("QComboBox", "c"),
+             "w4": ("QComboBox", "d")}
+    problems = binding_problems(fields, bound, rules)
+    assert [p.split(" ")[0] for p in problems] == ["w1", "w3"]
+
+
 def test_every_parameter_the_ui_binds_is_in_the_parameter_node():
     """The parameter node wrapper connects widgets by their SlicerParameterName property."""
     tree = ET.parse(UI_FILE)
@@ -139,18 +241,25 @@ def test_every_parameter_the_ui_binds_is_in_the_parameter_node():
 
 
 def test_slicer_requirements_match_the_package_dependencies():
-    """Resources/requirements.txt lists every dependency of pyproject.toml that Slicer does not
-    bundle, with the same minimum version, and the missing-package check reads it."""
-    import tomllib
+    """Screening needs only what Slicer bundles; each optional action's requirements file lists
+    its packages with the minimum versions of pyproject.toml, and the missing-package check reads it."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11 (Slicer 5.8's 3.9)
+        tomllib = pytest.importorskip("tomli", reason="tomllib needs Python 3.11, tomli is not installed")
 
-    from VertebralFractureScreenLib.dependencies import missing_requirements, read_requirements
+    from VertebralFractureScreenLib.dependencies import missing_modules, missing_requirements, read_requirements
 
-    bundled_with_slicer = {"numpy", "simpleitk"}
+    bundled_with_slicer = {"numpy", "scipy", "simpleitk"}
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-    expected = sorted(d.split(";")[0].replace(" ", "") for d in project["dependencies"]
-                      if re.split(r"[<>=!~ ;\[]", d)[0].lower() not in bundled_with_slicer)
-    listed = read_requirements(MODULE_DIR / "Resources" / "requirements.txt")
-    assert sorted(listed) == expected
-    assert missing_requirements(listed) == []  # all installed here
+    minimum = {re.split(r"[<>=!~ ;\[]", d)[0].lower(): d.split(";")[0].replace(" ", "") for d in project["dependencies"]}
+    listed = {name: read_requirements(MODULE_DIR / "Resources" / name)
+              for name in ("requirements-qc.txt", "requirements-training.txt")}
+    assert listed == {"requirements-qc.txt": [minimum["matplotlib"]],
+                      "requirements-training.txt": [minimum["scikit-learn"]]}
+    assert set(minimum) - bundled_with_slicer == {"matplotlib", "scikit-learn"}
+    for requirements in listed.values():
+        assert missing_requirements(requirements) == []  # all installed here
     assert missing_requirements(["numpy>=1.0", "numpy>=999", "surely-not-a-package-here>=1"]) == [
         "numpy>=999", "surely-not-a-package-here>=1"]
+    assert missing_modules(["numpy", "surely_not_a_module_here"]) == ["surely_not_a_module_here"]

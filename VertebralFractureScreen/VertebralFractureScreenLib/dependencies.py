@@ -1,11 +1,15 @@
-"""Which Python packages of a requirements file are missing (for Slicer's first-use install).
+"""Which Python packages are missing (for Slicer's install on first use of an action).
 
-The Slicer module asks before it installs anything; this module only answers which requirements of
-``Resources/requirements.txt`` the running Python does not satisfy, without importing them.
+Screening needs only what 3D Slicer bundles (numpy, scipy, SimpleITK, VTK). The QC picture needs
+matplotlib (``Resources/requirements-qc.txt``), training a model scikit-learn
+(``Resources/requirements-training.txt``), segmentation TotalSegmentator. The Slicer module asks
+before it installs anything; this module only answers what the running Python lacks, without
+importing it.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from importlib import metadata
 from pathlib import Path
@@ -51,3 +55,9 @@ def missing_requirements(requirements) -> list[str]:
         if minimum and _version_tuple(installed) < _version_tuple(minimum):
             missing.append(requirement)
     return missing
+
+
+def missing_modules(names) -> list[str]:
+    """The importable module names of ``names`` (e.g. ``torch``) that the running Python cannot
+    find, without importing any of them."""
+    return [name for name in names if importlib.util.find_spec(name) is None]

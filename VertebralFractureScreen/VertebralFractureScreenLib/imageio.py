@@ -55,6 +55,7 @@ __all__ = [
     "LABEL_MAP_CONVENTIONS",
     "read_ct",
     "read_labelmap",
+    "segment_structure",
     "resample_labelmap",
     "write_volume",
     "write_segmentation_nrrd",
@@ -1067,20 +1068,47 @@ def _segment_terminology(pairs: dict[str, str], index: int) -> str:
     return ""
 
 
-def _segment_structure(pairs: dict[str, str], index: int, known: dict[str, int]) -> tuple[str | None, str]:
-    """(class name or None, reason when None) for segment ``index``."""
-    segment_id = pairs.get(f"Segment{index}_ID", "").strip()
+_GENERIC_SEGMENT_ID = re.compile(r"^(?:Segment|Label)_(\d+)$")
+
+
+def segment_structure(segment_id: str, name: str, terminology: str, label_value: int | None,
+                      known: dict[str, int]) -> tuple[str | None, str]:
+    """(class name or None, reason when None) of one segment, by the product's one matching rule.
+
+    In this order: the segment ID is a class name of ``known`` (``vertebrae_L1``); else its
+    terminology names a structure (SNOMED CT code or a type meaning such as ``L1 vertebra``), unless
+    the segment's name names another structure; else the ID is the generic one that Slicer gives a
+    label map loaded as a segmentation without names (``Segment_<n>``, or ``Label_<n>`` from the
+    Segmentations module's import) with ``n`` equal to the segment's label value, and ``n`` is an
+    id of ``known``: a TotalSegmentator NIfTI loaded with "Add data" keeps its label values. The
+    display name alone never decides, because users rename segments freely.
+    """
+    segment_id = (segment_id or "").strip()
     if segment_id in known:
         return segment_id, ""
-    terminology = _segment_terminology(pairs, index)
     structure = structure_from_terminology(terminology) if terminology else None
-    if structure is None:
-        return None, "no matching segment ID or terminology"
-    name = pairs.get(f"Segment{index}_Name", "").strip()
-    named = name if name in known or name in levels.TOTAL_CLASS_NAMES.values() else vertebra_from_text(name)
-    if named is not None and named != structure:
-        return None, f"its name names {named} but its terminology {structure}"
-    return structure, ""
+    if structure is not None:
+        name = (name or "").strip()
+        named = name if name in known or name in levels.TOTAL_CLASS_NAMES.values() else vertebra_from_text(name)
+        if named is not None and named != structure:
+            return None, f"its name names {named} but its terminology {structure}"
+        return structure, ""
+    generic = _GENERIC_SEGMENT_ID.match(segment_id)
+    if generic and label_value is not None and int(generic.group(1)) == int(label_value):
+        by_id = {label: cls for cls, label in known.items()}
+        if int(label_value) in by_id:
+            return by_id[int(label_value)], ""
+    return None, "no matching segment ID, terminology or label value"
+
+
+def _segment_structure(pairs: dict[str, str], index: int, known: dict[str, int]) -> tuple[str | None, str]:
+    """(class name or None, reason when None) for segment ``index`` of a ``.seg.nrrd`` header."""
+    try:
+        label_value = int(pairs.get(f"Segment{index}_LabelValue", ""))
+    except ValueError:
+        label_value = None
+    return segment_structure(pairs.get(f"Segment{index}_ID", ""), pairs.get(f"Segment{index}_Name", ""),
+                             _segment_terminology(pairs, index), label_value, known)
 
 
 def _segment_indices(pairs: dict[str, str]) -> list[int]:
