@@ -61,6 +61,9 @@ class ExamInputs:
     label_boxes: list | None = None
     """Each label's bounding box (:func:`.geometry.find_label_boxes`, as ``ndimage.find_objects``),
     found once for all steps."""
+    label_grid: tuple | None = None
+    """The segmentation's own grid ``(ijk_to_ras, shape)`` when it was resampled onto the CT's:
+    a structure cut by its extent is cut by the field of view too."""
 
 
 def _source(value) -> str:
@@ -101,20 +104,24 @@ def check_ct(volume: imageio.Volume, name: str = "CT") -> None:
             "give the CT itself, with its rescale slope and intercept applied")
 
 
-def _labels_on_grid(value, reference: imageio.Volume, convention: str, what: str, messages: list[str]) -> imageio.Volume:
+def _labels_on_grid(value, reference: imageio.Volume, convention: str, what: str, messages: list[str],
+                    grids: list | None = None) -> imageio.Volume:
+    """The label map on the CT's grid. When it had to be resampled, its own grid
+    ``(ijk_to_ras, shape)`` is appended to ``grids``: where it ends, nothing is known."""
     if isinstance(value, np.ndarray):
         value = imageio.Volume(value, reference.ijk_to_ras)
-    if isinstance(value, imageio.Volume):
-        if np.issubdtype(value.array.dtype, np.floating) or value.array.ndim != 3:
-            raise InputError(f"the {what} must be a 3-D integer label map")
-        if not value.same_grid(reference):
-            value = imageio.resample_labelmap(value, reference, name=what)
-        return value
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", imageio.LabelMapWarning)
-        volume = imageio.read_labelmap(value, reference, convention=convention)
-    messages.extend(str(w.message) for w in caught if issubclass(w.category, imageio.LabelMapWarning))
-    return volume
+    if not isinstance(value, imageio.Volume):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", imageio.LabelMapWarning)
+            value = imageio.read_labelmap(value, None, convention=convention)
+        messages.extend(str(w.message) for w in caught if issubclass(w.category, imageio.LabelMapWarning))
+    elif np.issubdtype(value.array.dtype, np.floating) or value.array.ndim != 3:
+        raise InputError(f"the {what} must be a 3-D integer label map")
+    if value.same_grid(reference, tol=1e-4):
+        return imageio.Volume(value.array, reference.ijk_to_ras)
+    if grids is not None:
+        grids.append((np.array(value.ijk_to_ras, dtype=float), tuple(int(n) for n in value.array.shape)))
+    return imageio.resample_labelmap(value, reference, name=what)
 
 
 def check_vertebrae(labels: imageio.Volume, convention: str, name: str = "segmentation",
@@ -164,7 +171,8 @@ def load_exam(ct, seg, body_seg=None, *, convention: str = "totalsegmentator",
         raise InputError(f"unknown label convention {convention!r}; use totalsegmentator or verse")
     volume = read_ct_checked(ct, series_uid)
     messages: list[str] = []
-    labels = _labels_on_grid(seg, volume, convention, "segmentation", messages)
+    grids: list = []
+    labels = _labels_on_grid(seg, volume, convention, "segmentation", messages, grids)
     body = None if body_seg is None else _labels_on_grid(body_seg, volume, "vertebrae_body",
                                                          "vertebrae_body segmentation", messages)
     # Each label's bounding box, once: the checks, the morphometry, the aorta and the muscles use it.
@@ -177,7 +185,7 @@ def load_exam(ct, seg, body_seg=None, *, convention: str = "totalsegmentator",
     sources = {"ct": _source(ct), "segmentation": "in memory" if isinstance(seg, np.ndarray) else _source(seg)}
     if body_seg is not None:
         sources["vertebrae_body"] = "in memory" if isinstance(body_seg, np.ndarray) else _source(body_seg)
-    return ExamInputs(volume, labels, body, convention, sources, messages, boxes)
+    return ExamInputs(volume, labels, body, convention, sources, messages, boxes, grids[0] if grids else None)
 
 
 _BOX_LABELS = {"totalsegmentator": max(lv.TOTAL_ILIOPSOAS_RIGHT, lv.TOTAL_AORTA, max(lv.vertebra_ids("totalsegmentator").values())),

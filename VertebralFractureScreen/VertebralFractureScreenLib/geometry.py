@@ -193,3 +193,44 @@ def find_label_boxes(labels: np.ndarray, max_label: int | None = None) -> list:
             else:
                 boxes[index] = tuple(slice(min(a.start, b.start), max(a.stop, b.stop)) for a, b in zip(boxes[index], box))
     return boxes
+
+
+def grid_edge_layer(box: tuple[slice, slice, slice], shape_kji, ijk_to_ras: np.ndarray | None = None,
+                    label_grid: tuple[np.ndarray, tuple[int, int, int]] | None = None) -> np.ndarray | None:
+    """Which voxels of the crop ``box`` (slices ``[k, j, i]`` of a grid of ``shape_kji``) lie where
+    nothing is known beyond them: on the grid's outermost layer, or, with ``label_grid`` (the
+    label map's own ``(ijk_to_ras, shape_kji)`` before it was resampled onto this grid of
+    ``ijk_to_ras``), where the nearest label voxel is on that grid's outermost layer or outside
+    it. A mask that reaches such a voxel may be cut by the field of view (the CT's, or the
+    segmentation's). Returns a bool array of the crop's shape, or None when no voxel of the crop
+    is such a voxel."""
+    crop_shape = tuple(int(s.stop - s.start) for s in box)
+    edge = None
+    for axis, (s, n) in enumerate(zip(box, shape_kji)):
+        for index, at in ((0, 0), (n - 1, -1)):
+            if s.start <= index < s.stop:
+                if edge is None:
+                    edge = np.zeros(crop_shape, dtype=bool)
+                layer = [slice(None)] * 3
+                layer[axis] = at
+                edge[tuple(layer)] = True
+    if label_grid is not None and ijk_to_ras is not None:
+        label_ijk_to_ras, label_shape = label_grid
+        to_label = np.linalg.inv(np.asarray(label_ijk_to_ras, dtype=float)) @ np.asarray(ijk_to_ras, dtype=float)
+        limits = np.array([label_shape[2], label_shape[1], label_shape[0]], dtype=float)  # (ni, nj, nk)
+        corners = np.array([[i, j, k, 1.0] for i in (box[2].start, box[2].stop - 1)
+                            for j in (box[1].start, box[1].stop - 1) for k in (box[0].start, box[0].stop - 1)])
+        at = np.floor(corners @ to_label[:3].T + 0.5)
+        if np.all((at >= 1) & (at <= limits - 2)):  # the box lies inside the label grid's interior
+            return edge
+        # Label-grid index (i, j, k) of each crop voxel centre, axis by axis (no (N, 3) temporary).
+        k, j, i = (np.arange(s.start, s.stop, dtype=np.float64) for s in box)
+        outside = np.zeros(crop_shape, dtype=bool)
+        for row in range(3):
+            a = to_label[row]
+            index = np.floor(a[0] * i[None, None, :] + a[1] * j[None, :, None] + a[2] * k[:, None, None]
+                             + a[3] + 0.5)  # nearest neighbour, rounded half up as the resampler does
+            outside |= (index <= 0) | (index >= limits[row] - 1)
+        if outside.any():
+            edge = outside if edge is None else edge | outside
+    return edge

@@ -35,8 +35,17 @@ Method, per vertebra (all work on a crop around the vertebra):
    * without the CT (or when no fit is possible), the endplate is where the body mask's
      interpolated occupancy crosses one half; the median over the bundle's lines is taken.
 
-Vertebrae touching the edge of the field of view, or with implausible bodies, are returned with
-``complete = False`` and flags saying why. A height whose superior endplate was found at or below
+Completeness is decided per part. Where the field of view (the CT's grid, or the segmentation's
+own grid when it was resampled onto the CT's) cuts a vertebra, the flags say which part:
+``posterior_elements_cut`` (the arch, spinous or transverse processes), ``body_cut`` (a wall of
+the body), ``endplate_cut_superior`` / ``endplate_cut_inferior`` (the body within 2 mm, or a
+voxel, of that endplate). A vertebra whose body and endplates are whole is measured and graded
+even when its posterior elements are cut: its body joins the spine's centre line, and its
+antero-posterior direction comes from what is left of its posterior elements, balanced left to
+right when the cut took one side (:func:`_ap_hint`), or from its neighbours' when too little is
+left. A vertebra whose body is cut
+(flagged ``touches_field_of_view_edge`` too) and one with an implausible body are returned with
+``complete = False``. A height whose superior endplate was found at or below
 the inferior one is not reported (NaN, flag ``endplates_cross``), never as a negative number.
 """
 
@@ -50,6 +59,7 @@ from scipy import ndimage, optimize, stats
 from . import levels as lv
 from .geometry import (
     find_label_boxes,
+    grid_edge_layer,
     mask_box,
     mask_centroid_ras,
     partial_volume_share,
@@ -207,7 +217,8 @@ class _Vertebra:
     slices: tuple[slice, slice, slice]
     origin_ijk: np.ndarray  # (i, j, k) of the crop's first voxel
     mask: np.ndarray  # whole vertebra, bool, crop
-    touches_edge: bool
+    touches_edge: bool  # any voxel of the vertebra lies where the field of view ends
+    edge: np.ndarray | None = None  # crop voxels where the field of view ends (None: none there)
     centroid: np.ndarray = None
     body: np.ndarray = None
     body_centroid: np.ndarray = None
@@ -268,10 +279,13 @@ def spine_tangents(centroids: list[np.ndarray]) -> list[np.ndarray]:
     return tangents
 
 
-def _frames(vertebrae: list[_Vertebra], centroids: list[np.ndarray], ap_hints: list[np.ndarray | None]):
+def _frames(vertebrae: list[_Vertebra], centroids: list[np.ndarray], ap_hints: list[np.ndarray | None],
+            cut: list[bool] | None = None):
     # A vertebra cut by the field of view has a displaced centroid: the centre line runs through
     # the whole ones only (when at least two), and a cut one takes the tangent of the nearest whole.
-    whole = [n for n, v in enumerate(vertebrae) if not v.touches_edge]
+    # ``cut``: whose centroid is displaced (default: any part touches the field of view's edge).
+    cut = [v.touches_edge for v in vertebrae] if cut is None else cut
+    whole = [n for n, c in enumerate(cut) if not c]
     if len(whole) >= 2 and len(whole) < len(vertebrae):
         whole_tangents = spine_tangents([centroids[n] for n in whole])
         tangents = [whole_tangents[int(np.argmin([abs(n - w) for w in whole]))] for n in range(len(vertebrae))]
@@ -286,6 +300,101 @@ def _frames(vertebrae: list[_Vertebra], centroids: list[np.ndarray], ap_hints: l
         ap = unit(ap)
         frames.append(VertebraFrame(np.asarray(centre, dtype=float), np.cross(ap, tangent), ap, tangent))
     return frames
+
+
+def _cut_part(vertebra: _Vertebra, part: np.ndarray) -> bool:
+    """Whether ``part`` (a mask of the vertebra's crop) reaches where the field of view ends."""
+    return vertebra.edge is not None and bool((part & vertebra.edge).any())
+
+
+def _posterior_cut(vertebra: _Vertebra) -> bool:
+    return vertebra.body is not None and _cut_part(vertebra, vertebra.mask & ~vertebra.body)
+
+
+def _body_cut(vertebra: _Vertebra) -> bool:
+    return _cut_part(vertebra, vertebra.mask if vertebra.body is None else vertebra.body)
+
+
+def _cut_flags(vertebra: _Vertebra, frame: VertebraFrame, sample: _CropSampler, ijk_to_ras: np.ndarray) -> list[str]:
+    """Which parts of the vertebra the field of view cuts (see the module docstring): the body's
+    voxels on the edge are sorted by their height in the body along the frame's cranio-caudal
+    axis, within ``max(2 mm, one voxel)`` of the top or bottom (an endplate) or between (a wall)."""
+    flags = ["posterior_elements_cut"] if _posterior_cut(vertebra) else []
+    if not _cut_part(vertebra, vertebra.body):
+        return flags
+    w = _local_coordinate(frame, np.linalg.inv(sample.ras_to_crop), vertebra.mask.shape, 2)
+    w_body = w[vertebra.body]
+    w_cut = w[vertebra.body & vertebra.edge]
+    zone = max(2.0, voxel_extent_along(frame.cc, ijk_to_ras))
+    top, bottom = w_cut > w_body.max() - zone, w_cut < w_body.min() + zone
+    flags += ["body_cut"] * bool((~top & ~bottom).any()) + ["endplate_cut_superior"] * bool(top.any()) \
+        + ["endplate_cut_inferior"] * bool(bottom.any())
+    return flags
+
+
+def _ap_hint(vertebra: _Vertebra, frame: VertebraFrame, ijk_to_ras: np.ndarray) -> np.ndarray | None:
+    """Patient-anterior as the vertebra shows it: from its posterior elements' centroid to its
+    body's. When the field of view cuts the posterior elements off to one side (a transverse
+    process, or an arch cut obliquely), the centroid would move to the other: then only their
+    voxels nearer to the mid-sagittal plane than the nearest cut voxel beyond
+    :data:`CENTRAL_CUT_MM` (less a margin) count, on both sides alike; the left-right axis that
+    says "nearer" is taken from the hint itself, :data:`HINT_ROUNDS` times. A cut near the
+    mid-sagittal plane (a spinous process) moves the centroid along that plane only. None
+    without posterior elements, or when too little of them is left."""
+    if vertebra.posterior_centroid is None:
+        return None
+    hint = plain = unit(vertebra.body_centroid - vertebra.posterior_centroid)
+    if not _posterior_cut(vertebra):
+        return hint
+    rest = vertebra.mask & ~vertebra.body
+    k, j, i = np.nonzero(rest)
+    ras = (np.stack([i, j, k], axis=1).astype(float) + vertebra.origin_ijk) @ ijk_to_ras[:3, :3].T \
+        + ijk_to_ras[:3, 3] - vertebra.body_centroid
+    cut = vertebra.edge[rest]
+    for _ in range(HINT_ROUNDS):
+        ap = hint - (hint @ frame.cc) * frame.cc
+        if np.linalg.norm(ap) < 1e-6:
+            return hint
+        lr = np.cross(unit(ap), frame.cc)
+        u = np.abs(ras @ lr)
+        lateral = u[cut & (u >= CENTRAL_CUT_MM)]
+        if not len(lateral):
+            return hint
+        keep = u < lateral.min() - max(2.0, voxel_extent_along(lr, ijk_to_ras))
+        if np.count_nonzero(keep) < 10:
+            return None
+        hint = unit(-ras[keep].mean(axis=0))
+    return hint if np.degrees(np.arccos(np.clip(hint @ plain, -1.0, 1.0))) <= MAX_HINT_CORRECTION_DEG else plain
+
+
+MAX_FRAME_PASSES = 4
+"""Most passes of frames and body separation (two when the field of view cuts no body)."""
+
+MAX_HINT_CORRECTION_DEG = 10.0
+"""A left-right balanced hint that turns further than this from the plain one is not trusted
+(the balancing went astray in a frame still far off); the plain hint is kept."""
+
+HINT_ROUNDS = 3
+"""Rounds of :func:`_ap_hint`'s left-right balancing (each takes the left-right axis from the
+previous round's hint)."""
+
+
+CENTRAL_CUT_MM = 10.0
+"""A cut of the posterior elements within this distance (mm) of the mid-sagittal plane (the
+spinous process) does not unbalance them left to right."""
+
+
+def _ap_hints(vertebrae: list[_Vertebra], frames: list[VertebraFrame], ijk_to_ras: np.ndarray) -> list[np.ndarray | None]:
+    """Each vertebra's :func:`_ap_hint`; a vertebra whose posterior elements are cut and give no
+    hint takes the mean of the hints, up to two levels away, of vertebrae whose posterior
+    elements are whole."""
+    hints = [_ap_hint(v, frame, ijk_to_ras) for v, frame in zip(vertebrae, frames)]
+    whole = [n for n, v in enumerate(vertebrae) if hints[n] is not None and not _posterior_cut(v)]
+    for n, v in enumerate(vertebrae):
+        near = [m for m in whole if abs(m - n) <= 2]
+        if hints[n] is None and _posterior_cut(v) and near:
+            hints[n] = unit(np.mean([hints[m] for m in near], axis=0))
+    return hints
 
 
 def _separate_body(vertebra: _Vertebra, frame: VertebraFrame, sample: _CropSampler, step: float) -> np.ndarray | None:
@@ -731,9 +840,10 @@ class _BodyMeasurement:
                  ct_crop: np.ndarray | None, ijk_to_ras: np.ndarray, cortex_mm: float):
         self.vertebra, self.frame, self.sample = vertebra, frame, sample
         self.ijk_to_ras, self.cortex_mm, self.has_ct = ijk_to_ras, cortex_mm, ct_crop is not None
-        result = VertebraHeights(vertebra.level, vertebra.label, complete=not vertebra.touches_edge, frame=frame,
+        body_cut = _body_cut(vertebra)
+        result = VertebraHeights(vertebra.level, vertebra.label, complete=not body_cut, frame=frame,
                                  flags=list(vertebra.flags))
-        if vertebra.touches_edge:
+        if body_cut:
             result.flags.append("touches_field_of_view_edge")
         self.result = result
         result.body_volume_ml = float(vertebra.body.sum()) * voxel_volume_ml(ijk_to_ras)
@@ -1159,6 +1269,7 @@ def measure_heights(
     levels: tuple[str, ...] | None = None,
     cortex_mm: float = ENDPLATE_CORTEX_MM,
     label_boxes: list | None = None,
+    label_grid: tuple | None = None,
 ) -> list[VertebraHeights]:
     """Measure every vertebra of ``labels`` (cranial to caudal).
 
@@ -1166,8 +1277,9 @@ def measure_heights(
     ``vertebrae_body`` map on the same grid; ``ct``: optional CT in HU on the same grid (enables
     sub-voxel endplates); ``levels``: report only these (all present vertebrae still define the
     spine's centre line); ``label_boxes``: ``ndimage.find_objects(labels)`` when the caller has
-    it already (one pass over a large volume fewer). Returns one :class:`VertebraHeights` per
-    vertebra present.
+    it already (one pass over a large volume fewer); ``label_grid``: the segmentation's own
+    ``(ijk_to_ras, shape)`` when it was resampled onto this grid (where it ends, the field of view
+    ends). Returns one :class:`VertebraHeights` per vertebra present.
     """
     ijk_to_ras = np.asarray(ijk_to_ras, dtype=float)
     ids = lv.vertebra_ids(convention)
@@ -1184,12 +1296,14 @@ def measure_heights(
     for label, slices in enumerate(objects, start=1):
         if slices is None or label not in by_label:
             continue
-        touches = any(s.start == 0 or s.stop == n for s, n in zip(slices, shape))
         grown = tuple(slice(max(0, s.start - m), min(n, s.stop + m))
                       for s, m, n in zip(slices, margin[::-1], shape))
         crop = labels[grown]
         origin = np.array([grown[2].start, grown[1].start, grown[0].start], dtype=float)
-        vertebrae.append(_Vertebra(by_label[label], label, grown, origin, crop == label, touches))
+        mask = crop == label
+        edge = grid_edge_layer(grown, shape, ijk_to_ras, label_grid)
+        touches = edge is not None and bool((mask & edge).any())
+        vertebrae.append(_Vertebra(by_label[label], label, grown, origin, mask, touches, edge if touches else None))
     vertebrae.sort(key=lambda v: lv.level_position(v.level))
     if not vertebrae:
         return []
@@ -1214,11 +1328,13 @@ def measure_heights(
                 v.flags.append("body_not_separated")
         _set_body(v, body, ijk_to_ras)
     # Passes 2–3: frames from body centroids, AP from the posterior elements to the body; bodies
-    # found by shape are cut again in the refined frames.
-    for _ in range(2):
-        hints = [None if v.posterior_centroid is None else unit(v.body_centroid - v.posterior_centroid)
-                 for v in vertebrae]
-        frames = _frames(vertebrae, [v.body_centroid for v in vertebrae], hints)
+    # found by shape are cut again in the refined frames. Where the field of view cuts a vertebra,
+    # whether its body is cut (and so whether its centroid joins the centre line) can change with
+    # the frame: the passes go on, up to MAX_FRAME_PASSES, until it no longer does.
+    for index in range(MAX_FRAME_PASSES):
+        body_cut = [_body_cut(v) for v in vertebrae]
+        hints = _ap_hints(vertebrae, frames, ijk_to_ras)
+        frames = _frames(vertebrae, [v.body_centroid for v in vertebrae], hints, body_cut)
         if body_labels is not None:
             break
         for v, frame, sample in zip(vertebrae, frames, samplers):
@@ -1227,6 +1343,10 @@ def measure_heights(
             body = _separate_body(v, frame, sample, step)
             if body is not None and body.sum() > 0:
                 _set_body(v, body, ijk_to_ras)
+        if index >= 1 and [_body_cut(v) for v in vertebrae] == body_cut:
+            break
+    for v, frame, sample in zip(vertebrae, frames, samplers):
+        v.flags += _cut_flags(v, frame, sample, ijk_to_ras)
     measurements = [
         _BodyMeasurement(v, frame, sample, labels[v.slices], None if ct is None else ct[v.slices].astype(np.float32),
                          ijk_to_ras, cortex_mm)

@@ -85,8 +85,8 @@ surrounds the muscle. On the phantom (fat in 3–7 mm spheres) ``mean_hu`` reads
 extrapolated (``no_vertebra_above`` / ``no_vertebra_below``, ``vertebra_above_incomplete`` /
 ``vertebra_below_incomplete``), when its vertebra is incomplete (``vertebra_incomplete``), or
 when the slab runs out of the image where the muscle is (``cut_by_field_of_view``: a muscle voxel
-of the slab lies on the image's border and the voxel beyond it, outside the image, would still be
-in the slab). The lumbar total is flagged when any
+of the slab lies on the image's border, or on the border of the segmentation's own grid when that
+is smaller, and the voxel beyond it would still be in the slab). The lumbar total is flagged when any
 of its levels is incomplete or missing.
 """
 
@@ -543,11 +543,16 @@ def _slab_shares(ijk: tuple[np.ndarray, np.ndarray, np.ndarray], slabs: Sequence
 
 
 def _runs_out(ijk: tuple[np.ndarray, np.ndarray, np.ndarray], shape_kji, voxel: np.ndarray, slab_of: np.ndarray,
-              slabs: Sequence[LevelSlab], ijk_to_ras: np.ndarray) -> np.ndarray:
+              slabs: Sequence[LevelSlab], ijk_to_ras: np.ndarray, label_grid: tuple | None = None) -> np.ndarray:
     """For each (voxel, slab) pair: whether the voxel lies on the image's border and a voxel just
-    beyond that border (outside the image) would have its centre in the same slab."""
+    beyond that border (outside the image) would have its centre in the same slab; with
+    ``label_grid`` (the segmentation's own ``(ijk_to_ras, shape)`` before it was resampled onto
+    the CT's), also where its nearest label voxel is on that grid's border and the label voxel
+    beyond would be in the slab."""
     nk, nj, ni = shape_kji
     out = np.zeros(len(voxel), dtype=bool)
+    if label_grid is not None:
+        out |= _runs_out_of_labels(ijk, shape_kji, voxel, slab_of, slabs, ijk_to_ras, label_grid)
     # Only voxels on the image's border matter: look them up first (no float copies of all).
     border = np.flatnonzero((ijk[0][voxel] == 0) | (ijk[0][voxel] == ni - 1) | (ijk[1][voxel] == 0)
                             | (ijk[1][voxel] == nj - 1) | (ijk[2][voxel] == 0) | (ijk[2][voxel] == nk - 1))
@@ -570,6 +575,37 @@ def _runs_out(ijk: tuple[np.ndarray, np.ndarray, np.ndarray], shape_kji, voxel: 
                 slab = slabs[n_slab]
                 inside = (slab.below.signed_distance(x) >= 0) & (slab.above.signed_distance(x) < 0)
                 out[border[rows[inside]]] = True
+    return out
+
+
+def _runs_out_of_labels(ijk, shape_kji, voxel, slab_of, slabs, ijk_to_ras, label_grid) -> np.ndarray:
+    """:func:`_runs_out` for the border of the segmentation's own grid."""
+    out = np.zeros(len(voxel), dtype=bool)
+    label_ijk_to_ras, label_shape = label_grid
+    m = np.asarray(ijk_to_ras, dtype=float)
+    to_label = np.linalg.inv(np.asarray(label_ijk_to_ras, dtype=float)) @ m
+    limits = np.array([label_shape[2], label_shape[1], label_shape[0]])  # (ni, nj, nk)
+    nk, nj, ni = shape_kji
+    corners = np.array([[a, b, c, 1.0] for a in (0, ni - 1) for b in (0, nj - 1) for c in (0, nk - 1)])
+    nearest = np.floor(corners @ to_label[:3].T + 0.5)
+    if np.all((nearest >= 1) & (nearest <= limits - 2)):
+        return out  # the label grid holds the whole CT grid in its interior
+    i, j, k = (a[voxel].astype(np.float64) for a in ijk)
+    at = [np.floor(to_label[row, 0] * i + to_label[row, 1] * j + to_label[row, 2] * k + to_label[row, 3] + 0.5)
+          for row in range(3)]
+    label_steps = np.asarray(label_ijk_to_ras, dtype=float)[:3, :3]
+    for axis in range(3):
+        for edge, step in ((0, -1.0), (limits[axis] - 1, 1.0)):
+            on = np.flatnonzero(at[axis] == edge)
+            if not len(on):
+                continue
+            ras = np.stack([i[on], j[on], k[on]], axis=1) @ m[:3, :3].T + m[:3, 3] + step * label_steps[:, axis]
+            for n_slab in np.unique(slab_of[on]):
+                rows = slab_of[on] == n_slab
+                slab = slabs[n_slab]
+                x = ras[rows]
+                inside = (slab.below.signed_distance(x) >= 0) & (slab.above.signed_distance(x) < 0)
+                out[on[rows][inside]] = True
     return out
 
 
@@ -633,6 +669,7 @@ def measure_muscles(
     fat_hu: float | None = None,
     label_boxes: list | None = None,
     slabs: Sequence[LevelSlab] | None = None,
+    label_grid: tuple | None = None,
 ) -> list[MuscleMeasurement]:
     """Volume, attenuation and fat of each muscle in each level's slab (see the module docstring).
 
@@ -646,7 +683,9 @@ def measure_muscles(
     gives a row with zero volume and NaN HU; one absent from the whole label map, rows with a NaN
     volume, ``complete = False`` and the flag ``not_segmented``. ``label_boxes``: ``ndimage.find_objects(labels)``
     when the caller has it (then only the muscles' slices are scanned). ``slabs``: the level slabs
-    to use instead of :func:`level_slabs` ``(heights, levels)`` (e.g. planes known otherwise)."""
+    to use instead of :func:`level_slabs` ``(heights, levels)`` (e.g. planes known otherwise).
+    ``label_grid``: the segmentation's own ``(ijk_to_ras, shape)`` when it was resampled onto the
+    CT's grid: a slab that runs out of it is flagged ``cut_by_field_of_view`` as at the CT's border."""
     ijk_to_ras = np.asarray(ijk_to_ras, dtype=float)
     muscles = dict(MUSCLE_LABELS if muscles is None else muscles)
     slabs = level_slabs(heights, levels) if slabs is None else list(slabs)
@@ -700,8 +739,8 @@ def measure_muscles(
         "fat_count": total(fat), "guard_count": total(guard), "guard_sum": total(guard_hu_values),
         "guard_squares": total(guard_hu_values * hu64), "guard_weights_sq": total(guard, weight_sq),
         "unmix_count": total(unmixed), "unmix_sum": total(np.where(unmixed, unmix_hu, np.float32(0.0))),
-        "border": np.bincount(key, weights=_runs_out((i, j, k), labels.shape, voxel, slab_of, slabs, ijk_to_ras),
-                              minlength=size),
+        "border": np.bincount(key, minlength=size,
+                              weights=_runs_out((i, j, k), labels.shape, voxel, slab_of, slabs, ijk_to_ras, label_grid)),
     }
     rows = []
     lumbar: dict[str, list] = {name: [] for name in names}

@@ -273,7 +273,7 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
     t = time.perf_counter()
     boxes = inputs.label_boxes
     heights = measure_heights(labels, ijk_to_ras, convention=convention, body_labels=body, ct=ct_array,
-                              label_boxes=boxes)
+                              label_boxes=boxes, label_grid=inputs.label_grid)
     # Grading uses every vertebra present (neighbours give the reference heights); reporting
     # keeps the requested levels.
     grades_all = {g.level: g for g in grade_spine(heights)}
@@ -295,7 +295,8 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
     if convention == "totalsegmentator":
         contrast = measure_contrast(ct_array, labels, ijk_to_ras, label_boxes=boxes)
         muscle_rows = measure_muscles(ct_array, labels, ijk_to_ras, all_heights,
-                                      levels=[h.level for h in heights if h.level != "S1"], label_boxes=boxes)
+                                      levels=[h.level for h in heights if h.level != "S1"], label_boxes=boxes,
+                                      label_grid=inputs.label_grid)
         absent = sorted({m.muscle for m in muscle_rows if "not_segmented" in m.flags})
         if absent:
             warnings_.append(f"no {', '.join(absent)} label{'s' if len(absent) > 1 else ''} in the segmentation: "
