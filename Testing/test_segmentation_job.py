@@ -21,7 +21,7 @@ import pytest
 
 from VertebralFractureScreenLib import errors, imageio, levels, segmentation
 from VertebralFractureScreenLib.errors import DependencyError, InputError, SegmentationError, VFSError
-from VertebralFractureScreenLib.segmentation_job import (SegmentationCancelled, SegmentationJob, _remove_half_made,
+from VertebralFractureScreenLib.segmentation_job import (SegmentationCancelled, SegmentationJob, remove_half_made,
                                                           main, run_job)
 
 import fake_totalseg_weights as fake  # Testing/ is on sys.path under pytest
@@ -355,13 +355,13 @@ def test_half_made_files_are_removed_and_complete_ones_kept(tmp_path):
     for name in (segmentation.TOTAL_FILE, segmentation.BODY_FILE, ".total.tmp-0a1b2c.nii.gz",
                  ".segmentation.tmp-3d4e5f.json", ".vertebrae_body.tmp-9a8b7c.nii.gz", "ct.nii.gz"):
         (tmp_path / name).write_bytes(b"x")
-    _remove_half_made(tmp_path)
+    remove_half_made(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [segmentation.MANIFEST_FILE, segmentation.TOTAL_FILE, "ct.nii.gz"])
     (tmp_path / segmentation.MANIFEST_FILE).unlink()  # no manifest: no label map is complete
-    _remove_half_made(tmp_path)
+    remove_half_made(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz"]
-    _remove_half_made(tmp_path / "absent")  # a folder the child never made
+    remove_half_made(tmp_path / "absent")  # a folder the child never made
 
 
 def test_vfs_errors_cross_the_process_boundary_by_class_name():

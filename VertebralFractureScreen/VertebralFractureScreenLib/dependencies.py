@@ -59,5 +59,7 @@ def missing_requirements(requirements) -> list[str]:
 
 def missing_modules(names) -> list[str]:
     """The importable module names of ``names`` (e.g. ``torch``) that the running Python cannot
-    find, without importing any of them."""
+    find, without importing any of them. The import system's caches are cleared first: a package
+    installed a moment ago by this very process (Slicer's pip_install) is found."""
+    importlib.invalidate_caches()
     return [name for name in names if importlib.util.find_spec(name) is None]

@@ -31,7 +31,7 @@ from pathlib import Path
 from . import errors, segmentation
 from .errors import DependencyError, InputError, SegmentationError, VFSError
 
-__all__ = ["SegmentationCancelled", "SegmentationJob", "run_job", "main"]
+__all__ = ["SegmentationCancelled", "SegmentationJob", "run_job", "remove_half_made", "main"]
 
 RESULT_TAG, ERROR_TAG = "VFS-RESULT ", "VFS-ERROR "
 CANCELLED = "The segmentation was cancelled before it finished."
@@ -165,7 +165,7 @@ class SegmentationJob:
         self.process.stdin.close()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         if self.cancelled or self.process.returncode != 0:
-            _remove_half_made(self.out_dir)
+            remove_half_made(self.out_dir)
 
 
 def _kill_group(process: subprocess.Popen, hard: bool) -> None:
@@ -203,7 +203,7 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
-def _remove_half_made(out_dir: Path) -> None:
+def remove_half_made(out_dir: Path) -> None:
     """Delete the hidden temporaries of interrupted atomic writes of the segmentation files, and
     label maps that the manifest (written last) does not name, as ``segment_ct`` itself deletes
     them before segmenting; the files of an earlier complete run stay usable."""
