@@ -195,6 +195,30 @@ def find_label_boxes(labels: np.ndarray, max_label: int | None = None) -> list:
     return boxes
 
 
+class LabelGridMap:
+    """Where the voxels of a grid fall on a label map's own grid ``label_grid = (ijk_to_ras,
+    shape_kji)``, from which the label map was resampled onto it by nearest neighbour: beyond that
+    grid's outermost layer nothing is known."""
+
+    def __init__(self, ijk_to_ras: np.ndarray, label_grid: tuple[np.ndarray, tuple[int, int, int]]):
+        label_ijk_to_ras, label_shape = label_grid
+        self.label_ijk_to_ras = np.asarray(label_ijk_to_ras, dtype=float)
+        self.to_label = np.linalg.inv(self.label_ijk_to_ras) @ np.asarray(ijk_to_ras, dtype=float)
+        self.limits = np.array([label_shape[2], label_shape[1], label_shape[0]], dtype=float)  # (ni, nj, nk)
+
+    def nearest(self, i, j, k) -> list[np.ndarray]:
+        """The label-grid index ``(i, j, k)`` nearest to this grid's voxel ``(i, j, k)`` (arrays that
+        broadcast), rounded half up as the resampler rounds; one array per label axis."""
+        return [np.floor(a[0] * i + a[1] * j + a[2] * k + a[3] + 0.5) for a in self.to_label[:3]]
+
+    def holds_box(self, box: tuple[slice, slice, slice]) -> bool:
+        """Whether every voxel of ``box`` (slices ``[k, j, i]``) falls inside the label grid's
+        interior (off its outermost layer): the corners decide, the map being affine."""
+        corners = [np.array([b.start, b.stop - 1], dtype=float) for b in box[::-1]]  # i, j, k
+        i, j, k = (c.reshape(shape) for c, shape in zip(corners, ((2, 1, 1), (1, 2, 1), (1, 1, 2))))
+        return all(np.all((at >= 1) & (at <= limit - 2)) for at, limit in zip(self.nearest(i, j, k), self.limits))
+
+
 def grid_edge_layer(box: tuple[slice, slice, slice], shape_kji, ijk_to_ras: np.ndarray | None = None,
                     label_grid: tuple[np.ndarray, tuple[int, int, int]] | None = None) -> np.ndarray | None:
     """Which voxels of the crop ``box`` (slices ``[k, j, i]`` of a grid of ``shape_kji``) lie where
@@ -215,22 +239,13 @@ def grid_edge_layer(box: tuple[slice, slice, slice], shape_kji, ijk_to_ras: np.n
                 layer[axis] = at
                 edge[tuple(layer)] = True
     if label_grid is not None and ijk_to_ras is not None:
-        label_ijk_to_ras, label_shape = label_grid
-        to_label = np.linalg.inv(np.asarray(label_ijk_to_ras, dtype=float)) @ np.asarray(ijk_to_ras, dtype=float)
-        limits = np.array([label_shape[2], label_shape[1], label_shape[0]], dtype=float)  # (ni, nj, nk)
-        corners = np.array([[i, j, k, 1.0] for i in (box[2].start, box[2].stop - 1)
-                            for j in (box[1].start, box[1].stop - 1) for k in (box[0].start, box[0].stop - 1)])
-        at = np.floor(corners @ to_label[:3].T + 0.5)
-        if np.all((at >= 1) & (at <= limits - 2)):  # the box lies inside the label grid's interior
+        label_map = LabelGridMap(ijk_to_ras, label_grid)
+        if label_map.holds_box(box):
             return edge
-        # Label-grid index (i, j, k) of each crop voxel centre, axis by axis (no (N, 3) temporary).
         k, j, i = (np.arange(s.start, s.stop, dtype=np.float64) for s in box)
         outside = np.zeros(crop_shape, dtype=bool)
-        for row in range(3):
-            a = to_label[row]
-            index = np.floor(a[0] * i[None, None, :] + a[1] * j[None, :, None] + a[2] * k[:, None, None]
-                             + a[3] + 0.5)  # nearest neighbour, rounded half up as the resampler does
-            outside |= (index <= 0) | (index >= limits[row] - 1)
+        for at, limit in zip(label_map.nearest(i[None, None, :], j[None, :, None], k[:, None, None]), label_map.limits):
+            outside |= (at <= 0) | (at >= limit - 1)
         if outside.any():
             edge = outside if edge is None else edge | outside
     return edge

@@ -98,7 +98,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import levels as lv
-from .geometry import partial_volume_share, unit, voxel_spacing, voxel_volume_ml
+from .geometry import LabelGridMap, partial_volume_share, unit, voxel_spacing, voxel_volume_ml
 from .morphometry import THICK_VOXEL_MM
 
 MUSCLE_LABELS: dict[str, int] = {
@@ -551,62 +551,40 @@ def _runs_out(ijk: tuple[np.ndarray, np.ndarray, np.ndarray], shape_kji, voxel: 
     beyond would be in the slab."""
     nk, nj, ni = shape_kji
     out = np.zeros(len(voxel), dtype=bool)
+    m = np.asarray(ijk_to_ras, dtype=float)
     if label_grid is not None:
-        out |= _runs_out_of_labels(ijk, shape_kji, voxel, slab_of, slabs, ijk_to_ras, label_grid)
+        label_map = LabelGridMap(m, label_grid)
+        if not label_map.holds_box((slice(0, nk), slice(0, nj), slice(0, ni))):
+            i, j, k = (a[voxel].astype(np.float64) for a in ijk)
+            steps = label_map.label_ijk_to_ras[:3, :3]
+            for axis, at in enumerate(label_map.nearest(i, j, k)):
+                for edge, step in ((0, -1.0), (label_map.limits[axis] - 1, 1.0)):
+                    on = np.flatnonzero(at == edge)
+                    ras = np.stack([i[on], j[on], k[on]], axis=1) @ m[:3, :3].T + m[:3, 3] + step * steps[:, axis]
+                    _mark_in_own_slab(out, on, ras, slab_of, slabs)
     # Only voxels on the image's border matter: look them up first (no float copies of all).
     border = np.flatnonzero((ijk[0][voxel] == 0) | (ijk[0][voxel] == ni - 1) | (ijk[1][voxel] == 0)
                             | (ijk[1][voxel] == nj - 1) | (ijk[2][voxel] == 0) | (ijk[2][voxel] == nk - 1))
     if not len(border):
         return out
     i, j, k = (a[voxel[border]].astype(float) for a in ijk)
-    slab_of = slab_of[border]
-    m = np.asarray(ijk_to_ras, dtype=float)
     for axis, (values, n) in enumerate(((i, ni), (j, nj), (k, nk))):
         for edge, step in ((0, -1.0), (n - 1, 1.0)):
             on = np.flatnonzero(values == edge)
-            if not len(on):
-                continue
             beyond = np.stack([i[on], j[on], k[on]], axis=1)
             beyond[:, axis] += step
-            ras = beyond @ m[:3, :3].T + m[:3, 3]
-            for n_slab in np.unique(slab_of[on]):
-                rows = on[slab_of[on] == n_slab]
-                x = ras[slab_of[on] == n_slab]
-                slab = slabs[n_slab]
-                inside = (slab.below.signed_distance(x) >= 0) & (slab.above.signed_distance(x) < 0)
-                out[border[rows[inside]]] = True
+            _mark_in_own_slab(out, border[on], beyond @ m[:3, :3].T + m[:3, 3], slab_of, slabs)
     return out
 
 
-def _runs_out_of_labels(ijk, shape_kji, voxel, slab_of, slabs, ijk_to_ras, label_grid) -> np.ndarray:
-    """:func:`_runs_out` for the border of the segmentation's own grid."""
-    out = np.zeros(len(voxel), dtype=bool)
-    label_ijk_to_ras, label_shape = label_grid
-    m = np.asarray(ijk_to_ras, dtype=float)
-    to_label = np.linalg.inv(np.asarray(label_ijk_to_ras, dtype=float)) @ m
-    limits = np.array([label_shape[2], label_shape[1], label_shape[0]])  # (ni, nj, nk)
-    nk, nj, ni = shape_kji
-    corners = np.array([[a, b, c, 1.0] for a in (0, ni - 1) for b in (0, nj - 1) for c in (0, nk - 1)])
-    nearest = np.floor(corners @ to_label[:3].T + 0.5)
-    if np.all((nearest >= 1) & (nearest <= limits - 2)):
-        return out  # the label grid holds the whole CT grid in its interior
-    i, j, k = (a[voxel].astype(np.float64) for a in ijk)
-    at = [np.floor(to_label[row, 0] * i + to_label[row, 1] * j + to_label[row, 2] * k + to_label[row, 3] + 0.5)
-          for row in range(3)]
-    label_steps = np.asarray(label_ijk_to_ras, dtype=float)[:3, :3]
-    for axis in range(3):
-        for edge, step in ((0, -1.0), (limits[axis] - 1, 1.0)):
-            on = np.flatnonzero(at[axis] == edge)
-            if not len(on):
-                continue
-            ras = np.stack([i[on], j[on], k[on]], axis=1) @ m[:3, :3].T + m[:3, 3] + step * label_steps[:, axis]
-            for n_slab in np.unique(slab_of[on]):
-                rows = slab_of[on] == n_slab
-                slab = slabs[n_slab]
-                x = ras[rows]
-                inside = (slab.below.signed_distance(x) >= 0) & (slab.above.signed_distance(x) < 0)
-                out[on[rows][inside]] = True
-    return out
+def _mark_in_own_slab(out: np.ndarray, rows: np.ndarray, ras: np.ndarray, slab_of: np.ndarray,
+                      slabs: Sequence[LevelSlab]) -> None:
+    """Set ``out[rows[n]]`` where the point ``ras[n]`` (mm) lies in the slab of pair ``rows[n]``."""
+    for n_slab in np.unique(slab_of[rows]):
+        mine = slab_of[rows] == n_slab
+        slab, x = slabs[n_slab], ras[mine]
+        inside = (slab.below.signed_distance(x) >= 0) & (slab.above.signed_distance(x) < 0)
+        out[rows[mine][inside]] = True
 
 
 _SUMS = ("count", "lean_count", "lean_sum", "lean_squares", "lean_weights_sq", "fat_count", "guard_count",
