@@ -18,7 +18,7 @@ It needs no Qt and no Slicer application object: it works in Slicer's Python con
 
 from __future__ import annotations
 
-import json
+import contextlib
 import warnings
 from dataclasses import dataclass, field
 
@@ -124,9 +124,9 @@ def labels_from_segmentation(segmentation_node, reference_node, convention: str 
     for segment_id in ordered:
         segment_ids.InsertNextValue(segment_id)
     scene = reference_node.GetScene()
-    before = _node_ids(scene)
-    labelmap_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "VFS export (temporary)")
-    try:
+    # The export adds the labelmap's display node and a "<segmentation>_ColorTable" node too.
+    with new_nodes_removed(scene):
+        labelmap_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "VFS export (temporary)")
         logic = slicer.modules.segmentations.logic()
         if not logic.ExportSegmentsToLabelmapNode(segmentation_node, segment_ids, labelmap_node, reference_node):
             raise InputError(f"Slicer could not export the segments of {segmentation_node.GetName()} "
@@ -141,19 +141,38 @@ def labels_from_segmentation(segmentation_node, reference_node, convention: str 
         if exported.shape != tuple(reversed(reference_node.GetImageData().GetDimensions())):
             raise InputError("the exported segmentation does not match the CT grid")
         labels = lut[np.clip(exported, 0, len(ordered)).astype(np.intp)]
-    finally:
-        # The export adds the labelmap's display node and a "<segmentation>_ColorTable" node:
-        # every node that appeared during the export goes.
-        for node_id in _node_ids(scene) - before:
-            node = scene.GetNodeByID(node_id)
-            if node is not None and node.GetScene() is not None:
-                scene.RemoveNode(node)
     return labels, match
 
 
 def _node_ids(scene) -> set[str]:
     nodes = scene.GetNodes()
     return {nodes.GetItemAsObject(i).GetID() for i in range(nodes.GetNumberOfItems())}
+
+
+@contextlib.contextmanager
+def new_nodes_removed(scene):
+    """Remove, when the block ends (also by an exception), every node added to ``scene`` inside it:
+    the temporary nodes of an export or import and the helper nodes Slicer adds with them."""
+    before = _node_ids(scene)
+    try:
+        yield
+    finally:
+        for node_id in _node_ids(scene) - before:
+            node = scene.GetNodeByID(node_id)
+            if node is not None and node.GetScene() is not None:
+                scene.RemoveNode(node)
+
+
+def remove_node(scene, node) -> None:
+    """Remove ``node`` with the display and storage nodes that serve it."""
+    helpers = []
+    for count, get in (("GetNumberOfDisplayNodes", "GetNthDisplayNode"), ("GetNumberOfStorageNodes", "GetNthStorageNode")):
+        if hasattr(node, count):
+            helpers += [getattr(node, get)(i) for i in range(getattr(node, count)())]
+    scene.RemoveNode(node)
+    for helper in helpers:
+        if helper is not None and helper.GetScene() is not None:
+            scene.RemoveNode(helper)
 
 
 def screen_nodes(volume_node, segmentation_node, *, body_segmentation_node=None, exam_id: str | None = None,
@@ -249,19 +268,13 @@ def segments_from_labels(segmentation_node, labels: np.ndarray, ijk_to_ras, segm
     ijk_to_ras = np.array(ijk_to_ras, dtype=float)
     box_to_ras = ijk_to_ras.copy()
     box_to_ras[:, 3] = ijk_to_ras @ np.array([lower[2], lower[1], lower[0], 1.0])  # [k, j, i] -> IJK
-    before = _node_ids(scene)
-    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "VFS import (temporary)")
-    try:
+    with new_nodes_removed(scene):
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "VFS import (temporary)")
         labelmap.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(box_to_ras))
         slicer.util.updateVolumeFromArray(labelmap, values)
         if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node,
                                                                                           segment_ids):
             raise InputError(f"Slicer could not import the label map into {segmentation_node.GetName()}")
-    finally:
-        for node_id in _node_ids(scene) - before:
-            node = scene.GetNodeByID(node_id)
-            if node is not None and node.GetScene() is not None:
-                scene.RemoveNode(node)
     segmentation_node.Modified()
     return segmentation_node
 

@@ -35,6 +35,7 @@ from . import levels as lv
 from .qc import GRADE_COLOURS
 from .screening import MUSCLE_COLUMNS, VERTEBRA_COLUMNS, ScreeningResult, vertebra_cells
 from .serialization import jsonable
+from .slicer_nodes import match_segments, remove_node, segments_from_labels
 
 RESULT_ATTRIBUTE = "VertebralFractureScreen.Result"
 """Node attribute naming the role of a node this module made (``vertebrae``, ``muscles``,
@@ -112,21 +113,9 @@ def remove_result_nodes(scene, key: str | None = None, keep=()) -> int:
     for node in result_nodes(scene, key):
         if node.GetScene() is None or node.GetID() in kept:
             continue
-        _remove_with_helpers(scene, node)
+        remove_node(scene, node)
         removed += 1
     return removed
-
-
-def _remove_with_helpers(scene, node) -> None:
-    """Remove ``node`` and the display and storage nodes that serve only it."""
-    helpers = []
-    for count, get in (("GetNumberOfDisplayNodes", "GetNthDisplayNode"), ("GetNumberOfStorageNodes", "GetNthStorageNode")):
-        if hasattr(node, count):
-            helpers += [getattr(node, get)(i) for i in range(getattr(node, count)())]
-    scene.RemoveNode(node)
-    for helper in helpers:
-        if helper is not None and helper.GetScene() is not None:
-            scene.RemoveNode(helper)
 
 
 def _scene_of(scene):
@@ -236,8 +225,6 @@ def write_result_nodes(result: ScreeningResult, scene=None, *, volume_node=None,
         vertebrae_table, grades_segmentation: output nodes to fill (emptied first); new ones are
             made when None (the grades segmentation only with ``make_grades`` and an input).
     """
-    from .slicer_nodes import match_segments
-
     scene = _scene_of(scene)
     name = result.exam_id
     key = exam_key(volume_node, name)
@@ -301,8 +288,6 @@ def _fill_grades(scene, node, name: str, result: ScreeningResult, graded: list, 
     """The grades segmentation: one segment per graded vertebra (ID ``vertebrae_<level>``, name
     ``"L1 G2 wedge"``, grade colour) from the label map that was screened, in superior-to-inferior
     order; the input segmentation is not read or changed."""
-    from .slicer_nodes import segments_from_labels
-
     if node is None or node.GetScene() is None:
         node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
         node.CreateDefaultDisplayNodes()
@@ -430,13 +415,9 @@ def panel_rows(rows: list[dict]) -> list[dict]:
 def vertebra_centre_ras(made: ResultNodes, level: str):
     """Centre of a vertebral body (the middle of its Hm line, else of its Ha and Hp lines; RAS mm),
     or None when none of its heights was measured."""
-    ends = []
-    for height in ("Hm", "Ha", "Hp"):
-        node = made.lines.get(f"{level} {height}")
-        if node is not None and node.GetNumberOfControlPoints() == 2:
-            ends.append(line_points(node))
-            if height == "Hm":
-                break
+    measured = {h: line_points(node) for h in ("Hm", "Ha", "Hp")
+                if (node := made.lines.get(f"{level} {h}")) is not None and node.GetNumberOfControlPoints() == 2}
+    ends = [measured["Hm"]] if "Hm" in measured else list(measured.values())
     if not ends:
         return None
     centre = np.mean([0.5 * (sup + inf) for sup, inf in ends], axis=0)

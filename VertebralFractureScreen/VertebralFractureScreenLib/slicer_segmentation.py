@@ -25,7 +25,7 @@ from . import imageio
 from . import levels as lv
 from .geometry import find_label_boxes
 from .segmentation_job import SegmentationJob, run_job
-from .slicer_nodes import segments_from_labels, volume_from_node
+from .slicer_nodes import remove_node, segments_from_labels, volume_from_node
 
 
 def class_color(label: int) -> tuple[float, float, float]:
@@ -57,7 +57,7 @@ def load_total_segmentation(scene, path, reference_volume_node=None, name: str |
         if reference_volume_node is not None:
             node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume_node)
     except BaseException:
-        _remove(scene, node)
+        remove_node(scene, node)
         raise
     return node
 
@@ -93,14 +93,6 @@ def segment_volume_node(volume_node, *, quality: str = "fast", device: str = "cp
         labels_into_segmentation(node, labels)
         node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     except BaseException:
-        _remove(scene, node)
+        remove_node(scene, node)
         raise
     return node
-
-
-def _remove(scene, node) -> None:
-    displays = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
-    scene.RemoveNode(node)
-    for display in displays:
-        if display is not None and display.GetScene() is not None:
-            scene.RemoveNode(display)
