@@ -104,10 +104,10 @@ def check_ct(volume: imageio.Volume, name: str = "CT") -> None:
             "give the CT itself, with its rescale slope and intercept applied")
 
 
-def _labels_on_grid(value, reference: imageio.Volume, convention: str, what: str, messages: list[str],
-                    grids: list | None = None) -> imageio.Volume:
-    """The label map on the CT's grid. When it had to be resampled, its own grid
-    ``(ijk_to_ras, shape)`` is appended to ``grids``: where it ends, nothing is known."""
+def _labels_on_grid(value, reference: imageio.Volume, convention: str, what: str,
+                    messages: list[str]) -> tuple[imageio.Volume, tuple | None]:
+    """The label map on the CT's grid, and its own grid ``(ijk_to_ras, shape)`` when it had to be
+    resampled (None when it was on the CT's): where that grid ends, nothing is known."""
     if isinstance(value, np.ndarray):
         value = imageio.Volume(value, reference.ijk_to_ras)
     if not isinstance(value, imageio.Volume):
@@ -118,10 +118,9 @@ def _labels_on_grid(value, reference: imageio.Volume, convention: str, what: str
     elif np.issubdtype(value.array.dtype, np.floating) or value.array.ndim != 3:
         raise InputError(f"the {what} must be a 3-D integer label map")
     if value.same_grid(reference, tol=1e-4):
-        return imageio.Volume(value.array, reference.ijk_to_ras)
-    if grids is not None:
-        grids.append((np.array(value.ijk_to_ras, dtype=float), tuple(int(n) for n in value.array.shape)))
-    return imageio.resample_labelmap(value, reference, name=what)
+        return imageio.Volume(value.array, reference.ijk_to_ras), None
+    own_grid = (np.array(value.ijk_to_ras, dtype=float), tuple(int(n) for n in value.array.shape))
+    return imageio.resample_labelmap(value, reference, name=what), own_grid
 
 
 def check_vertebrae(labels: imageio.Volume, convention: str, name: str = "segmentation",
@@ -171,10 +170,9 @@ def load_exam(ct, seg, body_seg=None, *, convention: str = "totalsegmentator",
         raise InputError(f"unknown label convention {convention!r}; use totalsegmentator or verse")
     volume = read_ct_checked(ct, series_uid)
     messages: list[str] = []
-    grids: list = []
-    labels = _labels_on_grid(seg, volume, convention, "segmentation", messages, grids)
+    labels, label_grid = _labels_on_grid(seg, volume, convention, "segmentation", messages)
     body = None if body_seg is None else _labels_on_grid(body_seg, volume, "vertebrae_body",
-                                                         "vertebrae_body segmentation", messages)
+                                                         "vertebrae_body segmentation", messages)[0]
     # Each label's bounding box, once: the checks, the morphometry, the aorta and the muscles use it.
     boxes = find_label_boxes(labels.array, _BOX_LABELS[convention])
     check_vertebrae(labels, convention, label_boxes=boxes)
@@ -185,7 +183,7 @@ def load_exam(ct, seg, body_seg=None, *, convention: str = "totalsegmentator",
     sources = {"ct": _source(ct), "segmentation": "in memory" if isinstance(seg, np.ndarray) else _source(seg)}
     if body_seg is not None:
         sources["vertebrae_body"] = "in memory" if isinstance(body_seg, np.ndarray) else _source(body_seg)
-    return ExamInputs(volume, labels, body, convention, sources, messages, boxes, grids[0] if grids else None)
+    return ExamInputs(volume, labels, body, convention, sources, messages, boxes, label_grid)
 
 
 _BOX_LABELS = {"totalsegmentator": max(lv.TOTAL_ILIOPSOAS_RIGHT, lv.TOTAL_AORTA, max(lv.vertebra_ids("totalsegmentator").values())),

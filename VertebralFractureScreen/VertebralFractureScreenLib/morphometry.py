@@ -217,13 +217,17 @@ class _Vertebra:
     slices: tuple[slice, slice, slice]
     origin_ijk: np.ndarray  # (i, j, k) of the crop's first voxel
     mask: np.ndarray  # whole vertebra, bool, crop
-    touches_edge: bool  # any voxel of the vertebra lies where the field of view ends
-    edge: np.ndarray | None = None  # crop voxels where the field of view ends (None: none there)
+    edge: np.ndarray | None  # crop voxels where the field of view ends; None when the vertebra reaches none
     centroid: np.ndarray = None
     body: np.ndarray = None
     body_centroid: np.ndarray = None
     posterior_centroid: np.ndarray = None
     flags: list[str] = field(default_factory=list)
+
+    @property
+    def touches_edge(self) -> bool:
+        """Whether any voxel of the vertebra lies where the field of view ends."""
+        return self.edge is not None
 
 
 class _CropSampler:
@@ -1303,7 +1307,7 @@ def measure_heights(
         mask = crop == label
         edge = grid_edge_layer(grown, shape, ijk_to_ras, label_grid)
         touches = edge is not None and bool((mask & edge).any())
-        vertebrae.append(_Vertebra(by_label[label], label, grown, origin, mask, touches, edge if touches else None))
+        vertebrae.append(_Vertebra(by_label[label], label, grown, origin, mask, edge if touches else None))
     vertebrae.sort(key=lambda v: lv.level_position(v.level))
     if not vertebrae:
         return []
