@@ -1,27 +1,18 @@
 """Shared pytest helpers for the VertebralFractureScreen tests.
 
-Test data lives outside the repository (it must never be committed): by default in
-``../shared/data/totalsegmentator-example`` next to the repository root, or wherever the
-``VFS_SHARED_DATA`` environment variable points (the ``totalsegmentator-example`` folder itself).
+Test data lives outside the repository (it must never be committed); ``shared_data`` says where
+(the TotalSegmentator example data and the expert-graded development scans).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+from shared_data import graded_data_dir, graded_scans, shared_data_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 """Repository root (the parent of ``Testing/``)."""
-
-
-def shared_data_dir() -> Path:
-    """Folder of the TotalSegmentator example data (SPEC §7); it may not exist."""
-    override = os.environ.get("VFS_SHARED_DATA")
-    if override:
-        return Path(override).expanduser().resolve()
-    return (REPO_ROOT / ".." / "shared" / "data" / "totalsegmentator-example").resolve()
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +22,17 @@ def example_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared example data not found at {path} (set VFS_SHARED_DATA)")
     return path
+
+
+@pytest.fixture(scope="session")
+def graded_set() -> list:
+    """The expert-graded development scans (``shared_data.graded_scans``); skips the test when
+    there are none."""
+    scans = graded_scans()
+    if not scans:
+        pytest.skip(f"no expert-graded development scans at {graded_data_dir()} (set VFS_GRADED_DATA; "
+                    "see Testing/benchmarks/prepare_graded_set.py)")
+    return scans
 
 
 @pytest.fixture(scope="module")

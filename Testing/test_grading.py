@@ -150,7 +150,9 @@ def test_t12_physiological_wedge_is_not_a_fracture():
     g = by_level(grade_spine(spine(names, T12=wedged)))["T12"]
     assert g.genant_grade == 0 and g.wedge_loss == pytest.approx(1 - 0.78 / 0.91)
     flat = by_level(grade_spine(spine(names, T12=wedged), normal_shape={}))["T12"]
-    assert flat.genant_grade == 1  # what grading against a flat box would wrongly call
+    # What grading against a flat box would wrongly call, the SPEC's and the reader-like grade
+    # alike: the level's normal wedging comes from the table, not from the neighbours.
+    assert flat.quantitative_grade == 1 and flat.genant_grade == 1
 
 
 def test_l5_short_posterior_wall_is_not_a_fracture():
@@ -429,3 +431,87 @@ def test_adjacent_level():
     assert lv.adjacent_level("L5", cranial=False) == "S1"
     assert lv.adjacent_level("S1", cranial=False) is None
     assert lv.adjacent_level("C1", cranial=True) is None
+
+
+# ------------------------------------------------------------------------------------------------
+# The reader-like grade: expected shape from the neighbours, deepest point, height and area
+# ------------------------------------------------------------------------------------------------
+
+
+def sized(level, scale=1.0, ratio=None, concavity=0.0, profile=None):
+    """A normal vertebra of the level's nominal size (``phantom_anatomy.level_dimensions``) times
+    ``scale``, with endplates concave by ``concavity`` of the height at mid-depth, or the given
+    height ``profile`` (fractions 15–85 % every 5 %)."""
+    from VertebralFractureScreenLib.phantom_anatomy import level_dimensions
+
+    r = NORMAL_HA_HP.get(level, 1.0) if ratio is None else ratio
+    hp = scale * 2.0 * level_dimensions(level).height_mm / (1.0 + r)
+    fractions = grading.PROFILE_FRACTIONS
+    if profile is None:
+        profile = [hp * grading.normal_shape_at(level, f) * (1.0 - concavity * math.cos(math.pi * (f - 0.5) / 0.7) ** 2)
+                   for f in fractions]
+    middle = [(h, f) for h, f in zip(profile, fractions) if 0.25 <= f <= 0.75]
+    hm_min, where = min(middle)
+    return SimpleNamespace(level=level, complete=True, ha_mm=profile[0], hm_mm=profile[fractions.index(0.5)],
+                           hp_mm=profile[-1], height_profile_mm=profile, hm_min_mm=hm_min, hm_min_fraction=where,
+                           depth_mm=30.0, sagittal_area_mm2=30.0 * 0.70 * grading._mean_profile(profile), flags=[])
+
+
+def test_a_body_short_against_its_neighbours_is_graded_by_size_and_area():
+    """All three heights 20–28 % below the neighbours' with nearly normal own ratios: the SPEC's
+    ratio losses stay under 20 % (grade 0), the reader sees a short body with its area lost."""
+    names = ("T11", "T12", "L1", "L2", "L3")
+    neighbours = {n: sized(n) for n in names}
+    normal_l1 = sized("L1")
+    profile = [h * (0.72 + 0.08 * k / 14) for k, h in enumerate(normal_l1.height_profile_mm)]
+    short = sized("L1", profile=profile)
+    g = by_level(grade_spine([short if n == "L1" else neighbours[n] for n in names]))["L1"]
+    assert g.quantitative_grade == 0 and g.height_loss < 0.20
+    assert g.size_loss == pytest.approx(0.28, abs=0.01) and g.area_loss == pytest.approx(0.24, abs=0.01)
+    assert g.genant_grade == 2 and g.grade_basis == "size" and g.shape == "crush"
+    assert g.reference_levels == ["T12", "L2"]
+
+
+def test_a_depression_off_the_middle_is_found_at_its_deepest_point():
+    """A superior endplate depressed at 30–40 % of the depth: Hm at 50 % is only 12 % below
+    normal, the deepest point 30 % below."""
+    names = ("L1", "L2", "L3", "L4", "L5")
+    base = sized("L3")
+    dent = [h * (1.0 - 0.30 * math.exp(-((f - 0.35) / 0.09) ** 2)) for h, f in
+            zip(base.height_profile_mm, grading.PROFILE_FRACTIONS)]
+    depressed = sized("L3", profile=dent)
+    g = by_level(grade_spine([depressed if n == "L3" else sized(n) for n in names]))["L3"]
+    assert g.biconcave_loss == pytest.approx(1 - dent[grading.PROFILE_FRACTIONS.index(0.5)] / base.hm_mm, abs=1e-6)
+    assert g.quantitative_grade == 0
+    assert g.middle_loss == pytest.approx(0.30, abs=0.01) and g.genant_grade == 2 and g.shape == "biconcave"
+
+
+def test_natural_endplate_concavity_is_normal_when_the_neighbours_share_it():
+    """Real endplates are concave (Hm/Hp about 0.88): a 12 % 'biconcave loss' against flat
+    endplates is the neighbours' shape too, so the reader's middle loss is about 0."""
+    names = ("T12", "L1", "L2", "L3", "L4")
+    grades = by_level(grade_spine([sized(n, concavity=0.12) for n in names]))
+    for name in ("L1", "L2", "L3"):
+        assert grades[name].biconcave_loss == pytest.approx(0.12, abs=0.005)
+        assert abs(grades[name].middle_loss) < 0.005 and abs(grades[name].size_loss) < 0.005
+        assert grades[name].genant_grade == 0 and grades[name].grade_basis == "normal"
+
+
+def test_the_expected_shape_skips_a_fractured_neighbour():
+    """L2 is crushed: L3's expectation comes from L1 (two levels up) and L4, not from L2."""
+    names = ("T12", "L1", "L2", "L3", "L4")
+    spine_ = [sized(n, scale=0.55) if n == "L2" else sized(n) for n in names]
+    grades = by_level(grade_spine(spine_))
+    assert grades["L2"].genant_grade == 3 and grades["L2"].reference_levels == ["L1", "L3"]
+    assert grades["L3"].reference_levels == ["L1", "L4"] and grades["L3"].genant_grade == 0
+    assert abs(grades["L3"].size_loss) < 0.005
+
+
+def test_reader_grade_needs_the_area_for_a_size_call():
+    """A size loss alone (heights short against the neighbours, the area not) stays below the
+    grade its height would give; a shape loss needs no area."""
+    assert grading.reader_grade(0.05, 0.30, 0.05) == (0, "normal")
+    assert grading.reader_grade(0.05, 0.30, 0.15) == (1, "size")
+    assert grading.reader_grade(0.05, 0.30, 0.25) == (2, "size")
+    assert grading.reader_grade(0.30, 0.05, 0.0) == (2, "shape")
+    assert grading.reader_grade(0.45, 0.45, 0.45) == (3, "shape+size")

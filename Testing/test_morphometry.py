@@ -396,3 +396,27 @@ def test_crossings_walk_out_from_each_start():
     assert np.isnan(up[1]) and up[2] == pytest.approx(1.5 + 0.5 * 0.5)
     assert down[0] == pytest.approx(1.0 - 0.5 * (1.0 - 0.5) / 0.8)
     assert down[1] == pytest.approx(1.0 + 0.5 * 0.5) and np.isnan(down[2])
+
+
+def test_height_profile_finds_the_deepest_point_and_the_area(phantom_1mm):
+    """The height profile, the middle region's deepest point, the sagittal area and the endplates'
+    depression against the phantom's drawn bodies (wedge L1, biconcave L2, crush L3, normal T12
+    and L4 with flat endplates)."""
+    results = {r.level: r for r in measure_heights(phantom_1mm.total, phantom_1mm.ijk_to_ras,
+                                                    body_labels=phantom_1mm.vertebrae_body, ct=phantom_1mm.ct)}
+    truth = {v["level"]: v for v in phantom_1mm.truth["vertebrae"]}
+    profile_errors = np.concatenate([np.subtract(results[n].height_profile_mm, truth[n]["height_profile_mm"])
+                                     for n in results])
+    assert np.median(np.abs(profile_errors)) <= 0.4
+    for name, r in results.items():
+        assert abs(r.hm_min_mm - truth[name]["hm_min_mm"]) <= 0.8, name
+        assert r.sagittal_area_mm2 == pytest.approx(truth[name]["sagittal_area_mm2"], rel=0.04), name
+        assert len(r.endplate_outline_ras["superior"]) == len(r.height_profile_mm)
+    # The biconcave body is deepest at mid-depth, each endplate depressed by about 15 % of its
+    # normal height there (the phantom depresses both by half the 30 % loss); flat ones are not.
+    biconcave = results["L2"]
+    assert abs(biconcave.hm_min_fraction - truth["L2"]["hm_min_fraction"]) <= 0.06
+    depression = 0.5 * 0.3 * truth["L2"]["normal_hm_mm"]
+    assert biconcave.endplate_depression_mm == pytest.approx((depression, depression), abs=0.8)
+    for name in ("T12", "L4", "L3"):
+        assert max(results[name].endplate_depression_mm) <= 0.6, name

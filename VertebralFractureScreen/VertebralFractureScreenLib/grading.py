@@ -74,13 +74,7 @@ def genant_grade(height_loss: float) -> int:
     Raises ``ValueError`` for NaN (an unmeasured vertebra has no grade)."""
     if math.isnan(height_loss):
         raise ValueError("a NaN height loss has no Genant grade")
-    if height_loss < 0.20:
-        return 0
-    if height_loss < 0.25:
-        return 1
-    if height_loss <= 0.40:
-        return 2
-    return 3
+    return _band_grade(height_loss, GRADE_BOUNDARIES)
 
 
 def is_borderline(height_loss: float, margin: float = BORDERLINE_MARGIN) -> bool:
@@ -164,6 +158,37 @@ class VertebraGrade:
     borderline: bool = False
     height_loss_sd: float = NAN
     flags: list[str] = field(default_factory=list)
+    quantitative_grade: int | None = None
+    """The SPEC §4 grade: :func:`genant_grade` of ``height_loss`` alone."""
+    quantitative_shape: str = ""
+    """The SPEC §4 shape (argmax of the three ratio losses), ``normal`` below grade 1."""
+    reference_levels: list[str] = field(default_factory=list)
+    """The unfractured neighbours the expected normal shape comes from (nearest on each side)."""
+    expected_ha_mm: float = NAN
+    expected_hm_mm: float = NAN
+    expected_hp_mm: float = NAN
+    """Expected normal heights (mm) at 15 %, at the middle region's deepest point and at 85 % of
+    the depth, from the reference neighbours and the level's normal proportions
+    (:func:`expected_profile`)."""
+    expected_profile_mm: tuple[float, ...] = ()
+    """Expected normal height (mm) at each of ``morphometry.PROFILE_FRACTIONS``."""
+    middle_loss: float = NAN
+    """Loss of the middle region's smallest height against the expected shape scaled to the
+    vertebra's own posterior height (the deepest point of a depression, not a fixed position)."""
+    size_loss: float = NAN
+    """The largest loss of Ha, the middle minimum or Hp against the expected heights."""
+    area_loss: float = NAN
+    """Loss of the sagittal area against the expected outline on the vertebra's own depth."""
+    endplate_depression: float = NAN
+    """The deeper endplate's depression below its chord, as a fraction of the expected middle
+    height (``morphometry.VertebraHeights.endplate_depression_mm``)."""
+    grade_loss: float = NAN
+    """The loss behind ``genant_grade``: the largest shape loss, or the size loss when the size
+    decided (``grade_basis == "size"``). ``borderline`` is True when moving every loss by
+    :data:`BORDERLINE_MARGIN` changes ``genant_grade``."""
+    grade_basis: str = ""
+    """What decided ``genant_grade``: ``shape`` (the vertebra's own proportions), ``size`` (its
+    heights against its neighbours, confirmed by its area), ``shape+size`` or ``normal``."""
 
     @property
     def graded(self) -> bool:
@@ -346,6 +371,8 @@ def grade_spine(heights: Iterable, normal_shape: Mapping[str, float] = NORMAL_HA
             grade.height_loss_sd = loss_sds[worst]
             if _uncertain(finite, loss_sds):
                 grade.flags.append("grade_uncertain")
+        grade.quantitative_grade, grade.quantitative_shape = grade.genant_grade, grade.shape
+    _read_like_a_reader(records, levels, positions, grades, gradeable, normal_shape)
     return grades
 
 
@@ -367,3 +394,215 @@ def exam_fracture_summary(grades: Sequence[VertebraGrade]) -> dict:
         "borderline_levels": [g.level for g in graded if g.borderline],
         "uncertain_grade_levels": [g.level for g in graded if "grade_uncertain" in g.flags],
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# The reader's grade: expected normal shape from the neighbours, height and area together
+# ------------------------------------------------------------------------------------------------
+
+AREA_BOUNDARIES = (0.10, 0.20, 0.40)
+"""Area-loss fractions where Genant's grade steps 0→1, 1→2 and 2→3: a reduction of the projected
+vertebral area of about 10–20 % (grade 1), 20–40 % (grade 2) and over 40 % (grade 3) (Genant et
+al., JBMR 1993)."""
+
+REFERENCE_REACH = 2
+"""How many levels away an unfractured neighbour may be taken from, on each side, when the
+adjacent one is fractured or not measured."""
+
+PROFILE_FRACTIONS = tuple(round(0.15 + 0.05 * k, 6) for k in range(15))
+"""Depth fractions of a height profile (as ``morphometry.PROFILE_FRACTIONS``: every 5 % from
+15 % to 85 % of the depth, from the anterior wall)."""
+
+
+def _band_grade(loss: float, boundaries: Sequence[float]) -> int:
+    """Grade of a loss against three boundaries (grade 1 from the first, 2 from the second, 3 above
+    the third), 0 for NaN."""
+    if not math.isfinite(loss):
+        return 0
+    if loss < boundaries[0]:
+        return 0
+    if loss < boundaries[1]:
+        return 1
+    return 2 if loss <= boundaries[2] else 3
+
+
+def normal_shape_at(level: str, fraction, normal_shape: Mapping[str, float] = NORMAL_HA_HP):
+    """The level's normal height at a depth fraction relative to its posterior height: ``Ha/Hp``
+    at 15 %, 1 at 85 %, linear in between (and beyond)."""
+    r = normal_ha_hp(level, normal_shape)
+    return 1.0 + (r - 1.0) * (AP_SPAN_END - fraction) / (AP_SPAN_END - AP_SPAN_START)
+
+
+AP_SPAN_START, AP_SPAN_END = 0.15, 0.85
+
+
+def _profile(record) -> list[float] | None:
+    """The record's height profile at :data:`PROFILE_FRACTIONS` (mm): its own when it carries one,
+    else the line through Ha, Hm and Hp (a truth row, a mask-only record); None when unmeasured."""
+    own = _field(record, "height_profile_mm")
+    if own is not None and len(own) == len(PROFILE_FRACTIONS) and all(
+            isinstance(h, (int, float)) and math.isfinite(h) and h > 0 for h in own):
+        return [float(h) for h in own]
+    a, m, p = (_height(record, key) for key in ("ha_mm", "hm_mm", "hp_mm"))
+    if not all(math.isfinite(x) for x in (a, m, p)):
+        return None
+    return [a + (m - a) * (f - 0.15) / 0.35 if f <= 0.5 else m + (p - m) * (f - 0.5) / 0.35
+            for f in PROFILE_FRACTIONS]
+
+
+def _middle_minimum(record, profile: list[float]) -> tuple[float, float]:
+    """The middle region's smallest height and its depth fraction: the record's own when it
+    carries one, else Hm at 50 %."""
+    value, where = _height(record, "hm_min_mm"), _field(record, "hm_min_fraction")
+    try:
+        where = float(where)
+    except (TypeError, ValueError):
+        where = NAN
+    if math.isfinite(value) and math.isfinite(where):
+        return value, where
+    return profile[PROFILE_FRACTIONS.index(0.5)], 0.5
+
+
+def _interp(fraction: float, values: Sequence[float]) -> float:
+    """Linear interpolation of a profile at a depth fraction."""
+    step = PROFILE_FRACTIONS[1] - PROFILE_FRACTIONS[0]
+    x = min(max((fraction - PROFILE_FRACTIONS[0]) / step, 0.0), len(values) - 1.0)
+    k = min(int(x), len(values) - 2)
+    return values[k] + (values[k + 1] - values[k]) * (x - k)
+
+
+def expected_profile(level: str, neighbours: Sequence[tuple[str, Sequence[float]]],
+                     normal_shape: Mapping[str, float] = NORMAL_HA_HP) -> list[float]:
+    """Expected normal height profile of ``level`` (mm at :data:`PROFILE_FRACTIONS`) from
+    unfractured neighbours ``(level, profile)``, in three parts:
+
+    * **size**: the mean of the neighbour's anterior and posterior heights (its chord's mean),
+      carried from its level's nominal mean body height to this level's (the bodies grow
+      caudally, about 4 % a level in the lower thoracic spine), averaged over the neighbours;
+    * **chord**: the line from anterior to posterior of the level's normal proportions
+      (:func:`normal_shape_at`: T11–L1 wedging, L5's short posterior wall), as the SPEC's
+      ratio losses use it; a neighbour's own wedging is not carried over, since the normal
+      wedging changes sign across the thoraco-lumbar junction;
+    * **concavity**: how far the neighbours' endplates lie inside their own chords at each depth
+      (real endplates are concave: mid-depth heights about 10 % below the chord), averaged.
+    """
+    from .phantom_anatomy import level_dimensions  # nominal body heights per level (Panjabi et al.)
+
+    names = (level, *(n for n, _ in neighbours))
+    size = {name: level_dimensions(name).height_mm for name in names}
+    last = len(PROFILE_FRACTIONS) - 1
+    chord_mean, concavity = 0.0, [0.0] * len(PROFILE_FRACTIONS)
+    for name, h in neighbours:
+        chord_mean += 0.5 * (h[0] + h[last]) * size[level] / size[name] / len(neighbours)
+        for k in range(len(PROFILE_FRACTIONS)):
+            chord = h[0] + (h[last] - h[0]) * k / last
+            concavity[k] += (1.0 - h[k] / chord) / len(neighbours)
+    m = normal_hm_hp(level, normal_shape)
+    return [chord_mean / m * normal_shape_at(level, f, normal_shape) * (1.0 - concavity[k])
+            for k, f in enumerate(PROFILE_FRACTIONS)]
+
+
+def _read_like_a_reader(records, levels, positions, grades, gradeable, normal_shape) -> None:
+    """Set each graded vertebra's reader-like ``genant_grade`` (see :func:`grade_spine`)."""
+    profiles = [_profile(r) if ok else None for r, ok in zip(records, gradeable)]
+    by_position = {p: i for i, p in enumerate(positions) if p is not None}
+    # Unfractured by the quantitative grade and its own deepest point, and not crush-suspect.
+    unfractured = []
+    for i, grade in enumerate(grades):
+        ok = gradeable[i] and profiles[i] is not None and grade.quantitative_grade == 0
+        if ok:
+            hm_min, where = _middle_minimum(records[i], profiles[i])
+            shape_m = normal_shape_at(levels[i], where, normal_shape)
+            ok = 1.0 - hm_min / (profiles[i][-1] * shape_m) < GRADE_BOUNDARIES[0]
+        unfractured.append(ok)
+    for i, grade in enumerate(grades):
+        if not gradeable[i] or profiles[i] is None:
+            continue
+        references = []
+        for step in (-1, 1):
+            for distance in range(1, REFERENCE_REACH + 1):
+                j = by_position.get(positions[i] + step * distance)
+                if j is None:
+                    break  # a gap: nothing is taken across it
+                if unfractured[j]:
+                    references.append(j)
+                    break
+        profile = profiles[i]
+        hm_min, where = _middle_minimum(records[i], profile)
+        if references:
+            expected = expected_profile(levels[i], [(levels[j], profiles[j]) for j in references], normal_shape)
+        else:  # the level's normal shape at the vertebra's own posterior height
+            expected = [profile[-1] * normal_shape_at(levels[i], f, normal_shape) for f in PROFILE_FRACTIONS]
+        grade.reference_levels = [levels[j] for j in references]
+        grade.expected_profile_mm = tuple(expected)
+        e_a, e_m, e_p = expected[0], _interp(where, expected), expected[-1]
+        grade.expected_ha_mm, grade.expected_hm_mm, grade.expected_hp_mm = e_a, e_m, e_p
+        # Shape: the expected shape scaled to the vertebra's own posterior height.
+        scale = profile[-1] / e_p
+        wedge = 1.0 - profile[0] / (e_a * scale)
+        grade.middle_loss = _round(1.0 - hm_min / (e_m * scale))
+        crush = grade.crush_loss if math.isfinite(grade.crush_loss) else NAN
+        shape_losses = {"wedge": _round(wedge), "biconcave": grade.middle_loss, "crush": crush}
+        # Size: the heights against the expected ones, confirmed by the area.
+        size = max(1.0 - profile[0] / e_a, 1.0 - hm_min / e_m, 1.0 - profile[-1] / e_p) if references else NAN
+        grade.size_loss = _round(size)
+        area = _field(records[i], "sagittal_area_mm2")
+        depth = _field(records[i], "depth_mm")
+        try:
+            area_ratio = float(area) / (float(depth) * 0.70 * _mean_profile(expected))
+        except (TypeError, ValueError, ZeroDivisionError):
+            area_ratio = _mean_profile(profile) / _mean_profile(expected)
+        if not math.isfinite(area_ratio):
+            area_ratio = _mean_profile(profile) / _mean_profile(expected)
+        grade.area_loss = _round(1.0 - area_ratio) if references else NAN
+        depression = _field(records[i], "endplate_depression_mm")
+        try:
+            grade.endplate_depression = _round(max(float(x) for x in depression) / e_m)
+        except (TypeError, ValueError):
+            grade.endplate_depression = NAN
+        finite = {k: v for k, v in shape_losses.items() if math.isfinite(v)}
+        worst = max(SHAPES, key=lambda k: finite.get(k, -math.inf))
+        grade.genant_grade, grade.grade_basis = reader_grade(finite[worst], grade.size_loss, grade.area_loss)
+        grade.shape = ("normal" if grade.genant_grade == 0 else "crush" if grade.grade_basis == "size" else worst)
+        grade.grade_loss = grade.size_loss if grade.grade_basis == "size" else min(1.0, max(0.0, finite[worst]))
+        # Borderline: the grade changes when every loss moves by the SPEC's 3 points.
+        lower, upper = (reader_grade(finite[worst] + d, grade.size_loss + d, grade.area_loss + d)[0]
+                        for d in (-BORDERLINE_MARGIN, BORDERLINE_MARGIN))
+        grade.borderline = lower != upper
+
+
+def reader_grade(shape_loss: float, size_loss: float, area_loss: float,
+                 height_boundaries: Sequence[float] = GRADE_BOUNDARIES,
+                 area_boundaries: Sequence[float] = AREA_BOUNDARIES) -> tuple[int, str]:
+    """Genant grade from a vertebra's losses, and its basis (``shape``, ``size``, ``shape+size``
+    or ``normal``): the larger of the *shape grade* (the largest shape loss against the height
+    boundaries) and the *size grade* (the size loss against the height boundaries, but no higher
+    than the area loss's grade against the area boundaries: a body that is short against its
+    neighbours is fractured when its area is lost too, as Genant grades height and area
+    together). NaN size or area losses give no size grade."""
+    shape_grade = _band_grade(shape_loss, height_boundaries)
+    size_grade = min(_band_grade(size_loss, height_boundaries), _band_grade(area_loss, area_boundaries))
+    grade = max(shape_grade, size_grade)
+    if grade == 0:
+        return 0, "normal"
+    return grade, ("shape+size" if shape_grade == size_grade else "shape" if shape_grade > size_grade else "size")
+
+
+def _mean_profile(profile: Sequence[float]) -> float:
+    """Mean height of a profile at equally spaced fractions (trapezoid rule)."""
+    return (sum(profile) - 0.5 * (profile[0] + profile[-1])) / (len(profile) - 1)
+
+
+GRADING_BASIS = {
+    "genant_grade": "semi-quantitative, as a reader grades (Genant et al., JBMR 1993): the larger of the shape "
+                    "grade (wedge at 15 %, the middle region's deepest point, crush against the neighbours' "
+                    "posterior heights, each against the expected shape) and the size grade (heights against the "
+                    "expected normal heights from the nearest unfractured neighbours, confirmed by the sagittal "
+                    "area's loss)",
+    "height_boundaries": list(GRADE_BOUNDARIES),
+    "area_boundaries": list(AREA_BOUNDARIES),
+    "thresholds_from": "Genant 1993's published height and area reductions; not tuned on graded scans",
+    "quantitative_grade": "SPEC §4: genant grade of height_loss = max(1 - Ha/Hp, 1 - Hm/Hp, 1 - Hp/Hp_ref) "
+                          "against the level's normal proportions",
+}
+"""The basis of the grades, written into ``exam.json`` (``grading``)."""

@@ -70,6 +70,15 @@ from .geometry import (
 )
 
 AP_FRACTIONS = {"ha": 0.15, "hm": 0.50, "hp": 0.85}
+HALFWAY_FRACTIONS = (0.675, 0.325)
+"""Depth fractions halfway between the measurement positions, in increasing ``v`` (posterior
+first): the endplate profiles' other two knots."""
+PROFILE_FRACTIONS = np.round(np.arange(0.15, 0.85 + 1e-9, 0.05), 6)
+"""Depth fractions (from the anterior wall) at which the height profile and the endplate outline
+are reported: every 5 % between the anterior and posterior measurement positions."""
+MIDDLE_REGION = (0.25, 0.75)
+"""Depth fractions of the middle region, where a depression of an endplate is looked for (its
+deepest point, wherever it lies, rather than the fixed middle position)."""
 """Measurement positions: fraction of the body depth from the anterior wall (SPEC §4)."""
 
 ENDPLATE_CORTEX_MM = 1.0
@@ -196,6 +205,24 @@ class VertebraHeights:
     endplate comes from the mask alone). They leave out the model's own errors and assume
     uncorrelated voxel noise: a reconstruction kernel that correlates neighbouring voxels makes
     the true spread larger."""
+    height_profile_mm: tuple[float, ...] = ()
+    """Height (mm) at each of :data:`PROFILE_FRACTIONS` of the depth, from the endplate profiles
+    (natural splines through their five knots); empty when the endplates were not found."""
+    hm_min_mm: float = float("nan")
+    hm_min_fraction: float = float("nan")
+    """The smallest height over the middle region (:data:`MIDDLE_REGION`) and its depth fraction:
+    where a depressed endplate is deepest."""
+    sagittal_area_mm2: float = float("nan")
+    """Area of the body's mid-sagittal outline between 15 and 85 % of its depth (mm²): the
+    integral of the height profile, the CT's analogue of a radiograph's projected area."""
+    endplate_depression_mm: tuple[float, float] = (float("nan"), float("nan"))
+    """Superior and inferior endplate's deepest point in the middle region below the chord
+    between its anterior and posterior measurement positions (mm, positive towards the body's
+    centre; 0 or negative for a flat or convex endplate)."""
+    endplate_outline_ras: dict[str, np.ndarray] = field(default_factory=dict)
+    """The superior and inferior endplates in the mid-sagittal plane (RAS mm, one point per
+    :data:`PROFILE_FRACTIONS`), keyed ``superior``/``inferior``: the measured outline the QC
+    picture draws."""
     axis_point_ras: np.ndarray | None = None
     """The body's middle on the spine's centre line (RAS mm): in the mid-sagittal plane, at the
     middle of the Hm line's height, halfway between the anterior and posterior walls as fitted on
@@ -562,7 +589,7 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
                           search: float, plate_hu: float | None, disc_hu: float | None = None,
                           sweeps: int = 1, local_half: float | None = None,
                           straight_only: bool = False,
-                          thorough: bool = False) -> tuple[np.ndarray, float, np.ndarray] | None:
+                          thorough: bool = False, halfway: bool = False) -> tuple | None:
     """Outer surface of one endplate over the body's depth, fitted to the CT values of the voxels
     around it.
 
@@ -589,7 +616,9 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
     ``local_half`` (mm along ``v``) of its position. Returns the surface's ``w`` at ``knots_v``
     (same order), the disc HU ``a`` and the standard deviation of the surface at ``knots_v`` from
     the noise (the least-squares covariance, with ``thorough`` at least the residual's likelihood
-    spread; mm, inf where the data do not determine it), or None when no fit has a bright plate."""
+    spread; mm, inf where the data do not determine it), or None when no fit has a bright plate.
+    With ``halfway`` a fourth element follows: the surface's ``w`` at the knots halfway between
+    consecutive measurement positions, in increasing ``v``."""
     order = np.argsort(knots_v)
     if len(values) < 8:
         return None
@@ -833,6 +862,8 @@ def _fit_endplate_profile(values: np.ndarray, local: np.ndarray, direction: int,
         return None
     result, result_sd = np.empty(len(measured_v)), np.empty(len(measured_v))
     result[order], result_sd[order] = knots[0::2], sd[0::2]
+    if halfway:
+        return result, disc, result_sd, knots[1::2].copy()
     return result, disc, result_sd
 
 
@@ -914,14 +945,16 @@ class _BodyMeasurement:
         ``knots_v`` (3,) and ``edges`` (3, 2: superior, inferior), the starting point of the fits."""
         result, frame, sample = self.result, self.frame, self.sample
         knots_v, mask_edges = [], []
-        for fraction in AP_FRACTIONS.values():
+        for fraction in (*AP_FRACTIONS.values(), *HALFWAY_FRACTIONS):
             v_f = self.v_ant - fraction * (self.v_ant - self.v_post)
             vs_f = v_f + np.array([-0.025, 0.0, 0.025]) * result.depth_mm
             uu, vv, ww = np.meshgrid(self.us, vs_f, self.ws, indexing="ij")
             occ = sample(self.body_f, frame.to_ras(np.stack([uu.ravel(), vv.ravel(), ww.ravel()], axis=1)))
             knots_v.append(v_f)
             mask_edges.append(_mask_edges(occ.reshape(-1, len(self.ws)), self.ws))
-        self.knots_v, self.mask_edges = np.array(knots_v), np.array(mask_edges)
+        n = len(AP_FRACTIONS)
+        self.knots_v, self.mask_edges = np.array(knots_v[:n]), np.array(mask_edges[:n])
+        self.halfway_v, self.halfway_mask_edges = np.array(knots_v[n:]), np.array(mask_edges[n:])
         self.forget_fits()
 
     def fit_endplates(self, plate_hu: float | None, disc_hu: float | None = None,
@@ -940,9 +973,13 @@ class _BodyMeasurement:
                 continue
             fit = self._fit_profile(direction, self.mask_edges[:, side], plate_hu, disc_hu, straight_only)
             if fit is not None:
-                edges, disc, sd = fit
+                edges, disc, sd, halfway = fit
                 self.edges[:, side], self.edge_sd[:, side] = _with_mask_endplate(
                     edges, sd, self.mask_edges[:, side], MASK_ENDPLATE_SD_VOXELS * self.s_w)
+                # The halfway knots move with the combination's shift of their two neighbours.
+                order = np.argsort(self.knots_v)
+                shift = (self.edges[:, side] - edges)[order]
+                self.halfway_edges[:, side] = halfway + np.interp(self.halfway_v, self.knots_v[order], shift)
                 self.fitted[side] = True
                 if disc_hu is None:
                     discs.append((direction, disc))
@@ -972,8 +1009,45 @@ class _BodyMeasurement:
         if fitted == 2 and not max(result.ha_sd_mm, result.hm_sd_mm, result.hp_sd_mm) <= IMPRECISE_HEIGHT_SD_MM:
             result.flags.append("imprecise_heights")
         result.axis_point_ras, result.axis_point_from_ct = self.axis_point()
+        self.profile()
         _check_plausible(result)
         return result
+
+    def profile(self) -> None:
+        """The height profile, the deepest point of the middle region, the sagittal area, the
+        endplates' depressions and outline, from the two endplate profiles: natural cubic splines
+        through their five knots (the measurement positions and halfway between), the curve the
+        CT fit itself uses."""
+        from scipy.interpolate import CubicSpline
+
+        result = self.result
+        v = np.concatenate([self.knots_v, self.halfway_v])
+        edges = np.concatenate([self.edges, self.halfway_edges])
+        if not np.all(np.isfinite(edges)) or not np.all(edges[:, 0] > edges[:, 1]):
+            return
+        order = np.argsort(v)
+        top, bottom = (CubicSpline(v[order], edges[order, side], bc_type="natural") for side in (0, 1))
+        depth = self.v_ant - self.v_post
+        v_of = lambda fraction: self.v_ant - np.asarray(fraction) * depth  # noqa: E731
+        heights = top(v_of(PROFILE_FRACTIONS)) - bottom(v_of(PROFILE_FRACTIONS))
+        result.height_profile_mm = tuple(float(h) for h in heights)
+        fine = np.linspace(*MIDDLE_REGION, 101)
+        middle = top(v_of(fine)) - bottom(v_of(fine))
+        deepest = int(np.argmin(middle))
+        result.hm_min_mm, result.hm_min_fraction = float(middle[deepest]), float(fine[deepest])
+        span = np.linspace(AP_FRACTIONS["ha"], AP_FRACTIONS["hp"], 141)
+        along = top(v_of(span)) - bottom(v_of(span))
+        result.sagittal_area_mm2 = float((along.sum() - 0.5 * (along[0] + along[-1])) * (span[1] - span[0]) * depth)
+        v_a, v_p = v_of(AP_FRACTIONS["ha"]), v_of(AP_FRACTIONS["hp"])
+        chord_t = np.interp(v_of(fine), [v_p, v_a], [top(v_p), top(v_a)])
+        chord_b = np.interp(v_of(fine), [v_p, v_a], [bottom(v_p), bottom(v_a)])
+        result.endplate_depression_mm = (float(np.max(chord_t - top(v_of(fine)))),
+                                         float(np.max(bottom(v_of(fine)) - chord_b)))
+        points = v_of(PROFILE_FRACTIONS)
+        u = np.full_like(points, self.u_mid)
+        result.endplate_outline_ras = {
+            "superior": self.frame.to_ras(np.stack([u, points, top(points)], axis=1)),
+            "inferior": self.frame.to_ras(np.stack([u, points, bottom(points)], axis=1))}
 
     def axis_point(self) -> tuple[np.ndarray | None, bool]:
         """The body's middle on the spine's centre line (see :attr:`VertebraHeights.axis_point_ras`)
@@ -1006,6 +1080,7 @@ class _BodyMeasurement:
     def forget_fits(self) -> None:
         """Back to the mask's endplates, before fitting again with another plate HU."""
         self.edges = self.mask_edges.copy()
+        self.halfway_edges = self.halfway_mask_edges.copy()
         self.edge_sd = np.full_like(self.mask_edges, np.nan)  # unknown for the mask's endplates
         self.fitted = [False, False]
 
@@ -1065,7 +1140,7 @@ class _BodyMeasurement:
                                      self.ijk_to_ras, self.cortex_mm, 0.5 * s_w + 0.8, plate_hu, disc_hu,
                                      local_half=max(0.05 * self.result.depth_mm, self.s_v)
                                      if s_w <= THICK_VOXEL_MM else None, straight_only=straight_only,
-                                     thorough=s_w > THICK_VOXEL_MM)
+                                     thorough=s_w > THICK_VOXEL_MM, halfway=True)
 
 
 def _with_mask_endplate(fitted: np.ndarray, fitted_sd: np.ndarray, mask: np.ndarray,

@@ -739,6 +739,20 @@ def _touches_border(mask: np.ndarray) -> bool:
                 or mask[:, :, 0].any() or mask[:, :, -1].any())
 
 
+def _profile_truth(model: VertebraModel) -> dict:
+    """The true height profile of a body in its mid-sagittal plane (as
+    ``morphometry.VertebraHeights``): heights every 5 % of the depth from 15 to 85 %, the middle
+    region's (25–75 %) smallest height and where it lies, and the area between 15 and 85 %."""
+    profile = [model.height_at(f) for f in np.round(np.arange(0.15, 0.85 + 1e-9, 0.05), 6)]
+    middle = np.linspace(0.25, 0.75, 501)
+    heights = np.array([model.height_at(f) for f in middle])
+    span = np.linspace(0.15, 0.85, 701)
+    along = np.array([model.height_at(f) for f in span])
+    area = (along.sum() - 0.5 * (along[0] + along[-1])) * (span[1] - span[0]) * 2.0 * model.half_depth
+    return {"height_profile_mm": profile, "hm_min_mm": float(heights.min()),
+            "hm_min_fraction": float(middle[int(np.argmin(heights))]), "sagittal_area_mm2": float(area)}
+
+
 def _truth(spec, scene: SpineScene, ijk_to_ras, anatomy_to_ras, shape, total_map) -> dict:
     rot, shift = anatomy_to_ras[:3, :3], anatomy_to_ras[:3, 3]
     to_ras = lambda p: (rot @ np.asarray(p) + shift).tolist()  # noqa: E731
@@ -784,6 +798,7 @@ def _truth(spec, scene: SpineScene, ijk_to_ras, anatomy_to_ras, shape, total_map
             "axes_ras": {"lr": (rot @ model.axes[0]).tolist(), "ap": (rot @ model.axes[1]).tolist(),
                          "cc": (rot @ model.axes[2]).tolist()},
             "height_points_ras": points,
+            **_profile_truth(model),
         })
     muscles = _muscle_truth(spec, scene, ijk_to_ras, anatomy_to_ras, shape)
     return {

@@ -133,6 +133,22 @@ class QCVertebra:
     borderline: bool = False
     trabecular_hu: float = NAN
     flags: list[str] = field(default_factory=list)
+    outline_ras: dict = field(default_factory=dict)
+    """The measured endplates in the mid-sagittal plane, ``superior``/``inferior`` → (N, 3) RAS
+    points along the depth (``morphometry.VertebraHeights.endplate_outline_ras``)."""
+    expected_superior_ras: np.ndarray | None = None
+    """Where the superior endplate would lie with the expected normal heights (the grading's
+    ``expected_profile_mm``) over the measured inferior endplate: the basis of the grade."""
+    lost: np.ndarray | None = None
+    """Per outline point, whether its height is :data:`LOST_HEIGHT` or more below the expected:
+    the depressed part of the endplate."""
+    depressed_side: str = "superior"
+    """The endplate drawn as depressed: the one deeper below its chord."""
+
+
+LOST_HEIGHT = 0.20
+"""A point of the outline whose height is this fraction or more below the expected one is drawn
+as lost (Genant's grade-1 height reduction)."""
 
 
 def _get(record, name, default=None):
@@ -217,12 +233,30 @@ def qc_vertebrae(heights: Sequence, grades: Sequence | Mapping | None = None,
             ha_mm=_float(_get(h, "ha_mm")), hm_mm=_float(_get(h, "hm_mm")), hp_mm=_float(_get(h, "hp_mm")),
             genant_grade=None if grade is None else _get(grade, "genant_grade"),
             shape="" if grade is None else str(_get(grade, "shape") or ""),
-            height_loss=NAN if grade is None else _float(_get(grade, "height_loss")),
+            height_loss=NAN if grade is None else _float(_get(grade, "grade_loss", _get(grade, "height_loss"))),
             borderline=False if grade is None else bool(_get(grade, "borderline")),
             trabecular_hu=hu_by_level.get(level, NAN),
             flags=flags,
+            **_grade_basis(h, grade),
         ))
     return records
+
+
+def _grade_basis(heights, grade) -> dict:
+    """The QC fields that show why a vertebra got its grade: its measured outline, the expected
+    superior endplate and the lost part (empty without an outline or an expected profile)."""
+    outline = {key: np.asarray(points, float) for key, points in (_get(heights, "endplate_outline_ras") or {}).items()}
+    expected = tuple(_get(grade, "expected_profile_mm") or ()) if grade is not None else ()
+    frame = _get(heights, "frame")
+    if set(outline) != {"superior", "inferior"} or frame is None or len(expected) != len(outline["inferior"]):
+        return {"outline_ras": outline}
+    expected = np.asarray(expected, float)
+    cc = np.asarray(frame.cc, float)
+    measured = (outline["superior"] - outline["inferior"]) @ cc
+    depression = _get(heights, "endplate_depression_mm") or (NAN, NAN)
+    side = "inferior" if _float(depression[1]) > _float(depression[0]) else "superior"
+    return {"outline_ras": outline, "expected_superior_ras": outline["inferior"] + expected[:, None] * cc,
+            "lost": measured <= (1.0 - LOST_HEIGHT) * expected, "depressed_side": side}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -675,6 +709,31 @@ def render_qc(
     _save_atomically(figure, Path(out_path), dpi)
 
 
+EXPECTED_COLOUR = "#00e5ff"
+LOST_COLOUR = "#ff00cc"
+
+
+def _draw_grade_basis(ax, v: QCVertebra, to_mm, colour, outline_effect) -> None:
+    """A fractured vertebra's measured endplates (grade colour), its expected superior endplate
+    (dashed) and the lost part of the depressed endplate (thick)."""
+    from matplotlib import patheffects
+
+    if not v.outline_ras:
+        return
+    for points in v.outline_ras.values():
+        xy = to_mm(points)
+        ax.plot(xy[:, 0], xy[:, 1], color=colour, lw=0.9, path_effects=outline_effect, zorder=4)
+    if v.expected_superior_ras is None:
+        return
+    xy = to_mm(v.expected_superior_ras)
+    ax.plot(xy[:, 0], xy[:, 1], color=EXPECTED_COLOUR, lw=1.8, linestyle=(0, (2, 1.5)), zorder=5,
+            path_effects=[patheffects.withStroke(linewidth=3.0, foreground="black")])
+    if v.lost is not None and np.any(v.lost):
+        xy = to_mm(v.outline_ras[v.depressed_side])
+        lost = np.where(v.lost, 0.0, np.nan)[:, None] + xy
+        ax.plot(lost[:, 0], lost[:, 1], color=LOST_COLOUR, lw=2.6, solid_capstyle="round", zorder=5)
+
+
 def _draw(reformat: SpineReformat, placed: list[QCVertebra], records: list[QCVertebra], title: str,
           window: tuple[float, float], missing: list[str], dpi: int):
     from matplotlib import patheffects
@@ -750,6 +809,8 @@ def _draw(reformat: SpineReformat, placed: list[QCVertebra], records: list[QCVer
             ax.plot(ends[:, 0], ends[:, 1], color=colour, lw=lw, linestyle=(0, (3, 2)) if v.borderline else "-",
                     marker="_", markersize=7, markeredgewidth=lw, path_effects=thin_outline, zorder=4,
                     solid_capstyle="butt", dash_capstyle="butt")
+        if v.genant_grade is not None and v.genant_grade >= 1 and drawn:
+            _draw_grade_basis(ax, v, to_mm, colour, thin_outline)
         # The anterior wall lies 15/70 of the Ha–Hp distance in front of Ha.
         if "ha" in mids and "hp" in mids:
             anterior = mids["ha"] + (mids["ha"] - mids["hp"]) * (0.15 / 0.70)
@@ -803,12 +864,18 @@ def _draw(reformat: SpineReformat, placed: list[QCVertebra], records: list[QCVer
     # Legend and method line.
     handles = [Patch(facecolor=GRADE_COLOURS[g], edgecolor="none", label=GRADE_LEGEND[g]) for g in (0, 1, 2, 3, None)]
     handles.append(Line2D([0], [0], color="#555555", lw=1.7, linestyle=(0, (3, 2)), label="* borderline"))
+    if any(v.expected_superior_ras is not None and v.genant_grade for v in placed):
+        handles.append(Line2D([0], [0], color=EXPECTED_COLOUR, lw=1.8, linestyle=(0, (2, 1.5)),
+                              label="expected endplate"))
+        handles.append(Line2D([0], [0], color=LOST_COLOUR, lw=2.6, label=f"height lost ≥ {LOST_HEIGHT:.0%}"))
     figure.legend(handles=handles, loc="lower left", bbox_to_anchor=(left / fig_w, 18.0 / fig_h), ncol=6,
                   fontsize=8, frameon=False, handlelength=1.6, columnspacing=1.0, handletextpad=0.4)
     how = ("curved planar reformat" if reformat.mode == "curved" else "straightened reformat")
     figure.text(left / fig_w, 6.0 / fig_h,
                 f"Sagittal {how} through the body centres, slab {reformat.slab_mm:g} mm, "
-                f"W {window[1]:g} / L {window[0]:g} HU · anterior left, cranial up · lines: Ha, Hm, Hp",
+                f"W {window[1]:g} / L {window[0]:g} HU · anterior left, cranial up · lines: Ha, Hm, Hp"
+                + (" · expected: from the neighbours" if
+                   any(v.expected_superior_ras is not None and v.genant_grade for v in placed) else ""),
                 fontsize=7.5, color="#444444", ha="left", va="bottom")
     return figure
 

@@ -42,7 +42,7 @@ from .exam_inputs import ExamInputs, load_exam, read_ct_checked
 from .features import exam_features
 from .geometry import voxel_spacing
 from .imageio import split_image_suffix
-from .grading import exam_fracture_summary, grade_spine
+from .grading import GRADING_BASIS, exam_fracture_summary, grade_spine
 from .model import resolve_model
 from .morphometry import measure_heights
 from .muscles import lumbar_length_mm, measure_muscles, muscle_summary
@@ -52,8 +52,14 @@ VERTEBRA_COLUMNS = (
     "exam_id", "level", "complete", "ha_mm", "hm_mm", "hp_mm", "ha_hp", "hm_hp", "hp_ref_ratio", "height_loss",
     "genant_grade", "shape", "borderline", "trabecular_hu_mean", "trabecular_hu_median", "trabecular_hu_sd",
     "roi_voxels", "body_volume_ml", "flags",
+    "quantitative_grade", "grade_basis", "grade_loss", "hm_min_mm", "expected_ha_mm", "expected_hm_mm", "expected_hp_mm",
+    "middle_loss", "size_loss", "area_loss", "endplate_depression", "reference_levels",
 )
-"""Columns of ``vertebrae.csv`` (SPEC §5)."""
+"""Columns of ``vertebrae.csv``: SPEC §5's, then the reader-like grade's basis
+(:class:`.grading.VertebraGrade`): the SPEC §4 grade of ``height_loss`` alone
+(``quantitative_grade``; ``genant_grade`` is the grade from height and area together), what
+decided the grade and the loss behind it, the middle region's smallest height, the expected normal heights, the
+losses against them, the endplate depression and the neighbours the expectation came from."""
 MUSCLE_COLUMNS = ("exam_id", "muscle", "level", "volume_ml", "mean_hu", "imat_fraction", "lean_hu", "fat_fraction",
                   "mean_hu_se", "lean_hu_se", "complete", "flags")
 """Columns of ``muscles.csv``: SPEC §5's six, then the partial-volume-guarded ``lean_hu`` and the
@@ -189,13 +195,14 @@ def _cell_number(value, scale: float = 1.0, digits: int = 1) -> str:
 
 
 def vertebra_cells(row: dict) -> list[str]:
-    """A ``vertebrae.csv`` row as the texts of a results table: level, Ha, Hm, Hp (mm), loss (%),
+    """A ``vertebrae.csv`` row as the texts of a results table: level, Ha, Hm, Hp (mm), the grade's
+    loss (%, ``grade_loss``),
     grade (``?`` when borderline or ``grade_uncertain``, ``–`` when not graded), shape
     (``incomplete`` when cut) and HU."""
     open_grade = row["borderline"] or "grade_uncertain" in row["flags"]
     grade = "–" if row["genant_grade"] is None else str(row["genant_grade"]) + ("?" if open_grade else "")
     return [row["level"], _cell_number(row["ha_mm"]), _cell_number(row["hm_mm"]), _cell_number(row["hp_mm"]),
-            _cell_number(row["height_loss"], 100, 0), grade, row["shape"] if row["complete"] else "incomplete",
+            _cell_number(row["grade_loss"], 100, 0), grade, row["shape"] if row["complete"] else "incomplete",
             _cell_number(row["trabecular_hu_mean"], 1, 0)]
 
 
@@ -329,6 +336,11 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
             "trabecular_hu_sd": roi.sd_hu if roi else float("nan"),
             "roi_voxels": roi.voxels if roi else 0,
             "body_volume_ml": h.body_volume_ml, "flags": flags,
+            "quantitative_grade": g.quantitative_grade, "grade_basis": g.grade_basis, "grade_loss": g.grade_loss,
+            "hm_min_mm": h.hm_min_mm,
+            "expected_ha_mm": g.expected_ha_mm, "expected_hm_mm": g.expected_hm_mm, "expected_hp_mm": g.expected_hp_mm,
+            "middle_loss": g.middle_loss, "size_loss": g.size_loss, "area_loss": g.area_loss,
+            "endplate_depression": g.endplate_depression, "reference_levels": list(g.reference_levels),
         })
     # Every muscles.csv column but the exam's id is the row's attribute of the same name.
     muscle_table = [{"exam_id": exam_id} | {column: getattr(m, column) for column in MUSCLE_COLUMNS[1:]}
@@ -346,6 +358,7 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
         "levels_present": present,
         "levels_complete": [h.level for h in heights if h.complete],
         "fracture": exam_fracture_summary(grades),
+        "grading": GRADING_BASIS,
         # SD of each height from the CT's noise (morphometry.VertebraHeights.ha_sd_mm); NaN → null
         "height_sd_mm": {h.level: {key: round(float(getattr(h, f"{key}_sd_mm")), 3) for key in ("ha", "hm", "hp")}
                          for h in heights},

@@ -52,13 +52,13 @@ GRADE_COLORS: dict[int | None, tuple[float, float, float]] = {
 
 HEIGHT_NAMES = {"ha": "Ha", "hm": "Hm", "hp": "Hp"}
 _NUMERIC_COLUMNS = (frozenset(VERTEBRA_COLUMNS) | frozenset(MUSCLE_COLUMNS)) - {
-    "exam_id", "level", "muscle", "complete", "shape", "borderline", "flags"}
-_INTEGER_COLUMNS = frozenset({"genant_grade", "roi_voxels"})
+    "exam_id", "level", "muscle", "complete", "shape", "borderline", "flags", "grade_basis", "reference_levels"}
+_INTEGER_COLUMNS = frozenset({"genant_grade", "quantitative_grade", "roi_voxels"})
 _BOOLEAN_COLUMNS = frozenset({"complete", "borderline"})
-_LIST_COLUMNS = frozenset({"flags"})
+_LIST_COLUMNS = frozenset({"flags", "reference_levels"})
 
 PANEL_COLUMNS = (("Level", "level"), ("Ha mm", "ha_mm"), ("Hm mm", "hm_mm"), ("Hp mm", "hp_mm"),
-                 ("Loss %", "height_loss"), ("Grade", "genant_grade"), ("Shape", "shape"), ("HU", "trabecular_hu_mean"))
+                 ("Loss %", "grade_loss"), ("Grade", "genant_grade"), ("Shape", "shape"), ("HU", "trabecular_hu_mean"))
 """Columns of the panel's results table: title and the ``vertebrae.csv`` column they show."""
 
 
