@@ -281,6 +281,10 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
     boxes = inputs.label_boxes
     heights = measure_heights(labels, ijk_to_ras, convention=convention, body_labels=body, ct=ct_array,
                               label_boxes=boxes, label_grid=inputs.label_grid)
+    off_bone = [h.level for h in heights if "mask_off_bone" in h.flags]
+    if heights and 2 * len(off_bone) >= len(heights):
+        raise InputError(f"the segmentation does not lie on the CT's bone ({len(off_bone)} of {len(heights)} "
+                         "vertebrae show no bone edge under their outline): is it this CT's segmentation, on its grid?")
     # Grading uses every vertebra present (neighbours give the reference heights); reporting
     # keeps the requested levels.
     grades_all = {g.level: g for g in grade_spine(heights)}

@@ -1,0 +1,46 @@
+"""A segmentation must lie on the CT's bone: a mask shifted off its vertebra (another CT's
+segmentation, a misregistration) is never graded, and an exam whose masks mostly miss the bone is
+refused with one sentence (issue 26)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from VertebralFractureScreenLib.errors import InputError
+from VertebralFractureScreenLib.exam_inputs import load_exam
+from VertebralFractureScreenLib.morphometry import MIN_BONE_EDGE_CONTRAST_HU, bone_edge_contrast, measure_heights
+from VertebralFractureScreenLib.screening import screen_exam
+
+
+@pytest.fixture(scope="module")
+def example(example_data):
+    return load_exam(example_data / "example_ct.nii.gz", example_data / "example_seg_fast_force_split.nii.gz")
+
+
+def _heights(exam, labels):
+    return {h.level: h for h in measure_heights(labels, exam.labels.ijk_to_ras, ct=exam.ct.array)}
+
+
+def test_masks_on_their_bone_pass_and_shifted_masks_are_flagged(example):
+    labels = exam_labels = example.labels.array
+    ct = example.ct.array
+    placed = _heights(example, exam_labels)
+    assert not any("mask_off_bone" in h.flags for h in placed.values())
+    for axis in range(3):
+        shifted = _heights(example, np.roll(exam_labels, 50 // 3, axis=axis))  # 50 mm at 3 mm voxels
+        off = [h for h in shifted.values() if "mask_off_bone" in h.flags]
+        assert len(off) >= len(shifted) - 1, axis
+        assert all(not h.complete for h in off)
+    # The measure itself: every vertebra of the example CT well above the limit.
+    from VertebralFractureScreenLib import levels as lv
+    for level, label in lv.TOTAL_VERTEBRA_IDS.items():
+        mask = labels == label
+        if mask.sum() > 100:
+            assert bone_edge_contrast(mask, ct, labels) > 1.5 * MIN_BONE_EDGE_CONTRAST_HU, level
+
+
+def test_an_exam_whose_masks_miss_the_bone_is_refused(example):
+    shifted = np.roll(example.labels.array, 50 // 3, axis=1)
+    with pytest.raises(InputError, match="does not lie on the CT's bone"):
+        screen_exam(example.ct, seg=shifted)
