@@ -44,3 +44,10 @@ def test_an_exam_whose_masks_miss_the_bone_is_refused(example):
     shifted = np.roll(example.labels.array, 50 // 3, axis=1)
     with pytest.raises(InputError, match="does not lie on the CT's bone"):
         screen_exam(example.ct, seg=shifted)
+
+
+def test_a_multilabel_map_given_as_the_body_map_is_refused(example):
+    """TotalSegmentator's ``total`` map given as the ``vertebrae_body`` map: one sentence, instead
+    of blank HU and a misleading warning (issue 26)."""
+    with pytest.raises(InputError, match="vertebrae_body map has only 1 .bodies. and 2 .discs."):
+        load_exam(example.ct, example.labels.array, body_seg=example.labels.array)

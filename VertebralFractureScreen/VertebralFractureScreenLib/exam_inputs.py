@@ -8,7 +8,9 @@ inputs are never modified.
 
 Checks, in order:
 
-* the CT is a 3-D volume (``imageio`` refuses anything else), not empty or constant;
+* the CT is a 3-D volume (``imageio`` refuses anything else), not empty or constant, with voxel
+  sizes between ``imageio.MIN_VOXEL_SIZE_MM`` and ``imageio.MAX_VOXEL_SIZE_MM`` (``imageio``
+  checks files; this also covers volumes given in memory);
 * it looks like a CT in Hounsfield units: some voxels between −1100 and −100 HU (fat or air: every
   body CT has them; a normalised or MR image has none), and at most 1 % of them above 3000 HU (metal
   is local; an image stored in other units is not). Padding below −1100 HU (−2048, −3024 outside
@@ -18,7 +20,12 @@ Checks, in order:
 * the vertebrae are in anatomical order: the centroids of consecutive levels run from cranial to
   caudal. A label map in another convention (VerSe ids read as TotalSegmentator ones, or the
   reverse) fails here or in the previous check, and the sentence says to try the other
-  ``--labels``.
+  ``--labels``;
+* a ``vertebrae_body`` map holds only bodies (1) and discs (2): a multi-label map given in its
+  place is refused.
+
+Whether each vertebra's mask lies on the CT's bone is checked by the morphometry
+(``morphometry.bone_edge_contrast``), where each vertebra is cropped anyway.
 """
 
 from __future__ import annotations
@@ -84,6 +91,12 @@ def check_ct(volume: imageio.Volume, name: str = "CT") -> None:
         raise InputError(f"{name} is not a 3-D volume (shape {array.shape})")
     if array.size == 0:
         raise InputError(f"{name} is empty")
+    spacing = [float(v) for v in volume.spacing]
+    if not all(imageio.MIN_VOXEL_SIZE_MM <= v <= imageio.MAX_VOXEL_SIZE_MM for v in spacing):
+        # files are checked by imageio already; this catches volumes given in memory (3D Slicer)
+        raise InputError(f"{name} has an invalid voxel spacing ({', '.join(f'{v:g}' for v in spacing)} mm); each "
+                         f"voxel size must be between {imageio.MIN_VOXEL_SIZE_MM:g} and "
+                         f"{imageio.MAX_VOXEL_SIZE_MM:g} mm")
     # A strided sample keeps the check cheap on 512x512x1000 volumes (about 1/64 of the voxels).
     step = tuple(max(1, n // 128) for n in array.shape)
     sample = np.asarray(array[::step[0], ::step[1], ::step[2]], dtype=np.float32)
@@ -176,6 +189,10 @@ def load_exam(ct, seg, body_seg=None, *, convention: str = "totalsegmentator",
     # Each label's bounding box, once: the checks, the morphometry, the aorta and the muscles use it.
     boxes = find_label_boxes(labels.array, _BOX_LABELS[convention])
     check_vertebrae(labels, convention, label_boxes=boxes)
+    if body is not None and int(body.array.max()) > lv.DISC_LABEL:
+        raise InputError(f"the vertebrae_body segmentation holds labels up to {int(body.array.max())}, but a "
+                         f"vertebrae_body map has only {lv.BODY_LABEL} (bodies) and {lv.DISC_LABEL} (discs): is it "
+                         "a multi-label map such as TotalSegmentator's total? give that one as the segmentation")
     if body is not None and not _contains(body.array, lv.BODY_LABEL):
         messages.append("the vertebrae_body segmentation has no vertebral body (label 1); bodies are separated "
                         "by shape instead")

@@ -22,6 +22,28 @@ names the file; SimpleITK's ``RuntimeError`` never escapes. Problems that do not
 through the standard :mod:`warnings` module, so callers can collect them with
 ``warnings.catch_warnings(record=True)``.
 
+Headers are checked before any voxel is read, because ITK silently repairs some broken headers
+(a NaN, zero or negative NIfTI voxel size becomes 1 mm; a NaN origin becomes 0) and prints others'
+problems on stderr. Refused with one sentence:
+
+* a voxel size (NIfTI ``pixdim[1..3]``, or the length of a voxel axis in the final geometry, any
+  format) that is not a finite number between :data:`MIN_VOXEL_SIZE_MM` and
+  :data:`MAX_VOXEL_SIZE_MM`, and a degenerate (flat) voxel grid;
+* a non-finite NIfTI quaternion, ``qoffset`` or ``srow`` (sform) in a transform that is used
+  (its code is above 0), a ``vox_offset`` that is not a whole finite number of bytes past the
+  header, and dimensions that are not 1..7 positive sizes;
+* DICOM slices whose ImageOrientationPatient differ (by more than :data:`DICOM_ORIENTATION_TOLERANCE`
+  in any direction cosine): they are not one volume;
+* a NRRD (or MetaImage) whose detached data file is not a regular file in the header's folder or
+  below it (absolute paths, ``..`` escaping that folder, links leading out of it, devices, FIFOs),
+  or is split over several files;
+* a declared volume (voxels x bytes per voxel, as the header states it) larger than
+  :func:`max_volume_bytes`: 2**31 bytes (2 GiB) by default, or the whole number of bytes in the
+  environment variable ``VFSCREEN_MAX_VOLUME_BYTES``. The check runs before anything is allocated
+  or inflated, and compressed data is never inflated beyond the declared size, so a small
+  compressed file that declares a huge volume (a "decompression bomb") costs neither memory nor
+  time.
+
 Writers (:func:`write_volume`, :func:`write_segmentation_nrrd`) are atomic: they write a temporary
 file in the destination folder and move it into place with :func:`os.replace`, so a crash never
 leaves a half-written file under the final name.
@@ -36,6 +58,7 @@ import math
 import os
 import re
 import secrets
+import stat
 import struct
 import warnings
 import zlib
@@ -66,11 +89,89 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "volume_from_sitk",
     "volume_to_sitk",
+    "max_volume_bytes",
+    "MAX_VOLUME_BYTES_DEFAULT",
 ]
 
 _INT16_MIN, _INT16_MAX = -32768, 32767
 _SLAB_VOXELS = 16_000_000
 """Voxels processed at once when scanning or resampling large volumes (bounds temporary memory)."""
+
+MAX_VOLUME_BYTES_DEFAULT = 2**31
+"""Largest volume read by default, in bytes as its header declares it (voxels x bytes per voxel):
+2 GiB, e.g. 1000 slices of 512x512 in 32 bits. ``VFSCREEN_MAX_VOLUME_BYTES`` overrides it."""
+MAX_VOLUME_BYTES_VARIABLE = "VFSCREEN_MAX_VOLUME_BYTES"
+MIN_VOXEL_SIZE_MM = 1e-3
+MAX_VOXEL_SIZE_MM = 1e3
+"""Voxel sizes outside ``[MIN_VOXEL_SIZE_MM, MAX_VOXEL_SIZE_MM]`` are header errors, not scans."""
+DICOM_ORIENTATION_TOLERANCE = 1e-3
+"""Largest difference between the direction cosines of two slices of one series (about 0.06°)."""
+
+
+def max_volume_bytes() -> int:
+    """The largest declared volume, in bytes, that is read: ``VFSCREEN_MAX_VOLUME_BYTES`` when set
+    (a positive whole number of bytes, such as ``4294967296`` or ``4e9``), else
+    :data:`MAX_VOLUME_BYTES_DEFAULT`."""
+    text = os.environ.get(MAX_VOLUME_BYTES_VARIABLE, "").strip()
+    if not text:
+        return MAX_VOLUME_BYTES_DEFAULT
+    try:
+        value = float(text.replace("_", ""))
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 1 and value == int(value)):
+        raise InputError(f"{MAX_VOLUME_BYTES_VARIABLE} must be a positive whole number of bytes, got {text!r}")
+    return int(value)
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.3g} GiB"
+
+
+def _check_declared_size(path: Path, what: str, sizes, bytes_per_voxel: int) -> int:
+    """The declared size in bytes of a volume of ``sizes`` voxels; raises when it is over
+    :func:`max_volume_bytes` (before anything is allocated or inflated)."""
+    nbytes = math.prod(int(n) for n in sizes) * int(bytes_per_voxel)
+    limit = max_volume_bytes()
+    if nbytes > limit:
+        size = "x".join(str(int(n)) for n in sizes)
+        raise InputError(
+            f"{what} file {path} declares a {size} volume of {_gib(nbytes)}, too large to read (the limit is"
+            f" {_gib(limit)}; set {MAX_VOLUME_BYTES_VARIABLE} to a larger number of bytes if the file is genuine)"
+        )
+    return nbytes
+
+
+def _number_list(values) -> str:
+    return ", ".join(f"{float(v):g}" for v in values)
+
+
+def _check_voxel_sizes(sizes, path: Path, what: str, source: str = "") -> None:
+    """Refuse voxel sizes that are not finite numbers in the plausible range."""
+    sizes = [float(v) for v in sizes]
+    if all(math.isfinite(v) and MIN_VOXEL_SIZE_MM <= v <= MAX_VOXEL_SIZE_MM for v in sizes):
+        return
+    raise InputError(
+        f"{what} file {path} has an invalid voxel spacing ({_number_list(sizes)} mm{source}); each voxel size must"
+        f" be a number between {MIN_VOXEL_SIZE_MM:g} and {MAX_VOXEL_SIZE_MM:g} mm"
+    )
+
+
+def _check_grid(ijk_to_ras: np.ndarray, path: Path, what: str) -> np.ndarray:
+    """Refuse a voxel grid that no measurement can stand on: non-finite numbers, voxel sizes out
+    of range, or axes that are (nearly) parallel."""
+    matrix = np.asarray(ijk_to_ras, dtype=float)
+    if not np.all(np.isfinite(matrix)):
+        raise InputError(
+            f"{what} file {path} has non-finite numbers (NaN or infinity) in its voxel grid or position"
+            f" (origin {_number_list(matrix[:3, 3])}), so its geometry is unknown"
+        )
+    sizes = np.linalg.norm(matrix[:3, :3], axis=0)
+    _check_voxel_sizes(sizes, path, what)
+    if abs(np.linalg.det(matrix[:3, :3])) < 1e-6 * float(np.prod(sizes)):
+        raise InputError(f"{what} file {path} has a degenerate voxel grid (two of its axes are parallel),"
+                         " so its geometry is unknown")
+    return matrix
 
 
 @contextlib.contextmanager
@@ -206,6 +307,8 @@ def _require_file(path, what: str) -> Path:
         raise InputError(f"{what} file not found: {path}")
     if path.is_dir():
         raise InputError(f"{what} path is a folder, not a file: {path}")
+    if not path.is_file():
+        raise InputError(f"{what} path {path} is not a regular file (a device, pipe or socket)")
     return path
 
 
@@ -224,83 +327,275 @@ def _itk_reason(error: Exception) -> str:
     return "the file is corrupt or unreadable"
 
 
-def _nifti_expected_bytes(header: bytes) -> int | None:
-    """Bytes a single-file NIfTI-1/-2 needs (header + extensions + voxel data), or None when the
-    header cannot be interpreted."""
+_NIFTI_BYTES_PER_VOXEL = {
+    2: 1, 4: 2, 8: 4, 16: 4, 32: 8, 64: 8, 128: 3, 256: 1, 512: 2, 768: 4, 1024: 8, 1280: 8, 1536: 16,
+    1792: 16, 2048: 32, 2304: 4,
+}
+"""Bytes per voxel of each NIfTI datatype code."""
+
+
+@dataclass(frozen=True)
+class _NiftiHeader:
+    """The fields of a NIfTI-1 or NIfTI-2 header that decide where the voxels are and where they lie."""
+
+    version: int
+    dims: tuple
+    datatype: int
+    pixdim: tuple
+    vox_offset: float
+    qform_code: int
+    sform_code: int
+    quatern: tuple
+    qoffset: tuple
+    srow: tuple
+    magic: bytes
+    scaling: tuple
+
+    @property
+    def header_bytes(self) -> int:
+        """Smallest ``vox_offset`` of a single-file NIfTI: the header plus the 4-byte extension flag."""
+        return 352 if self.version == 1 else 544
+
+
+def _parse_nifti_header(header: bytes) -> _NiftiHeader | None:
+    """The header of a NIfTI-1 or NIfTI-2 file of either byte order; None when ``header`` is not one."""
     for endian in "<>":
-        size = struct.unpack(endian + "i", header[:4])[0]
-        if size == 348 and len(header) >= 348:
-            dims = struct.unpack(endian + "8h", header[40:56])
-            bitpix = struct.unpack(endian + "h", header[72:74])[0]
-            offset = int(struct.unpack(endian + "f", header[108:112])[0])
-            break
-        if size == 540 and len(header) >= 540:
-            bitpix = struct.unpack(endian + "h", header[14:16])[0]
-            dims = struct.unpack(endian + "8q", header[16:80])
-            offset = struct.unpack(endian + "q", header[168:176])[0]
-            break
-    else:
-        return None
-    ndim = dims[0]
-    if not 1 <= ndim <= 7 or bitpix <= 0:
-        return None
-    count = 1
-    for n in dims[1 : ndim + 1]:
-        count *= max(int(n), 1)
-    return max(offset, 352) + count * bitpix // 8
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
+            f = lambda fmt, offset: struct.unpack_from(endian + fmt, header, offset)  # noqa: E731
+            return _NiftiHeader(1, f("8h", 40), f("h", 70)[0], f("8f", 76), f("f", 108)[0], f("h", 252)[0],
+                                f("h", 254)[0], f("3f", 256), f("3f", 268), f("12f", 280), header[344:348],
+                                f("2f", 112))
+        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
+            f = lambda fmt, offset: struct.unpack_from(endian + fmt, header, offset)  # noqa: E731
+            return _NiftiHeader(2, f("8q", 16), f("h", 12)[0], f("8d", 104), float(f("q", 168)[0]), f("i", 344)[0],
+                                f("i", 348)[0], f("3d", 352), f("3d", 376), f("12d", 400), header[4:8],
+                                f("2d", 176))
+    return None
 
 
-def _check_nifti_complete(path: Path, what: str) -> None:
-    """Raise when a ``.nii``/``.nii.gz`` file is shorter than its header says.
+def _check_nifti_header(info: _NiftiHeader, path: Path, what: str) -> int:
+    """Refuse a NIfTI header that ITK would read wrongly or noisily; returns the bytes a single
+    file needs (header, extensions and voxels)."""
+
+    def bad(reason: str) -> InputError:
+        return InputError(f"{what} file {path} has {reason}")
+
+    if info.magic not in (b"n+1\0", b"ni1\0", b"n+2\0", b"ni2\0"):
+        raise bad("no NIfTI magic in its header (an Analyze 7.5 or damaged file), so its position in space is"
+                  " unknown; save it as NIfTI")
+    ndim = info.dims[0]
+    if not 1 <= ndim <= 7:
+        raise bad(f"an invalid NIfTI header (dim[0] = {ndim}, the number of dimensions, must be 1 to 7)")
+    sizes = info.dims[1 : ndim + 1]
+    if any(n < 1 for n in sizes):
+        shown = ", ".join(f"dim[{axis}] = {n}" for axis, n in enumerate(sizes, start=1) if n < 1)
+        raise bad(f"an invalid image size in its NIfTI header ({shown}; every size must be at least 1)")
+    if info.datatype not in _NIFTI_BYTES_PER_VOXEL:
+        raise bad(f"an unknown NIfTI datatype code ({info.datatype})")
+    offset = info.vox_offset
+    if not (math.isfinite(offset) and offset == int(offset) and info.header_bytes <= offset <= 2**40):
+        raise bad(f"an invalid vox_offset ({offset:g}) in its NIfTI header: the voxel data must start at a whole"
+                  f" number of bytes, at least {info.header_bytes}, into the file")
+    _check_voxel_sizes(info.pixdim[1 : min(ndim, 3) + 1], path, what, " in the NIfTI header's pixdim")
+    checks = []
+    if info.qform_code > 0:
+        checks += [("quaternion", info.quatern), ("qoffset", info.qoffset)]
+    if info.sform_code > 0:
+        checks.append(("sform", info.srow))
+    for name, values in checks:
+        if not all(math.isfinite(v) for v in values):
+            raise bad(f"a non-finite {name} in its NIfTI header ({_number_list(values)}), so its position in space"
+                      " is unknown")
+    slope, inter = info.scaling  # NaN is how nibabel writes "not scaled"; infinity is no scaling at all
+    if math.isinf(slope) or (math.isfinite(slope) and slope != 0 and math.isinf(inter)):
+        raise bad(f"an infinite value scaling in its NIfTI header (scl_slope {slope:g}, scl_inter {inter:g})")
+    if info.sform_code > 0 and info.qform_code <= 0:  # ITK uses the sform alone: it must be a real grid
+        linear = np.array(info.srow, dtype=float).reshape(3, 4)[:, :3]
+        norms = np.linalg.norm(linear, axis=0)
+        if abs(np.linalg.det(linear)) <= 1e-6 * float(np.prod(norms)) or min(norms) < MIN_VOXEL_SIZE_MM:
+            raise bad("a degenerate sform in its NIfTI header (voxel axes of zero length or parallel), so its"
+                      " position in space is unknown")
+    nbytes = _check_declared_size(path, what, sizes, _NIFTI_BYTES_PER_VOXEL[info.datatype])
+    return int(offset) + nbytes
+
+
+def _check_nifti(path: Path, what: str) -> None:
+    """Check a ``.nii``/``.nii.gz`` header (see :func:`_check_nifti_header`) and raise when the file
+    is shorter than the header says.
 
     ITK reads a truncated NIfTI without complaint and fills the missing voxels with garbage, so a
-    partly copied or downloaded file must be caught here."""
+    partly copied or downloaded file must be caught here. A gzip stream is inflated at most as far
+    as the header's size, never to its end."""
     name = path.name.lower()
+    compressed = name.endswith(".nii.gz")
+    if not (compressed or name.endswith(".nii")):
+        return
     try:
-        if name.endswith(".nii"):
-            with open(path, "rb") as f:
-                header = f.read(540)
-            expected = _nifti_expected_bytes(header)
-            actual = path.stat().st_size
-        elif name.endswith(".nii.gz"):
-            with gzip.open(path, "rb") as f:
-                header = f.read(540)
-            expected = _nifti_expected_bytes(header)
-            if expected is None:
-                return
+        opener = gzip.open if compressed else open
+        with opener(path, "rb") as f:
+            header = f.read(540)
+        info = _parse_nifti_header(header)
+        if info is None:
+            return  # not NIfTI: ITK says what is wrong
+        expected = _check_nifti_header(info, path, what)
+        if compressed:
             with open(path, "rb") as f:
                 f.seek(-4, os.SEEK_END)
                 isize = struct.unpack("<I", f.read(4))[0]  # uncompressed size mod 2**32 (last member)
             if isize == expected % 2**32:
                 return
-            actual = _gzip_uncompressed_size(path)
+            actual = _gzip_uncompressed_size(path, expected)
         else:
-            return
+            actual = path.stat().st_size
     except (OSError, EOFError, zlib.error, struct.error):
         raise InputError(f"cannot read {what} file {path}: the file is corrupt or truncated") from None
-    if expected is not None and actual < expected:
+    if actual < expected:
         raise InputError(
             f"{what} file {path} is truncated ({actual} of {expected} bytes; incomplete copy or download?)"
         )
 
 
-def _gzip_uncompressed_size(path: Path) -> int:
-    """Length of a gzip file's decompressed content (raises on a corrupt or truncated stream)."""
+def _gzip_uncompressed_size(path: Path, stop: int) -> int:
+    """Length of a gzip file's decompressed content, counted no further than ``stop`` bytes
+    (raises on a corrupt or truncated stream before that)."""
     total = 0
-    with gzip.open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
+    with contextlib.closing(_file_chunks(path)) as chunks:
+        for chunk in chunks:
             total += len(chunk)
+            if total >= stop:
+                break
     return total
 
 
 def _read_image_file(path: Path, what: str) -> sitk.Image:
-    """Read a single image file with SimpleITK, turning every failure into an InputError."""
-    _check_nifti_complete(path, what)
+    """Read a single image file with SimpleITK, turning every failure into an InputError.
+
+    The header is checked first (NIfTI fields, NRRD and MetaImage data files, the declared size),
+    so ITK never allocates a huge volume or follows a data file out of the header's folder."""
+    _check_nifti(path, what)
+    _check_detached_data(path, what)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
         with _quiet_itk():
-            return sitk.ReadImage(str(path))
+            reader.ReadImageInformation()
+            size = reader.GetSize()
+            components = max(1, reader.GetNumberOfComponents())
+            _check_declared_size(path, what, (*size, components), _component_bytes(reader.GetPixelID()))
+            image = reader.Execute()
     except RuntimeError as error:
         raise InputError(f"cannot read {what} file {path}: {_itk_reason(error)}") from None
+    return image
+
+
+def _component_bytes(pixel_id: int) -> int:
+    """Bytes of one component of a SimpleITK pixel type (8 when unknown: the largest scalar)."""
+    name = sitk.GetPixelIDValueAsString(pixel_id).lower()
+    found = re.search(r"(\d+)-bit", name)
+    if found:
+        bits = int(found.group(1))
+        return max(1, bits // 8) * (2 if "complex" in name else 1)
+    return 8
+
+
+def _check_detached_data(path: Path, what: str) -> None:
+    """For a NRRD or MetaImage header read by ITK: refuse a data file outside the header's folder
+    and a declared size over the limit, before ITK opens anything."""
+    name = path.name.lower()
+    if name.endswith((".nrrd", ".nhdr")):
+        try:
+            fields, _, _ = _read_nrrd_header(path, what)
+        except OSError as error:
+            raise InputError(f"cannot read {what} file {path}: {error.strerror or error}") from None
+        _check_nrrd_geometry(fields, path, what)
+        data_file = fields.get("data file", fields.get("datafile"))
+        if data_file:
+            _checked_data_file(path, data_file, what, "NRRD")
+        try:
+            dtype = _NRRD_DTYPE[fields["type"].lower()]
+            sizes = [int(v) for v in fields["sizes"].split()]
+        except (KeyError, ValueError):
+            return  # ITK says what is wrong
+        if sizes and min(sizes) >= 1:
+            _check_declared_size(path, what, sizes, dtype.itemsize)
+    elif name.endswith((".mhd", ".mha")):
+        _check_metaimage_data_file(path, what)
+
+
+def _check_nrrd_geometry(fields: dict[str, str], path: Path, what: str) -> None:
+    """Refuse explicit NaN, infinite, zero or absurd voxel steps and a non-finite origin in a NRRD
+    header: ITK turns a NaN direction or spacing of a spatial axis into 1 mm, and a NaN origin into 0."""
+    def numbers(text: str) -> list[float]:
+        try:
+            return [float(v) for v in text.strip().strip("()").split(",")]
+        except ValueError:
+            return []  # not numbers at all: the reader says what is wrong
+
+    if "space directions" in fields:
+        for token in re.findall(r"none|\([^)]*\)", fields["space directions"]):
+            if token != "none":
+                values = numbers(token)
+                if values:
+                    step = math.sqrt(sum(v * v for v in values)) if all(map(math.isfinite, values)) else math.nan
+                    _check_voxel_sizes([step], path, what, f" for the NRRD space direction {token}")
+    elif "spacings" in fields:
+        spacings = fields["spacings"].split()
+        kinds = fields.get("kinds", "").lower().split()
+        for axis, text in enumerate(spacings):
+            if axis < len(kinds) and kinds[axis] not in ("domain", "space"):
+                continue  # a list axis (layers, components): its spacing is meaningless
+            try:
+                value = abs(float(text))
+            except ValueError:
+                continue
+            _check_voxel_sizes([value], path, what, " in the NRRD spacings")
+    if "space origin" in fields:
+        values = numbers(fields["space origin"])
+        if values and not all(map(math.isfinite, values)):
+            raise InputError(f"{what} file {path} has a non-finite space origin in its NRRD header"
+                             f" ({fields['space origin']}), so its position in space is unknown")
+
+
+def _check_metaimage_data_file(path: Path, what: str) -> None:
+    """Refuse a MetaImage header (``.mhd``/``.mha``) whose ``ElementDataFile`` is not a regular file
+    in its folder or below it (``LOCAL`` data follows the header and is fine)."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(1 << 20).decode("utf-8", errors="replace")  # the header is the first lines
+    except OSError as error:
+        raise InputError(f"cannot read {what} file {path}: {error.strerror or error}") from None
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip().lower() == "elementdatafile":
+            value = value.strip()
+            if value.upper() != "LOCAL":
+                _checked_data_file(path, value, what, "MetaImage")
+            return
+
+
+def _checked_data_file(header: Path, data_file: str, what: str, kind: str) -> Path:
+    """The path of a detached data file named in a header, when it is a regular file in the
+    header's folder or below it; raises otherwise (absolute paths, ``..`` leading out of the
+    folder, links leading out of it, devices, FIFOs, folders, several files)."""
+
+    def refuse(reason: str) -> InputError:
+        return InputError(f"{what} file {header} names the {kind} data file {data_file!r}, which {reason}")
+
+    if data_file.upper().startswith("LIST") or len(data_file.split()) > 1 or "%" in data_file:
+        raise refuse("splits the data over several files (not supported)")
+    if os.path.isabs(data_file) or re.match(r"^[A-Za-z]:", data_file) or data_file.startswith("\\"):
+        raise refuse("is an absolute path; the data file must be in the header's folder or below it")
+    folder = os.path.realpath(header.parent)
+    target = os.path.realpath(os.path.join(folder, data_file))
+    if os.path.commonpath([folder, target]) != folder:
+        raise refuse("is outside the header's folder; the data file must be in that folder or below it")
+    try:
+        mode = os.stat(target).st_mode
+    except OSError:
+        raise refuse("does not exist") from None
+    if not stat.S_ISREG(mode):
+        raise refuse("is not a regular file")
+    return Path(target)
 
 
 def _check_single_slice(shape_kji, path: Path) -> None:
@@ -346,7 +641,7 @@ def _read_nifti_directly(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]
     name = path.name.lower()
     if not (name.endswith(".nii") or name.endswith(".nii.gz")):
         return None
-    _check_nifti_complete(path, what)
+    _check_nifti(path, what)
     try:
         chunks = _file_chunks(path)
         head = b""
@@ -382,7 +677,9 @@ def _read_nifti_directly(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]
                 pending = memoryview(next(chunks, b""))
                 if not len(pending):
                     raise InputError(f"cannot read {what} file {path}: the voxel data is truncated")
-    except (OSError, zlib.error, RuntimeError) as error:
+    except RuntimeError as error:
+        raise InputError(f"cannot read {what} file {path}: {_itk_reason(error)}") from None
+    except (OSError, zlib.error) as error:
         raise InputError(f"cannot read {what} file {path}: {getattr(error, 'strerror', None) or error}") from None
     return array, _sitk_ijk_to_ras(reader)
 
@@ -505,6 +802,8 @@ def read_ct(path, series_uid: str | None = None) -> Volume:
         raise InputError(f"CT file not found: {path}")
     if path.is_dir():
         image = _read_dicom_series(path, series_uid)
+    elif not path.is_file():
+        raise InputError(f"CT path {path} is not a regular file (a device, pipe or socket)")
     elif _has_dicom_preamble(path) or path.suffix.lower() == ".dcm":
         image = _read_dicom_series(path.parent, series_uid, member=path)
     else:
@@ -512,11 +811,11 @@ def read_ct(path, series_uid: str | None = None) -> Volume:
         if direct is not None:
             array, ijk_to_ras = direct
             _check_single_slice(array.shape, path)
-            return Volume(_ct_array(array, reuse=True), ijk_to_ras)
+            return Volume(_ct_array(array, reuse=True), _check_grid(ijk_to_ras, path, "CT"))
         image = _read_image_file(path, "CT")
     image = _as_3d_scalar(image, path, "CT")
     _check_single_slice(sitk.GetArrayViewFromImage(image).shape, path)
-    ijk_to_ras = _sitk_ijk_to_ras(image)
+    ijk_to_ras = _check_grid(_sitk_ijk_to_ras(image), path, "CT")
     array = _ct_array(_buffer_of(image), reuse=True)
     del image
     return Volume(array, ijk_to_ras)
@@ -615,6 +914,11 @@ def _read_dicom_series_quietly(folder: Path, series_uid: str | None, member: Pat
             " choose one with series_uid"
         )
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+    first = _dicom_header(files[0]) if files else None
+    if first is not None:
+        size = first.GetSize()
+        _check_declared_size(folder, "DICOM series", (*size[:2], len(files) * (size[2] if len(size) > 2 else 1)),
+                             _component_bytes(first.GetPixelID()) * max(1, first.GetNumberOfComponents()))
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
@@ -635,6 +939,28 @@ def _dicom_vector(reader: sitk.ImageSeriesReader, index: int, tag: str) -> np.nd
         return None
 
 
+def _check_dicom_orientations(reader: sitk.ImageSeriesReader, count: int, first: np.ndarray, folder: Path):
+    """Refuse a series whose slices do not all share the first slice's ImageOrientationPatient:
+    SimpleITK would stack them into one volume with the first slice's orientation."""
+    for n in range(1, count):
+        orientation = _dicom_vector(reader, n, "0020|0037")
+        if orientation is None or orientation.size != 6 or not np.all(np.isfinite(orientation)):
+            raise InputError(
+                f"DICOM series in {folder} has no valid slice orientation (ImageOrientationPatient) in slice {n + 1}"
+                f" of {count}, so its slices cannot be stacked into one volume"
+            )
+        if np.max(np.abs(orientation - first)) > DICOM_ORIENTATION_TOLERANCE:
+            angles = []
+            for a, b in ((first[:3], orientation[:3]), (first[3:], orientation[3:])):
+                cosine = float(np.dot(a, b) / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+                angles.append(math.degrees(math.acos(min(1.0, max(-1.0, cosine)))))
+            raise InputError(
+                f"DICOM series in {folder} mixes slice orientations (slice {n + 1} of {count} is turned"
+                f" {max(angles):.2g} degrees against the first), so its slices are not one volume; export the"
+                " series again or separate the slices of each orientation"
+            )
+
+
 def _check_dicom_slice_positions(reader: sitk.ImageSeriesReader, count: int, image: sitk.Image, folder: Path):
     """Refuse series whose slices are not a regular grid: SimpleITK would silently assume one,
     and every distance measured on the volume would be wrong."""
@@ -644,6 +970,7 @@ def _check_dicom_slice_positions(reader: sitk.ImageSeriesReader, count: int, ima
     positions = [_dicom_vector(reader, n, "0020|0032") for n in range(count)]
     if orientation is None or orientation.size != 6 or any(p is None or p.size != 3 for p in positions):
         return  # no per-slice geometry (e.g. multi-frame): trust the reader
+    _check_dicom_orientations(reader, count, orientation, folder)
     normal = np.cross(orientation[:3], orientation[3:])
     steps = np.diff(np.array(positions), axis=0)
     along = steps @ normal
@@ -730,10 +1057,11 @@ def read_labelmap(path, reference: Volume | None = None, convention: str = "tota
     else:
         direct = _read_nifti_directly(path, "segmentation")
         if direct is not None:
-            labelmap = Volume(_label_array(direct[0], path, reuse=True), direct[1])
+            ijk_to_ras = _check_grid(direct[1], path, "segmentation")
+            labelmap = Volume(_label_array(direct[0], path, reuse=True), ijk_to_ras)
         else:
             image = _as_3d_scalar(_read_image_file(path, "segmentation"), path, "segmentation")
-            ijk_to_ras = _sitk_ijk_to_ras(image)
+            ijk_to_ras = _check_grid(_sitk_ijk_to_ras(image), path, "segmentation")
             labelmap = Volume(_label_array(_buffer_of(image), path, reuse=True), ijk_to_ras)
     if reference is not None:
         labelmap = resample_labelmap(labelmap, reference, name=f"segmentation {path}")
@@ -864,7 +1192,7 @@ _NRRD_SPACE_TO_RAS = {
 _HEADER_LIMIT = 16 << 20
 
 
-def _read_nrrd_header(path: Path) -> tuple[dict[str, str], dict[str, str], int]:
+def _read_nrrd_header(path: Path, what: str = "segmentation") -> tuple[dict[str, str], dict[str, str], int]:
     """Parse a NRRD header: (fields with lower-case names, ``key:=value`` pairs, byte offset of
     the attached data)."""
     fields: dict[str, str] = {}
@@ -872,7 +1200,7 @@ def _read_nrrd_header(path: Path) -> tuple[dict[str, str], dict[str, str], int]:
     with open(path, "rb") as f:
         magic = f.readline(64)
         if not magic.startswith(b"NRRD000"):
-            raise InputError(f"segmentation file {path} is not a NRRD file")
+            raise InputError(f"{what} file {path} is not a NRRD file")
         while True:
             raw = f.readline(_HEADER_LIMIT)
             if not raw or f.tell() > _HEADER_LIMIT:
@@ -903,6 +1231,38 @@ def _is_segmentation_nrrd(path: Path) -> bool:
     return False
 
 
+def _inflate(handle, kind: str, want: int) -> bytes:
+    """Up to ``want`` bytes inflated from a gzip (or zlib; several gzip members are read in turn)
+    or bzip2 stream read from ``handle``: the stream is never inflated further than that, so a
+    small file that inflates to a huge one costs neither memory nor time."""
+    if kind == "bz2":
+        make = bz2.BZ2Decompressor
+    else:
+        def make():
+            return zlib.decompressobj(wbits=47)  # 32 + 15: gzip or zlib header, detected
+    out = bytearray()
+    inflater = make()
+    while len(out) < want:
+        compressed = handle.read(_READ_CHUNK_BYTES)
+        if not compressed:
+            break
+        while compressed and len(out) < want:
+            if kind == "bz2":
+                out += inflater.decompress(compressed, want - len(out))
+                compressed = b""
+                while not inflater.eof and not inflater.needs_input and len(out) < want:
+                    out += inflater.decompress(b"", want - len(out))
+                if inflater.eof:
+                    compressed, inflater = inflater.unused_data, make()
+            else:
+                out += inflater.decompress(compressed, want - len(out))
+                if inflater.eof:  # another member may follow
+                    compressed, inflater = inflater.unused_data, make()
+                else:
+                    compressed = inflater.unconsumed_tail
+    return bytes(out)
+
+
 def _parse_vector(text: str) -> np.ndarray:
     return np.array([float(v) for v in text.strip().strip("()").split(",")], dtype=float)
 
@@ -930,6 +1290,7 @@ def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
         raise bad("the NRRD sizes do not match its dimension")
     if dtype.itemsize > 1:
         dtype = dtype.newbyteorder(">" if fields.get("endian", "little").lower() == "big" else "<")
+    _check_nrrd_geometry(fields, path, "segmentation")
 
     # geometry: which axes are spatial, their steps and the origin
     space = fields.get("space", "left-posterior-superior").lower()
@@ -956,39 +1317,47 @@ def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
     ijk_to_ras = np.eye(4)
     ijk_to_ras[:3, :3] = to_ras @ np.stack(vectors, axis=1)
     ijk_to_ras[:3, 3] = to_ras @ origin
+    _check_grid(ijk_to_ras, path, "segmentation")
 
-    # data
+    # data: the declared size is checked first, and no more than it is read or inflated
     count = math.prod(sizes)  # Python ints: np.prod would count in a 32-bit int on Windows with numpy 1.x
-    nbytes = count * dtype.itemsize
+    nbytes = _check_declared_size(path, "segmentation", sizes, dtype.itemsize)
     data_file = fields.get("data file", fields.get("datafile"))
+    data_path = _checked_data_file(path, data_file, "segmentation", "NRRD") if data_file else None
+    encoding = fields.get("encoding", "raw").lower()
     try:
-        if data_file:
-            if data_file.startswith("LIST") or len(data_file.split()) > 1:
-                raise bad("NRRD data split over several files is not supported")
-            data_path = Path(data_file) if os.path.isabs(data_file) else path.parent / data_file
-            with open(data_path, "rb") as f:
-                payload = f.read()
-        else:
-            with open(path, "rb") as f:
-                f.seek(offset)
-                payload = f.read()
-        for _ in range(int(fields.get("line skip", fields.get("lineskip", 0)))):
-            payload = payload.split(b"\n", 1)[1] if b"\n" in payload else b""
-        encoding = fields.get("encoding", "raw").lower()
-        if encoding in ("gzip", "gz"):
-            payload = gzip.decompress(payload) if payload[:2] == b"\x1f\x8b" else zlib.decompress(payload)
-        elif encoding in ("bzip2", "bz2"):
-            payload = bz2.decompress(payload)
-        elif encoding in ("ascii", "text", "txt"):
-            values = np.array(payload.split(), dtype=float)
-            payload = values.astype(dtype).tobytes() if values.size == count else b""
-        elif encoding != "raw":
-            raise bad(f"NRRD encoding {encoding!r} is not supported")
+        line_skip = int(fields.get("line skip", fields.get("lineskip", 0)))
         byte_skip = int(fields.get("byte skip", fields.get("byteskip", 0)))
-        if byte_skip == -1:
-            payload = payload[-nbytes:]
-        elif byte_skip > 0:
-            payload = payload[byte_skip:]
+    except ValueError:
+        raise bad("the NRRD line skip or byte skip is not a whole number") from None
+    if line_skip < 0 or byte_skip < -1:
+        raise bad("the NRRD line skip or byte skip is negative")
+    if byte_skip == -1 and encoding != "raw":
+        raise bad("NRRD byte skip -1 is only valid with raw encoding")
+    try:
+        with open(data_path or path, "rb") as f:
+            if data_path is None:
+                f.seek(offset)
+            for _ in range(line_skip):
+                f.readline(_HEADER_LIMIT)
+            if encoding == "raw":
+                if byte_skip == -1:
+                    f.seek(0, os.SEEK_END)
+                    f.seek(max(f.tell() - nbytes, 0))
+                else:
+                    f.seek(byte_skip, os.SEEK_CUR)
+                payload = f.read(nbytes)
+            elif encoding in ("gzip", "gz", "bzip2", "bz2"):
+                payload = _inflate(f, "bz2" if encoding.startswith("bz") else "gzip", byte_skip + nbytes)[byte_skip:]
+            elif encoding in ("ascii", "text", "txt"):
+                text = f.read(max_volume_bytes() + 1)
+                if len(text) > max_volume_bytes():
+                    raise bad(f"its ASCII voxel data is larger than {_gib(max_volume_bytes())} (set"
+                              f" {MAX_VOLUME_BYTES_VARIABLE} to read it)")
+                values = np.array(text.split(), dtype=float)
+                payload = values.astype(dtype).tobytes() if values.size == count else b""
+            else:
+                raise bad(f"NRRD encoding {encoding!r} is not supported")
     except (OSError, zlib.error, EOFError, ValueError) as error:
         raise bad(f"the voxel data is corrupt or missing ({error})") from None
     if len(payload) < nbytes:
