@@ -3,6 +3,12 @@
 Every failure caused by the user's input is reported as one sentence on stderr with exit
 status 2; no traceback is shown for it. Unexpected internal errors exit with status 1 and a
 short message that asks for a bug report (``VFS_DEBUG=1`` shows the traceback).
+
+Standard output is only a summary of what the command wrote to its files. When its reader goes
+away early (``vfscreen screen ... | head -1``), the rest of the summary is dropped silently (the
+standard recipe: the broken pipe is caught and standard output is sent to ``os.devnull``), the
+command still finishes every file it writes, and the exit status is the command's own (0 when it
+succeeded): a reader that stops reading is not a failure of the command.
 """
 
 from __future__ import annotations
@@ -182,17 +188,32 @@ def _parse_levels(text: str) -> tuple[str, ...]:
         raise VFSError(f"{error}.") from None
 
 
+def _plain_exam_id(text: str, what: str, hint: str = "") -> str:
+    """``text`` when it can name a file in one folder: not empty, not ``.`` or ``..``, without a
+    path separator (``/`` or ``\\`` on every system) and without control characters (NUL, tab,
+    line breaks, ...); otherwise a one-sentence :class:`.errors.InputError`."""
+    if (not text or text in (".", "..") or "/" in text or "\\" in text
+            or any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text)):
+        raise InputError(f"{what} {text!r} is not a plain name: an exam ID can name a folder, so it must not be "
+                         f"empty, '.' or '..' nor hold '/', '\\' or control characters{hint}.")
+    return text
+
+
 def _run_screen(args) -> int:
     from .screening import screen_exam
 
     from .screening import exam_id_of
 
-    out = args.out or Path.cwd() / f"{args.exam_id or exam_id_of(args.ct)}_vfscreen"
+    exam_id = _plain_exam_id(args.exam_id, "--exam-id") if args.exam_id is not None else None
+    if args.out is None:  # the default folder is named after the exam: its name must stay in this folder
+        exam_id = exam_id or _plain_exam_id(exam_id_of(args.ct), "the exam ID from the CT's name",
+                                            " (give --exam-id or --out)")
+    out = args.out or Path.cwd() / f"{exam_id}_vfscreen"
     if out.exists() and not out.is_dir():
         raise VFSError(f"output path {out} exists and is not a folder.")
     try:
         result = screen_exam(args.ct, seg=args.seg, body_seg=args.body_seg, convention=args.labels,
-                             exam_id=args.exam_id, levels=_parse_levels(args.levels), series_uid=args.series,
+                             exam_id=exam_id, levels=_parse_levels(args.levels), series_uid=args.series,
                              out_dir=out, quality=args.quality, device=args.device, segment_body=args.body,
                              keep_label_maps=False, model=args.model)
     except InputError as error:  # the library names its argument; on the command line it is --series
@@ -395,15 +416,74 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StdoutGuard:
+    """``sys.stdout`` while a command runs: once its reader has closed the pipe, the rest of the
+    output is dropped (and the file descriptor pointed at ``os.devnull``, so that flushing at exit
+    does not fail either) instead of stopping the command half-way (see the module docstring)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.broken = False
+
+    def write(self, text):
+        if not self.broken:
+            try:
+                return self.stream.write(text)
+            except BrokenPipeError:
+                self._to_devnull()
+        return len(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        self.broken = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, self.stream.fileno())
+            finally:
+                os.close(devnull)
+        except (OSError, ValueError, AttributeError):  # a stream without a file descriptor: dropping is enough
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``vfscreen``; returns the process exit status."""
+    """Entry point of ``vfscreen``; returns the process exit status (a closed standard output does
+    not change it: see the module docstring)."""
+    if sys.stdout is None:  # no console at all (pythonw)
+        return _main(argv)
+    guard = _StdoutGuard(sys.stdout)
+    sys.stdout = guard
+    try:
+        return _main(argv)
+    finally:
+        if sys.stdout is guard:
+            sys.stdout = guard.stream
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()
             return EXIT_INPUT_ERROR
-        return int(args.run(args) or 0)
+        status = int(args.run(args) or 0)
+        if sys.stdout is not None:
+            sys.stdout.flush()  # a reader gone before the last line is noticed here, not at exit
+        return status
     except VFSError as error:
         print(f"vfscreen: {error}", file=sys.stderr)
         return EXIT_INPUT_ERROR

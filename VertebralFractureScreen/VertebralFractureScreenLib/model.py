@@ -22,6 +22,18 @@ Model file (JSON only, never pickle: a model file can be shared and read without
 
 Loading (:func:`load_model`) checks the format, its version, the feature version and the feature
 names, and the sizes of every array; a file that does not match is refused with one sentence.
+A model file is data from outside, so loading also bounds what it may cost and refuses, with one
+sentence naming the file, anything that could hang, crash or poison the probabilities:
+
+* a file larger than :data:`MAX_MODEL_BYTES` (it is not read past that size);
+* JSON nested deeper than :data:`MAX_JSON_DEPTH` levels (checked before parsing, so a file nested
+  100,000 deep never reaches the recursive JSON parser);
+* any number that is not finite (``NaN``, ``Infinity``, or a value too large for a float) or not a
+  JSON number where a number belongs: imputation, scaling, coefficients, intercept, learning rate,
+  initial log-odds, every tree threshold and node value, the operating threshold;
+* a tree whose arrays differ in length, whose child or feature index is not an integer in range,
+  whose node has one child only, that reaches a node twice (a cycle or a shared node), or that is
+  deeper than :data:`MAX_TREE_DEPTH` (applying a checked tree takes at most that many steps).
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,6 +63,14 @@ DEMONSTRATION_NOTE = ("DEMONSTRATION MODEL trained on synthetic phantoms: its pr
                       "result and must not be used for patients.")
 KNOWN_COLUMNS = FEATURE_NAMES + CLINICAL_COLUMNS
 """Columns a model may use: the exam features and the optional clinical columns."""
+MAX_MODEL_BYTES = 16 * 1024 * 1024
+"""The largest model file read (16 MiB; a gradient-boosting model of 100 depth-2 trees is ~60 kB,
+1,000 depth-6 trees ~13 MB). The worst file of this size (millions of empty lists) takes ~0.5 GB
+and ~5 s to parse and refuse."""
+MAX_JSON_DEPTH = 32
+"""The deepest nesting of JSON arrays and objects a model file may have (a model file needs 5)."""
+MAX_TREE_DEPTH = 64
+"""The deepest regression tree a model may hold (root = depth 0; training uses depth 2)."""
 
 
 def clinical_value(name: str, text) -> float:
@@ -176,12 +197,13 @@ def _tree_values(tree: dict, x: np.ndarray) -> np.ndarray:
     value = np.asarray(tree["value"], dtype=float)
     node = np.zeros(x.shape[0], dtype=np.int64)
     rows = np.arange(x.shape[0])
-    while True:
+    for _ in range(len(left) + 1):  # a path without a cycle visits each node at most once
         inner = left[node] >= 0
         if not inner.any():
             return value[node]
         go_left = x[rows, np.maximum(feature[node], 0)] <= threshold[node]
         node = np.where(inner, np.where(go_left, left[node], right[node]), node)
+    raise ValueError("a regression tree has a cycle")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,22 +215,69 @@ def load_model(path) -> FractureModel:
     """Read and check a model file.
 
     Raises:
-        InputError: the file is missing, not JSON, not a model file of a supported format version,
-            made for another feature version, names unknown features, or has inconsistent arrays.
+        InputError: the file is missing, larger than :data:`MAX_MODEL_BYTES`, not JSON, nested
+            deeper than :data:`MAX_JSON_DEPTH`, not a model file of a supported format version,
+            made for another feature version, names unknown features, has inconsistent arrays, a
+            number that is not finite, or a tree that is cyclic, out of range or too deep.
     """
     path = Path(path).expanduser()
     try:
-        raw = path.read_bytes()
-        data = json.loads(raw.decode("utf-8"))
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_MODEL_BYTES + 1)  # never more than the bound, whatever the file is
     except OSError as error:
         raise InputError(f"cannot read the model file {path}: {error.strerror or error}.") from None
-    except (UnicodeDecodeError, ValueError):
-        raise InputError(f"{path} is not a model file: it is not JSON (model files are JSON only, never pickle).") from None
+    if len(raw) > MAX_MODEL_BYTES:
+        raise InputError(f"{path} is not a model file: it is larger than {MAX_MODEL_BYTES // 2 ** 20} MiB.")
+    not_json = f"{path} is not a model file: it is not JSON (model files are JSON only, never pickle)."
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(not_json) from None
+    too_deep = f"{path} is not a model file: its JSON is nested deeper than {MAX_JSON_DEPTH} levels."
+    if _json_depth(raw) > MAX_JSON_DEPTH:
+        raise InputError(too_deep)
+    try:
+        data = json.loads(text, parse_constant=_refuse_constant)
+    except _NonFiniteConstant as error:
+        raise InputError(f"{path} is damaged or incomplete (it holds {error}, but every number of a model must be "
+                         "finite).") from None
+    except RecursionError:  # cannot happen below MAX_JSON_DEPTH; kept so that it never becomes an internal error
+        raise InputError(too_deep) from None
+    except ValueError:
+        raise InputError(not_json) from None
     return model_from_dict(data, source=f"{path} (sha256 {hashlib.sha256(raw).hexdigest()[:16]})")
 
 
+class _NonFiniteConstant(ValueError):
+    """``NaN``, ``Infinity`` or ``-Infinity`` in a model file (Python's json reads them; JSON has none)."""
+
+
+def _refuse_constant(name: str):
+    raise _NonFiniteConstant(name)
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_A_BRACKET = bytes(sorted(set(range(256)) - set(b"[]{}")))
+
+
+def _json_depth(raw: bytes) -> int:
+    """The deepest nesting of arrays and objects in JSON text, without parsing it (strings, and the
+    brackets in them, are left out; counted in chunks, so memory stays bounded by the file)."""
+    brackets = np.frombuffer(_JSON_STRING.sub(b"", raw).translate(None, _NOT_A_BRACKET), dtype=np.uint8)
+    depth = deepest = 0
+    chunk = 1 << 20
+    for start in range(0, brackets.size, chunk):
+        part = brackets[start:start + chunk]
+        running = depth + np.cumsum(np.where((part == ord("[")) | (part == ord("{")), 1, -1))
+        deepest, depth = max(deepest, int(running.max())), int(running[-1])
+        if deepest > MAX_JSON_DEPTH:
+            break
+    return deepest
+
+
 def model_from_dict(data, *, source: str = "") -> FractureModel:
-    """A :class:`FractureModel` from the content of a model file (checked; see :func:`load_model`)."""
+    """A :class:`FractureModel` from the content of a model file (checked; see :func:`load_model`
+    and the module docstring)."""
     where = source.split(" (sha256")[0] or "the model"
     if not isinstance(data, dict) or data.get("format") != MODEL_FORMAT:
         raise InputError(f"{where} is not a VertebralFractureScreen fracture model file.")
@@ -220,7 +289,8 @@ def model_from_dict(data, *, source: str = "") -> FractureModel:
         raise InputError(f"{where} was trained on features of version {data.get('feature_version')!r}, but this "
                          f"software computes version {FEATURE_VERSION}: retrain it on a features.csv of this version.")
     features = data.get("features")
-    if not isinstance(features, list) or not features or len(set(features)) != len(features):
+    if (not isinstance(features, list) or not features or not all(isinstance(name, str) for name in features)
+            or len(set(features)) != len(features)):
         raise InputError(f"{where} has no valid feature list.")
     unknown = [name for name in features if name not in KNOWN_COLUMNS]
     if unknown:
@@ -230,41 +300,120 @@ def model_from_dict(data, *, source: str = "") -> FractureModel:
         raise InputError(f"{where} has an unknown model kind {kind!r} (expected {' or '.join(KINDS)}).")
     try:
         n = len(features)
-        median = _vector(data["imputation"]["values"], n, "imputation values")
-        mean = _vector(data["scaling"]["mean"], n, "scaling means")
+        median = _vector(_section(data, "imputation")["values"], n, "imputation values")
+        mean = _vector(_section(data, "scaling")["mean"], n, "scaling means")
         scale = _vector(data["scaling"]["scale"], n, "scaling scales")
         if np.any(scale <= 0):
             raise ValueError("scaling scales must be positive")
         parameters = data[kind]
         if kind == "logistic":
             _vector(parameters["coefficients"], n, "coefficients")
-            float(parameters["intercept"])
+            _number(parameters["intercept"], "the intercept")
         else:
-            float(parameters["learning_rate"]), float(parameters["init_log_odds"])
-            for tree in parameters["trees"]:
-                sizes = {len(tree[key]) for key in ("children_left", "children_right", "feature", "threshold", "value")}
-                if len(sizes) != 1 or max(tree["feature"]) >= n:
-                    raise ValueError("a tree's arrays do not match")
-        threshold = float(data["threshold"]["value"])
+            _number(parameters["learning_rate"], "the learning rate")
+            _number(parameters["init_log_odds"], "the initial log-odds")
+            trees = parameters["trees"]
+            if not isinstance(trees, list):
+                raise ValueError("the trees are not a list")
+            for number, tree in enumerate(trees):
+                _check_tree(tree, f"tree {number}", n)
+        threshold = _number(_section(data, "threshold")["value"], "the threshold")
         if not 0.0 <= threshold <= 1.0:
             raise ValueError("the threshold is not a probability")
-    except (KeyError, TypeError, ValueError) as error:
+        training = data.get("training") or {}
+        if not isinstance(training, dict) or not isinstance(training.get("cross_validation") or {}, dict):
+            raise ValueError("its training record is not an object")
+        dropped = training.get("dropped_features") or []
+        if not isinstance(dropped, list) or not all(isinstance(name, str) for name in dropped):
+            raise ValueError("its dropped features are not a list of names")
+    except KeyError as error:
+        raise InputError(f"{where} is damaged or incomplete (it has no {error}).") from None
+    except (TypeError, ValueError) as error:
         raise InputError(f"{where} is damaged or incomplete ({error}).") from None
+    software = data.get("software") if isinstance(data.get("software"), dict) else {}
     return FractureModel(
         name=str(data.get("name") or "unnamed model"), kind=kind, features=tuple(features),
         imputation_median=median, scaling_mean=mean, scaling_scale=scale, threshold=threshold,
         parameters=parameters, threshold_rule=str(data["threshold"].get("rule", "")),
-        training=data.get("training") or {}, intended_use=str(data.get("intended_use") or INTENDED_USE),
+        training=training, intended_use=str(data.get("intended_use") or INTENDED_USE),
         demonstration=bool(data.get("demonstration")), feature_version=FEATURE_VERSION,
-        created_utc=str(data.get("created_utc", "")), software_version=str((data.get("software") or {}).get("version", "")),
-        source=source)
+        created_utc=str(data.get("created_utc", "")), software_version=str(software.get("version", "")), source=source)
+
+
+def _section(data: dict, key: str) -> dict:
+    value = data[key]
+    if not isinstance(value, dict):
+        raise ValueError(f"its {key} is not an object")
+    return value
+
+
+def _number(value, what: str) -> float:
+    """A JSON number that is finite (bools and text are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} is not a number")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond the range of a float
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"{what} is not a finite number")
+    return number
 
 
 def _vector(values, n: int, what: str) -> np.ndarray:
-    array = np.asarray(values, dtype=float)
-    if array.shape != (n,) or not np.all(np.isfinite(array)):
-        raise ValueError(f"{what} must be {n} finite numbers")
-    return array
+    try:
+        if not isinstance(values, list) or len(values) != n:
+            raise ValueError
+        return np.array([_number(value, what) for value in values], dtype=float)
+    except ValueError:
+        raise ValueError(f"{what} must be {n} finite numbers") from None
+
+
+TREE_ARRAYS = ("children_left", "children_right", "feature", "threshold", "value")
+"""The arrays of a regression tree, one entry per node (scikit-learn's ``tree_`` attributes)."""
+
+
+def _check_tree(tree, what: str, n_features: int) -> None:
+    """Refuse a regression tree that could not be applied in bounded time or would give NaN: its
+    arrays must be equally long; every number finite; every child ``-1`` (leaf) or a node index,
+    both or neither; every inner node's feature a column index; each node reached once from the
+    root (no cycle, no shared node) and no deeper than :data:`MAX_TREE_DEPTH`."""
+    if not isinstance(tree, dict):
+        raise ValueError(f"{what} is not an object")
+    for key in TREE_ARRAYS:
+        if not isinstance(tree.get(key), list) or not tree[key]:
+            raise ValueError(f"{what} has no {key} list")
+    nodes = len(tree["children_left"])
+    if any(len(tree[key]) != nodes for key in TREE_ARRAYS):
+        raise ValueError(f"the arrays of {what} differ in length")
+
+    def indices(key: str, low: int, high: int) -> list[int]:
+        values = tree[key]
+        for node, value in enumerate(values):
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value < high:
+                raise ValueError(f"{key}[{node}] of {what} is {value!r}, not an index from {low} to {high - 1}")
+        return values
+
+    left, right = indices("children_left", -1, nodes), indices("children_right", -1, nodes)
+    feature = indices("feature", -2, n_features)
+    for key in ("threshold", "value"):
+        for node, value in enumerate(tree[key]):
+            _number(value, f"{key}[{node}] of {what}")
+    depth = [-1] * nodes
+    depth[0], stack = 0, [0]
+    while stack:
+        node = stack.pop()
+        if left[node] < 0 and right[node] < 0:
+            continue
+        if left[node] < 0 or right[node] < 0 or feature[node] < 0:
+            raise ValueError(f"node {node} of {what} is neither a leaf nor a split")
+        for child in (left[node], right[node]):
+            if depth[child] >= 0:
+                raise ValueError(f"node {child} of {what} is reached twice, so the tree has a cycle or a shared node")
+            depth[child] = depth[node] + 1
+            if depth[child] > MAX_TREE_DEPTH:
+                raise ValueError(f"{what} is deeper than {MAX_TREE_DEPTH} levels")
+            stack.append(child)
 
 
 def demo_model_path() -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -30,14 +31,49 @@ def csv_cell(value):
     return value
 
 
+FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+"""First characters that make a spreadsheet read a cell as a formula (OWASP, "CSV Injection")."""
+_PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
+
+
+def neutralised(text: str) -> str:
+    """``text`` safe from formula injection: prefixed with a single quote ``'`` when it starts with
+    one of :data:`FORMULA_TRIGGERS`, unless the whole text is a plain decimal number (``-12.5``,
+    ``+3``, ``1e-4``: a spreadsheet reads it as that number, never as a formula). Carriage returns
+    then become line feeds: Python's CSV writer quotes a cell with a line feed but not one with a
+    lone carriage return, which a spreadsheet would take as the start of a new row (and of a new,
+    unneutralised cell)."""
+    if text.startswith(FORMULA_TRIGGERS) and not _PLAIN_NUMBER.fullmatch(text):
+        text = "'" + text
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+
+
 def csv_text(columns: Sequence[str], rows: Iterable[dict], cell: Callable = csv_cell) -> str:
     """A CSV table (header and one line per row, ``\\n`` line ends); ``cell`` formats each value
-    (missing keys are None)."""
+    (missing keys are None).
+
+    Text is neutralised against CSV (formula) injection as OWASP advises: a column name, or a cell
+    whose value is text (``str``, or a list or tuple joined by ``;``: exam IDs, flags, the columns a
+    cohort manifest passes through), that starts with ``=``, ``+``, ``-``, ``@``, a tab or a
+    carriage return gets a single quote ``'`` in front (see :func:`neutralised`), so a spreadsheet
+    shows it as text instead of running it, and a carriage return in such text becomes a line feed
+    (so that the cell is quoted). Numbers (ints, floats, numpy numbers, negative ones included) and
+    text that is a plain decimal number are written unchanged and stay numbers.
+    Whoever reads such a cell back gets the quote with it (``'=1+2``): no column this software
+    reads back as a number can start with those characters except a plain number.
+    """
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
-    writer.writeheader()
+    writer.writerow({key: neutralised(str(key)) for key in columns})
     for row in rows:
-        writer.writerow({key: cell(row.get(key)) for key in columns})
+        line = {}
+        for key in columns:
+            value = row.get(key)
+            text = cell(value)
+            if isinstance(value, (str, list, tuple)) and isinstance(text, str):
+                text = neutralised(text)
+            line[key] = text
+        writer.writerow(line)
     return buffer.getvalue()
 
 
