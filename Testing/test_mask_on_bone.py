@@ -37,7 +37,15 @@ def test_masks_on_their_bone_pass_and_shifted_masks_are_flagged(example):
     for level, label in lv.TOTAL_VERTEBRA_IDS.items():
         mask = labels == label
         if mask.sum() > 100:
-            assert bone_edge_contrast(mask, ct, labels) > 1.5 * MIN_BONE_EDGE_CONTRAST_HU, level
+            assert bone_edge_contrast(mask, ct, labels, (3.0, 3.0, 3.0)) > 1.3 * MIN_BONE_EDGE_CONTRAST_HU, level
+
+
+def test_a_contrast_ct_whose_masks_are_a_voxel_small_passes(example_data):
+    """The DICOM example (1 x 1 x 2 mm, contrast, its segmentation made on a coarser grid and a
+    voxel smaller than the bone): its masks lie on the bone."""
+    exam = load_exam(example_data / "example_ct_dicom", example_data / "example_seg_dicom.nii.gz")
+    heights = measure_heights(np.asarray(exam.labels.array), exam.labels.ijk_to_ras, ct=np.asarray(exam.ct.array))
+    assert heights and not any("mask_off_bone" in h.flags for h in heights)
 
 
 def test_an_exam_whose_masks_miss_the_bone_is_refused(example):

@@ -1426,7 +1426,8 @@ def measure_heights(
             break
     for v, frame, sample in zip(vertebrae, frames, samplers):
         v.flags += _cut_flags(v, frame, sample, ijk_to_ras)
-        if ct is not None and bone_edge_contrast(v.mask, ct[v.slices], labels[v.slices]) < MIN_BONE_EDGE_CONTRAST_HU:
+        if ct is not None and bone_edge_contrast(v.mask, ct[v.slices], labels[v.slices],
+                                                 spacing[::-1]) < MIN_BONE_EDGE_CONTRAST_HU:
             v.flags.append("mask_off_bone")
     measurements = [
         _BodyMeasurement(v, frame, sample, labels[v.slices], None if ct is None else ct[v.slices].astype(np.float32),
@@ -1472,21 +1473,29 @@ def measure_heights(
     return results
 
 
-MIN_BONE_EDGE_CONTRAST_HU = 100.0
+MIN_BONE_EDGE_CONTRAST_HU = 120.0
 """A vertebra's mask must lie on bone: the median HU of its outermost voxels must exceed the
-median HU of the unlabelled voxels just outside it by this much. On the example CT (3 mm) and a
-VerSe CT (1 x 1 x 3 mm, osteoporotic) the contrast is 170–370 HU; the same masks shifted by 10 to
-50 mm along any axis give at most 89 HU (measurements in ``docs/validation.md``)."""
+median HU of the unlabelled voxels 1–4 mm outside it by this much. As given, the masks of the
+example CTs (3 mm; 1 x 1 x 2 mm with contrast) and of a VerSe CT (1 x 1 x 3 mm, osteoporotic)
+give 163–382 HU; the same masks shifted by 10 to 50 mm along any axis at most 102 HU
+(``docs/validation.md``)."""
+
+BONE_EDGE_RING_MM = (1.0, 4.0)
+"""Distances (mm) from the mask between which its surroundings are sampled: beyond the first
+millimetre, so that a mask a voxel smaller than its bone (a segmentation made on a coarser grid)
+is still compared with what lies outside the cortex, not with the cortex itself."""
 
 
-def bone_edge_contrast(mask: np.ndarray, ct: np.ndarray, labels: np.ndarray) -> float:
+def bone_edge_contrast(mask: np.ndarray, ct: np.ndarray, labels: np.ndarray, spacing_kji) -> float:
     """Median HU of the mask's outermost voxels minus the median HU of the unlabelled voxels
-    that touch it from outside (crop arrays ``[k, j, i]``): how much brighter than its
-    surroundings the mask's edge is, which a vertebra's cortex makes large and a mask shifted off
-    its bone (another CT's segmentation, a misregistration) does not. NaN when either side has
-    no voxel."""
+    :data:`BONE_EDGE_RING_MM` outside it (crop arrays ``[k, j, i]``, ``spacing_kji`` the voxel
+    size in mm along them): how much brighter than its surroundings the mask's edge is, which a
+    vertebra's cortex makes large and a mask shifted off its bone (another CT's segmentation, a
+    misregistration) does not. NaN when either side has no voxel."""
     inner = mask & ~ndimage.binary_erosion(mask)
-    outer = ndimage.binary_dilation(mask) & ~mask & (labels == 0)
+    distance = ndimage.distance_transform_edt(~mask, sampling=spacing_kji)
+    near, far = BONE_EDGE_RING_MM
+    outer = (distance > near) & (distance <= max(far, float(np.max(spacing_kji)))) & (labels == 0)
     if not inner.any() or not outer.any():
         return float("nan")
     return float(np.median(ct[inner]) - np.median(ct[outer]))
