@@ -59,3 +59,16 @@ def test_a_multilabel_map_given_as_the_body_map_is_refused(example):
     of blank HU and a misleading warning (issue 26)."""
     with pytest.raises(InputError, match="vertebrae_body map has only 1 .bodies. and 2 .discs."):
         load_exam(example.ct, example.labels.array, body_seg=example.labels.array)
+
+
+def test_a_float_ct_with_one_nan_voxel_is_refused(example):
+    """One NaN voxel that the strided plausibility sample misses: one sentence, not an internal
+    error later (issue 26)."""
+    from VertebralFractureScreenLib.exam_inputs import check_ct
+    from VertebralFractureScreenLib.imageio import Volume
+
+    array = np.concatenate([np.asarray(example.ct.array, dtype=np.float32)] * 3)  # 336 slices
+    array[1, 1, 1] = np.nan  # the sample takes every second slice from slice 0
+    assert np.isfinite(array[::max(1, array.shape[0] // 128)]).all()
+    with pytest.raises(InputError, match="NaN or infinite"):
+        check_ct(Volume(array, example.ct.ijk_to_ras))

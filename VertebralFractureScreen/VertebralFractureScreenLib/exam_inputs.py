@@ -102,7 +102,9 @@ def check_ct(volume: imageio.Volume, name: str = "CT") -> None:
     sample = np.asarray(array[::step[0], ::step[1], ::step[2]], dtype=np.float32)
     if not np.isfinite(sample).all():
         raise InputError(f"{name} contains NaN or infinite values, so it is not a CT in Hounsfield units")
-    lo, hi = float(array.min()), float(array.max())
+    lo, hi = float(array.min()), float(array.max())  # NaN anywhere makes them NaN: no voxel escapes
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise InputError(f"{name} contains NaN or infinite values, so it is not a CT in Hounsfield units")
     if lo == hi:
         raise InputError(f"{name} is constant ({lo:g} everywhere): there is no image to screen")
     anatomy = sample[sample >= HU_PADDING_BELOW]
