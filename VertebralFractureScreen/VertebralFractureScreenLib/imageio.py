@@ -1264,6 +1264,7 @@ def _inflate(handle, kind: str, want: int) -> bytes:
 
 
 def _parse_vector(text: str) -> np.ndarray:
+    """A NRRD vector ``(x,y,z)``; ValueError when it is not one."""
     return np.array([float(v) for v in text.strip().strip("()").split(",")], dtype=float)
 
 
@@ -1296,23 +1297,28 @@ def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
     space = fields.get("space", "left-posterior-superior").lower()
     if space not in _NRRD_SPACE_TO_RAS:
         raise bad(f"NRRD space {fields.get('space')!r} is not supported (use left-posterior-superior)")
-    if "space directions" in fields:
-        tokens = re.findall(r"none|\([^)]*\)", fields["space directions"])
-        if len(tokens) != dimension:
-            raise bad("the NRRD space directions do not match its dimension")
-        spatial = [axis for axis, token in enumerate(tokens) if token != "none"]
-        vectors = [_parse_vector(tokens[axis]) for axis in spatial]
-    else:
-        kinds = fields.get("kinds", " ".join(["domain"] * dimension)).split()
-        spatial = [axis for axis, kind in enumerate(kinds) if kind.lower() in ("domain", "space")]
-        spacings = fields.get("spacings", "").split()
-        vectors = []
-        for n, axis in enumerate(spatial):
-            step = float(spacings[axis]) if axis < len(spacings) and spacings[axis].lower() != "nan" else 1.0
-            vectors.append(np.eye(3)[n] * step)
-    if len(spatial) != 3 or dimension - len(spatial) > 1 or any(v.size != 3 for v in vectors):
-        raise bad("a segmentation must have three spatial axes and at most one layer axis")
-    origin = _parse_vector(fields["space origin"]) if "space origin" in fields else np.zeros(3)
+    try:
+        if "space directions" in fields:
+            tokens = re.findall(r"none|\([^)]*\)", fields["space directions"])
+            if len(tokens) != dimension:
+                raise bad("the NRRD space directions do not match its dimension")
+            spatial = [axis for axis, token in enumerate(tokens) if token != "none"]
+            vectors = [_parse_vector(tokens[axis]) for axis in spatial]
+        else:
+            kinds = fields.get("kinds", " ".join(["domain"] * dimension)).split()
+            spatial = [axis for axis, kind in enumerate(kinds) if kind.lower() in ("domain", "space")]
+            spacings = fields.get("spacings", "").split()
+            vectors = []
+            for n, axis in enumerate(spatial):
+                step = float(spacings[axis]) if axis < len(spacings) and spacings[axis].lower() != "nan" else 1.0
+                vectors.append(np.eye(3)[n] * step)
+        if len(spatial) != 3 or dimension - len(spatial) > 1 or any(v.size != 3 for v in vectors):
+            raise bad("a segmentation must have three spatial axes and at most one layer axis")
+        origin = _parse_vector(fields["space origin"]) if "space origin" in fields else np.zeros(3)
+    except ValueError:
+        raise bad("the NRRD space directions, spacings or space origin are not numbers") from None
+    if origin.size != 3:
+        raise bad("the NRRD space origin is not a point in 3-D space")
     to_ras = _NRRD_SPACE_TO_RAS[space]
     ijk_to_ras = np.eye(4)
     ijk_to_ras[:3, :3] = to_ras @ np.stack(vectors, axis=1)
