@@ -139,16 +139,23 @@ def _labels_on_grid(value, reference: imageio.Volume, convention: str, what: str
 
 
 def check_vertebrae(labels: imageio.Volume, convention: str, name: str = "segmentation",
-                    label_boxes: list | None = None) -> list[str]:
+                    label_boxes: list | None = None, named_segments: bool = False) -> list[str]:
     """The vertebra levels present (cranial to caudal); refuses a map without vertebra labels or
     whose vertebrae are not in anatomical order (the sign of a wrong label convention).
-    ``label_boxes``: ``ndimage.find_objects(labels.array)`` when known."""
+    ``label_boxes``: ``ndimage.find_objects(labels.array)`` when known. ``named_segments``: the
+    map came from a Slicer segmentation (``.seg.nrrd``), whose segments are matched by their IDs
+    and terminology (``imageio.segment_structure``), not by label values: the advice then is
+    about naming them, since ``--labels`` changes nothing there."""
     other = "verse" if convention == "totalsegmentator" else "totalsegmentator"
     ids = lv.vertebra_ids(convention)
     by_label = {label: level for level, label in ids.items()}
     objects = (label_boxes if label_boxes is not None and len(label_boxes) >= max(ids.values())
                else find_label_boxes(labels.array, max(ids.values())))
     present = [by_label[label] for label, box in enumerate(objects, start=1) if box is not None and label in by_label]
+    if not present and named_segments:
+        raise InputError(f"none of the segments of the {name} is recognised as a vertebra: give them "
+                         "TotalSegmentator's segment IDs (vertebrae_L1 …) or a vertebra terminology "
+                         "(e.g. SNOMED CT 'L1 vertebra')")
     if not present:
         raise InputError(f"the {name} has no vertebra labels in the {convention} convention; "
                          f"check that it is a spine segmentation, or try --labels {other}")
@@ -190,7 +197,8 @@ def load_exam(ct, seg, body_seg=None, *, convention: str = "totalsegmentator",
                                                          "vertebrae_body segmentation", messages)[0]
     # Each label's bounding box, once: the checks, the morphometry, the aorta and the muscles use it.
     boxes = find_label_boxes(labels.array, _BOX_LABELS[convention])
-    check_vertebrae(labels, convention, label_boxes=boxes)
+    named = isinstance(seg, (str, Path)) and str(seg).lower().endswith((".seg.nrrd", ".seg.nhdr"))
+    check_vertebrae(labels, convention, label_boxes=boxes, named_segments=named)
     if body is not None and int(body.array.max()) > lv.DISC_LABEL:
         raise InputError(f"the vertebrae_body segmentation holds labels up to {int(body.array.max())}, but a "
                          f"vertebrae_body map has only {lv.BODY_LABEL} (bodies) and {lv.DISC_LABEL} (discs): is it "

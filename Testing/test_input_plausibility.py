@@ -1,6 +1,7 @@
-"""A segmentation must lie on the CT's bone: a mask shifted off its vertebra (another CT's
-segmentation, a misregistration) is never graded, and an exam whose masks mostly miss the bone is
-refused with one sentence (issue 26)."""
+"""Inputs that are well-formed but implausible (issue 26): a segmentation must lie on the CT's
+bone (a mask shifted off its vertebra is never graded; an exam whose masks mostly miss the bone
+is refused with one sentence), a vertebrae_body map must be one, a float CT must hold no NaN, and a
+Slicer segmentation without vertebra segments gets advice that helps."""
 
 from __future__ import annotations
 
@@ -72,3 +73,17 @@ def test_a_float_ct_with_one_nan_voxel_is_refused(example):
     assert np.isfinite(array[::max(1, array.shape[0] // 128)]).all()
     with pytest.raises(InputError, match="NaN or infinite"):
         check_ct(Volume(array, example.ct.ijk_to_ras))
+
+
+def test_a_slicer_segmentation_without_vertebra_segments_gets_naming_advice(example, tmp_path):
+    """A ``.seg.nrrd`` whose segments are named otherwise: the sentence says how to name them,
+    not to try ``--labels verse``, which changes nothing for named segments (issue 26)."""
+    from VertebralFractureScreenLib.imageio import Volume, write_segmentation_nrrd
+
+    labels = np.asarray(example.labels.array)
+    path = tmp_path / "renamed.seg.nrrd"
+    write_segmentation_nrrd(path, Volume(np.where(labels == 31, 1, 0).astype(np.uint8), example.labels.ijk_to_ras),
+                            {1: "my_bone"})
+    with pytest.raises(InputError, match="none of the segments .* is recognised as a vertebra") as error:
+        load_exam(example.ct, path)
+    assert "--labels" not in str(error.value)
