@@ -159,7 +159,7 @@ def test_manifest_resolves_paths_and_passes_columns_through(manifest):
 
 @pytest.mark.parametrize("text, words", [
     ("exam_id,seg\nx,y.nii.gz\n", "has no 'ct' column"),
-    ("exam_id,ct\nx,a.nii.gz\nx,b.nii.gz\n", "exam ID x is in lines 2 and 3"),
+    ("exam_id,ct\nx,a.nii.gz\nx,b.nii.gz\n", "repeats exam ID x in lines 2 and 3"),
     ("ct,labels\na.nii.gz,other\n", "labels must be totalsegmentator or verse"),
     ("ct\n", "lists no exam"),
     ("exam_id,ct\n../up,a.nii.gz\n", "cannot name a folder"),
@@ -184,7 +184,7 @@ def test_every_exam_gets_its_folder_or_its_error(cohort_run):
         assert {p.name for p in folder.iterdir() if not p.name.startswith(".")} == {
             "vertebrae.csv", "muscles.csv", "exam.json", "qc.png"}
     errors = {row["exam_id"]: row for row in read_csv(out / cohort.ERRORS_FILE)}
-    assert sorted(errors) == ["B1", "M1"]
+    assert sorted(errors) == ["B1", "M1"] and {row["kind"] for row in errors.values()} == {"input"}
     assert errors["B1"]["stage"] == "input" and "broken.nii.gz" in errors["B1"]["reason"]
     assert errors["M1"]["stage"] == "input" and "missing.nii.gz" in errors["M1"]["reason"]
     assert "\n" not in errors["B1"]["reason"] and "Traceback" not in errors["B1"]["reason"]
@@ -303,9 +303,13 @@ def test_cli_cohort_and_its_one_sentence_errors(manifest, tmp_path, capsys):
     assert "--workers must be at least 1" in capsys.readouterr().err
     assert main(["cohort", str(manifest), "--out", str(tmp_path / "o"), "--segment-resources", "GPU"]) == 2
     assert "NAME=NUMBER" in capsys.readouterr().err
-    assert main(["cohort", str(manifest), "--out", str(tmp_path / "o"), "--no-qc", "--levels", "T12-L5"]) == 0
+    assert main(["cohort", str(manifest), "--out", str(tmp_path / "o"), "--no-qc", "--levels", "T12-L5"]) == 1
     captured = capsys.readouterr()
     assert "4 exams: 2 done, 2 failed" in captured.out and "[4/4]" in captured.err
+    assert "2 of 4 exams failed" in captured.err and "--allow-failures" in captured.err
+    assert main(["cohort", str(manifest), "--out", str(tmp_path / "o"), "--no-qc", "--levels", "T12-L5",
+                 "--allow-failures"]) == 0  # the failures recorded before are allowed too
+    assert "4 exams: 2 done, 2 failed" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ from .errors import InputError, VFSError
 
 EXIT_INPUT_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
+EXIT_EXAMS_FAILED = 1
+"""``vfscreen cohort``: some exams failed (listed in ``errors.csv``; see ``--allow-failures``)."""
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -234,7 +236,12 @@ def _add_cohort_parser(commands) -> None:
                     "never stops the others; a re-run skips finished exams. Folder rule: every CT file or DICOM "
                     "series folder is an exam; its segmentation is <exam>_seg / <exam>_total (and <exam>_body "
                     "for vertebrae_body) beside it, else TotalSegmentator segments it. Manifest: columns ct "
-                    "[,exam_id, seg, body_seg, labels, series]; other columns are passed through to features.csv.",
+                    "[,exam_id, seg, body_seg, labels, series]; other columns are passed through to features.csv. "
+                    "errors.csv lists each failed exam with its kind: 'input' (a re-run skips it; --retry-failed "
+                    "screens it again) or 'environment' (disk full, permission denied, out of memory, a killed "
+                    "worker: a plain re-run screens it again). Exit status: 0 when every exam is finished; 1 when "
+                    "any exam failed, in this run or an earlier one (see --allow-failures); 2 for bad inputs or an "
+                    "unusable output folder, with one sentence on stderr.",
     )
     p.add_argument("inputs", type=Path, help="folder of exams or CSV manifest")
     p.add_argument("--out", type=Path, required=True, help="cohort output folder")
@@ -243,6 +250,10 @@ def _add_cohort_parser(commands) -> None:
     where.add_argument("--scheduler", help="address (tcp://host:port) or scheduler file of a Dask cluster")
     _add_screening_options(p, labels_of="the given segmentations")
     p.add_argument("--retry-failed", action="store_true", help="screen the exams that failed before again")
+    p.add_argument("--allow-failures", action="store_true",
+                   help="exit 0 even when exams failed because of their input (for pipelines that read "
+                        "OUT/errors.csv); failures of the environment (disk full, permissions, memory, a killed "
+                        "worker) still exit 1, since a re-run would screen those exams")
     p.add_argument("--segment-resources", metavar="NAME=N[,...]",
                    help="Dask worker resources for TotalSegmentator tasks, e.g. GPU=1 (cluster only)")
     p.add_argument("--measure-resources", metavar="NAME=N[,...]",
@@ -260,7 +271,17 @@ def _run_cohort(args) -> int:
                          measure_resources=args.measure_resources, progress=TerminalProgress())
     print(summary.text())
     print(f"features in {args.out / 'features.csv'}; errors in {args.out / 'errors.csv'}; log {args.out / 'cohort.log'}")
-    return 0 if summary.unfinished == 0 else EXIT_INPUT_ERROR
+    if summary.unfinished:
+        return EXIT_INPUT_ERROR
+    if summary.failed_environment:
+        print(f"vfscreen: {summary.failed_environment} of {summary.exams} exams failed because of the environment "
+              f"(see {args.out / 'errors.csv'}); running the same command again screens them.", file=sys.stderr)
+        return EXIT_EXAMS_FAILED
+    if summary.failed and not args.allow_failures:
+        print(f"vfscreen: {summary.failed} of {summary.exams} exams failed (see {args.out / 'errors.csv'}); "
+              "--allow-failures exits 0 in that case.", file=sys.stderr)
+        return EXIT_EXAMS_FAILED
+    return 0
 
 
 def _add_train_parser(commands) -> None:

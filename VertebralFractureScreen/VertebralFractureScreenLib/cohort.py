@@ -8,7 +8,9 @@ Inputs (:func:`find_exams`):
 
 * a **folder**: every CT image file (``.nii.gz``, ``.nii``, ``.nrrd``, ``.nhdr``, ``.mha``,
   ``.mhd``) directly in it is one exam, and so is every sub-folder that holds a DICOM series; the
-  exam ID is the file's name without its suffix (or the sub-folder's name). Segmentations are
+  exam ID is the file's name without its suffix (or the sub-folder's name), in Unicode NFC form.
+  Exam IDs are letters (any script), digits and ``. _ + -``, starting with a letter or digit, and
+  unique ignoring case and Unicode form (their folders must be distinct on every file system). Segmentations are
   found by name beside it: ``<exam>_seg`` or ``<exam>_total`` (TotalSegmentator ``total`` ids) or
   ``<exam>.seg.nrrd`` (a Slicer segmentation), and ``<exam>_body`` or ``<exam>_vertebrae_body``
   (the ``vertebrae_body`` map), with any of the image suffixes. Such files are never exams
@@ -16,7 +18,11 @@ Inputs (:func:`find_exams`):
 * a **CSV manifest** with a ``ct`` column and optional ``exam_id``, ``seg``, ``body_seg``,
   ``labels`` (``totalsegmentator`` / ``verse``) and ``series`` columns; relative paths are relative
   to the manifest's folder. Every other column (a label, ``age``, ``sex``...) is passed through
-  to ``features.csv``.
+  to ``features.csv``. A manifest that repeats a column or an exam ID (ignoring case and Unicode
+  form) is refused with one sentence naming them.
+
+Fault injection (tests only): :data:`fault_hook`, when set, is called at the engine's write points
+and may raise, e.g. ``OSError(errno.ENOSPC, ...)`` to act out a full disk.
 
 Outputs in ``OUT``:
 
@@ -25,15 +31,31 @@ Outputs in ``OUT``:
   (stage and one-sentence reason) when the exam failed;
 * ``features.csv``: one row per finished exam, in input order: ``exam_id``, the manifest's
   pass-through columns, ``features_version`` and the :mod:`.features` columns;
-* ``errors.csv``: ``exam_id, stage, reason`` for every failed exam;
+* ``errors.csv``: ``exam_id, stage, reason, kind`` for every failed exam; ``kind`` is ``input``
+  (the exam itself cannot be screened: a re-run skips it) or ``environment`` (the machine failed
+  it: disk full or over quota, permission denied, read-only file system, out of memory, a killed
+  worker, a missing dependency; a plain re-run screens it again);
 * ``predictions.csv`` (with a model): ``exam_id, model, probability, threshold, positive,
   demonstration, imputed_features`` per finished exam;
 * ``cohort.json``: the run summary (counts, time, exams per minute, peak memory per worker);
 * ``cohort.log``: one line per exam and run, appended.
 
-Robustness: a failing exam is recorded and never stops the others. A re-run skips finished and
-failed exams (``retry_failed=True`` tries the failed ones again), so a finished cohort re-runs in
-seconds and rewrites none of its exam folders or tables. Every file is written atomically, each
+Robustness: a failing exam is recorded and never stops the others. A re-run skips finished exams
+and exams whose input failed (``retry_failed=True`` tries those again too) and screens again the
+exams that failed because of the environment, so a finished cohort re-runs in seconds and rewrites
+none of its exam folders or tables. A folder exam whose file name cannot be an exam ID (see
+:func:`find_exams`) is recorded as an input failure, and the others are screened. When even the
+exam's ``error.json`` cannot be written (a full disk), its failure is still counted and listed in
+``errors.csv`` if that can be written, and a re-run screens it again. The tables and
+``cohort.json`` are written atomically; when that fails (a full disk) :func:`run_cohort` raises an
+:class:`.errors.InputError` with one sentence, and the previous tables stay as they were. A log line
+that cannot be written is dropped (never a traceback on the console).
+
+Exit status of ``vfscreen cohort``: 0 when every exam is finished; 1 when any exam failed, in this
+run or an earlier one (``errors.csv`` lists them), unless ``--allow-failures`` is given and every
+failure is of kind ``input`` (pipelines that read ``errors.csv``); environment failures exit 1
+even then, since a re-run would screen them. 2 for bad inputs or an unusable output folder
+(one sentence on stderr, as for every command). Every file is written atomically, each
 exam is screened under an exclusive lock on its folder (``fcntl.flock``, where the platform has
 it) and its staging leftovers from a killed run are removed before it starts again, so killing a
 run at any moment and re-running it ends with every exam done exactly once.
@@ -51,6 +73,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import logging
 import math
@@ -60,6 +83,7 @@ import shutil
 import socket
 import sys
 import time
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -91,8 +115,23 @@ SEG_SUFFIXES = ("_seg", "_total")
 BODY_SUFFIXES = ("_vertebrae_body", "_body")
 MANIFEST_COLUMNS = ("exam_id", "ct", "seg", "body_seg", "labels", "series")
 """Manifest columns read by the engine; every other column is passed through to ``features.csv``."""
-ERROR_COLUMNS = ("exam_id", "stage", "reason")
-_EXAM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+ERROR_COLUMNS = ("exam_id", "stage", "reason", "kind")
+INPUT_FAILURE = "input"
+"""Failure kind: the exam itself cannot be screened (a re-run skips it unless told to retry)."""
+ENVIRONMENT_FAILURE = "environment"
+"""Failure kind: the machine failed the exam (disk full, permissions, memory, a killed worker);
+a plain re-run screens it again."""
+_EXAM_ID = re.compile(r"[^\W_][\w.+-]*")  # str patterns are Unicode: letters and digits of any script
+_ENVIRONMENT_ERRNOS = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EACCES", "EPERM", "EROFS")
+                                if hasattr(errno, name))
+
+fault_hook: Callable[[str, str], None] | None = None
+"""Test seam: when set, called as ``fault_hook(point, exam_id)`` just before the engine writes at
+``point``: ``"exam"`` (screening one exam, in the process that screens it; ``workers=1`` only),
+``"error"`` (an exam's ``error.json``), ``"tables"`` (the cohort's CSV tables), ``"summary"``
+(``cohort.json``) and ``"log"`` (a line of ``cohort.log``; ``exam_id`` empty for the last three).
+It may raise, e.g. ``OSError(errno.ENOSPC, "No space left on device")`` to act out a full disk.
+None (always, outside tests): no effect."""
 
 log = logging.getLogger("vfscreen.cohort")
 
@@ -101,7 +140,9 @@ log = logging.getLogger("vfscreen.cohort")
 class CohortExam:
     """One exam of a cohort: its ID, CT (file or DICOM folder) and optional segmentations
     (paths as text), label convention (None: the cohort's), DICOM series, and the manifest's
-    pass-through ``columns`` as ``(name, value)`` pairs."""
+    pass-through ``columns`` as ``(name, value)`` pairs. ``refused``: why a folder exam cannot
+    be screened (its name cannot be an exam ID): it is then recorded as an input failure, with
+    no folder of its own, and never screened."""
 
     exam_id: str
     ct: str
@@ -110,6 +151,7 @@ class CohortExam:
     convention: str | None = None
     series_uid: str | None = None
     columns: tuple[tuple[str, str], ...] = ()
+    refused: str | None = None
 
 
 @dataclass(frozen=True)
@@ -141,6 +183,10 @@ class ExamOutcome:
     worker_peak_rss_mib: float = float("nan")
     segmented_on: str = ""
     """The worker that ran TotalSegmentator, when a cluster task of its own did."""
+    kind: str = ""
+    """Of a failure: ``input`` or ``environment`` (see the module docstring)."""
+    recorded: bool = True
+    """Of a failure: False when its ``error.json`` could not be written (a full disk)."""
 
 
 @dataclass
@@ -158,6 +204,8 @@ class CohortSummary:
     workers: str
     peak_rss_mib_per_worker: dict[str, float] = field(default_factory=dict)
     out: str = ""
+    failed_environment: int = 0
+    """Of ``failed``: the exams that failed because of the environment (a re-run retries them)."""
 
     @property
     def exams_per_minute(self) -> float:
@@ -169,7 +217,8 @@ class CohortSummary:
             "software": {"name": "VertebralFractureScreen", "version": __version__},
             "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "out": self.out,
-            "exams": self.exams, "done": self.done, "failed": self.failed, "unfinished": self.unfinished,
+            "exams": self.exams, "done": self.done, "failed": self.failed,
+            "failed_environment": self.failed_environment, "unfinished": self.unfinished,
             "this_run": {"screened": self.screened_now, "failed": self.failed_now, "skipped": self.skipped_now,
                          "seconds": round(self.seconds, 3),
                          "exams_per_minute": None if math.isnan(self.exams_per_minute)
@@ -180,7 +229,9 @@ class CohortSummary:
 
     def text(self) -> str:
         rate = "" if math.isnan(self.exams_per_minute) else f", {self.exams_per_minute:.1f} exams/min"
-        lines = [f"{self.exams} exams: {self.done} done, {self.failed} failed"
+        environment = (f" ({self.failed_environment} because of the environment: a re-run retries "
+                       f"{'them' if self.failed_environment > 1 else 'it'})" if self.failed_environment else "")
+        lines = [f"{self.exams} exams: {self.done} done, {self.failed} failed{environment}"
                  + (f", {self.unfinished} unfinished" if self.unfinished else ""),
                  f"this run: {self.screened_now} screened, {self.failed_now} failed, {self.skipped_now} skipped "
                  f"in {self.seconds:.1f} s{rate} ({self.workers})"]
@@ -248,13 +299,49 @@ def find_exams(inputs) -> list[CohortExam]:
     exams = []
     for stem, files in sorted(found.items()):
         if "ct" not in files:
-            log.warning("no CT for the segmentation %s: ignored", ", ".join(Path(p).name for p in files.values()))
+            log.warning("no CT for the segmentation %s: ignored",
+                        ", ".join(_printable(Path(p).name) for p in files.values()))
             continue
-        exams.append(CohortExam(_checked_id(stem, path), files["ct"], files.get("seg"), files.get("body_seg")))
+        try:  # one exam whose name cannot be an exam ID is refused alone: the others are screened
+            exam_id, refused = _checked_id(stem, path), None
+        except InputError:
+            exam_id = _printable(stem)
+            refused = (f"its exam ID {exam_id!r} (from {_printable(Path(files['ct']).name)!r}) cannot name a "
+                       "folder: rename it to letters, digits and . _ + - starting with a letter or digit.")
+        exams.append(CohortExam(exam_id, files["ct"], files.get("seg"), files.get("body_seg"), refused=refused))
+    for group in _colliding([e for e in exams if e.refused is None]):
+        names = ", ".join(sorted(Path(e.ct).name for e in group))
+        exams = [replace(e, refused=f"the exams {names} differ only in case or Unicode form, and so would their "
+                                    "folders on macOS and Windows: rename all but one.") if e in group else e
+                 for e in exams]
     if not exams:
         raise InputError(f"no exam found in {path}: expected CT images ({', '.join(IMAGE_SUFFIXES)}) or DICOM "
                          "series folders, or give a CSV manifest.")
+    if all(e.refused for e in exams):
+        more = f" (and {len(exams) - 1} more)" if len(exams) > 1 else ""
+        raise InputError(f"no exam in {path} can be screened{more}: {exams[0].refused}")
     return exams
+
+
+def _printable(text: str) -> str:
+    """``text`` for a table or a message: undecodable bytes of a file name become U+FFFD and
+    control characters ``?``."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def _folded(exam_id: str) -> str:
+    """The key under which two exam IDs name the same folder on some file system (case and
+    Unicode form ignored, as on macOS and Windows)."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", exam_id).casefold())
+
+
+def _colliding(exams: Iterable[CohortExam]) -> list[list[CohortExam]]:
+    """Groups of exams whose IDs name the same folder on some file system (:func:`_folded`)."""
+    groups: dict[str, list[CohortExam]] = {}
+    for exam in exams:
+        groups.setdefault(_folded(exam.exam_id), []).append(exam)
+    return [group for group in groups.values() if len(group) > 1]
 
 
 def exams_from_files(cts: Sequence) -> list[CohortExam]:
@@ -280,17 +367,20 @@ def exams_from_files(cts: Sequence) -> list[CohortExam]:
             if sibling_stem == stem and role != "ct":
                 found.setdefault(role, str(sibling))
         exams.append(CohortExam(_checked_id(stem, path), str(path), found.get("seg"), found.get("body_seg")))
-    duplicates = sorted(name for name, count in Counter(e.exam_id for e in exams).items() if count > 1)
+    duplicates = sorted(group[0].exam_id for group in _colliding(exams))
     if duplicates:
-        raise InputError(f"several CTs have the exam ID {', '.join(duplicates)}; rename them or use a CSV manifest.")
+        raise InputError(f"several CTs have the exam ID {', '.join(duplicates)} (ignoring case and Unicode form); "
+                         "rename them or use a CSV manifest.")
     return exams
 
 
 def _checked_id(exam_id: str, source) -> str:
-    if not _EXAM_ID.fullmatch(exam_id):
-        raise InputError(f"exam ID {exam_id!r} in {source} cannot name a folder: use letters, digits and . _ + - "
-                         "(not starting with . _ + -).")
-    return exam_id
+    """``exam_id`` in Unicode NFC form when it can name a folder on every file system."""
+    normal = unicodedata.normalize("NFC", exam_id)
+    if not _EXAM_ID.fullmatch(normal) or len(normal.encode("utf-8")) > 200:
+        raise InputError(f"exam ID {_printable(exam_id)!r} in {source} cannot name a folder: use letters, digits "
+                         "and . _ + - (not starting with . _ + -), at most 200 bytes.")
+    return normal
 
 
 def read_manifest(path) -> list[CohortExam]:
@@ -298,13 +388,22 @@ def read_manifest(path) -> list[CohortExam]:
     path = Path(path).expanduser().absolute()
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            columns = [c.strip() for c in (reader.fieldnames or [])]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+            reader = csv.reader(handle)
+            columns = [c.strip() for c in next(reader, [])]
+            lines = list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise InputError(f"cannot read the manifest {path}: {getattr(error, 'strerror', None) or error}.") from None
+    repeated = sorted(name for name, count in Counter(c for c in columns if c).items() if count > 1)
+    if repeated:  # a dict of the row would silently keep the last one
+        raise InputError(f"the manifest {path} has the column{'s' if len(repeated) > 1 else ''} "
+                         f"{', '.join(_printable(c) for c in repeated)} more than once: keep one of each.")
     if "ct" not in columns:
         raise InputError(f"the manifest {path} has no 'ct' column (columns: {', '.join(columns) or 'none'}).")
+    rows = []
+    for number, cells in enumerate(lines, start=2):
+        if len(cells) > len(columns) and any(c.strip() for c in cells[len(columns):]):
+            raise InputError(f"line {number} of the manifest {path} has more cells than its header has columns.")
+        rows.append({name: cell.strip() for name, cell in zip(columns, cells) if name})
     base = path.parent
     passthrough = [c for c in columns if c not in MANIFEST_COLUMNS and c]
     exams, seen = [], {}
@@ -319,15 +418,22 @@ def read_manifest(path) -> list[CohortExam]:
 
         ct = resolve(row["ct"])
         exam_id = _checked_id(row.get("exam_id") or exam_id_of(ct), f"line {number} of {path}")
-        if exam_id in seen:
-            raise InputError(f"exam ID {exam_id} is in lines {seen[exam_id]} and {number} of the manifest {path}: "
-                             "exam IDs must be unique.")
-        seen[exam_id] = number
+        seen.setdefault(_folded(exam_id), []).append((exam_id, number))
         convention = row.get("labels") or None
         if convention not in (None, "totalsegmentator", "verse"):
             raise InputError(f"line {number} of {path}: labels must be totalsegmentator or verse, not {convention!r}.")
         exams.append(CohortExam(exam_id, ct, resolve(row.get("seg")), resolve(row.get("body_seg")), convention,
                                 row.get("series") or None, tuple((c, row.get(c, "")) for c in passthrough)))
+    repeated_ids = [places for places in seen.values() if len(places) > 1]
+    if repeated_ids:
+        def where(places):
+            names = " / ".join(dict.fromkeys(name for name, _ in places))
+            numbers = [str(number) for _, number in places]
+            return f"{names} in lines {', '.join(numbers[:-1])} and {numbers[-1]}"
+
+        raise InputError(f"the manifest {path} repeats exam ID{'s' if len(repeated_ids) > 1 else ''} "
+                         f"{'; '.join(where(p) for p in repeated_ids)} (ignoring case and Unicode form): "
+                         "exam IDs must be unique.")
     if not exams:
         raise InputError(f"the manifest {path} lists no exam.")
     return exams
@@ -350,6 +456,29 @@ def exam_state(folder: Path) -> str:
     if (folder / ERROR_FILE).is_file():
         return "failed"
     return "todo"
+
+
+def _read_error(folder: Path) -> dict:
+    """An exam's ``error.json`` with its ``kind`` (files of earlier versions have none: a failed
+    cluster worker was the environment, anything else the input)."""
+    try:
+        error = json.loads((folder / ERROR_FILE).read_text(encoding="utf-8"))
+        if not isinstance(error, dict):
+            raise ValueError("not an object")
+    except (OSError, ValueError):
+        error = {"stage": "unknown", "reason": "its error.json cannot be read."}
+    if error.get("kind") not in (INPUT_FAILURE, ENVIRONMENT_FAILURE):
+        error["kind"] = ENVIRONMENT_FAILURE if error.get("stage") == "worker" else INPUT_FAILURE
+    return error
+
+
+def _to_screen(folder: Path, retry_failed: bool) -> bool:
+    """Whether a run screens the exam of ``folder``: not finished, and not failed by its input
+    (unless ``retry_failed``)."""
+    state = exam_state(folder)
+    if state == "done":
+        return False
+    return state == "todo" or retry_failed or _read_error(folder)["kind"] == ENVIRONMENT_FAILURE
 
 
 @contextlib.contextmanager
@@ -395,6 +524,11 @@ def _peak_rss_mib() -> float:
     return peak / 1024.0 if sys.platform != "darwin" else peak / 2**20  # kB on Linux, bytes on macOS
 
 
+def _fault(point: str, exam_id: str = "") -> None:
+    if fault_hook is not None:
+        fault_hook(point, exam_id)
+
+
 def _write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
@@ -417,12 +551,43 @@ def _reason_of(error: BaseException) -> str:
     return f"internal error ({type(error).__name__}: {error}); please report it."
 
 
-def _fail(folder: Path, exam: CohortExam, stage: str, reason: str, started: float) -> ExamOutcome:
-    _write_json(folder / ERROR_FILE, {"exam_id": exam.exam_id, "stage": stage, "reason": reason,
-                                      "software_version": __version__,
-                                      "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-    return ExamOutcome(exam.exam_id, "failed", stage, reason, time.perf_counter() - started, _worker_name(),
-                       _peak_rss_mib())
+def _causes(error: BaseException):
+    """``error`` and the errors it was raised from or while handling (a one-sentence
+    :class:`.errors.InputError` raised ``from None`` still keeps its ``OSError`` as context)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _kind_of(error: BaseException) -> str:
+    """``environment`` when the machine, not the exam, failed: a full disk or quota, permissions,
+    a read-only file system, memory, a missing dependency, a killed worker; else ``input``."""
+    for cause in _causes(error):
+        if isinstance(cause, (MemoryError, DependencyError)) or type(cause).__name__ == "KilledWorker":
+            return ENVIRONMENT_FAILURE
+        if isinstance(cause, OSError) and cause.errno in _ENVIRONMENT_ERRNOS:
+            return ENVIRONMENT_FAILURE
+    return INPUT_FAILURE
+
+
+def _fail(folder: Path, exam: CohortExam, stage: str, reason: str, started: float,
+          kind: str = INPUT_FAILURE) -> ExamOutcome:
+    """Record a failed exam in its ``error.json``; when even that cannot be written (a full disk)
+    the outcome says so (``recorded=False``) and the failure is of the environment."""
+    outcome = ExamOutcome(exam.exam_id, "failed", stage, reason, 0.0, _worker_name(), _peak_rss_mib(), kind=kind)
+    try:
+        _fault("error", exam.exam_id)
+        _write_json(folder / ERROR_FILE, {"exam_id": exam.exam_id, "stage": stage, "reason": reason, "kind": kind,
+                                          "software_version": __version__,
+                                          "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    except (OSError, VFSError) as error:
+        outcome.recorded = False
+        if kind == INPUT_FAILURE and _kind_of(error) == ENVIRONMENT_FAILURE:
+            outcome.reason = f"{reason.rstrip('.')}; and its {ERROR_FILE} cannot be written: {_reason_of(error)}"
+    outcome.seconds = time.perf_counter() - started
+    return outcome
 
 
 def screen_cohort_exam(exam: CohortExam, settings: CohortSettings, out: str, *, retry_failed: bool = False,
@@ -436,32 +601,50 @@ def screen_cohort_exam(exam: CohortExam, settings: CohortSettings, out: str, *, 
     if after is not None and after.status in ("failed", "skipped"):
         return after
     folder = exam_folder(out, exam.exam_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    with _exclusive(folder):
-        state = exam_state(folder)
-        if state == "done" or (state == "failed" and not retry_failed and after is None):
-            return ExamOutcome(exam.exam_id, "skipped", worker=_worker_name(), worker_peak_rss_mib=_peak_rss_mib())
-        _remove_leftovers(folder)
-        try:
-            if segment_only:
-                from .screening import SEGMENTATION_FOLDER
-                from .segmentation import segment_ct
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with _exclusive(folder):
+            return _screen_locked(exam, settings, folder, started, retry_failed=retry_failed,
+                                  segment_only=segment_only, after=after)
+    except (OSError, VFSError, MemoryError) as error:  # its folder or lock: the disk, not the exam
+        kind = _kind_of(error)
+        outcome = ExamOutcome(exam.exam_id, "failed", "output", _reason_of(error), time.perf_counter() - started,
+                              _worker_name(), _peak_rss_mib(), kind=kind, recorded=False)
+        if folder.is_dir():
+            outcome = _fail(folder, exam, "output", outcome.reason, started, kind)
+        return outcome
 
-                segment_ct(exam.ct, folder / SEGMENTATION_FOLDER, quality=settings.quality, device=settings.device,
-                           body=settings.segment_body, series_uid=exam.series_uid)
-                return ExamOutcome(exam.exam_id, "segmented", seconds=time.perf_counter() - started,
-                                   worker=_worker_name(), worker_peak_rss_mib=_peak_rss_mib())
-            from .screening import screen_exam
 
-            result = screen_exam(exam.ct, seg=exam.seg, body_seg=exam.body_seg,
-                                 convention=exam.convention or settings.convention, exam_id=exam.exam_id,
-                                 levels=settings.levels, series_uid=exam.series_uid, out_dir=folder,
-                                 quality=settings.quality, device=settings.device,
-                                 segment_body=settings.segment_body, keep_label_maps=False, model=settings.model)
-            result.write(folder, qc=settings.qc)
-            (folder / ERROR_FILE).unlink(missing_ok=True)
-        except Exception as error:  # noqa: BLE001 - one exam's failure never stops the cohort
-            return _fail(folder, exam, _stage_of(error), _reason_of(error), started)
+def _screen_locked(exam: CohortExam, settings: CohortSettings, folder: Path, started: float, *, retry_failed: bool,
+                   segment_only: bool, after: ExamOutcome | None) -> ExamOutcome:
+    """:func:`screen_cohort_exam` once it holds the lock of the exam's folder."""
+    if not _to_screen(folder, retry_failed or after is not None):
+        return ExamOutcome(exam.exam_id, "skipped", worker=_worker_name(), worker_peak_rss_mib=_peak_rss_mib())
+    _remove_leftovers(folder)
+    try:
+        _fault("exam", exam.exam_id)
+        if segment_only:
+            from .screening import SEGMENTATION_FOLDER
+            from .segmentation import segment_ct
+
+            segment_ct(exam.ct, folder / SEGMENTATION_FOLDER, quality=settings.quality, device=settings.device,
+                       body=settings.segment_body, series_uid=exam.series_uid)
+            return ExamOutcome(exam.exam_id, "segmented", seconds=time.perf_counter() - started,
+                               worker=_worker_name(), worker_peak_rss_mib=_peak_rss_mib())
+        from .screening import screen_exam
+
+        result = screen_exam(exam.ct, seg=exam.seg, body_seg=exam.body_seg,
+                             convention=exam.convention or settings.convention, exam_id=exam.exam_id,
+                             levels=settings.levels, series_uid=exam.series_uid, out_dir=folder,
+                             quality=settings.quality, device=settings.device,
+                             segment_body=settings.segment_body, keep_label_maps=False, model=settings.model)
+        result.write(folder, qc=settings.qc)
+        (folder / ERROR_FILE).unlink(missing_ok=True)
+    except Exception as error:  # noqa: BLE001 - one exam's failure never stops the cohort
+        kind = _kind_of(error)
+        if kind == INPUT_FAILURE and not os.access(folder, os.W_OK | os.X_OK):
+            kind = ENVIRONMENT_FAILURE  # its folder was made read-only: permissions, not the exam
+        return _fail(folder, exam, _stage_of(error), _reason_of(error), started, kind)
     return ExamOutcome(exam.exam_id, "done", seconds=time.perf_counter() - started, worker=_worker_name(),
                        worker_peak_rss_mib=_peak_rss_mib(), segmented_on=after.worker if after is not None else "")
 
@@ -494,11 +677,28 @@ def _write_if_changed(path: Path, text: str) -> bool:
 
 def write_tables(exams: Sequence[CohortExam], out) -> tuple[int, int]:
     """Rebuild ``features.csv`` and ``errors.csv`` from the exam folders; returns the numbers of
-    finished and failed exams. Files whose content would not change are left alone."""
+    finished and failed exams. Files whose content would not change are left alone.
+
+    Raises:
+        InputError: a table cannot be written (one sentence; the tables written before stay whole)."""
+    done, failed, _ = _write_tables(exams, out)
+    return done, failed
+
+
+def _write_tables(exams: Sequence[CohortExam], out, unrecorded: dict[str, ExamOutcome] | None = None,
+                  ) -> tuple[int, int, int]:
+    """:func:`write_tables`, also listing the failures of this run whose ``error.json`` could not
+    be written (``unrecorded``); returns the numbers of finished, failed and of those failed the
+    ones failed by the environment."""
     out = Path(out)
+    unrecorded = unrecorded or {}
     passthrough = list(dict.fromkeys(name for exam in exams for name, _ in exam.columns))
     feature_rows, error_rows, prediction_rows = [], [], []
     for exam in exams:
+        if exam.refused is not None:
+            error_rows.append({"exam_id": exam.exam_id, "stage": "input", "reason": exam.refused,
+                               "kind": INPUT_FAILURE})
+            continue
         folder = exam_folder(out, exam.exam_id)
         state = exam_state(folder)
         if state == "done":
@@ -507,7 +707,7 @@ def write_tables(exams: Sequence[CohortExam], out) -> tuple[int, int]:
                 features, model = exam_features(exam_json, vertebrae), exam_json.get("model") or {}
             except (OSError, ValueError, KeyError) as error:  # a folder edited by hand
                 error_rows.append({"exam_id": exam.exam_id, "stage": "features",
-                                   "reason": f"cannot read its results: {error}."})
+                                   "reason": f"cannot read its results: {error}.", "kind": _kind_of(error)})
                 continue
             feature_rows.append({"exam_id": exam.exam_id, **dict(exam.columns), "features_version": FEATURE_VERSION,
                                  **features})
@@ -518,18 +718,24 @@ def write_tables(exams: Sequence[CohortExam], out) -> tuple[int, int]:
                                         "demonstration": "true" if model.get("demonstration") else "false",
                                         "imputed_features": ";".join(model.get("imputed_features") or [])})
         elif state == "failed":
-            try:
-                error = json.loads((folder / ERROR_FILE).read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                error = {"stage": "unknown", "reason": "its error.json cannot be read."}
+            error = _read_error(folder)
             error_rows.append({"exam_id": exam.exam_id, "stage": error.get("stage", ""),
-                               "reason": error.get("reason", "")})
-    _write_if_changed(out / FEATURES_FILE,
-                      _csv_text(["exam_id", *passthrough, "features_version", *FEATURE_NAMES], feature_rows))
-    _write_if_changed(out / ERRORS_FILE, _csv_text(ERROR_COLUMNS, error_rows))
-    if prediction_rows or (out / PREDICTIONS_FILE).exists():
-        _write_if_changed(out / PREDICTIONS_FILE, _csv_text(PREDICTION_COLUMNS, prediction_rows))
-    return len(feature_rows), sum(1 for row in error_rows if row["stage"] != "features")
+                               "reason": error.get("reason", ""), "kind": error["kind"]})
+        elif exam.exam_id in unrecorded:
+            outcome = unrecorded[exam.exam_id]
+            error_rows.append({"exam_id": exam.exam_id, "stage": outcome.stage, "reason": outcome.reason,
+                               "kind": ENVIRONMENT_FAILURE})  # no error.json: a re-run screens it again
+    try:
+        _fault("tables")
+        _write_if_changed(out / FEATURES_FILE,
+                          _csv_text(["exam_id", *passthrough, "features_version", *FEATURE_NAMES], feature_rows))
+        _write_if_changed(out / ERRORS_FILE, _csv_text(ERROR_COLUMNS, error_rows))
+        if prediction_rows or (out / PREDICTIONS_FILE).exists():
+            _write_if_changed(out / PREDICTIONS_FILE, _csv_text(PREDICTION_COLUMNS, prediction_rows))
+    except OSError as error:
+        raise InputError(f"cannot write the cohort's tables in {out}: {_reason_of(error)}") from error
+    failures = [row for row in error_rows if row["stage"] != "features"]
+    return (len(feature_rows), len(failures), sum(row["kind"] == ENVIRONMENT_FAILURE for row in failures))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -626,8 +832,34 @@ def _parse_resources(text) -> dict[str, float] | None:
     return resources
 
 
+class _CohortLogHandler(logging.FileHandler):
+    """``cohort.log``: a line that cannot be written (a full disk) is dropped and counted, never
+    printed as logging's traceback on the console."""
+
+    dropped = 0
+
+    def emit(self, record) -> None:
+        try:
+            _fault("log")
+            super().emit(record)
+        except Exception:  # noqa: BLE001 - handleError would print a traceback
+            self.handleError(record)
+
+    def handleError(self, record) -> None:  # noqa: N802 - logging's name
+        self.dropped += 1
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # its last buffered line could not be written either
+            self.dropped += 1
+
+
 def _log_to(out: Path) -> logging.Handler:
-    handler = logging.FileHandler(out / LOG_FILE, encoding="utf-8")
+    try:
+        handler = _CohortLogHandler(out / LOG_FILE, encoding="utf-8")
+    except OSError as error:
+        raise InputError(f"cannot write the log {out / LOG_FILE}: {_reason_of(error)}") from None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
@@ -668,9 +900,9 @@ def run_cohort(inputs, out, *, settings: CohortSettings | None = None, workers: 
         exams += exams_from_files([e for e in inputs if not isinstance(e, CohortExam)])
     else:
         exams = find_exams(inputs)
-    duplicates = sorted(name for name, count in Counter(e.exam_id for e in exams).items() if count > 1)
+    duplicates = sorted(group[0].exam_id for group in _colliding(exams))
     if duplicates:
-        raise InputError(f"exam IDs must be unique; repeated: {', '.join(duplicates)}.")
+        raise InputError(f"exam IDs must be unique (ignoring case and Unicode form); repeated: {', '.join(duplicates)}.")
     segment_resources = _parse_resources(segment_resources)
     measure_resources = _parse_resources(measure_resources)
     if workers < 1:
@@ -693,15 +925,19 @@ def run_cohort(inputs, out, *, settings: CohortSettings | None = None, workers: 
     started = time.perf_counter()
     state = CohortProgress(total=len(exams))
     peaks: dict[str, float] = {}
+    unrecorded: dict[str, ExamOutcome] = {}
     mode = f"Dask scheduler {scheduler}" if scheduler else (f"{workers} local workers" if workers > 1 else "in process")
+    finished = False
     try:
         todo = []
         for exam in exams:
-            folder_state = exam_state(exam_folder(out, exam.exam_id))
-            if folder_state == "done" or (folder_state == "failed" and not retry_failed):
+            if exam.refused is not None:
                 state.skipped += 1
-            else:
+                log.warning("%s refused (input): %s", exam.exam_id, exam.refused)
+            elif _to_screen(exam_folder(out, exam.exam_id), retry_failed):
                 todo.append(exam)
+            else:
+                state.skipped += 1
         log.info("run started: %d exams, %d to screen, %s, software %s", len(exams), len(todo), mode, __version__)
         if progress and state.skipped:
             progress(state)
@@ -709,11 +945,15 @@ def run_cohort(inputs, out, *, settings: CohortSettings | None = None, workers: 
         def record(outcome: ExamOutcome) -> None:
             if outcome.status == "done":
                 state.done += 1
+                unrecorded.pop(outcome.exam_id, None)
                 log.info("%s done in %.1f s on %s%s", outcome.exam_id, outcome.seconds, outcome.worker,
                          f" (segmented on {outcome.segmented_on})" if outcome.segmented_on else "")
             elif outcome.status == "failed":
                 state.failed += 1
-                log.warning("%s failed (%s): %s", outcome.exam_id, outcome.stage, outcome.reason)
+                if not outcome.recorded:
+                    unrecorded[outcome.exam_id] = outcome
+                log.warning("%s failed (%s): %s [kind %s%s]", outcome.exam_id, outcome.stage, outcome.reason,
+                            outcome.kind or INPUT_FAILURE, "" if outcome.recorded else f", no {ERROR_FILE}")
             else:
                 state.skipped += 1
                 log.info("%s skipped: finished by another process", outcome.exam_id)
@@ -733,17 +973,49 @@ def run_cohort(inputs, out, *, settings: CohortSettings | None = None, workers: 
                     log.info("run cancelled")
                     break
                 record(screen_cohort_exam(exam, settings, str(out), retry_failed=retry_failed))
+        finished = True
     finally:
-        done, failed = write_tables(exams, out)
-        summary = CohortSummary(exams=len(exams), done=done, failed=failed, unfinished=len(exams) - done - failed,
-                                screened_now=state.done, failed_now=state.failed, skipped_now=state.skipped,
-                                seconds=time.perf_counter() - started, workers=mode, peak_rss_mib_per_worker=peaks,
-                                out=str(out))
-        _write_json(out / SUMMARY_FILE, summary.to_dict())
-        log.info("run ended: %s", summary.text().replace("\n", "; "))
-        log.removeHandler(handler)
-        handler.close()
+        try:
+            summary = _finish(exams, out, state, unrecorded, started, mode, peaks)
+        except VFSError as error:  # the tables or the summary cannot be written (a full disk)
+            log.error("run ended without its tables: %s", error)
+            if finished:  # else the error that stopped the run is the one to report
+                raise InputError(f"{str(error).rstrip('.')}; the exams finished so far are kept, and running the "
+                                 "same command again writes the tables.") from None
+        finally:
+            log.removeHandler(handler)
+            handler.close()
     return summary
+
+
+def _finish(exams, out: Path, state: CohortProgress, unrecorded: dict[str, ExamOutcome], started: float, mode: str,
+            peaks: dict[str, float]) -> CohortSummary:
+    """Write the cohort's tables and ``cohort.json``; returns the summary."""
+    done, failed, failed_environment = _write_tables(exams, out, unrecorded)
+    summary = CohortSummary(exams=len(exams), done=done, failed=failed, unfinished=len(exams) - done - failed,
+                            screened_now=state.done, failed_now=state.failed, skipped_now=state.skipped,
+                            seconds=time.perf_counter() - started, workers=mode, peak_rss_mib_per_worker=peaks,
+                            out=str(out), failed_environment=failed_environment)
+    try:
+        _fault("summary")
+        _write_json(out / SUMMARY_FILE, summary.to_dict())
+    except OSError as error:
+        raise InputError(f"cannot write {out / SUMMARY_FILE}: {_reason_of(error)}") from None
+    log.info("run ended: %s", summary.text().replace("\n", "; "))
+    return summary
+
+
+def _worker_failure(exam: CohortExam, out, reason: str) -> ExamOutcome:
+    """The outcome of an exam whose cluster task did not return (its worker died, the cluster
+    failed): an environment failure, recorded in its ``error.json`` when that can be written."""
+    folder = exam_folder(out, exam.exam_id)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        outcome = _fail(folder, exam, "worker", reason, time.perf_counter(), ENVIRONMENT_FAILURE)
+    except OSError:
+        outcome = ExamOutcome(exam.exam_id, "failed", "worker", reason, kind=ENVIRONMENT_FAILURE, recorded=False)
+    outcome.worker, outcome.worker_peak_rss_mib = "", float("nan")
+    return outcome
 
 
 def _run_on_dask(todo, settings, out, *, scheduler, workers, retry_failed, segment_resources, measure_resources,
@@ -792,10 +1064,7 @@ def _run_on_dask(todo, settings, out, *, scheduler, workers, retry_failed, segme
             except Exception as error:  # noqa: BLE001 - a worker died or the task could not run
                 reason = (f"its worker died ({type(error).__name__}: out of memory or killed)"
                           if type(error).__name__ == "KilledWorker" else _reason_of(error))
-                folder = exam_folder(out, exam.exam_id)
-                folder.mkdir(parents=True, exist_ok=True)
-                outcome = _fail(folder, exam, "worker", reason, time.perf_counter())
-                outcome.worker, outcome.worker_peak_rss_mib = "", float("nan")
+                outcome = _worker_failure(exam, out, reason)
             record(outcome)
             if cancel and cancel():
                 log.info("run cancelled: %d exams not started", sum(not f.done() for f in futures))
