@@ -330,3 +330,18 @@ def test_a_folder_whose_only_exam_has_a_bad_name_is_one_sentence(tmp_path):
     exams = {e.exam_id: e for e in cohort.find_exams(tmp_path)}  # A and a would share a folder on macOS
     assert {name for name, e in exams.items() if e.refused} == {"-a", "A", "a"}
     assert "differ only in case" in exams["A"].refused and exams["b"].refused is None
+
+
+def test_a_rerun_with_a_new_model_predicts_without_screening_again(small, tmp_path):
+    """A finished cohort re-run with ``--model demo``: predictions.csv holds the demo model's
+    output for every finished exam, and no exam folder is written again (issue 26)."""
+    inputs = exam_files(small, tmp_path / "in", "a", "b")
+    out = tmp_path / "out"
+    assert main(["cohort", str(inputs), "--out", str(out), *LEVELS]) == 0
+    assert not (out / cohort.PREDICTIONS_FILE).exists()
+    stamps = {p: p.stat().st_mtime_ns for p in (out / cohort.EXAMS_FOLDER).rglob("*") if p.is_file()}
+    assert main(["cohort", str(inputs), "--out", str(out), *LEVELS, "--model", "demo"]) == 0
+    rows = read_csv(out / cohort.PREDICTIONS_FILE)
+    assert sorted(r["exam_id"] for r in rows) == ["a", "b"]
+    assert all(r["demonstration"] == "true" and 0.0 <= float(r["probability"]) <= 1.0 for r in rows)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps

@@ -36,7 +36,8 @@ Outputs in ``OUT``:
   it: disk full or over quota, permission denied, read-only file system, out of memory, a killed
   worker, a missing dependency; a plain re-run screens it again);
 * ``predictions.csv`` (with a model): ``exam_id, model, probability, threshold, positive,
-  demonstration, imputed_features`` per finished exam;
+  demonstration, imputed_features`` per finished exam; a re-run with another ``--model`` applies
+  it to the finished exams from their results, without screening them again;
 * ``cohort.json``: the run summary (counts, time, exams per minute, peak memory per worker);
 * ``cohort.log``: one line per exam and run, appended.
 
@@ -675,18 +676,21 @@ def _write_if_changed(path: Path, text: str) -> bool:
     return True
 
 
-def write_tables(exams: Sequence[CohortExam], out) -> tuple[int, int]:
-    """Rebuild ``features.csv`` and ``errors.csv`` from the exam folders; returns the numbers of
-    finished and failed exams. Files whose content would not change are left alone.
+def write_tables(exams: Sequence[CohortExam], out, model=None) -> tuple[int, int]:
+    """Rebuild ``features.csv`` and ``errors.csv`` (and ``predictions.csv``) from the exam
+    folders; returns the numbers of finished and failed exams. Files whose content would not
+    change are left alone. ``model``: a :class:`.model.FractureModel` whose predictions replace
+    those the exams were screened with (from their features, without screening them again); None:
+    each exam's own.
 
     Raises:
         InputError: a table cannot be written (one sentence; the tables written before stay whole)."""
-    done, failed, _ = _write_tables(exams, out)
+    done, failed, _ = _write_tables(exams, out, model=model)
     return done, failed
 
 
 def _write_tables(exams: Sequence[CohortExam], out, unrecorded: dict[str, ExamOutcome] | None = None,
-                  ) -> tuple[int, int, int]:
+                  model=None) -> tuple[int, int, int]:
     """:func:`write_tables`, also listing the failures of this run whose ``error.json`` could not
     be written (``unrecorded``); returns the numbers of finished, failed and of those failed the
     ones failed by the environment."""
@@ -704,19 +708,20 @@ def _write_tables(exams: Sequence[CohortExam], out, unrecorded: dict[str, ExamOu
         if state == "done":
             try:
                 exam_json, vertebrae = read_exam_folder(folder)
-                features, model = exam_features(exam_json, vertebrae), exam_json.get("model") or {}
+                features = exam_features(exam_json, vertebrae)
+                output = model.apply(features) if model is not None else (exam_json.get("model") or {})
             except (OSError, ValueError, KeyError) as error:  # a folder edited by hand
                 error_rows.append({"exam_id": exam.exam_id, "stage": "features",
                                    "reason": f"cannot read its results: {error}.", "kind": _kind_of(error)})
                 continue
             feature_rows.append({"exam_id": exam.exam_id, **dict(exam.columns), "features_version": FEATURE_VERSION,
                                  **features})
-            if model.get("probability") is not None:
-                prediction_rows.append({"exam_id": exam.exam_id, "model": model.get("name"),
-                                        "probability": model["probability"], "threshold": model.get("threshold"),
-                                        "positive": "true" if model.get("positive") else "false",
-                                        "demonstration": "true" if model.get("demonstration") else "false",
-                                        "imputed_features": ";".join(model.get("imputed_features") or [])})
+            if output.get("probability") is not None:
+                prediction_rows.append({"exam_id": exam.exam_id, "model": output.get("name"),
+                                        "probability": output["probability"], "threshold": output.get("threshold"),
+                                        "positive": "true" if output.get("positive") else "false",
+                                        "demonstration": "true" if output.get("demonstration") else "false",
+                                        "imputed_features": ";".join(output.get("imputed_features") or [])})
         elif state == "failed":
             error = _read_error(folder)
             error_rows.append({"exam_id": exam.exam_id, "stage": error.get("stage", ""),
@@ -907,10 +912,11 @@ def run_cohort(inputs, out, *, settings: CohortSettings | None = None, workers: 
     measure_resources = _parse_resources(measure_resources)
     if workers < 1:
         raise InputError(f"--workers must be at least 1, got {workers}.")
+    fracture_model = None
     if settings.model is not None:
         from .model import resolve_model
 
-        resolve_model(settings.model)  # refuse a bad model file before any exam is screened
+        fracture_model = resolve_model(settings.model)  # refuse a bad model file before any exam is screened
         if settings.model != "demo":  # workers may run in other folders
             settings = replace(settings, model=str(Path(settings.model).expanduser().absolute()))
 
@@ -976,7 +982,7 @@ def run_cohort(inputs, out, *, settings: CohortSettings | None = None, workers: 
         finished = True
     finally:
         try:
-            summary = _finish(exams, out, state, unrecorded, started, mode, peaks)
+            summary = _finish(exams, out, state, unrecorded, started, mode, peaks, fracture_model)
         except VFSError as error:  # the tables or the summary cannot be written (a full disk)
             log.error("run ended without its tables: %s", error)
             if finished:  # else the error that stopped the run is the one to report
@@ -989,9 +995,11 @@ def run_cohort(inputs, out, *, settings: CohortSettings | None = None, workers: 
 
 
 def _finish(exams, out: Path, state: CohortProgress, unrecorded: dict[str, ExamOutcome], started: float, mode: str,
-            peaks: dict[str, float]) -> CohortSummary:
-    """Write the cohort's tables and ``cohort.json``; returns the summary."""
-    done, failed, failed_environment = _write_tables(exams, out, unrecorded)
+            peaks: dict[str, float], model=None) -> CohortSummary:
+    """Write the cohort's tables and ``cohort.json``; returns the summary. With ``model``, the
+    predictions of every finished exam are that model's, also for exams screened before with
+    another model or none (a re-run with a new ``--model`` needs no screening)."""
+    done, failed, failed_environment = _write_tables(exams, out, unrecorded, model)
     summary = CohortSummary(exams=len(exams), done=done, failed=failed, unfinished=len(exams) - done - failed,
                             screened_now=state.done, failed_now=state.failed, skipped_now=state.skipped,
                             seconds=time.perf_counter() - started, workers=mode, peak_rss_mib_per_worker=peaks,
