@@ -1,4 +1,12 @@
-"""Semi-quantitative fracture grading from vertebral heights (SPEC §4).
+"""Semi-quantitative fracture grading from vertebral heights (SPEC §4), and the grade as a reader
+gives it.
+
+Two grades per vertebra. ``quantitative_grade`` is SPEC §4's: Genant's height boundaries applied
+to ``height_loss`` (below). ``genant_grade`` grades as a reader of Genant's method does
+(:func:`reader_grade`, derivation in ``docs/methods.md``): against the normal profile expected
+from the nearest unfractured neighbours and the level's proportions (:func:`expected_profile`), at
+the middle region's deepest point, by height and sagittal area together. ``grade_basis`` says
+which part decided.
 
 Pure functions, no I/O. Input: one record per vertebra, cranial to caudal, with ``level``,
 ``complete``, ``ha_mm``, ``hm_mm`` and ``hp_mm`` (a :class:`~.morphometry.VertebraHeights`, any
@@ -277,6 +285,13 @@ def grade_spine(heights: Iterable, normal_shape: Mapping[str, float] = NORMAL_HA
 
     ``normal_shape`` maps level → expected normal Ha/Hp (default :data:`NORMAL_HA_HP`; 1.0 for
     levels not in it).
+
+    **Reader-like grade.** After the SPEC's losses (kept as ``quantitative_grade`` and
+    ``quantitative_shape``), ``genant_grade``, ``shape``, ``borderline`` and the expected heights
+    come from :func:`reader_grade` of each vertebra's shape, size and area losses against
+    :func:`expected_profile`. Records may carry the morphometry's ``height_profile_mm``,
+    ``hm_min_mm``, ``hm_min_fraction``, ``sagittal_area_mm2``, ``depth_mm`` and
+    ``endplate_depression_mm``; without them the profile is the line through Ha, Hm and Hp.
     """
     records = list(heights)
     levels = [str(_field(r, "level") or "").upper() for r in records]
