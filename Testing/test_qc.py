@@ -326,3 +326,34 @@ def test_render_qc_needs_a_placed_vertebra(lordotic, tmp_path):
     with pytest.raises(InputError, match="at least one vertebra"):
         render_qc(lordotic.ct, lordotic.ijk_to_ras, [QCVertebra("L1")], tmp_path / "qc.png")
     assert not any(tmp_path.iterdir())
+
+
+def test_the_picture_shows_the_basis_of_a_fracture_grade(lordotic, tmp_path):
+    """A fractured vertebra (the phantom's 30 % L1 wedge) gets its measured outline, the expected
+    superior endplate from its neighbours and its lost part drawn; a normal one gets none of them
+    (issue 32). The expected endplate lies where the normal body's would: about the neighbours'
+    height above the inferior endplate, anteriorly 30 % above the measured one."""
+    from VertebralFractureScreenLib.grading import grade_spine
+    from VertebralFractureScreenLib.morphometry import measure_heights
+
+    heights = measure_heights(lordotic.total, lordotic.ijk_to_ras, body_labels=lordotic.vertebrae_body,
+                              ct=lordotic.ct)
+    grades = grade_spine(heights)
+    records = {r.level: r for r in qc.qc_vertebrae(heights, grades)}
+    truth = {v["level"]: v for v in _truth_rows(lordotic)}
+    l1 = records["L1"]
+    assert l1.genant_grade == 2 and l1.expected_superior_ras is not None
+    cc = np.asarray(truth["L1"]["axes_ras"]["cc"])
+    anterior_expected = (l1.expected_superior_ras[0] - l1.outline_ras["inferior"][0]) @ cc
+    anterior_measured = (l1.outline_ras["superior"][0] - l1.outline_ras["inferior"][0]) @ cc
+    assert anterior_expected == pytest.approx(truth["L1"]["normal_ha_mm"], rel=0.08)
+    assert 1.0 - anterior_measured / anterior_expected == pytest.approx(0.3, abs=0.05)
+    assert l1.lost[0] and not l1.lost[-1]  # the wedge lost its anterior height, kept its posterior
+    out, normal_only = tmp_path / "basis.png", tmp_path / "normal.png"
+    render_qc(lordotic.ct, lordotic.ijk_to_ras, list(records.values()), out)
+    for r in records.values():
+        r.genant_grade = 0 if r.genant_grade is not None else None
+    render_qc(lordotic.ct, lordotic.ijk_to_ras, list(records.values()), normal_only)
+    pixels = _pixels(out)
+    assert _count_colour(pixels, qc.LOST_COLOUR) > 20 + _count_colour(_pixels(normal_only), qc.LOST_COLOUR)
+    assert _count_colour(pixels, qc.EXPECTED_COLOUR) > 20 + _count_colour(_pixels(normal_only), qc.EXPECTED_COLOUR)
