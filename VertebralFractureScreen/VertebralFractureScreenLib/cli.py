@@ -202,9 +202,7 @@ def _plain_exam_id(text: str, what: str, hint: str = "") -> str:
 
 
 def _run_screen(args) -> int:
-    from .screening import screen_exam
-
-    from .screening import exam_id_of
+    from .screening import exam_id_of, screen_exam
 
     exam_id = _plain_exam_id(args.exam_id, "--exam-id") if args.exam_id is not None else None
     if args.out is None:  # the default folder is named after the exam: its name must stay in this folder

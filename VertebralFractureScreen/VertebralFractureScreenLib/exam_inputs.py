@@ -92,7 +92,7 @@ def check_ct(volume: imageio.Volume, name: str = "CT") -> None:
     if array.size == 0:
         raise InputError(f"{name} is empty")
     spacing = [float(v) for v in volume.spacing]
-    if not all(imageio.MIN_VOXEL_SIZE_MM <= v <= imageio.MAX_VOXEL_SIZE_MM for v in spacing):
+    if not imageio.plausible_voxel_sizes(spacing):
         # files are checked by imageio already; this catches volumes given in memory (3D Slicer)
         raise InputError(f"{name} has an invalid voxel spacing ({', '.join(f'{v:g}' for v in spacing)} mm); each "
                          f"voxel size must be between {imageio.MIN_VOXEL_SIZE_MM:g} and "

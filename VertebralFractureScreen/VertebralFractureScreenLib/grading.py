@@ -47,7 +47,10 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from . import levels as lv
+from . import morphometry
 
 # ------------------------------------------------------------------------------------------------
 # Genant grade
@@ -424,9 +427,10 @@ REFERENCE_REACH = 2
 """How many levels away an unfractured neighbour may be taken from, on each side, when the
 adjacent one is fractured or not measured."""
 
-PROFILE_FRACTIONS = tuple(round(0.15 + 0.05 * k, 6) for k in range(15))
-"""Depth fractions of a height profile (as ``morphometry.PROFILE_FRACTIONS``: every 5 % from
-15 % to 85 % of the depth, from the anterior wall)."""
+PROFILE_FRACTIONS = tuple(float(f) for f in morphometry.PROFILE_FRACTIONS)
+"""Depth fractions of a height profile (``morphometry.PROFILE_FRACTIONS``: every 5 % from 15 % to
+85 % of the depth, from the anterior wall)."""
+AP_SPAN_START, AP_SPAN_END = morphometry.AP_FRACTIONS["ha"], morphometry.AP_FRACTIONS["hp"]
 
 
 def _band_grade(loss: float, boundaries: Sequence[float]) -> int:
@@ -448,9 +452,6 @@ def normal_shape_at(level: str, fraction, normal_shape: Mapping[str, float] = NO
     return 1.0 + (r - 1.0) * (AP_SPAN_END - fraction) / (AP_SPAN_END - AP_SPAN_START)
 
 
-AP_SPAN_START, AP_SPAN_END = 0.15, 0.85
-
-
 def _profile(record) -> list[float] | None:
     """The record's height profile at :data:`PROFILE_FRACTIONS` (mm): its own when it carries one,
     else the line through Ha, Hm and Hp (a truth row, a mask-only record); None when unmeasured."""
@@ -461,8 +462,8 @@ def _profile(record) -> list[float] | None:
     a, m, p = (_height(record, key) for key in ("ha_mm", "hm_mm", "hp_mm"))
     if not all(math.isfinite(x) for x in (a, m, p)):
         return None
-    return [a + (m - a) * (f - 0.15) / 0.35 if f <= 0.5 else m + (p - m) * (f - 0.5) / 0.35
-            for f in PROFILE_FRACTIONS]
+    middle = morphometry.AP_FRACTIONS["hm"]
+    return [float(np.interp(f, (AP_SPAN_START, middle, AP_SPAN_END), (a, m, p))) for f in PROFILE_FRACTIONS]
 
 
 def _middle_minimum(record, profile: list[float]) -> tuple[float, float]:
@@ -521,7 +522,8 @@ def _read_like_a_reader(records, levels, positions, grades, gradeable, normal_sh
     """Set each graded vertebra's reader-like ``genant_grade`` (see :func:`grade_spine`)."""
     profiles = [_profile(r) if ok else None for r, ok in zip(records, gradeable)]
     by_position = {p: i for i, p in enumerate(positions) if p is not None}
-    # Unfractured by the quantitative grade and its own deepest point, and not crush-suspect.
+    # Unfractured: quantitative grade 0 (so no crush against its neighbours either) and its own
+    # deepest point less than a grade-1 loss below its level's normal shape.
     unfractured = []
     for i, grade in enumerate(grades):
         ok = gradeable[i] and profiles[i] is not None and grade.quantitative_grade == 0
@@ -556,17 +558,14 @@ def _read_like_a_reader(records, levels, positions, grades, gradeable, normal_sh
         scale = profile[-1] / e_p
         wedge = 1.0 - profile[0] / (e_a * scale)
         grade.middle_loss = _round(1.0 - hm_min / (e_m * scale))
-        crush = grade.crush_loss if math.isfinite(grade.crush_loss) else NAN
-        shape_losses = {"wedge": _round(wedge), "biconcave": grade.middle_loss, "crush": crush}
+        shape_losses = {"wedge": _round(wedge), "biconcave": grade.middle_loss, "crush": grade.crush_loss}
         # Size: the heights against the expected ones, confirmed by the area.
         size = max(1.0 - profile[0] / e_a, 1.0 - hm_min / e_m, 1.0 - profile[-1] / e_p) if references else NAN
         grade.size_loss = _round(size)
-        area = _field(records[i], "sagittal_area_mm2")
-        depth = _field(records[i], "depth_mm")
-        try:
-            area_ratio = float(area) / (float(depth) * 0.70 * _mean_profile(expected))
-        except (TypeError, ValueError, ZeroDivisionError):
-            area_ratio = _mean_profile(profile) / _mean_profile(expected)
+        # The measured area over the expected outline's on the vertebra's own depth; the profile's
+        # mean height over the expected one where the record carries no area (NaN from _height).
+        area_ratio = (_height(records[i], "sagittal_area_mm2")
+                      / (_height(records[i], "depth_mm") * (AP_SPAN_END - AP_SPAN_START) * _mean_profile(expected)))
         if not math.isfinite(area_ratio):
             area_ratio = _mean_profile(profile) / _mean_profile(expected)
         grade.area_loss = _round(1.0 - area_ratio) if references else NAN

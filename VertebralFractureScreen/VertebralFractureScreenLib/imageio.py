@@ -146,10 +146,17 @@ def _number_list(values) -> str:
     return ", ".join(f"{float(v):g}" for v in values)
 
 
+def plausible_voxel_sizes(sizes) -> bool:
+    """Whether every voxel size (mm) is a finite number between :data:`MIN_VOXEL_SIZE_MM` and
+    :data:`MAX_VOXEL_SIZE_MM`: the one rule for files (here) and volumes given in memory
+    (``exam_inputs.check_ct``)."""
+    return all(math.isfinite(v) and MIN_VOXEL_SIZE_MM <= v <= MAX_VOXEL_SIZE_MM for v in map(float, sizes))
+
+
 def _check_voxel_sizes(sizes, path: Path, what: str, source: str = "") -> None:
     """Refuse voxel sizes that are not finite numbers in the plausible range."""
     sizes = [float(v) for v in sizes]
-    if all(math.isfinite(v) and MIN_VOXEL_SIZE_MM <= v <= MAX_VOXEL_SIZE_MM for v in sizes):
+    if plausible_voxel_sizes(sizes):
         return
     raise InputError(
         f"{what} file {path} has an invalid voxel spacing ({_number_list(sizes)} mm{source}); each voxel size must"

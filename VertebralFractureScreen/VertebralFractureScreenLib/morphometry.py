@@ -70,6 +70,7 @@ from .geometry import (
 )
 
 AP_FRACTIONS = {"ha": 0.15, "hm": 0.50, "hp": 0.85}
+"""Measurement positions: fraction of the body depth from the anterior wall (SPEC §4)."""
 HALFWAY_FRACTIONS = (0.675, 0.325)
 """Depth fractions halfway between the measurement positions, in increasing ``v`` (posterior
 first): the endplate profiles' other two knots."""
@@ -79,7 +80,6 @@ are reported: every 5 % between the anterior and posterior measurement positions
 MIDDLE_REGION = (0.25, 0.75)
 """Depth fractions of the middle region, where a depression of an endplate is looked for (its
 deepest point, wherever it lies, rather than the fixed middle position)."""
-"""Measurement positions: fraction of the body depth from the anterior wall (SPEC §4)."""
 
 ENDPLATE_CORTEX_MM = 1.0
 """Assumed thickness of the endplates' cortical plate (mm); the outer surface is taken half of it
@@ -876,7 +876,9 @@ class _BodyMeasurement:
         self.vertebra, self.frame, self.sample = vertebra, frame, sample
         self.ijk_to_ras, self.cortex_mm, self.has_ct = ijk_to_ras, cortex_mm, ct_crop is not None
         body_cut = _body_cut(vertebra)
-        result = VertebraHeights(vertebra.level, vertebra.label, complete=not body_cut, frame=frame,
+        # A mask off its bone (flag mask_off_bone) gives the mask's heights, not the bone's: never graded.
+        result = VertebraHeights(vertebra.level, vertebra.label,
+                                 complete=not body_cut and "mask_off_bone" not in vertebra.flags, frame=frame,
                                  flags=list(vertebra.flags))
         if body_cut:
             result.flags.append("touches_field_of_view_edge")
@@ -1032,17 +1034,18 @@ class _BodyMeasurement:
         heights = top(v_of(PROFILE_FRACTIONS)) - bottom(v_of(PROFILE_FRACTIONS))
         result.height_profile_mm = tuple(float(h) for h in heights)
         fine = np.linspace(*MIDDLE_REGION, 101)
-        middle = top(v_of(fine)) - bottom(v_of(fine))
+        v_fine = v_of(fine)
+        top_fine, bottom_fine = top(v_fine), bottom(v_fine)
+        middle = top_fine - bottom_fine
         deepest = int(np.argmin(middle))
         result.hm_min_mm, result.hm_min_fraction = float(middle[deepest]), float(fine[deepest])
         span = np.linspace(AP_FRACTIONS["ha"], AP_FRACTIONS["hp"], 141)
         along = top(v_of(span)) - bottom(v_of(span))
         result.sagittal_area_mm2 = float((along.sum() - 0.5 * (along[0] + along[-1])) * (span[1] - span[0]) * depth)
         v_a, v_p = v_of(AP_FRACTIONS["ha"]), v_of(AP_FRACTIONS["hp"])
-        chord_t = np.interp(v_of(fine), [v_p, v_a], [top(v_p), top(v_a)])
-        chord_b = np.interp(v_of(fine), [v_p, v_a], [bottom(v_p), bottom(v_a)])
-        result.endplate_depression_mm = (float(np.max(chord_t - top(v_of(fine)))),
-                                         float(np.max(bottom(v_of(fine)) - chord_b)))
+        chord_t = np.interp(v_fine, [v_p, v_a], [top(v_p), top(v_a)])
+        chord_b = np.interp(v_fine, [v_p, v_a], [bottom(v_p), bottom(v_a)])
+        result.endplate_depression_mm = (float(np.max(chord_t - top_fine)), float(np.max(bottom_fine - chord_b)))
         points = v_of(PROFILE_FRACTIONS)
         u = np.full_like(points, self.u_mid)
         result.endplate_outline_ras = {
@@ -1466,11 +1469,7 @@ def measure_heights(
     exam_disc = float(np.median(facing)) if facing else float("nan")
     for m in measurements:
         m.fit_endplates(plate_hu, exam_disc)
-    results = [m.finish() for m in measurements]
-    for r in results:
-        if "mask_off_bone" in r.flags:
-            r.complete = False  # its heights are the mask's, not the bone's: never graded
-    return results
+    return [m.finish() for m in measurements]
 
 
 MIN_BONE_EDGE_CONTRAST_HU = 120.0

@@ -52,6 +52,7 @@ from scipy import ndimage
 from . import __version__, levels as lv
 from .geometry import make_ijk_to_ras, rotation_matrix
 from .grading import genant_grade, is_borderline
+from .morphometry import AP_FRACTIONS, MIDDLE_REGION, PROFILE_FRACTIONS  # where the truth is given, as measured
 from .phantom_anatomy import SpineCurve, level_dimensions, layout_levels
 
 FRACTURE_SHAPES = ("wedge", "biconcave", "crush")
@@ -66,9 +67,6 @@ TISSUES = {
 _UNPROBED_TISSUES = (TISSUES["air"], TISSUES["subcutaneous_fat"], TISSUES["soft_tissue"])
 """Tissues whose voxels are not probed for thin structures between voxel centres (the plates and
 fat pockets of interest lie in or next to bone, disc and muscle, whose own voxels are probed)."""
-
-AP_FRACTIONS = {"ha": 0.15, "hm": 0.50, "hp": 0.85}
-"""Where Ha, Hm, Hp are measured: fraction of the body depth from the anterior wall (SPEC §4)."""
 
 VERSE_SACRUM = 26  # VerSe's sacrum id; the phantom's S1 and sacrum are written with it.
 
@@ -743,10 +741,10 @@ def _profile_truth(model: VertebraModel) -> dict:
     """The true height profile of a body in its mid-sagittal plane (as
     ``morphometry.VertebraHeights``): heights every 5 % of the depth from 15 to 85 %, the middle
     region's (25–75 %) smallest height and where it lies, and the area between 15 and 85 %."""
-    profile = [model.height_at(f) for f in np.round(np.arange(0.15, 0.85 + 1e-9, 0.05), 6)]
-    middle = np.linspace(0.25, 0.75, 501)
+    profile = [model.height_at(f) for f in PROFILE_FRACTIONS]
+    middle = np.linspace(*MIDDLE_REGION, 501)
     heights = np.array([model.height_at(f) for f in middle])
-    span = np.linspace(0.15, 0.85, 701)
+    span = np.linspace(AP_FRACTIONS["ha"], AP_FRACTIONS["hp"], 701)
     along = np.array([model.height_at(f) for f in span])
     area = (along.sum() - 0.5 * (along[0] + along[-1])) * (span[1] - span[0]) * 2.0 * model.half_depth
     return {"height_profile_mm": profile, "hm_min_mm": float(heights.min()),

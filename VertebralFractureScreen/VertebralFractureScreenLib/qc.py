@@ -861,10 +861,11 @@ def _draw(reformat: SpineReformat, placed: list[QCVertebra], records: list[QCVer
                     color="#aa0000" if line.startswith("Not shown") else "black")
         y -= 15.0
 
-    # Legend and method line.
+    # Legend and method line; the grade basis's entries when some vertebra shows it.
+    shows_basis = any(v.expected_superior_ras is not None and v.genant_grade for v in placed)
     handles = [Patch(facecolor=GRADE_COLOURS[g], edgecolor="none", label=GRADE_LEGEND[g]) for g in (0, 1, 2, 3, None)]
     handles.append(Line2D([0], [0], color="#555555", lw=1.7, linestyle=(0, (3, 2)), label="* borderline"))
-    if any(v.expected_superior_ras is not None and v.genant_grade for v in placed):
+    if shows_basis:
         handles.append(Line2D([0], [0], color=EXPECTED_COLOUR, lw=1.8, linestyle=(0, (2, 1.5)),
                               label="expected endplate"))
         handles.append(Line2D([0], [0], color=LOST_COLOUR, lw=2.6, label=f"height lost ≥ {LOST_HEIGHT:.0%}"))
@@ -874,8 +875,7 @@ def _draw(reformat: SpineReformat, placed: list[QCVertebra], records: list[QCVer
     figure.text(left / fig_w, 6.0 / fig_h,
                 f"Sagittal {how} through the body centres, slab {reformat.slab_mm:g} mm, "
                 f"W {window[1]:g} / L {window[0]:g} HU · anterior left, cranial up · lines: Ha, Hm, Hp"
-                + (" · expected: from the neighbours" if
-                   any(v.expected_superior_ras is not None and v.genant_grade for v in placed) else ""),
+                + (" · expected: from the neighbours" if shows_basis else ""),
                 fontsize=7.5, color="#444444", ha="left", va="bottom")
     return figure
 
