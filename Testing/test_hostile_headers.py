@@ -199,6 +199,34 @@ def test_unused_geometry_fields_are_ignored(tmp_path):
     assert volume.same_grid(reference)
 
 
+def test_nifti_without_any_transform_is_refused(tmp_path, capfd):
+    """qform_code and sform_code both 0: ITK would guess an orientation (and anterior from posterior
+    is what the heights depend on), so the file is refused, as CT and as segmentation."""
+    ct, seg = make_exam(tmp_path)
+    for role, source in (("ct", ct), ("seg", seg)):
+        bad = patched_nifti(source, tmp_path / f"unplaced_{role}.nii.gz", (QFORM_CODE, "h", 0), (SFORM_CODE, "h", 0))
+        reader = read_ct if role == "ct" else read_labelmap
+        assert_input_error(reader, bad, "qform_code and sform_code")
+        args = (bad, seg) if role == "ct" else (ct, bad)
+        status, _, err = run_cli(capfd, *args, tmp_path / f"out_{role}")
+        assert_one_sentence_refusal(status, err, tmp_path / f"out_{role}", str(bad), "position in space")
+
+
+@pytest.mark.parametrize("replacement", [None, b"spacings: 0.75 1.25 2"], ids=["nothing", "spacings only"])
+def test_nrrd_without_space_directions_is_refused(tmp_path, replacement):
+    """No ``space directions`` means no orientation (and, without ``spacings``, 1 mm voxels by ITK's
+    default): refused for the CT (read by ITK) and the ``.seg.nrrd`` (read here)."""
+    ct, seg = make_exam(tmp_path, ct_name="ct.nrrd", seg_name="seg.seg.nrrd")
+    for source, reader in ((ct, read_ct), (seg, read_labelmap)):
+        header, sep, data = source.read_bytes().partition(b"\n\n")
+        lines = [line for line in header.split(b"\n") if not line.startswith((b"space directions:", b"space:"))]
+        if replacement:
+            lines.append(replacement)
+        bad = tmp_path / f"bad_{source.name}"
+        bad.write_bytes(b"\n".join(lines) + sep + data)
+        assert_input_error(reader, bad, "space directions")
+
+
 # ------------------------------------------------------------------------------------------------
 # 3. vox_offset and dimensions
 # ------------------------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ problems on stderr. Refused with one sentence:
 * a voxel size (NIfTI ``pixdim[1..3]``, or the length of a voxel axis in the final geometry, any
   format) that is not a finite number between :data:`MIN_VOXEL_SIZE_MM` and
   :data:`MAX_VOXEL_SIZE_MM`, and a degenerate (flat) voxel grid;
+* a NIfTI with neither a qform nor an sform (both codes 0) and a NRRD without ``space directions``:
+  their orientation in the patient is unknown (ITK would assume one), and a NRRD's voxel size too;
 * a non-finite NIfTI quaternion, ``qoffset`` or ``srow`` (sform) in a transform that is used
   (its code is above 0), a ``vox_offset`` that is not a whole finite number of bytes past the
   header, and dimensions that are not 1..7 positive sizes;
@@ -404,6 +406,10 @@ def _check_nifti_header(info: _NiftiHeader, path: Path, what: str) -> int:
         raise bad(f"an invalid vox_offset ({offset:g}) in its NIfTI header: the voxel data must start at a whole"
                   f" number of bytes, at least {info.header_bytes}, into the file")
     _check_voxel_sizes(info.pixdim[1 : min(ndim, 3) + 1], path, what, " in the NIfTI header's pixdim")
+    if info.qform_code <= 0 and info.sform_code <= 0:
+        raise bad("no position in space in its NIfTI header (qform_code and sform_code are both 0), so which way"
+                  " is anterior, superior and left is unknown; save it again with its scanner geometry (e.g. with"
+                  " dcm2niix from the DICOM series)")
     checks = []
     if info.qform_code > 0:
         checks += [("quaternion", info.quatern), ("qoffset", info.qoffset)]
@@ -530,32 +536,25 @@ def _check_detached_data(path: Path, what: str) -> None:
 
 
 def _check_nrrd_geometry(fields: dict[str, str], path: Path, what: str) -> None:
-    """Refuse explicit NaN, infinite, zero or absurd voxel steps and a non-finite origin in a NRRD
-    header: ITK turns a NaN direction or spacing of a spatial axis into 1 mm, and a NaN origin into 0."""
+    """Refuse a NRRD header without ``space directions`` (no orientation; ITK would assume one, and
+    1 mm steps without ``spacings``), NaN, infinite, zero or absurd voxel steps and a non-finite
+    origin: ITK turns a NaN direction of a spatial axis into 1 mm, and a NaN origin into 0."""
     def numbers(text: str) -> list[float]:
         try:
             return [float(v) for v in text.strip().strip("()").split(",")]
         except ValueError:
             return []  # not numbers at all: the reader says what is wrong
 
-    if "space directions" in fields:
-        for token in re.findall(r"none|\([^)]*\)", fields["space directions"]):
-            if token != "none":
-                values = numbers(token)
-                if values:
-                    step = math.sqrt(sum(v * v for v in values)) if all(map(math.isfinite, values)) else math.nan
-                    _check_voxel_sizes([step], path, what, f" for the NRRD space direction {token}")
-    elif "spacings" in fields:
-        spacings = fields["spacings"].split()
-        kinds = fields.get("kinds", "").lower().split()
-        for axis, text in enumerate(spacings):
-            if axis < len(kinds) and kinds[axis] not in ("domain", "space"):
-                continue  # a list axis (layers, components): its spacing is meaningless
-            try:
-                value = abs(float(text))
-            except ValueError:
-                continue
-            _check_voxel_sizes([value], path, what, " in the NRRD spacings")
+    if "space directions" not in fields:
+        raise InputError(f"{what} file {path} has no space directions in its NRRD header, so its voxel size and"
+                         " its orientation in the patient are unknown; save it again with its geometry (e.g. from"
+                         " Slicer or with SimpleITK)")
+    for token in re.findall(r"none|\([^)]*\)", fields["space directions"]):
+        if token != "none":
+            values = numbers(token)
+            if values:
+                step = math.sqrt(sum(v * v for v in values)) if all(map(math.isfinite, values)) else math.nan
+                _check_voxel_sizes([step], path, what, f" for the NRRD space direction {token}")
     if "space origin" in fields:
         values = numbers(fields["space origin"])
         if values and not all(map(math.isfinite, values)):
@@ -1305,20 +1304,11 @@ def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
     if space not in _NRRD_SPACE_TO_RAS:
         raise bad(f"NRRD space {fields.get('space')!r} is not supported (use left-posterior-superior)")
     try:
-        if "space directions" in fields:
-            tokens = re.findall(r"none|\([^)]*\)", fields["space directions"])
-            if len(tokens) != dimension:
-                raise bad("the NRRD space directions do not match its dimension")
-            spatial = [axis for axis, token in enumerate(tokens) if token != "none"]
-            vectors = [_parse_vector(tokens[axis]) for axis in spatial]
-        else:
-            kinds = fields.get("kinds", " ".join(["domain"] * dimension)).split()
-            spatial = [axis for axis, kind in enumerate(kinds) if kind.lower() in ("domain", "space")]
-            spacings = fields.get("spacings", "").split()
-            vectors = []
-            for n, axis in enumerate(spatial):
-                step = float(spacings[axis]) if axis < len(spacings) and spacings[axis].lower() != "nan" else 1.0
-                vectors.append(np.eye(3)[n] * step)
+        tokens = re.findall(r"none|\([^)]*\)", fields["space directions"])  # present: checked above
+        if len(tokens) != dimension:
+            raise bad("the NRRD space directions do not match its dimension")
+        spatial = [axis for axis, token in enumerate(tokens) if token != "none"]
+        vectors = [_parse_vector(tokens[axis]) for axis in spatial]
         if len(spatial) != 3 or dimension - len(spatial) > 1 or any(v.size != 3 for v in vectors):
             raise bad("a segmentation must have three spatial axes and at most one layer axis")
         origin = _parse_vector(fields["space origin"]) if "space origin" in fields else np.zeros(3)
