@@ -234,6 +234,22 @@ def test_train_and_evaluate_commands(table_path, tmp_path, capsys):
     assert not (tmp_path / "m.json").exists()
 
 
+def test_a_small_cohort_is_warned_and_the_header_says_each_thing_once(tmp_path, capsys):
+    """12 exams with a strong signal: a perfect cross-validated AUC on so few exams is a check that
+    the pipeline runs, and the report says so; 300 exams carry no such warning."""
+    small = write_table(synthetic_cohort(12, seed=3), tmp_path / "small.csv")
+    assert main(["train", str(small), "--label", "fracture", "--out", str(tmp_path / "m.json"), "--folds", "2"]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[0]
+    assert header.startswith("fracture model trained on 12 exams (") and header.count("logistic") == 1, header
+    assert "warning: too few exams for a reliable AUC" in out
+    assert "too few exams" in (tmp_path / "m_report" / "report.txt").read_text()
+    large = fm.read_feature_table(write_table(synthetic_cohort(), tmp_path / "large.csv"), "fracture")
+    result = train_model(large, kind="logistic", bootstrap_resamples=200)
+    from VertebralFractureScreenLib.model_report import small_sample_note
+    assert small_sample_note(result.model.training["cross_validation"]) is None
+
+
 def test_apply_imputes_and_lists_missing_features(trained):
     _, result = trained
     model = result.model

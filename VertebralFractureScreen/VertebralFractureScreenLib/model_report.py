@@ -22,6 +22,24 @@ def _point_line(name: str, point: dict) -> str:
             f"(TP {point['tp']}, FP {point['fp']}, TN {point['tn']}, FN {point['fn']})")
 
 
+MIN_EXAMS_PER_CLASS = 20
+"""Fewer exams than this with a fracture, or without one, and the AUC and its bootstrap interval
+are marked unreliable: a percentile bootstrap over so few exams often gives a perfect AUC with an
+interval of zero width, which says nothing about new exams (a common rule of thumb of at least
+10–20 events per class for a validation estimate; Riley et al., BMJ 2020;368:m441, ask for far
+more)."""
+
+
+def small_sample_note(metrics: dict) -> str | None:
+    """The warning for a table with fewer than :data:`MIN_EXAMS_PER_CLASS` exams in either class."""
+    positives, negatives = metrics["positives"], metrics["exams"] - metrics["positives"]
+    if min(positives, negatives) >= MIN_EXAMS_PER_CLASS:
+        return None
+    return (f"too few exams for a reliable AUC ({positives} with fracture, {negatives} without; at least"
+            f" {MIN_EXAMS_PER_CLASS} of each are needed): treat the AUC, its interval and the operating point as"
+            " a check that the pipeline runs, not as a performance estimate")
+
+
 def summary_lines(model: FractureModel, metrics: dict, *, what: str) -> list[str]:
     """The report's text: ``what`` says which probabilities were scored (e.g. cross-validated)."""
     low, high = metrics["auc_ci95"]
@@ -32,6 +50,7 @@ def summary_lines(model: FractureModel, metrics: dict, *, what: str) -> list[str
         f"{what}: {metrics['exams']} exams, {metrics['positives']} with fracture",
         f"AUC {metrics['auc']:.3f} (95 % CI {low:.3f}–{high:.3f}, bootstrap over exams, "
         f"{metrics['bootstrap_resamples']} resamples)",
+        *([f"warning: {note}"] if (note := small_sample_note(metrics)) else []),
         _point_line("operating point" + (f" (target specificity {metrics['operating_point']['target_specificity']:g})"
                                          if "target_specificity" in metrics["operating_point"] else " (model threshold)"),
                     metrics["operating_point"]),

@@ -111,7 +111,7 @@ def train_model(table: FeatureTable, *, kind: str = "logistic", folds: int = 5, 
         parameters = {"learning_rate": float(estimator.learning_rate), "init_log_odds": float(np.log(prior / (1 - prior))),
                       "max_depth": int(estimator.max_depth), "trees": trees}
     model = FractureModel(
-        name=name or f"fracture model ({kind}, {y.size} exams)", kind=kind, features=columns,
+        name=name or f"fracture model trained on {y.size} exams", kind=kind, features=columns,
         imputation_median=np.asarray(imputer.statistics_, dtype=float), scaling_mean=np.asarray(scaler.mean_, dtype=float),
         scaling_scale=np.asarray(scaler.scale_, dtype=float), threshold=threshold,
         threshold_rule=f"lowest out-of-fold probability with specificity >= {target_specificity:g}",
