@@ -10,7 +10,7 @@ measuring again. A value that cannot be measured (no graded vertebra, L1 missing
 lumbar muscles cut by the field of view...) is missing — ``NaN`` here, an empty cell in CSV —
 never silently zero; the model's imputation decides what to do with it.
 
-Features (:data:`FEATURES` gives each one's unit and definition):
+Features (:data:`FEATURES`, from the measurement registry, gives each one's unit and definition):
 
 * morphometry: the worst Genant grade and height loss among graded vertebrae, the number of
   fractured (grade ≥ 1) and of moderate-or-severe (grade ≥ 2) vertebrae, the number graded;
@@ -31,47 +31,21 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
-from . import levels as lv
+from . import levels as lv, measurements
 
 FEATURE_VERSION = 1
 """Version of the feature list below; a model trained on another version is refused."""
 
 
-@dataclass(frozen=True)
-class Feature:
-    """One exam feature: its column ``name``, ``unit`` and ``definition``."""
-
-    name: str
-    unit: str
-    definition: str
-
-
 PER_LEVEL_HU = tuple(f"hu_{level}" for level in lv.SCREENING_LEVELS)
 
-FEATURES: tuple[Feature, ...] = (
-    Feature("max_genant_grade", "grade 0–3", "highest Genant grade among graded vertebrae"),
-    Feature("max_height_loss", "fraction", "largest height loss among graded vertebrae"),
-    Feature("fractured_count", "vertebrae", "graded vertebrae with Genant grade ≥ 1"),
-    Feature("moderate_severe_count", "vertebrae", "graded vertebrae with Genant grade ≥ 2"),
-    Feature("graded_count", "vertebrae", "vertebrae that could be graded (complete)"),
-    Feature("l1_hu", "HU", "L1 trabecular mean HU, or the nearest complete non-fractured lumbar level's"),
-    Feature("lumbar_mean_hu", "HU", "mean trabecular HU of the non-fractured complete lumbar vertebrae"),
-    *(Feature(name, "HU", f"trabecular mean HU of {name[3:]} (complete vertebrae only)") for name in PER_LEVEL_HU),
-    Feature("autochthon_volume_ml_per_cm", "ml/cm", "autochthonous muscles L1–L5 volume per cm of lumbar length"),
-    Feature("autochthon_mean_hu", "HU", "autochthonous muscles L1–L5 mean HU over −29…150 HU"),
-    Feature("autochthon_imat_fraction", "fraction", "autochthonous muscles L1–L5 share of voxels in −190…−30 HU"),
-    Feature("iliopsoas_volume_ml_per_cm", "ml/cm", "iliopsoas L1–L5 volume per cm of lumbar length"),
-    Feature("iliopsoas_mean_hu", "HU", "iliopsoas L1–L5 mean HU over −29…150 HU"),
-    Feature("iliopsoas_imat_fraction", "fraction", "iliopsoas L1–L5 share of voxels in −190…−30 HU"),
-    Feature("aorta_hu", "HU", "mean HU of the aorta"),
-    Feature("contrast_enhanced", "0/1", "1 when the aorta's mean HU is above 150 HU"),
-)
-"""The exam features of :data:`FEATURE_VERSION`, in column order."""
+FEATURES = measurements.FEATURE_TABLE
+"""The exam features of :data:`FEATURE_VERSION`, in column order (declared with their units and
+definitions in the measurement registry)."""
 
-FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
+FEATURE_NAMES: tuple[str, ...] = measurements.keys(FEATURES)
 CLINICAL_COLUMNS = ("age", "sex")
 """Optional clinical columns a cohort manifest may pass through beside the features."""
 

@@ -1,0 +1,87 @@
+"""The measurement registry (``measurements``) against what the product really writes: every column
+and ``exam.json`` field of a screened phantom is declared, nothing declared is absent from the
+files, every quantity has a known unit and a code, and ``docs/outputs.md`` is the generated text."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from VertebralFractureScreenLib import features, levels as lv, measurements as ms
+from VertebralFractureScreenLib.cli import main
+from VertebralFractureScreenLib.phantom import Fracture, PhantomSpec, write_phantom
+
+REPO = Path(__file__).resolve().parent.parent
+SPEC = PhantomSpec(levels=lv.parse_level_range("T12-S1"), spacing=(3.0, 3.0, 3.0), fov="body", supersampling=1,
+                   fractures=(Fracture.parse("L1:wedge:0.35"),), noise_hu=10.0, contrast=True, seed=3)
+
+
+@pytest.fixture(scope="module")
+def screened(tmp_path_factory) -> Path:
+    files = write_phantom(SPEC, tmp_path_factory.mktemp("phantom"))
+    out = tmp_path_factory.mktemp("screen") / "exam"
+    assert main(["screen", str(files["ct"]), "--seg", str(files["total"]), "--body-seg", str(files["vertebrae_body"]),
+                 "--out", str(out), "--model", "demo", "--no-qc"]) == 0
+    return out
+
+
+def header(path: Path) -> list[str]:
+    with path.open(newline="") as handle:
+        return next(csv.reader(handle))
+
+
+def leaf_paths(value, prefix: str = "") -> set[str]:
+    """Dotted paths of an exam.json's fields; a dict keyed by levels, muscles or stages is one
+    field with a placeholder, and the free-form objects (``grading``, provenance...) are leaves."""
+    if prefix in ("grading", "model.provenance", "bone.excluded_lumbar") or not isinstance(value, dict) or not value:
+        return {prefix}
+    paths = set()
+    for key, item in value.items():
+        if key in lv.LEVEL_INDEX:
+            key = "<level>"
+        elif prefix == "muscle.lumbar":
+            key = "<muscle>"
+        elif prefix == "timings_s":
+            key = "<stage>"
+        paths |= leaf_paths(item, f"{prefix}.{key}" if prefix else key)
+    return paths
+
+
+def test_csv_headers_are_the_registry(screened):
+    assert header(screened / "vertebrae.csv") == list(ms.keys(ms.VERTEBRA_TABLE))
+    assert header(screened / "muscles.csv") == list(ms.keys(ms.MUSCLE_TABLE))
+    assert features.FEATURE_NAMES == ms.keys(ms.FEATURE_TABLE)
+
+
+def test_every_exam_json_field_is_declared(screened):
+    written = leaf_paths(json.loads((screened / "exam.json").read_text()))
+    declared = set(ms.keys(ms.EXAM_FIELDS))
+    assert written - declared == set(), "exam.json fields missing from measurements.EXAM_FIELDS"
+    assert declared - written == set(), "declared in measurements.EXAM_FIELDS but never written"
+
+
+def test_every_quantity_has_unit_code_and_words():
+    for name, table in ms.TABLES.items():
+        assert len(set(ms.keys(table))) == len(table), f"a key twice in {name}"
+        for q in table:
+            assert q.unit in ms.UNITS and q.kind in ms.KINDS and q.title and q.description, q
+            if q.kind in ("number", "integer"):
+                assert q.code is not None and re.fullmatch(r"[0-9A-Za-z_]+", q.code.value), q
+            if q.unit == "[hnsf'U]" and not q.key.endswith("threshold_hu"):
+                assert q.code == ms.ATTENUATION and q.derivation is not None, q
+
+
+def test_heights_are_three_distinct_quantities():
+    """Slicer's reader (dcmqi) drops modifiers: Ha, Hm and Hp need their own concept codes."""
+    table = ms.by_key(ms.VERTEBRA_TABLE)
+    assert len({table[k].code for k in ("ha_mm", "hm_mm", "hp_mm")}) == 3
+
+
+def test_outputs_reference_is_current():
+    path = REPO / "docs" / "outputs.md"
+    assert path.read_text() == ms.outputs_reference(), (
+        "docs/outputs.md is stale: python -m VertebralFractureScreenLib.measurements > docs/outputs.md")

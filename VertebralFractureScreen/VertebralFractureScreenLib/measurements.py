@@ -1,0 +1,312 @@
+"""The measurement registry: every quantity the product outputs, declared once.
+
+Each :class:`Quantity` states its key (a CSV column, or a dotted ``exam.json`` path where
+``<level>`` and ``<muscle>`` stand for a vertebra and a muscle name), title, unit (UCUM, as DICOM
+SR writes units; ``1`` for a ratio or fraction, empty for text, flags and booleans), what it is,
+its value kind, and a code: SNOMED CT (``SCT``) or DICOM (``DCM``) where one names the quantity,
+else one of this product's private scheme :data:`PRIVATE_SCHEME` (listed in ``docs/outputs.md``);
+text, lists and flags carry none.
+A statistic of a quantity (mean, SD) carries the quantity's code and a ``derivation`` code, as
+Slicer's Segment Statistics and DICOM TID 1500 write them.
+
+The tables drive the CSV headers (:data:`VERTEBRA_TABLE`, :data:`MUSCLE_TABLE`), the model's feature
+list (:data:`FEATURE_TABLE`), the Slicer tables' units and descriptions, and the generated output
+reference ``docs/outputs.md`` (:func:`outputs_reference`; a test fails when the file is stale).
+Why one place: each quantity's unit and code must be the same in every output, and the DICOM SR
+needs them all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import levels as lv
+
+PRIVATE_SCHEME = "99VFS"
+"""Coding scheme designator of this product's private codes (DICOM PS3.16 §8: private schemes start
+with ``99``)."""
+
+
+@dataclass(frozen=True)
+class Code:
+    """A coded concept: ``value``, coding scheme designator and meaning, as DICOM writes them."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+
+def _private(value: str, meaning: str) -> Code:
+    return Code(value, PRIVATE_SCHEME, meaning)
+
+
+HEIGHT = Code("121207", "DCM", "Height")
+VOLUME = Code("118565006", "SCT", "Volume")
+ATTENUATION = Code("112031", "DCM", "Attenuation Coefficient")
+MEAN = Code("373098007", "SCT", "Mean")
+STANDARD_DEVIATION = Code("386136009", "SCT", "Standard Deviation")
+MEDIAN = _private("median", "Median")  # Slicer's Segment Statistics also found no standard code for it
+PROBABILITY = Code("122157", "DCM", "Probability")  # as the DICOM SR issue names it
+
+KINDS = ("number", "integer", "boolean", "text", "list", "object")
+UNITS = {
+    "mm": "millimetre", "mL": "millilitre", "mL/cm": "millilitre per centimetre", "[hnsf'U]": "Hounsfield unit",
+    "1": "ratio or fraction (no unit)", "{vertebrae}": "number of vertebrae", "{voxels}": "number of voxels",
+    "{grade}": "Genant grade 0–3", "s": "second", "": "none (text, flags, booleans)",
+}
+"""The UCUM units used, with their meaning (``{...}`` are UCUM annotations of a count)."""
+
+
+@dataclass(frozen=True)
+class Quantity:
+    """One output quantity (see the module docstring)."""
+
+    key: str
+    title: str
+    unit: str
+    description: str
+    kind: str = "number"
+    code: Code | None = None
+    derivation: Code | None = None
+
+
+def _q(key, title, unit, description, kind="number", code=None, derivation=None) -> Quantity:
+    if kind not in KINDS or unit not in UNITS:
+        raise ValueError(f"{key}: unknown kind {kind!r} or unit {unit!r}")
+    if code is None and kind in ("number", "integer"):
+        code = _private([part for part in key.split(".") if not part.startswith("<")][-1], title)
+    return Quantity(key, title, unit, description, kind, code, derivation)
+
+
+def _hu(key, title, description, derivation) -> Quantity:
+    return _q(key, title, "[hnsf'U]", description, code=ATTENUATION, derivation=derivation)
+
+
+# ------------------------------------------------------------------------------------------------
+# vertebrae.csv: one row per vertebra present
+# ------------------------------------------------------------------------------------------------
+
+_EXAM_ID = _q("exam_id", "Exam", "", "the exam's identifier (file name without suffix, or as given)", "text")
+_LEVEL = _q("level", "Level", "", "vertebra name (C1–L6, T13, S1; SPEC §3)", "text")
+
+VERTEBRA_TABLE: tuple[Quantity, ...] = (
+    _EXAM_ID,
+    _LEVEL,
+    _q("complete", "Complete", "", "the whole body lies in the field of view and could be measured; only complete"
+       " vertebrae are graded", "boolean"),
+    _q("ha_mm", "Anterior height", "mm", "endplate distance along the vertebra's cranio-caudal axis at 15 % of the"
+       " body's depth from the anterior wall, mid-sagittal (SPEC §4)", code=_private("ha", "Anterior vertebral height")),
+    _q("hm_mm", "Middle height", "mm", "endplate distance at 50 % of the depth", code=_private("hm", "Middle vertebral height")),
+    _q("hp_mm", "Posterior height", "mm", "endplate distance at 85 % of the depth",
+       code=_private("hp", "Posterior vertebral height")),
+    _q("ha_hp", "Ha/Hp", "1", "anterior over posterior height (wedge ratio)"),
+    _q("hm_hp", "Hm/Hp", "1", "middle over posterior height (biconcavity ratio)"),
+    _q("hp_ref_ratio", "Hp/Hp ref", "1", "posterior height over the mean posterior height of the unfractured"
+       " neighbours (crush ratio)"),
+    _q("height_loss", "Height loss", "1", "SPEC §4: max(1 − Ha/Hp, 1 − Hm/Hp, 1 − Hp/Hp_ref), clipped to 0–1"),
+    _q("genant_grade", "Genant grade", "{grade}", "semi-quantitative grade 0–3 as a reader grades: the vertebra's"
+       " shape and its height and area against the normal shape expected from its neighbours (docs/methods.md);"
+       " empty when not graded", "integer", _private("genant", "Genant semiquantitative grade")),
+    _q("shape", "Shape", "", "wedge, biconcave, crush or normal", "text", _private("shape", "Fracture shape")),
+    _q("borderline", "Borderline", "", "the grade changes when every loss moves by 3 percentage points", "boolean"),
+    _hu("trabecular_hu_mean", "Trabecular HU", "mean HU of the trabecular ROI (the body's core, cortex and focal"
+        " outliers left out)", MEAN),
+    _hu("trabecular_hu_median", "Trabecular HU median", "median HU of the trabecular ROI", MEDIAN),
+    _hu("trabecular_hu_sd", "Trabecular HU SD", "standard deviation of the HU in the trabecular ROI",
+        STANDARD_DEVIATION),
+    _q("roi_voxels", "ROI voxels", "{voxels}", "voxels in the trabecular ROI", "integer"),
+    _q("body_volume_ml", "Body volume", "mL", "volume of the vertebral body's mask", code=VOLUME),
+    _q("flags", "Flags", "", "why a row is incomplete, not graded or uncertain (listed in docs/outputs.md)", "list"),
+    _q("quantitative_grade", "Quantitative grade", "{grade}", "SPEC §4 grade of height_loss alone (Genant's"
+       " height-reduction boundaries 20/25/40 %)", "integer"),
+    _q("grade_basis", "Grade basis", "", "what decided genant_grade: shape, size, shape+size or normal", "text"),
+    _q("grade_loss", "Grade loss", "1", "the loss behind genant_grade: the largest shape loss, or the size loss when"
+       " the size decided"),
+    _q("hm_min_mm", "Smallest middle height", "mm", "smallest height within 25–75 % of the depth (the deepest point"
+       " of a depression)"),
+    _q("expected_ha_mm", "Expected Ha", "mm", "normal anterior height expected from the neighbours"),
+    _q("expected_hm_mm", "Expected Hm", "mm", "normal height expected at the middle region's deepest point"),
+    _q("expected_hp_mm", "Expected Hp", "mm", "normal posterior height expected from the neighbours"),
+    _q("middle_loss", "Middle loss", "1", "loss of the smallest middle height against the expected shape"),
+    _q("size_loss", "Size loss", "1", "largest loss of Ha, the middle minimum or Hp against the expected heights"),
+    _q("area_loss", "Area loss", "1", "loss of the mid-sagittal body area against the expected outline"),
+    _q("endplate_depression", "Endplate depression", "1", "the deeper endplate's depression below its chord, as a"
+       " fraction of the expected middle height"),
+    _q("reference_levels", "Reference levels", "", "the unfractured neighbours the expected shape comes from", "list"),
+)
+
+def _by_key(table) -> dict[str, Quantity]:
+    return {q.key: q for q in table}
+
+
+# ------------------------------------------------------------------------------------------------
+# muscles.csv: one row per muscle and level slab, and the L1–L5 total ("lumbar")
+# ------------------------------------------------------------------------------------------------
+
+MUSCLE_TABLE: tuple[Quantity, ...] = (
+    _EXAM_ID,
+    _q("muscle", "Muscle", "", "autochthon_left/right, iliopsoas_left/right", "text"),
+    _q("level", "Level", "", "the vertebra whose slab (mid-disc to mid-disc) is measured, or lumbar for L1–L5",
+       "text"),
+    _q("volume_ml", "Volume", "mL", "volume of the muscle's label in the slab", code=VOLUME),
+    _hu("mean_hu", "Mean HU", "mean HU of the muscle's voxels within −29…150 HU (SPEC §4)", MEAN),
+    _q("imat_fraction", "IMAT fraction", "1", "share of the muscle's voxels within −190…−30 HU (intermuscular fat)"),
+    _hu("lean_hu", "Lean HU", "mean HU of the −29…150 HU voxels whose six neighbours are muscle in that range too"
+        " (partial volume guarded)", MEAN),
+    _q("fat_fraction", "Fat fraction", "1", "fat volume fraction by linear unmixing between lean_hu and the exam's"
+       " fat HU"),
+    _hu("mean_hu_se", "Mean HU SE", "standard error of mean_hu from the noise", _private("se", "Standard error")),
+    _hu("lean_hu_se", "Lean HU SE", "standard error of lean_hu from the noise", _private("se", "Standard error")),
+    _q("complete", "Complete", "", "the slab is measured whole (flags say why not)", "boolean"),
+    _q("flags", "Flags", "", "why a row is incomplete or not measured", "list"),
+)
+
+# ------------------------------------------------------------------------------------------------
+# exam.json (dotted paths; <level> is a vertebra, <muscle> a muscle or a group of two)
+# ------------------------------------------------------------------------------------------------
+
+EXAM_FIELDS: tuple[Quantity, ...] = (
+    _EXAM_ID,
+    _q("software.name", "Software", "", "VertebralFractureScreen", "text"),
+    _q("software.version", "Software version", "", "the library's version", "text"),
+    _q("created_utc", "Created", "", "when the exam was screened (ISO 8601, UTC)", "text"),
+    _q("inputs.ct", "CT", "", "the CT file or DICOM folder", "text"),
+    _q("inputs.segmentation", "Segmentation", "", "the segmentation file", "text"),
+    _q("inputs.vertebrae_body", "Body segmentation", "", "the vertebrae_body map, when given", "text"),
+    _q("inputs.labels", "Label convention", "", "totalsegmentator or verse (SPEC §3)", "text"),
+    _q("inputs.segmented_by", "Segmented by", "", "given, or the TotalSegmentator run that made it", "text"),
+    _q("geometry.shape_kji", "Grid shape", "", "voxels along k, j, i", "list"),
+    _q("geometry.spacing_mm", "Voxel spacing", "mm", "voxel size along i, j, k", "list"),
+    _q("geometry.ijk_to_ras", "IJK to RAS", "", "the 4x4 matrix from voxel indices to RAS millimetres", "list"),
+    _q("levels_present", "Levels present", "", "vertebrae in the segmentation, cranial to caudal", "list"),
+    _q("levels_complete", "Levels complete", "", "vertebrae measured whole", "list"),
+    _q("fracture.max_grade", "Maximum grade", "{grade}", "highest Genant grade among graded vertebrae (null when"
+       " none was graded)", "integer", _private("max_genant", "Maximum Genant grade")),
+    _q("fracture.fractured_levels", "Fractured levels", "", "levels with grade ≥ 1", "list"),
+    _q("fracture.count", "Fractures", "{vertebrae}", "number of fractured levels", "integer"),
+    _q("fracture.graded_levels", "Graded vertebrae", "{vertebrae}", "number of graded vertebrae", "integer"),
+    _q("fracture.borderline_levels", "Borderline levels", "", "graded levels near a grade boundary", "list"),
+    _q("fracture.uncertain_grade_levels", "Uncertain grades", "", "graded levels whose grade the image's noise"
+       " leaves open", "list"),
+    _q("grading", "Grading basis", "", "how genant_grade and quantitative_grade are defined, and their boundaries",
+       "object"),
+    *(_q(f"height_sd_mm.<level>.{h}", f"{h.capitalize()} SD", "mm", f"SD of {h.capitalize()} from the CT's noise",
+         code=_by_key(VERTEBRA_TABLE)[f"{h}_mm"].code, derivation=STANDARD_DEVIATION) for h in ("ha", "hm", "hp")),
+    _q("height_loss_sd.<level>", "Height loss SD", "1", "SD of height_loss from the heights' SDs",
+       code=_by_key(VERTEBRA_TABLE)["height_loss"].code, derivation=STANDARD_DEVIATION),
+    _hu("bone.l1_hu", "L1 HU", "trabecular mean HU of L1, or of the nearest usable lumbar level", MEAN),
+    _hu("bone.l1_hu_se", "L1 HU SE", "standard error of l1_hu from the noise", _private("se", "Standard error")),
+    _q("bone.l1_level", "Category level", "", "the level l1_hu comes from", "text"),
+    _q("bone.category", "Bone category", "", "osteoporosis-likely (< 110 HU), osteopenia-likely (110–160 HU) or"
+       " normal-likely (> 160 HU) at L1 (Pickhardt et al. 2013; unenhanced thresholds)", "text",
+       _private("bone_category", "Opportunistic bone category")),
+    _q("bone.category_uncertain", "Category uncertain", "", "l1_hu ± 2 standard errors spans a threshold", "boolean"),
+    _hu("bone.lumbar_mean_hu", "Lumbar mean HU", "mean trabecular HU of the complete non-fractured lumbar"
+        " vertebrae", MEAN),
+    _q("bone.lumbar_levels", "Lumbar levels", "", "the levels in lumbar_mean_hu", "list"),
+    _q("bone.excluded_lumbar", "Excluded lumbar levels", "", "lumbar levels left out, with the reason", "object"),
+    _hu("bone.per_level_hu.<level>", "Level HU", "trabecular mean HU of a complete vertebra", MEAN),
+    _q("bone.contrast_enhanced", "Contrast (bone)", "", "the contrast flag the bone summary was read under",
+       "boolean"),
+    _q("bone.warnings", "Bone warnings", "", "what limits the bone summary", "list"),
+    _hu("contrast.aorta_hu", "Aorta HU", "mean HU of the aorta's central lumen", MEAN),
+    _q("contrast.aorta_voxels", "Aorta voxels", "{voxels}", "voxels behind aorta_hu", "integer"),
+    _q("contrast.contrast_enhanced", "Contrast-enhanced", "", "aorta_hu above threshold_hu", "boolean"),
+    _q("contrast.threshold_hu", "Contrast threshold", "[hnsf'U]", "aorta HU above which the exam counts as"
+       " contrast-enhanced"),
+    _q("contrast.warnings", "Contrast warnings", "", "what limits the contrast estimate", "list"),
+    *(_q(f"muscle.lumbar.<muscle>.{q.key}", q.title, q.unit, f"L1–L5 total: {q.description}", q.kind, q.code,
+         q.derivation) for q in MUSCLE_TABLE if q.key not in ("exam_id", "muscle", "level")),
+    _q("muscle.lumbar.<muscle>.voxels", "Voxels", "{voxels}", "L1–L5 total: voxel count (partial shares summed)"),
+    _q("muscle.levels", "Muscle levels", "", "levels with a muscle slab", "list"),
+    _q("muscle.incomplete_levels", "Incomplete muscle levels", "", "levels with a flagged muscle row", "list"),
+    _hu("muscle.fat_reference_hu", "Fat HU", "the exam's subcutaneous fat HU used for fat_fraction", MEAN),
+    _q("muscle.lumbar_length_mm", "Lumbar length", "mm", "L1–L5 length along the spine (null when a lumbar level"
+       " is missing)"),
+    _q("model.name", "Model", "", "the fracture model applied (null without one)", "text"),
+    _q("model.probability", "Fracture probability", "1", "the model's probability that the exam has a fracture",
+       code=PROBABILITY),
+    _q("model.threshold", "Model threshold", "1", "the model's operating threshold"),
+    _q("model.positive", "Model positive", "", "probability ≥ threshold", "boolean"),
+    _q("model.provenance", "Model provenance", "", "kind, training cohort, cross-validated AUC, date", "object"),
+    _q("model.note", "Model note", "", "intended use, or DEMONSTRATION", "text"),
+    _q("model.demonstration", "Demonstration model", "", "the model is the built-in demonstration", "boolean"),
+    _q("model.imputed_features", "Imputed features", "", "features missing in this exam, imputed", "list"),
+    _q("warnings", "Warnings", "", "everything that limits the exam's results, in one list", "list"),
+    _q("timings_s.<stage>", "Timing", "s", "seconds spent per stage (read, morphometry, attenuation_and_muscles,"
+       " segmentation, total)"),
+)
+
+# ------------------------------------------------------------------------------------------------
+# features.csv: the exam features a fracture model uses (version in features.FEATURE_VERSION)
+# ------------------------------------------------------------------------------------------------
+
+_MUSCLE_FEATURES = tuple(
+    quantity
+    for group, name in (("autochthon", "autochthonous muscles"), ("iliopsoas", "iliopsoas"))
+    for quantity in (
+        _q(f"{group}_volume_ml_per_cm", f"{group} volume per cm", "mL/cm", f"{name} L1–L5 volume per cm of lumbar"
+           " length"),
+        _hu(f"{group}_mean_hu", f"{group} mean HU", f"{name} L1–L5 mean HU over −29…150 HU", MEAN),
+        _q(f"{group}_imat_fraction", f"{group} IMAT fraction", "1", f"{name} L1–L5 share of voxels in −190…−30 HU"),
+    )
+)
+
+FEATURE_TABLE: tuple[Quantity, ...] = (
+    _q("max_genant_grade", "Maximum grade", "{grade}", "highest Genant grade among graded vertebrae"),
+    _q("max_height_loss", "Maximum height loss", "1", "largest height loss among graded vertebrae"),
+    _q("fractured_count", "Fractures", "{vertebrae}", "graded vertebrae with Genant grade ≥ 1"),
+    _q("moderate_severe_count", "Moderate or severe", "{vertebrae}", "graded vertebrae with Genant grade ≥ 2"),
+    _q("graded_count", "Graded", "{vertebrae}", "vertebrae that could be graded (complete)"),
+    _hu("l1_hu", "L1 HU", "L1 trabecular mean HU, or the nearest complete non-fractured lumbar level's", MEAN),
+    _hu("lumbar_mean_hu", "Lumbar mean HU", "mean trabecular HU of the non-fractured complete lumbar vertebrae", MEAN),
+    *(_hu(f"hu_{level}", f"{level} HU", f"trabecular mean HU of {level} (complete vertebrae only)", MEAN)
+      for level in lv.SCREENING_LEVELS),
+    *_MUSCLE_FEATURES,
+    _hu("aorta_hu", "Aorta HU", "mean HU of the aorta", MEAN),
+    _q("contrast_enhanced", "Contrast-enhanced", "1", "1 when the aorta's mean HU is above 150 HU"),
+)
+
+TABLES = {"vertebrae.csv": VERTEBRA_TABLE, "muscles.csv": MUSCLE_TABLE, "exam.json": EXAM_FIELDS,
+          "features.csv": FEATURE_TABLE}
+
+
+def keys(table) -> tuple[str, ...]:
+    """The keys of ``table`` in order (a CSV header)."""
+    return tuple(q.key for q in table)
+
+
+def by_key(table) -> dict[str, Quantity]:
+    """The quantities of ``table`` by key."""
+    return _by_key(table)
+
+
+def _code_text(code: Code | None) -> str:
+    return "" if code is None else f"{code.scheme} {code.value}"
+
+
+def outputs_reference() -> str:
+    """The text of ``docs/outputs.md``: every output quantity with its unit, code and meaning."""
+    lines = ["# Outputs", "", "Generated from `VertebralFractureScreenLib/measurements.py` by",
+             "`python -m VertebralFractureScreenLib.measurements > docs/outputs.md`; do not edit by hand",
+             "(a test fails when this file is stale).", "",
+             f"Units are UCUM. Codes are DICOM (`DCM`), SNOMED CT (`SCT`) or this product's private scheme"
+             f" `{PRIVATE_SCHEME}`; a statistic shows its derivation after the quantity's code.", ""]
+    for name, table in TABLES.items():
+        lines += [f"## `{name}`", "", "| key | title | unit | code | description |", "|---|---|---|---|---|"]
+        for q in table:
+            code = _code_text(q.code) + (f" · {_code_text(q.derivation)}" if q.derivation else "")
+            unit = f"`{q.unit}`" if q.unit else ""
+            lines.append(f"| `{q.key}` | {q.title} | {unit} | {code} | {q.description} |")
+        lines.append("")
+    lines += ["## Units", "", "| UCUM | meaning |", "|---|---|"]
+    lines += [f"| `{unit}` | {meaning} |" for unit, meaning in UNITS.items() if unit]
+    private = sorted({(c.value, c.meaning) for table in TABLES.values() for q in table
+                      for c in (q.code, q.derivation) if c is not None and c.scheme == PRIVATE_SCHEME})
+    lines += ["", f"## Private codes (`{PRIVATE_SCHEME}`)", "", "| code | meaning |", "|---|---|"]
+    lines += [f"| `{value}` | {meaning} |" for value, meaning in private]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(outputs_reference(), end="")
