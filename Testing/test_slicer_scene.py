@@ -127,6 +127,12 @@ def test_results_come_back_from_a_saved_scene(mrml, phantoms, tmp_path):
     assert len(found) == 1
     restored = next(iter(found.values()))
     assert restored.name == "A" and set(restored.lines) == set(made.lines)
+    # Units, titles and descriptions from the measurement registry, kept by the saved scene.
+    for node in (made.vertebrae, restored.vertebrae):
+        assert node.GetColumnUnitLabel("ha_mm") == "mm" and node.GetColumnLongName("ha_mm") == "Anterior height"
+        assert node.GetColumnUnitLabel("trabecular_hu_mean") == "[hnsf'U]"
+        assert "15 %" in node.GetColumnDescription("ha_mm")
+    assert restored.muscles.GetColumnUnitLabel("volume_ml") == "mL"
     rows = slicer_results.rows_from_table(restored.vertebrae, screening.VERTEBRA_COLUMNS)
     assert slicer_results.panel_rows(rows) == rows_before
     after = tmp_path / "after"

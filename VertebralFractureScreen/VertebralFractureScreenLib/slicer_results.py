@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import levels as lv
+from . import levels as lv, measurements
 from .qc import GRADE_COLOURS
 from .screening import MUSCLE_COLUMNS, VERTEBRA_COLUMNS, ScreeningResult, vertebra_cells
 from .serialization import jsonable
@@ -51,11 +51,12 @@ GRADE_COLORS: dict[int | None, tuple[float, float, float]] = {
 """Display colour (RGB 0–1) per Genant grade, the QC picture's colours; ``None``: not graded."""
 
 HEIGHT_NAMES = {"ha": "Ha", "hm": "Hm", "hp": "Hp"}
-_NUMERIC_COLUMNS = (frozenset(VERTEBRA_COLUMNS) | frozenset(MUSCLE_COLUMNS)) - {
-    "exam_id", "level", "muscle", "complete", "shape", "borderline", "flags", "grade_basis", "reference_levels"}
-_INTEGER_COLUMNS = frozenset({"genant_grade", "quantitative_grade", "roi_voxels"})
-_BOOLEAN_COLUMNS = frozenset({"complete", "borderline"})
-_LIST_COLUMNS = frozenset({"flags", "reference_levels"})
+_QUANTITIES = measurements.by_key(measurements.VERTEBRA_TABLE) | measurements.by_key(measurements.MUSCLE_TABLE)
+"""The registry's declaration of every column of the two tables (kind, unit, title, description)."""
+_NUMERIC_COLUMNS = frozenset(k for k, q in _QUANTITIES.items() if q.kind in ("number", "integer"))
+_INTEGER_COLUMNS = frozenset(k for k, q in _QUANTITIES.items() if q.kind == "integer")
+_BOOLEAN_COLUMNS = frozenset(k for k, q in _QUANTITIES.items() if q.kind == "boolean")
+_LIST_COLUMNS = frozenset(k for k, q in _QUANTITIES.items() if q.kind == "list")
 
 PANEL_COLUMNS = (("Level", "level"), ("Ha mm", "ha_mm"), ("Hm mm", "hm_mm"), ("Hp mm", "hp_mm"),
                  ("Loss %", "grade_loss"), ("Grade", "genant_grade"), ("Shape", "shape"), ("HU", "trabecular_hu_mean"))
@@ -180,6 +181,11 @@ def _fill_rows_table(node, columns, rows: list[dict]):
             else:
                 array.InsertNextValue(_cell(value))
         table.AddColumn(array)
+        quantity = _QUANTITIES.get(column)
+        if quantity is not None:  # shown by Slicer's table view as the column's tooltip and unit
+            node.SetColumnLongName(column, quantity.title)
+            node.SetColumnDescription(column, quantity.description)
+            node.SetColumnUnitLabel(column, quantity.unit)
     node.Modified()
     return node
 
