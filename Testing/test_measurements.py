@@ -85,3 +85,38 @@ def test_outputs_reference_is_current():
     path = REPO / "docs" / "outputs.md"
     assert path.read_text() == ms.outputs_reference(), (
         "docs/outputs.md is stale: python -m VertebralFractureScreenLib.measurements > docs/outputs.md")
+
+
+def flags_in_the_code() -> set[str]:
+    """Flag names the measuring modules append: constants as they are, f-strings as a regex."""
+    import ast
+
+    lib = REPO / "VertebralFractureScreen" / "VertebralFractureScreenLib"
+    found = set()
+    for path in lib.rglob("*.py"):
+        if "__pycache__" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("append", "extend")):
+                continue
+            owner = node.func.value
+            name = owner.attr if isinstance(owner, ast.Attribute) else getattr(owner, "id", "")
+            if name not in ("flags", "reasons"):
+                continue
+            inside_fstrings = {id(part) for value in ast.walk(node) if isinstance(value, ast.JoinedStr)
+                               for part in ast.walk(value)}
+            for value in ast.walk(node):
+                if isinstance(value, ast.Constant) and isinstance(value.value, str) and id(value) not in inside_fstrings:
+                    found.add(re.escape(value.value))
+                elif isinstance(value, ast.JoinedStr):
+                    found.add("".join(re.escape(part.value) if isinstance(part, ast.Constant) else ".+"
+                                      for part in value.values))
+    return found
+
+
+def test_every_flag_the_code_sets_is_explained():
+    declared = [re.sub(r"<[a-z]+>", "L1", flag) for flag in ms.FLAGS]
+    unexplained = sorted(pattern for pattern in flags_in_the_code()
+                         if not any(re.fullmatch(pattern, flag) for flag in declared))
+    assert not unexplained, f"flags set in the code but missing from measurements.FLAGS: {unexplained}"

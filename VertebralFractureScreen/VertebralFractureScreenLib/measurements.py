@@ -103,7 +103,9 @@ VERTEBRA_TABLE: tuple[Quantity, ...] = (
     _q("hm_hp", "Hm/Hp", "1", "middle over posterior height (biconcavity ratio)"),
     _q("hp_ref_ratio", "Hp/Hp ref", "1", "posterior height over the mean posterior height of the unfractured"
        " neighbours (crush ratio)"),
-    _q("height_loss", "Height loss", "1", "SPEC §4: max(1 − Ha/Hp, 1 − Hm/Hp, 1 − Hp/Hp_ref), clipped to 0–1"),
+    _q("height_loss", "Height loss", "1", "SPEC §4's largest of the wedge (1 − Ha/Hp), biconcave (1 − Hm/Hp) and"
+       " crush (1 − Hp/Hp_ref) losses, each against the level's normal proportions, clipped to 0–1"
+       " (docs/methods.md)"),
     _q("genant_grade", "Genant grade", "{grade}", "semi-quantitative grade 0–3 as a reader grades: the vertebra's"
        " shape and its height and area against the normal shape expected from its neighbours (docs/methods.md);"
        " empty when not graded", "integer", _private("genant", "Genant semiquantitative grade")),
@@ -116,7 +118,7 @@ VERTEBRA_TABLE: tuple[Quantity, ...] = (
         STANDARD_DEVIATION),
     _q("roi_voxels", "ROI voxels", "{voxels}", "voxels in the trabecular ROI", "integer"),
     _q("body_volume_ml", "Body volume", "mL", "volume of the vertebral body's mask", code=VOLUME),
-    _q("flags", "Flags", "", "why a row is incomplete, not graded or uncertain (listed in docs/outputs.md)", "list"),
+    _q("flags", "Flags", "", "why a row is incomplete, not graded or uncertain (see the flags below)", "list"),
     _q("quantitative_grade", "Quantitative grade", "{grade}", "SPEC §4 grade of height_loss alone (Genant's"
        " height-reduction boundaries 20/25/40 %)", "integer"),
     _q("grade_basis", "Grade basis", "", "what decided genant_grade: shape, size, shape+size or normal", "text"),
@@ -158,7 +160,7 @@ MUSCLE_TABLE: tuple[Quantity, ...] = (
     _hu("mean_hu_se", "Mean HU SE", "standard error of mean_hu from the noise", _private("se", "Standard error")),
     _hu("lean_hu_se", "Lean HU SE", "standard error of lean_hu from the noise", _private("se", "Standard error")),
     _q("complete", "Complete", "", "the slab is measured whole (flags say why not)", "boolean"),
-    _q("flags", "Flags", "", "why a row is incomplete or not measured", "list"),
+    _q("flags", "Flags", "", "why a row is incomplete or not measured (see the flags below)", "list"),
 )
 
 # ------------------------------------------------------------------------------------------------
@@ -197,8 +199,9 @@ EXAM_FIELDS: tuple[Quantity, ...] = (
     _hu("bone.l1_hu", "L1 HU", "trabecular mean HU of L1, or of the nearest usable lumbar level", MEAN),
     _hu("bone.l1_hu_se", "L1 HU SE", "standard error of l1_hu from the noise", _private("se", "Standard error")),
     _q("bone.l1_level", "Category level", "", "the level l1_hu comes from", "text"),
-    _q("bone.category", "Bone category", "", "osteoporosis-likely (< 110 HU), osteopenia-likely (110–160 HU) or"
-       " normal-likely (> 160 HU) at L1 (Pickhardt et al. 2013; unenhanced thresholds)", "text",
+    _q("bone.category", "Bone category", "", "osteoporosis-likely (≤ 110 HU), low-bone-density-possible"
+       " (110–160 HU) or normal (> 160 HU) from l1_hu (Pickhardt et al., Ann Intern Med 2013; unenhanced"
+       " thresholds)", "text",
        _private("bone_category", "Opportunistic bone category")),
     _q("bone.category_uncertain", "Category uncertain", "", "l1_hu ± 2 standard errors spans a threshold", "boolean"),
     _hu("bone.lumbar_mean_hu", "Lumbar mean HU", "mean trabecular HU of the complete non-fractured lumbar"
@@ -267,6 +270,53 @@ FEATURE_TABLE: tuple[Quantity, ...] = (
     _q("contrast_enhanced", "Contrast-enhanced", "1", "1 when the aorta's mean HU is above 150 HU"),
 )
 
+FLAGS: dict[str, str] = {
+    # morphometry: the body, its field of view and its heights
+    "posterior_elements_cut": "the arch or a process reaches the field of view's edge (the body is whole: still graded)",
+    "body_cut": "a wall of the body reaches the field of view's edge: not graded",
+    "endplate_cut_superior": "the superior endplate lies within 2 mm (or a voxel) of the field of view's edge: not graded",
+    "endplate_cut_inferior": "the inferior endplate lies within 2 mm (or a voxel) of the field of view's edge: not graded",
+    "touches_field_of_view_edge": "a cut body or endplate (with one of the flags above): not graded",
+    "no_body_in_vertebrae_body_map": "the vertebrae_body map has no body voxel in this vertebra: separated by shape",
+    "body_not_separated": "the body could not be cut from the arch: not measured",
+    "endplates_cross": "the fitted endplates cross: heights from the mask",
+    "endplate_from_mask": "an endplate could not be placed on the CT: the mask's is used",
+    "imprecise_heights": "a height's SD from the CT's noise is above 0.5 mm",
+    "heights_not_measurable": "a height could not be measured: not graded",
+    "implausible_height": "a height outside the plausible range for a vertebral body: not graded",
+    "implausible_depth": "a body depth outside the plausible range: not graded",
+    "implausible_body_volume": "a body too small to be a vertebral body: not graded",
+    "mask_off_bone": "the vertebra's mask does not lie on bone in the CT (misregistered or another CT's segmentation):"
+                     " not graded",
+    # grading
+    "not_graded": "S1 or a level outside C1–L5: never graded",
+    "heights_missing": "marked complete but a height is missing: treated as incomplete",
+    "one_sided_reference": "the crush reference comes from one neighbour only",
+    "no_reference": "no usable neighbour: no crush criterion",
+    "crushed_neighbour_excluded": "a neighbour suspected of a crush was left out of the reference",
+    "level_gap": "the adjacent level is absent from the segmentation (a missing vertebra or a labelling error?)",
+    "grade_uncertain": "the heights' noise leaves the grade open (two SDs change it)",
+    # trabecular ROI
+    "roi_limits_from_mask": "the ROI's limits come from the mask, not the fitted endplates",
+    "fractured": "a fractured vertebra: its HU is reported, not used for the bone category",
+    "incomplete_vertebra": "an incomplete vertebra: its HU is not used for the bone category",
+    "focal_lesion_excluded": "a focal outlier (dense island or lytic focus) was left out of the ROI",
+    "roi_small": "the ROI holds few voxels: its HU is imprecise",
+    "roi_empty": "no ROI could be placed: no HU",
+    # muscles
+    "no_vertebra_above": "no vertebra above to bound the slab: not measured",
+    "no_vertebra_below": "no vertebra below to bound the slab: not measured",
+    "vertebra_above_incomplete": "the vertebra above is incomplete: the slab is bounded without it",
+    "vertebra_below_incomplete": "the vertebra below is incomplete: the slab is bounded without it",
+    "vertebra_incomplete": "the slab's own vertebra is incomplete",
+    "cut_by_field_of_view": "the slab is cut by the field of view",
+    "not_segmented": "the muscle is not in the segmentation: not measured (not 0 ml)",
+    "missing_level_<level>": "an L1–L5 level is absent: the lumbar total lacks it",
+    "incomplete_level_<level>": "an L1–L5 slab of this muscle is incomplete: the lumbar total is too",
+}
+"""Every flag a row of ``vertebrae.csv`` or ``muscles.csv`` (or a muscle total in ``exam.json``) may
+carry, with its meaning."""
+
 TABLES = {"vertebrae.csv": VERTEBRA_TABLE, "muscles.csv": MUSCLE_TABLE, "exam.json": EXAM_FIELDS,
           "features.csv": FEATURE_TABLE}
 
@@ -299,7 +349,9 @@ def outputs_reference() -> str:
             unit = f"`{q.unit}`" if q.unit else ""
             lines.append(f"| `{q.key}` | {q.title} | {unit} | {code} | {q.description} |")
         lines.append("")
-    lines += ["## Units", "", "| UCUM | meaning |", "|---|---|"]
+    lines += ["## Flags", "", "| flag | meaning |", "|---|---|"]
+    lines += [f"| `{flag}` | {meaning} |" for flag, meaning in FLAGS.items()]
+    lines += ["", "## Units", "", "| UCUM | meaning |", "|---|---|"]
     lines += [f"| `{unit}` | {meaning} |" for unit, meaning in UNITS.items() if unit]
     private = sorted({(c.value, c.meaning) for table in TABLES.values() for q in table
                       for c in (q.code, q.derivation) if c is not None and c.scheme == PRIVATE_SCHEME})
