@@ -1,7 +1,8 @@
 """Cohort faults (issue 26): the exit status when exams failed (``--allow-failures``), failures of
 the environment (disk full, permissions, memory, a killed worker) told apart from failures of the
 input and retried by a plain re-run, no traceback when the disk is full, repeated exam IDs and
-columns in a manifest, and non-ASCII or unusable file names in a folder cohort.
+columns in a manifest, non-ASCII or unusable file names in a folder cohort, an input file that
+may not be read, and Ctrl-C during a run with local Dask workers.
 
 The environment's failures are acted out through ``cohort.fault_hook`` (the engine's documented
 test seam: it raises ``OSError(ENOSPC)`` and friends at the write points), by making ``os.fsync``
@@ -13,18 +14,22 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 import unicodedata
 from pathlib import Path
 
 import pytest
-from test_cohort import read_csv, touch
+from test_cohort import finished_markers, needs_dask, read_csv, touch
 
 from VertebralFractureScreenLib import cohort
 from VertebralFractureScreenLib import levels as lv
-from VertebralFractureScreenLib.cli import main
+from VertebralFractureScreenLib.cli import EXIT_INTERRUPTED, main
 from VertebralFractureScreenLib.errors import InputError
 from VertebralFractureScreenLib.phantom import PhantomSpec, write_phantom
 
@@ -345,3 +350,151 @@ def test_a_rerun_with_a_new_model_predicts_without_screening_again(small, tmp_pa
     assert sorted(r["exam_id"] for r in rows) == ["a", "b"]
     assert all(r["demonstration"] == "true" and 0.0 <= float(r["probability"]) <= 1.0 for r in rows)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. An input file that may not be read
+# ------------------------------------------------------------------------------------------------
+
+
+def cli_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "VertebralFractureScreenLib.cli", *args]
+
+
+def without_root_powers(command: list[str]) -> list[str]:
+    """``command`` as it runs for a user whom file permissions bind: as root, with the
+    capabilities that override them dropped (``setpriv``); skips the test where that is impossible."""
+    if os.geteuid() != 0:
+        return command
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root, which reads any file, and setpriv (to give that up) is not installed")
+    caps = "-dac_override,-dac_read_search"
+    return [setpriv, f"--bounding-set={caps}", f"--inh-caps={caps}", *command]
+
+
+def test_an_unreadable_ct_is_an_environment_failure_and_a_rerun_screens_it(small, tmp_path):
+    """A CT that exists but may not be read (chmod 000) is a permission problem the user fixes
+    without changing the exam: kind ``environment``, its reason the permission error (not the
+    reader's "corrupt or truncated"), and a plain re-run screens it once it may be read."""
+    inputs, out = exam_files(small, tmp_path / "in", "a", "b"), tmp_path / "out"
+    ct = inputs / "b.nii.gz"
+    ct.chmod(0)
+    try:
+        probe = subprocess.run(without_root_powers([sys.executable, "-c", f"open({str(ct)!r}, 'rb')"]),
+                               capture_output=True, text=True, timeout=60)
+        if probe.returncode == 0 or "PermissionError" not in probe.stderr:
+            pytest.skip(f"this process reads a chmod 000 file anyway ({probe.stderr.strip()[-200:] or 'read'})")
+        run = subprocess.run(without_root_powers(cli_command("cohort", str(inputs), "--out", str(out), *LEVELS)),
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 1, run.stderr
+        assert "Traceback" not in run.stderr
+        assert "1 of 2 exams failed because of the environment" in run.stderr.splitlines()[-1]
+        errors = errors_of(out)
+        assert list(errors) == ["b"] and errors["b"]["kind"] == "environment"
+        assert errors["b"]["reason"] == f"Permission denied ({ct})."
+    finally:
+        ct.chmod(0o644)
+    summary = cohort.run_cohort(inputs, out, settings=SETTINGS)  # readable again: a plain re-run screens it
+    assert (summary.screened_now, summary.skipped_now, summary.done, summary.failed) == (1, 1, 2, 0)
+    assert errors_of(out) == {}
+
+
+def test_a_permission_error_behind_a_reader_s_sentence_is_the_environment(tmp_path, monkeypatch):
+    """The kind and reason without needing an unreadable file: a reader that turned the
+    PermissionError into its own sentence (kept as the context), and one that kept nothing (the
+    file is then found unreadable)."""
+    exam = cohort.CohortExam("b", str(touch(tmp_path / "b.nii.gz")), str(touch(tmp_path / "b_total.nii.gz")))
+    folder = tmp_path / "out"
+    folder.mkdir()
+    try:
+        try:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), exam.ct)
+        except OSError:
+            raise InputError(f"cannot read CT file {exam.ct}: the file is corrupt or truncated") from None
+    except InputError as error:
+        wrapped = error
+    assert cohort._environment_failure(wrapped, exam, folder) == ("environment", f"Permission denied ({exam.ct}).")
+    unexplained = InputError(f"cannot read segmentation file {exam.seg}: ITK cannot open it")
+    assert cohort._environment_failure(unexplained, exam, folder) == ("input", str(unexplained))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: str(path) != exam.seg and real_access(path, mode))
+    assert cohort._environment_failure(unexplained, exam, folder) == ("environment", f"Permission denied ({exam.seg}).")
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. Ctrl-C during a run with local Dask workers
+# ------------------------------------------------------------------------------------------------
+
+PROGRESS_LINE = re.compile(r"\[\s*\d+/\d+\] .*")
+INTERRUPTED = ("vfscreen: interrupted; the finished exams are kept, and running the same command again screens "
+               "the others.")
+
+
+@needs_dask
+def test_ctrl_c_with_local_workers_is_one_sentence_and_a_rerun_resumes(small, tmp_path):
+    """SIGINT to the whole process group (as a terminal's Ctrl-C sends it, to Dask's worker
+    processes too) once the first exam has started: exit 130, one sentence on stderr beside the
+    progress lines, no traceback from any process, no staging leftovers; a re-run keeps the
+    finished exams and screens the others."""
+    names = [f"e{n}" for n in range(5)]
+    inputs, out = exam_files(small, tmp_path / "in", *names), tmp_path / "out"
+    run = subprocess.Popen(cli_command("cohort", str(inputs), "--out", str(out), "--workers", "2", *LEVELS),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while run.poll() is None and not list(out.glob(f"{cohort.EXAMS_FOLDER}/*/.lock")):  # an exam has started
+            assert time.monotonic() < deadline, "no exam started within 120 s"
+            time.sleep(0.01)
+        os.killpg(run.pid, signal.SIGINT)
+        _, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    assert run.returncode == EXIT_INTERRUPTED, err
+    assert [line for line in err.splitlines() if not PROGRESS_LINE.fullmatch(line)] == [INTERRUPTED], err
+    assert not any(word in err for word in ("Traceback", "Exception ignored", "distributed", "Warning"))
+    assert [p for p in out.rglob("*") if p.name.startswith(".vfscreen-partial") or ".tmp-" in p.name] == []
+    finished = finished_markers(out)
+    assert len(finished) < len(names)  # stopped half-way
+    assert "run interrupted" in (out / cohort.LOG_FILE).read_text()
+    assert main(["cohort", str(inputs), "--out", str(out), *LEVELS]) == 0  # the re-run completes
+    markers = finished_markers(out)
+    assert sorted(markers) == names and all(markers[name] == finished[name] for name in finished)
+    assert [row["exam_id"] for row in read_csv(out / cohort.FEATURES_FILE)] == names and errors_of(out) == {}
+
+
+def test_the_staging_leftovers_of_stopped_workers_are_removed_unless_a_process_holds_the_exam(tmp_path):
+    exams = [cohort.CohortExam(name, str(tmp_path / f"{name}.nii.gz")) for name in ("a", "b", "never")]
+    for name in ("a", "b"):
+        folder = cohort.exam_folder(tmp_path, name)
+        touch(folder / ".vfscreen-partial-x1" / "exam.json")
+        touch(folder / ".vertebrae.tmp-0a1b.csv")
+        touch(folder / ".lock")
+    with open(cohort.exam_folder(tmp_path, "b") / ".lock", "rb") as held:
+        import fcntl
+
+        fcntl.flock(held, fcntl.LOCK_EX)  # b: still screened by some process
+        cohort._remove_interrupted_leftovers(exams, tmp_path)
+    assert sorted(p.name for p in cohort.exam_folder(tmp_path, "a").iterdir()) == [".lock"]
+    assert len(list(cohort.exam_folder(tmp_path, "b").iterdir())) == 3
+    assert not cohort.exam_folder(tmp_path, "never").exists()
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="no signal masks on this platform")
+def test_a_ctrl_c_while_a_local_cluster_starts_is_held_until_it_has_started():
+    """The threads started while the cluster starts (which start its worker processes) inherit a
+    blocked SIGINT, and a Ctrl-C meanwhile is raised once the start is over."""
+    handler = signal.getsignal(signal.SIGINT)
+    seen = {}
+    with pytest.raises(KeyboardInterrupt):
+        with cohort._sigint_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # without the hold, KeyboardInterrupt here
+            thread = threading.Thread(target=lambda: seen.update(mask=signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+            thread.start()
+            thread.join()
+            seen["started"] = True
+    assert seen["started"] and signal.SIGINT in seen["mask"]
+    assert signal.getsignal(signal.SIGINT) is handler and signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])

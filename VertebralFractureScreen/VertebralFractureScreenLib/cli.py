@@ -2,7 +2,9 @@
 
 Every failure caused by the user's input is reported as one sentence on stderr with exit
 status 2; no traceback is shown for it. Unexpected internal errors exit with status 1 and a
-short message that asks for a bug report (``VFS_DEBUG=1`` shows the traceback).
+short message that asks for a bug report (``VFS_DEBUG=1`` shows the traceback). Ctrl-C ends every
+command with one sentence and exit status 130, also ``vfscreen cohort --workers N``, whose worker
+processes are stopped by the command, never by the Ctrl-C itself (see :mod:`.cohort`).
 
 Standard output is only a summary of what the command wrote to its files. When its reader goes
 away early (``vfscreen screen ... | head -1``), the rest of the summary is dropped silently (the
@@ -27,6 +29,8 @@ EXIT_INPUT_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 EXIT_EXAMS_FAILED = 1
 """``vfscreen cohort``: some exams failed (listed in ``errors.csv``; see ``--allow-failures``)."""
+EXIT_INTERRUPTED = 130
+"""Interrupted (Ctrl-C, SIGINT): 128 + the signal's number, as shells report it."""
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -162,7 +166,8 @@ def _add_screen_parser(commands) -> None:
     p.add_argument("--body-seg", type=Path, help="vertebrae_body segmentation (1 = bodies, 2 = discs)")
     p.add_argument("--out", type=Path, help="output folder (default: ./<exam id>_vfscreen in the current folder; "
                                             "nothing is written beside the inputs)")
-    p.add_argument("--exam-id", help="exam name in the outputs (default: the CT's file name)")
+    p.add_argument("--exam-id", help="exam name in the outputs (default: the CT's file name): letters and digits of "
+                                      "any script and . _ + -, starting with a letter or digit, as in cohorts")
     p.add_argument("--series", help="SeriesInstanceUID to read when the DICOM folder holds several series")
     _add_screening_options(p, labels_of="--seg")
     p.set_defaults(run=_run_screen)
@@ -190,24 +195,14 @@ def _parse_levels(text: str) -> tuple[str, ...]:
         raise VFSError(f"{error}.") from None
 
 
-def _plain_exam_id(text: str, what: str, hint: str = "") -> str:
-    """``text`` when it can name a file in one folder: not empty, not ``.`` or ``..``, without a
-    path separator (``/`` or ``\\`` on every system) and without control characters (NUL, tab,
-    line breaks, ...); otherwise a one-sentence :class:`.errors.InputError`."""
-    if (not text or text in (".", "..") or "/" in text or "\\" in text
-            or any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text)):
-        raise InputError(f"{what} {text!r} is not a plain name: an exam ID can name a folder, so it must not be "
-                         f"empty, '.' or '..' nor hold '/', '\\' or control characters{hint}.")
-    return text
-
-
 def _run_screen(args) -> int:
+    from .cohort import checked_exam_id  # the one exam-ID rule, shared with the cohort
     from .screening import exam_id_of, screen_exam
 
-    exam_id = _plain_exam_id(args.exam_id, "--exam-id") if args.exam_id is not None else None
+    exam_id = checked_exam_id(args.exam_id, "--exam-id") if args.exam_id is not None else None
     if args.out is None:  # the default folder is named after the exam: its name must stay in this folder
-        exam_id = exam_id or _plain_exam_id(exam_id_of(args.ct), "the exam ID from the CT's name",
-                                            " (give --exam-id or --out)")
+        exam_id = exam_id or checked_exam_id(exam_id_of(args.ct), "the exam ID from the CT's name",
+                                             " (give --exam-id or --out)")
     out = args.out or Path.cwd() / f"{exam_id}_vfscreen"
     if out.exists() and not out.is_dir():
         raise VFSError(f"output path {out} exists and is not a folder.")
@@ -239,7 +234,8 @@ def _add_cohort_parser(commands) -> None:
                     "screens it again) or 'environment' (disk full, permission denied, out of memory, a killed "
                     "worker: a plain re-run screens it again). Exit status: 0 when every exam is finished; 1 when "
                     "any exam failed, in this run or an earlier one (see --allow-failures); 2 for bad inputs or an "
-                    "unusable output folder, with one sentence on stderr.",
+                    "unusable output folder, with one sentence on stderr; 130 when interrupted (Ctrl-C), which "
+                    "stops the workers and keeps the finished exams.",
     )
     p.add_argument("inputs", type=Path, help="folder of exams or CSV manifest")
     p.add_argument("--out", type=Path, required=True, help="cohort output folder")
@@ -256,7 +252,8 @@ def _add_cohort_parser(commands) -> None:
                    help="Dask worker resources for TotalSegmentator tasks, e.g. GPU=1 (cluster only)")
     p.add_argument("--measure-resources", metavar="NAME=N[,...]",
                    help="Dask worker resources for measurement tasks (cluster only)")
-    p.set_defaults(run=_run_cohort)
+    p.set_defaults(run=_run_cohort, interrupted="; the finished exams are kept, and running the same command again "
+                                                "screens the others")
 
 
 def _run_cohort(args) -> int:
@@ -494,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
+    args = None
     try:
         args = parser.parse_args(argv)
         if args.command is None:
@@ -507,8 +505,8 @@ def _main(argv: list[str] | None) -> int:
         print(f"vfscreen: {error}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     except KeyboardInterrupt:
-        print("vfscreen: interrupted.", file=sys.stderr)
-        return 130
+        print(f"vfscreen: interrupted{getattr(args, 'interrupted', '')}.", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except OSError as error:
         print(f"vfscreen: {error.strerror or error} ({error.filename or 'file system'}).", file=sys.stderr)
         return EXIT_INPUT_ERROR

@@ -9,12 +9,14 @@ Inputs (:func:`find_exams`):
 * a **folder**: every CT image file (``.nii.gz``, ``.nii``, ``.nrrd``, ``.nhdr``, ``.mha``,
   ``.mhd``) directly in it is one exam, and so is every sub-folder that holds a DICOM series; the
   exam ID is the file's name without its suffix (or the sub-folder's name), in Unicode NFC form.
-  Exam IDs are letters (any script), digits and ``. _ + -``, starting with a letter or digit, and
-  unique ignoring case and Unicode form (their folders must be distinct on every file system). Segmentations are
-  found by name beside it: ``<exam>_seg`` or ``<exam>_total`` (TotalSegmentator ``total`` ids) or
-  ``<exam>.seg.nrrd`` (a Slicer segmentation), and ``<exam>_body`` or ``<exam>_vertebrae_body``
-  (the ``vertebrae_body`` map), with any of the image suffixes. Such files are never exams
-  themselves. Exams without a segmentation are segmented by TotalSegmentator.
+  Exam IDs follow the one rule of :func:`checked_exam_id` (letters and digits of any script and
+  ``. _ + -``, starting with a letter or digit, at most 200 bytes; the same rule as ``vfscreen
+  screen --exam-id``) and are unique ignoring case and Unicode form (their folders must be
+  distinct on every file system). Segmentations are found by name beside it: ``<exam>_seg`` or
+  ``<exam>_total`` (TotalSegmentator ``total`` ids) or ``<exam>.seg.nrrd`` (a Slicer
+  segmentation), and ``<exam>_body`` or ``<exam>_vertebrae_body`` (the ``vertebrae_body`` map),
+  with any of the image suffixes. Such files are never exams themselves. Exams without a
+  segmentation are segmented by TotalSegmentator.
 * a **CSV manifest** with a ``ct`` column and optional ``exam_id``, ``seg``, ``body_seg``,
   ``labels`` (``totalsegmentator`` / ``verse``) and ``series`` columns; relative paths are relative
   to the manifest's folder. Every other column (a label, ``age``, ``sex``...) is passed through
@@ -61,6 +63,14 @@ exam is screened under an exclusive lock on its folder (``fcntl.flock``, where t
 it) and its staging leftovers from a killed run are removed before it starts again, so killing a
 run at any moment and re-running it ends with every exam done exactly once.
 
+Interrupting a run (Ctrl-C, SIGINT) ends it as cleanly in parallel as in this process: the
+exams being screened stop, their staging leftovers are removed, the tables are written for the
+finished exams and :func:`run_cohort` raises ``KeyboardInterrupt`` (``vfscreen`` prints one
+sentence and exits 130); a re-run keeps the finished exams and screens the others. A local
+cluster's worker processes never receive the Ctrl-C themselves (it is blocked in them), so none
+of them prints a traceback: this process closes the cluster, quietly, which stops them within
+a few seconds.
+
 Parallel work: ``workers=1`` screens in this process, one exam after the other. ``workers=N``
 starts a local Dask cluster of N single-threaded worker processes; ``scheduler=ADDRESS`` uses an
 existing Dask distributed cluster (``dask scheduler`` / ``dask worker``), whose workers must see
@@ -79,10 +89,11 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 import unicodedata
 from collections import Counter
@@ -122,7 +133,15 @@ INPUT_FAILURE = "input"
 ENVIRONMENT_FAILURE = "environment"
 """Failure kind: the machine failed the exam (disk full, permissions, memory, a killed worker);
 a plain re-run screens it again."""
-_EXAM_ID = re.compile(r"[^\W_][\w.+-]*")  # str patterns are Unicode: letters and digits of any script
+EXAM_ID_MAX_BYTES = 200
+"""The longest exam ID, in bytes of UTF-8 (file systems allow 255 per name; the rest is for
+suffixes such as ``_vfscreen`` and the writers' hidden temporary names)."""
+EXAM_ID_RULE = (f"letters and digits of any script, . _ + - and single inner spaces, starting with a letter or digit, "
+                f"not ending with '.' or a space, at most {EXAM_ID_MAX_BYTES} bytes, and not a Windows device name such "
+                f"as CON or NUL")
+"""The exam-ID rule in words, as the refusals say it (see :func:`checked_exam_id`)."""
+_WINDOWS_DEVICES = frozenset(["con", "prn", "aux", "nul", *(f"{port}{n}" for port in ("com", "lpt")
+                                                              for n in range(1, 10))])
 _ENVIRONMENT_ERRNOS = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EACCES", "EPERM", "EROFS")
                                 if hasattr(errno, name))
 
@@ -304,11 +323,11 @@ def find_exams(inputs) -> list[CohortExam]:
                         ", ".join(_printable(Path(p).name) for p in files.values()))
             continue
         try:  # one exam whose name cannot be an exam ID is refused alone: the others are screened
-            exam_id, refused = _checked_id(stem, path), None
+            exam_id, refused = checked_exam_id(stem), None
         except InputError:
             exam_id = _printable(stem)
             refused = (f"its exam ID {exam_id!r} (from {_printable(Path(files['ct']).name)!r}) cannot name a "
-                       "folder: rename it to letters, digits and . _ + - starting with a letter or digit.")
+                       f"folder: rename it; an exam ID is {EXAM_ID_RULE}.")
         exams.append(CohortExam(exam_id, files["ct"], files.get("seg"), files.get("body_seg"), refused=refused))
     for group in _colliding([e for e in exams if e.refused is None]):
         names = ", ".join(sorted(Path(e.ct).name for e in group))
@@ -367,7 +386,8 @@ def exams_from_files(cts: Sequence) -> list[CohortExam]:
             role, sibling_stem = _role(*sibling_parts)
             if sibling_stem == stem and role != "ct":
                 found.setdefault(role, str(sibling))
-        exams.append(CohortExam(_checked_id(stem, path), str(path), found.get("seg"), found.get("body_seg")))
+        exams.append(CohortExam(checked_exam_id(stem, hint=f" ({path})"), str(path), found.get("seg"),
+                                found.get("body_seg")))
     duplicates = sorted(group[0].exam_id for group in _colliding(exams))
     if duplicates:
         raise InputError(f"several CTs have the exam ID {', '.join(duplicates)} (ignoring case and Unicode form); "
@@ -375,12 +395,37 @@ def exams_from_files(cts: Sequence) -> list[CohortExam]:
     return exams
 
 
-def _checked_id(exam_id: str, source) -> str:
-    """``exam_id`` in Unicode NFC form when it can name a folder on every file system."""
-    normal = unicodedata.normalize("NFC", exam_id)
-    if not _EXAM_ID.fullmatch(normal) or len(normal.encode("utf-8")) > 200:
-        raise InputError(f"exam ID {_printable(exam_id)!r} in {source} cannot name a folder: use letters, digits "
-                         "and . _ + - (not starting with . _ + -), at most 200 bytes.")
+def checked_exam_id(text: str, what: str = "exam ID", hint: str = "") -> str:
+    """``text`` in Unicode NFC form when it can be an exam ID, else a one-sentence
+    :class:`.errors.InputError` (``"{what} {text!r} is not a plain name, so it cannot name a
+    folder: ...{hint}."``).
+
+    The one rule for every exam ID: ``vfscreen screen --exam-id`` (and the ID taken from the CT's
+    file name when it names the default output folder), the IDs of a folder cohort, of a manifest
+    and of a list of CT files. An exam ID names a folder and a cell of every table, so it is one
+    plain name that every file system (Linux, macOS, Windows) keeps as it is:
+
+    * letters and digits of any script (with the combining marks of its letters), ``. _ + -`` and
+      single spaces between them (``CT abdomen``: file names have them);
+      non-ASCII names are exam IDs (``müller``, ``東京``), in NFC form, so that a name is the same ID
+      whichever Unicode form the file system reports;
+    * starting with a letter or digit: never empty, ``.`` or ``..``, hidden (``.x``), an option
+      (``-x``) or a spreadsheet formula (``=x``, ``+x``, ``@x``);
+    * not ending with ``.`` or a space (Windows drops them) and not a Windows device name (``CON``, ``PRN``,
+      ``AUX``, ``NUL``, ``COM1``-``COM9``, ``LPT1``-``LPT9``, also before a ``.``);
+    * at most :data:`EXAM_ID_MAX_BYTES` (200) bytes in UTF-8.
+
+    Hence no path separator (``/``, ``\\``), tab or double space, control character, undecodable byte of a file
+    name or character that some file system forbids (``: * ? " < > |``). Within one cohort the
+    IDs must also differ in more than case and Unicode form (their folders would be one on macOS
+    and Windows)."""
+    normal = unicodedata.normalize("NFC", text)
+    plain = (normal[:1].isalnum() and not normal.endswith((".", " ")) and "  " not in normal
+             and all(c.isalnum() or c in "._+- " or unicodedata.category(c).startswith("M") for c in normal)
+             and normal.split(".")[0].casefold() not in _WINDOWS_DEVICES)
+    if not plain or len(normal.encode("utf-8")) > EXAM_ID_MAX_BYTES:
+        raise InputError(f"{what} {text!r} is not a plain name, so it cannot name a folder: an exam ID is "
+                         f"{EXAM_ID_RULE}{hint}.")
     return normal
 
 
@@ -418,7 +463,7 @@ def read_manifest(path) -> list[CohortExam]:
             return None if not text else str((base / Path(text).expanduser()))
 
         ct = resolve(row["ct"])
-        exam_id = _checked_id(row.get("exam_id") or exam_id_of(ct), f"line {number} of {path}")
+        exam_id = checked_exam_id(row.get("exam_id") or exam_id_of(ct), hint=f" (line {number} of {path})")
         seen.setdefault(_folded(exam_id), []).append((exam_id, number))
         convention = row.get("labels") or None
         if convention not in (None, "totalsegmentator", "verse"):
@@ -563,14 +608,52 @@ def _causes(error: BaseException):
 
 
 def _kind_of(error: BaseException) -> str:
-    """``environment`` when the machine, not the exam, failed: a full disk or quota, permissions,
-    a read-only file system, memory, a missing dependency, a killed worker; else ``input``."""
+    """``environment`` when the machine, not the exam, failed: a full disk or quota, permissions
+    (an input file that exists but may not be read, a folder that may not be written: the user
+    fixes them without changing the exam), a read-only file system, memory, a missing dependency,
+    a killed worker; else ``input``."""
     for cause in _causes(error):
         if isinstance(cause, (MemoryError, DependencyError)) or type(cause).__name__ == "KilledWorker":
             return ENVIRONMENT_FAILURE
-        if isinstance(cause, OSError) and cause.errno in _ENVIRONMENT_ERRNOS:
+        if _environment_os_error(cause):
             return ENVIRONMENT_FAILURE
     return INPUT_FAILURE
+
+
+def _environment_os_error(error: BaseException) -> bool:
+    return isinstance(error, PermissionError) or (isinstance(error, OSError) and error.errno in _ENVIRONMENT_ERRNOS)
+
+
+def _unreadable_input(exam: CohortExam) -> str | None:
+    """The first of the exam's input files (CT, segmentations) that exists but that this process
+    may not read (a DICOM folder: list), or None."""
+    for text in (exam.ct, exam.seg, exam.body_seg):
+        if text and os.path.exists(text):
+            wanted = os.R_OK | os.X_OK if os.path.isdir(text) else os.R_OK
+            if not os.access(text, wanted):
+                return text
+    return None
+
+
+def _environment_failure(error: BaseException, exam: CohortExam, folder: Path) -> tuple[str, str]:
+    """``(kind, reason)`` of an exam's failure. A permission problem is the environment's, whether
+    the reader kept its ``PermissionError`` (then the reason is that error's own sentence, which
+    the reader's may have hidden behind e.g. "the file is corrupt") or the file or folder is
+    found unreadable or unwritable afterwards."""
+    reason = _reason_of(error)
+    for cause in _causes(error):
+        if isinstance(cause, OSError) and _environment_os_error(cause):
+            if cause.strerror and cause.strerror not in reason:
+                reason = _reason_of(cause)
+            return ENVIRONMENT_FAILURE, reason
+    kind = _kind_of(error)
+    if kind == INPUT_FAILURE:
+        unreadable = _unreadable_input(exam)
+        if unreadable is not None:
+            return ENVIRONMENT_FAILURE, f"{os.strerror(errno.EACCES)} ({unreadable})."
+        if not os.access(folder, os.W_OK | os.X_OK):
+            kind = ENVIRONMENT_FAILURE  # its folder was made read-only: permissions, not the exam
+    return kind, reason
 
 
 def _fail(folder: Path, exam: CohortExam, stage: str, reason: str, started: float,
@@ -642,10 +725,8 @@ def _screen_locked(exam: CohortExam, settings: CohortSettings, folder: Path, sta
         result.write(folder, qc=settings.qc)
         (folder / ERROR_FILE).unlink(missing_ok=True)
     except Exception as error:  # noqa: BLE001 - one exam's failure never stops the cohort
-        kind = _kind_of(error)
-        if kind == INPUT_FAILURE and not os.access(folder, os.W_OK | os.X_OK):
-            kind = ENVIRONMENT_FAILURE  # its folder was made read-only: permissions, not the exam
-        return _fail(folder, exam, _stage_of(error), _reason_of(error), started, kind)
+        kind, reason = _environment_failure(error, exam, folder)
+        return _fail(folder, exam, _stage_of(error), reason, started, kind)
     return ExamOutcome(exam.exam_id, "done", seconds=time.perf_counter() - started, worker=_worker_name(),
                        worker_peak_rss_mib=_peak_rss_mib(), segmented_on=after.worker if after is not None else "")
 
@@ -980,6 +1061,9 @@ def run_cohort(inputs, out, *, settings: CohortSettings | None = None, workers: 
                     break
                 record(screen_cohort_exam(exam, settings, str(out), retry_failed=retry_failed))
         finished = True
+    except KeyboardInterrupt:
+        log.warning("run interrupted (Ctrl-C): the next run screens the exams not finished")
+        raise
     finally:
         try:
             summary = _finish(exams, out, state, unrecorded, started, mode, peaks, fracture_model)
@@ -1026,6 +1110,83 @@ def _worker_failure(exam: CohortExam, out, reason: str) -> ExamOutcome:
     return outcome
 
 
+@contextlib.contextmanager
+def _sigint_held():
+    """Hold Ctrl-C off a local Dask cluster while it starts (then raise a Ctrl-C that came
+    meanwhile as KeyboardInterrupt).
+
+    SIGINT is blocked in this thread, so the threads the cluster starts (its event loop, which
+    starts and restarts the worker processes) and the worker processes inherit the blocked signal:
+    a Ctrl-C at the terminal, sent to the whole process group, reaches only this process, which
+    then closes the cluster, instead of printing a traceback from every worker. multiprocessing's
+    resource tracker unblocks SIGINT in the thread that first starts it, so it is started here,
+    before. No effect where the platform has no signal masks (Windows)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    with contextlib.suppress(Exception):  # ImportError or a platform without it: nothing to protect against
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
+    caught = []
+    previous_handler = _python_sigint_handler()
+    if previous_handler is not None:  # a Ctrl-C meanwhile is noted, not raised half-way through the start
+        signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def _python_sigint_handler():
+    """The SIGINT handler when this thread may replace it and restore it (the main thread, and a
+    handler set from Python: not one that an embedding application set in C), else None."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.getsignal(signal.SIGINT)
+
+
+def _quiet_exit(outer: contextlib.ExitStack, kind: type, todo: Sequence[CohortExam], out) -> None:
+    """A cluster run ends early (``kind``: its exception's type): hush it while it closes (Dask's
+    loggers silenced and, after a Ctrl-C, further Ctrl-C ignored until it is closed: the command
+    ends with its one sentence, never Dask's tracebacks), then remove the staging leftovers of the
+    exams it stopped. Both are undone or done by ``outer``, which unwinds after the cluster closed."""
+    outer.callback(_remove_interrupted_leftovers, todo, out)
+    for logger in [logging.getLogger(name) for name in ("distributed", "tornado", "asyncio")]:
+        outer.callback(logger.setLevel, logger.level)
+        logger.setLevel(logging.CRITICAL + 1)
+    handler = _python_sigint_handler()
+    if issubclass(kind, KeyboardInterrupt) and handler is not None:
+        outer.callback(signal.signal, signal.SIGINT, handler)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _remove_interrupted_leftovers(exams: Sequence[CohortExam], out) -> None:
+    """The staging folders and temporary files that stopped workers left in the folders of
+    ``exams``: each folder whose lock is free (no process screens it any more) is cleaned, the
+    others are left to the process that holds them."""
+    try:
+        import fcntl
+    except ImportError:  # no locks (Windows): a re-run cleans them before it screens the exam
+        return
+    for exam in exams:
+        folder = exam_folder(out, exam.exam_id)
+        try:
+            with open(folder / ".lock", "rb") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                try:
+                    _remove_leftovers(folder)
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+        except OSError:  # no folder or lock (never started), or still held
+            continue
+
+
 def _run_on_dask(todo, settings, out, *, scheduler, workers, retry_failed, segment_resources, measure_resources,
                  record, cancel) -> None:
     """Submit the exams to a Dask cluster (local or at ``scheduler``) and record their outcomes
@@ -1036,7 +1197,18 @@ def _run_on_dask(todo, settings, out, *, scheduler, workers, retry_failed, segme
     except ImportError:
         raise DependencyError("parallel and cluster runs need Dask distributed: "
                               "pip install 'vertebral-fracture-screen[cohort]'.") from None
-    with contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as outer, contextlib.ExitStack() as stack:
+        # Leaving early (Ctrl-C, a lost scheduler): the inner stack closes the client and the cluster,
+        # hushed by _quiet_exit (pushed after each of them, so it runs before they close); the outer
+        # one then removes the staging leftovers of the exams they were screening.
+        hushed = []
+
+        def hush(kind, error, trace) -> bool:
+            if kind is not None and not hushed:
+                hushed.append(kind)
+                _quiet_exit(outer, kind, todo, out)
+            return False  # the error goes on
+
         if scheduler:
             target = {"scheduler_file": scheduler} if Path(scheduler).is_file() else {"address": scheduler}
             try:
@@ -1050,9 +1222,17 @@ def _run_on_dask(todo, settings, out, *, scheduler, workers, retry_failed, segme
             # threshold at 128 KiB: every larger numpy temporary is then a fresh mmap with its page
             # faults, and screening took 1.8x as long (measured). Our workers keep glibc's defaults.
             stack.enter_context(dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}))
-            cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                                       dashboard_address=None, silence_logs=logging.ERROR))
+            # No dashboard, and the scheduler's own HTTP server (health checks) on a free port, not on
+            # 8787, where a second cohort running on this machine printed Dask's "port in use" warning.
+            # Dask's log lines (errors included) stay out of the terminal: an exam's failure is in
+            # errors.csv and cohort.log, a worker's death too (as a failed exam).
+            with _sigint_held():  # its worker processes never see Ctrl-C: this process stops them
+                cluster = stack.enter_context(LocalCluster(
+                    n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                    scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}, silence_logs=logging.CRITICAL))
+                stack.push(hush)  # a Ctrl-C during the start is raised as the block ends
             client = stack.enter_context(Client(cluster))
+        stack.push(hush)
         futures = {}
         for exam in todo:
             first = None
