@@ -72,3 +72,13 @@ def test_weights_present_are_not_downloaded_again(tmp_path, monkeypatch):
     said = []
     assert setup.download_weights(["fast", "body"], say=said.append) == []
     assert all("present" in line for line in said) and len(said) == 2
+
+
+def test_the_command_line_dry_run_and_bad_weights(capsys):
+    from VertebralFractureScreenLib.cli import main
+
+    assert main(["setup-segmentation", "--dry-run", "--weights", "fast"]) == 0
+    out = capsys.readouterr().out
+    assert "'fury<0.12'" in out and out.splitlines()[-1] == "then the weights: totalseg_download_weights -t total_fast"
+    assert main(["setup-segmentation", "--weights", "fast,huge"]) == 2
+    assert "choose from fast, normal, body" in capsys.readouterr().err

@@ -372,6 +372,38 @@ def _add_demo_parser(commands) -> None:
     p.set_defaults(run=_run_demo)
 
 
+def _add_setup_segmentation_parser(commands) -> None:
+    from .segmentation_setup import TORCH_BUILDS, WEIGHT_TASKS
+
+    p = commands.add_parser(
+        "setup-segmentation",
+        help="install PyTorch, TotalSegmentator and its model weights (needs internet access)",
+        description="Install, into this Python: PyTorch (unless one is installed; --torch chooses the build), "
+                    "TotalSegmentator and nnU-Net at the versions this package is tested with, and the model "
+                    "weights screening uses, after showing their licence terms. Screening never downloads "
+                    "anything itself; after this, 'vfscreen screen CT --out DIR' segments and screens.",
+    )
+    p.add_argument("--torch", choices=tuple(TORCH_BUILDS), default="cpu",
+                   help="PyTorch build to install when none is installed (default: cpu; cu126/cu128 need an NVIDIA "
+                        "driver for that CUDA version)")
+    p.add_argument("--weights", default="fast,normal,body", metavar="LIST",
+                   help=f"comma-separated weights to download, of {', '.join(WEIGHT_TASKS)} (default: all; fast is "
+                        "--quality fast, normal the default quality, body the vertebrae_body map for --body)")
+    p.add_argument("--yes", action="store_true", help="accept the licence terms without asking")
+    p.add_argument("--dry-run", action="store_true", help="print the terms and the commands, install nothing")
+    p.set_defaults(run=_run_setup_segmentation)
+
+
+def _run_setup_segmentation(args) -> int:
+    from .segmentation_setup import WEIGHT_TASKS, setup_segmentation
+
+    tasks = [t.strip() for t in args.weights.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in WEIGHT_TASKS]
+    if unknown or not tasks:
+        raise InputError(f"--weights {args.weights!r}: choose from {', '.join(WEIGHT_TASKS)}")
+    return setup_segmentation(torch_build=args.torch, tasks=tasks, dry_run=args.dry_run, accept_licence=args.yes)
+
+
 DEMO_FRACTURES = ("T12:biconcave:0.3", "L1:wedge:0.35", "L3:crush:0.45")
 DEMO_TRABECULAR_HU = 95.0
 """Osteoporotic trabecular bone (below Pickhardt's 110 HU), as fits a spine with three fractures."""
@@ -429,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate_parser(commands)
     _add_demo_parser(commands)
     _add_phantom_parser(commands)
+    _add_setup_segmentation_parser(commands)
     return parser
 
 

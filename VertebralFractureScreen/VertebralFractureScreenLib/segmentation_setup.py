@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shlex
 import subprocess
 import sys
 from importlib import metadata
@@ -127,15 +128,15 @@ def setup_segmentation(*, torch_build: str = "cpu", tasks=("fast", "normal", "bo
     say(LICENCE_TERMS)
     if dry_run:
         for command in commands:
-            say(" ".join(command))
+            say(shlex.join(command))
         say("then the weights: " + ", ".join(f"totalseg_download_weights -t {WEIGHT_TASKS[t]}" for t in tasks))
         return 0
     if not accept_licence and ask("Accept these terms and download? [y/N] ").strip().lower() not in ("y", "yes"):
         raise DependencyError("not accepted: nothing was installed or downloaded")
     for command in commands:
-        say(" ".join(command))
+        say(shlex.join(command))
         if subprocess.run(command).returncode != 0:
-            raise DependencyError(f"installing failed: `{' '.join(command)}` exited with an error (see pip's "
+            raise DependencyError(f"installing failed: `{shlex.join(command)}` exited with an error (see pip's "
                                   "message above)")
     importlib.invalidate_caches()  # packages pip just installed
     if importlib.util.find_spec("totalsegmentator") is None:
