@@ -489,3 +489,26 @@ def test_a_dicom_series_folder_is_an_exam(example_data, tmp_path):
     assert set(exam["levels_present"]) <= {"T11", "T12", "L1"} and exam["levels_complete"] == []  # cut by the FOV
     row = read_csv(tmp_path / "out" / cohort.FEATURES_FILE)[0]
     assert row["exam_id"] == "dicom_exam" and row["graded_count"] == "0" and row["max_genant_grade"] == ""
+
+
+def test_the_rate_counts_screened_exams_and_the_summary_repeats_the_last_line():
+    """A failure that takes a millisecond is no throughput: no rate before the first screened exam,
+    and the summary's rate is the one the last progress line showed."""
+    state = cohort.CohortProgress(total=3, started=100.0)
+    state.failed = 1
+    assert "exams/min" not in state.line()
+    state.done, state.last_done_at = 2, 130.0  # two screened in 30 s
+    assert " · 4.0 exams/min" in state.line()
+    summary = cohort.CohortSummary(exams=3, done=2, failed=1, unfinished=0, screened_now=2, failed_now=1,
+                                   skipped_now=0, seconds=31.5, workers="in-process",
+                                   screening_seconds=state.last_done_at - state.started)
+    assert summary.exams_per_minute == state.exams_per_minute() == 4.0
+    assert ", 4.0 exams/min" in summary.text() and summary.to_dict()["this_run"]["exams_per_minute"] == 4.0
+
+
+def test_a_usage_error_names_the_program_once(capsys):
+    from VertebralFractureScreenLib.cli import main
+
+    assert main(["screen", "ct.nii.gz", "--bogus"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("vfscreen") == 2 and err.startswith("vfscreen: unrecognized arguments: --bogus"), err

@@ -498,3 +498,19 @@ def test_a_ctrl_c_while_a_local_cluster_starts_is_held_until_it_has_started():
             seen["started"] = True
     assert seen["started"] and signal.SIGINT in seen["mask"]
     assert signal.getsignal(signal.SIGINT) is handler and signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+def test_a_read_only_output_folder_that_exists_is_named_as_such(small, tmp_path):
+    """Not "cannot create" a folder that is there: the sentence says it cannot be written into."""
+    inputs, out = exam_files(small, tmp_path / "in", "a"), tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        run = subprocess.run(without_root_powers(cli_command("cohort", str(inputs), "--out", str(out), *LEVELS)),
+                             capture_output=True, text=True, timeout=120)
+        if run.returncode == 0:
+            pytest.skip("this process writes into a read-only folder anyway")
+        assert run.returncode == 2 and "Traceback" not in run.stderr
+        assert run.stderr.strip() == f"vfscreen: cannot write into the output folder {out}: Permission denied."
+    finally:
+        out.chmod(0o755)

@@ -37,7 +37,7 @@ class _ArgumentParser(argparse.ArgumentParser):
     """argparse that reports usage errors as one sentence (exit 2), like every other input error."""
 
     def error(self, message):
-        raise VFSError(f"{self.prog}: {message} (see '{self.prog} --help').")
+        raise VFSError(f"{message} (see '{self.prog} --help').")  # main() prefixes "vfscreen: "
 
 
 def _floats(text: str, count: int, name: str) -> tuple[float, ...]:

@@ -227,10 +227,16 @@ class CohortSummary:
     failed_environment: int = 0
     """Of ``failed``: the exams that failed because of the environment (a re-run retries them)."""
 
+    screening_seconds: float = float("nan")
+    """From the run's start to its last screened exam: the time :attr:`exams_per_minute` divides by."""
+
     @property
     def exams_per_minute(self) -> float:
-        worked = self.screened_now + self.failed_now
-        return 60.0 * worked / self.seconds if self.seconds > 0 and worked else float("nan")
+        """Exams screened per minute in this run (failures, often instant, are no throughput), the
+        rate the last progress line showed; NaN when none was screened."""
+        if not self.screened_now or not self.screening_seconds > 0:
+            return float("nan")
+        return 60.0 * self.screened_now / self.screening_seconds
 
     def to_dict(self) -> dict:
         return {
@@ -839,6 +845,14 @@ class CohortProgress:
     skipped: int = 0
     started: float = field(default_factory=time.perf_counter)
     last: ExamOutcome | None = None
+    last_done_at: float = float("nan")
+    """When the last exam was screened (``time.perf_counter``)."""
+
+    def exams_per_minute(self) -> float:
+        """Exams screened per minute so far (NaN before the first): failures are left out, since
+        one that fails at once would make the rate absurd."""
+        elapsed = self.last_done_at - self.started
+        return 60.0 * self.done / elapsed if self.done and elapsed > 0 else float("nan")
 
     @property
     def finished(self) -> int:
@@ -856,8 +870,7 @@ class CohortProgress:
         return elapsed / self.worked * (self.total - self.finished)
 
     def line(self) -> str:
-        elapsed = time.perf_counter() - self.started
-        rate = f" · {60 * self.worked / elapsed:.1f} exams/min" if self.worked and elapsed > 0 else ""
+        rate = "" if math.isnan(self.exams_per_minute()) else f" · {self.exams_per_minute():.1f} exams/min"
         eta = self.eta_seconds()
         eta_text = "" if math.isnan(eta) else f" · ETA {_duration(eta)}"
         width = len(str(self.total))
@@ -1007,7 +1020,8 @@ def run_cohort(inputs, out, *, settings: CohortSettings | None = None, workers: 
     try:
         (out / EXAMS_FOLDER).mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise InputError(f"cannot create the output folder {out}: {error.strerror or error}.") from None
+        what = "write into the output folder" if out.is_dir() else "create the output folder"
+        raise InputError(f"cannot {what} {out}: {error.strerror or error}.") from None
     handler = _log_to(out)
     started = time.perf_counter()
     state = CohortProgress(total=len(exams))
@@ -1032,6 +1046,7 @@ def run_cohort(inputs, out, *, settings: CohortSettings | None = None, workers: 
         def record(outcome: ExamOutcome) -> None:
             if outcome.status == "done":
                 state.done += 1
+                state.last_done_at = time.perf_counter()
                 unrecorded.pop(outcome.exam_id, None)
                 log.info("%s done in %.1f s on %s%s", outcome.exam_id, outcome.seconds, outcome.worker,
                          f" (segmented on {outcome.segmented_on})" if outcome.segmented_on else "")
@@ -1086,7 +1101,8 @@ def _finish(exams, out: Path, state: CohortProgress, unrecorded: dict[str, ExamO
     done, failed, failed_environment = _write_tables(exams, out, unrecorded, model)
     summary = CohortSummary(exams=len(exams), done=done, failed=failed, unfinished=len(exams) - done - failed,
                             screened_now=state.done, failed_now=state.failed, skipped_now=state.skipped,
-                            seconds=time.perf_counter() - started, workers=mode, peak_rss_mib_per_worker=peaks,
+                            seconds=time.perf_counter() - started, screening_seconds=state.last_done_at - state.started,
+                            workers=mode, peak_rss_mib_per_worker=peaks,
                             out=str(out), failed_environment=failed_environment)
     try:
         _fault("summary")
