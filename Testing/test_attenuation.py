@@ -17,7 +17,7 @@ import pytest
 from VertebralFractureScreenLib import attenuation as at
 from VertebralFractureScreenLib import levels as lv
 from VertebralFractureScreenLib.grading import grade_spine
-from VertebralFractureScreenLib.imageio import read_ct, read_labelmap
+from VertebralFractureScreenLib.io.images import read_ct, read_labelmap
 from VertebralFractureScreenLib.morphometry import measure_heights
 from VertebralFractureScreenLib.phantom import TISSUES, Fracture, PhantomSpec, SpineScene, make_phantom
 

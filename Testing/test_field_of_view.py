@@ -15,9 +15,11 @@ import functools
 import numpy as np
 import pytest
 
-from VertebralFractureScreenLib import exam_inputs, imageio
+from VertebralFractureScreenLib import exam_inputs
 from VertebralFractureScreenLib import levels as lv
 from VertebralFractureScreenLib.grading import grade_spine
+from VertebralFractureScreenLib.io.images import write_volume
+from VertebralFractureScreenLib.io.volume import Volume
 from VertebralFractureScreenLib.morphometry import measure_heights
 from VertebralFractureScreenLib.phantom import Fracture, PhantomSpec, make_phantom
 
@@ -123,10 +125,10 @@ def test_a_cropped_segmentation_cuts_like_the_field_of_view(spine, tmp_path):
     made = spine["made"]
     boxes = _boxes(made, spine["spacing"])
     ct_path, seg_path = tmp_path / "ct.nrrd", tmp_path / "seg.nii.gz"
-    imageio.write_volume(ct_path, imageio.Volume(made.ct, made.ijk_to_ras), compress=False)
+    write_volume(ct_path, Volume(made.ct, made.ijk_to_ras), compress=False)
     for part, expect_complete in (("anterior body wall", False), ("spinous process", True)):
         labels, ijk_to_ras = _crop(made.total, made.ijk_to_ras, boxes[part])
-        imageio.write_volume(seg_path, imageio.Volume(labels, ijk_to_ras))
+        write_volume(seg_path, Volume(labels, ijk_to_ras))
         inputs = exam_inputs.load_exam(ct_path, seg_path)
         assert inputs.labels.array.shape == made.ct.shape and inputs.label_grid is not None
         heights, grade = _measure(inputs.ct.array, inputs.labels.array, inputs.ct.ijk_to_ras, inputs.label_grid)["L1"]
@@ -149,10 +151,10 @@ def test_muscle_slabs_cut_by_a_cropped_segmentation_are_flagged(tmp_path):
 
     made = _spine(3.0, (0.0, 0.0, 0.0))["made"]
     ct_path, whole_path, seg_path = tmp_path / "ct.nrrd", tmp_path / "whole.nii.gz", tmp_path / "seg.nii.gz"
-    imageio.write_volume(ct_path, imageio.Volume(made.ct, made.ijk_to_ras), compress=False)
-    imageio.write_volume(whole_path, imageio.Volume(made.total, made.ijk_to_ras))
+    write_volume(ct_path, Volume(made.ct, made.ijk_to_ras), compress=False)
+    write_volume(whole_path, Volume(made.total, made.ijk_to_ras))
     labels, ijk_to_ras = _crop(made.total, made.ijk_to_ras, _boxes(made, 3.0)["spinous process"])
-    imageio.write_volume(seg_path, imageio.Volume(labels, ijk_to_ras))
+    write_volume(seg_path, Volume(labels, ijk_to_ras))
     whole = screen_exam(ct_path, seg=whole_path, exam_id="whole")
     cropped = screen_exam(ct_path, seg=seg_path, exam_id="cropped")
     grade = {row["level"]: row["genant_grade"] for row in whole.vertebrae}

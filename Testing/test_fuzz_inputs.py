@@ -21,7 +21,9 @@ import numpy as np
 import pytest
 
 from VertebralFractureScreenLib.errors import InputError
-from VertebralFractureScreenLib.imageio import Volume, read_ct, read_labelmap, write_segmentation_nrrd, write_volume
+from VertebralFractureScreenLib.io.images import read_ct, read_labelmap, write_volume
+from VertebralFractureScreenLib.io.seg_nrrd import write_segmentation_nrrd
+from VertebralFractureScreenLib.io.volume import Volume
 from VertebralFractureScreenLib.model import demo_model_path, load_model
 
 from test_hostile_headers import AXIAL, matrix, small_ct, small_labels, write_dicom_series

@@ -21,13 +21,9 @@ import pytest
 
 from VertebralFractureScreenLib import cli, levels
 from VertebralFractureScreenLib.errors import InputError
-from VertebralFractureScreenLib.imageio import (
-    Volume,
-    read_ct,
-    read_labelmap,
-    write_segmentation_nrrd,
-    write_volume,
-)
+from VertebralFractureScreenLib.io.images import read_ct, read_labelmap, write_volume
+from VertebralFractureScreenLib.io.seg_nrrd import write_segmentation_nrrd
+from VertebralFractureScreenLib.io.volume import Volume
 
 # NIfTI-1 header fields (byte offsets)
 DIM, DATATYPE, BITPIX, PIXDIM, VOX_OFFSET = 40, 70, 72, 76, 108

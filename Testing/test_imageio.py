@@ -1,4 +1,4 @@
-"""Tests of the file I/O layer (imageio): orientations, resampling, Slicer segmentations, DICOM.
+"""Tests of the file I/O layer (the io package): orientations, resampling, Slicer segmentations, DICOM.
 
 Geometry truths are computed independently in the tests (voxel centres from the 4x4 matrices the
 tests build, NIfTI sform and NRRD headers parsed from the bytes on disk), never taken from the
@@ -20,16 +20,11 @@ import SimpleITK as sitk
 
 from VertebralFractureScreenLib import geometry, levels
 from VertebralFractureScreenLib.errors import InputError
-from VertebralFractureScreenLib.imageio import (
-    LabelMapWarning,
-    Volume,
-    is_dicom_folder,
-    read_ct,
-    read_labelmap,
-    resample_labelmap,
-    write_segmentation_nrrd,
-    write_volume,
-)
+from VertebralFractureScreenLib.io.dicom import is_dicom_folder
+from VertebralFractureScreenLib.io.images import read_ct, read_labelmap, resample_labelmap, write_volume
+from VertebralFractureScreenLib.io.labels import LabelMapWarning
+from VertebralFractureScreenLib.io.seg_nrrd import write_segmentation_nrrd
+from VertebralFractureScreenLib.io.volume import Volume
 
 # Values exactly representable in float32, so NIfTI (single precision) stores them exactly.
 SPACING = (0.75, 1.25, 2.0)
@@ -288,14 +283,14 @@ def test_resample_flipped_permuted_shifted_grid_is_exact():
 def test_resample_paths_agree_on_whole_voxel_grids():
     """SimpleITK's resampler (general path) and array indexing (fast path) must agree exactly
     when voxel centres coincide."""
-    from VertebralFractureScreenLib import imageio
+    from VertebralFractureScreenLib.io.images import resample_by_indexing, resample_by_sitk
 
     source = sampled_phantom(label_grid(), (40, 40, 40))
     _, matrix = restore_as(np.zeros((40, 40, 40), np.uint8), label_grid(), flip=(0, 2), transpose=(2, 1, 0))
     matrix[:3, 3] += matrix[:3, :3] @ np.array([-2.0, 6.0, 1.0])
     reference = Volume(np.zeros((41, 30, 44), np.int16), matrix)
-    fast = imageio._resample_by_indexing(source, reference)
-    general = imageio._resample_by_sitk(source, reference)
+    fast = resample_by_indexing(source, reference)
+    general = resample_by_sitk(source, reference)
     assert fast is not None and fast.any()
     np.testing.assert_array_equal(fast, general)
 
@@ -768,14 +763,14 @@ def test_nifti_read_directly_matches_simpleitk(tmp_path, orientation, extension)
     geometry."""
     import SimpleITK as sitk
 
-    from VertebralFractureScreenLib.imageio import _read_nifti_directly
+    from VertebralFractureScreenLib.io.nifti import read_nifti_directly
 
     rng = np.random.default_rng(3)
     ijk_to_ras = geometry.make_ijk_to_ras((0.7, 0.8, 2.5), (10.0, -20.0, 30.0), ORIENTATIONS[orientation])
     ct = Volume(rng.integers(-1024, 2000, size=(7, 9, 11)).astype(np.int16), ijk_to_ras)
     path = tmp_path / f"ct{extension}"
     write_volume(path, ct)
-    direct = _read_nifti_directly(path, "CT")
+    direct = read_nifti_directly(path, "CT")
     assert direct is not None and direct[0].dtype == np.int16
     np.testing.assert_array_equal(direct[0], sitk.GetArrayFromImage(sitk.ReadImage(str(path))))
     np.testing.assert_allclose(direct[1], ijk_to_ras, atol=1e-4)
@@ -784,7 +779,7 @@ def test_nifti_read_directly_matches_simpleitk(tmp_path, orientation, extension)
 
 def test_scaled_nifti_is_read_through_simpleitk(tmp_path):
     """A NIfTI with a rescale slope is left to SimpleITK, which applies it."""
-    from VertebralFractureScreenLib.imageio import _read_nifti_directly
+    from VertebralFractureScreenLib.io.nifti import read_nifti_directly
 
     ct = Volume(np.arange(7 * 9 * 11, dtype=np.int16).reshape(7, 9, 11) - 300, geometry.make_ijk_to_ras(
         (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), ORIENTATIONS["ras"]))
@@ -793,5 +788,5 @@ def test_scaled_nifti_is_read_through_simpleitk(tmp_path):
     data = bytearray(path.read_bytes())
     data[112:116] = struct.pack("<f", 2.0)  # scl_slope
     path.write_bytes(bytes(data))
-    assert _read_nifti_directly(path, "CT") is None
+    assert read_nifti_directly(path, "CT") is None
     np.testing.assert_array_equal(read_ct(path).array, ct.array.astype(np.int32) * 2)

@@ -66,7 +66,7 @@ def test_a_float_ct_with_one_nan_voxel_is_refused(example):
     """One NaN voxel that the strided plausibility sample misses: one sentence, not an internal
     error later (issue 26)."""
     from VertebralFractureScreenLib.exam_inputs import check_ct
-    from VertebralFractureScreenLib.imageio import Volume
+    from VertebralFractureScreenLib.io.volume import Volume
 
     array = np.concatenate([np.asarray(example.ct.array, dtype=np.float32)] * 3)  # 336 slices
     array[1, 1, 1] = np.nan  # the sample takes every second slice from slice 0
@@ -78,7 +78,8 @@ def test_a_float_ct_with_one_nan_voxel_is_refused(example):
 def test_a_slicer_segmentation_without_vertebra_segments_gets_naming_advice(example, tmp_path):
     """A ``.seg.nrrd`` whose segments are named otherwise: the sentence says how to name them,
     not to try ``--labels verse``, which changes nothing for named segments (issue 26)."""
-    from VertebralFractureScreenLib.imageio import Volume, write_segmentation_nrrd
+    from VertebralFractureScreenLib.io.seg_nrrd import write_segmentation_nrrd
+    from VertebralFractureScreenLib.io.volume import Volume
 
     labels = np.asarray(example.labels.array)
     path = tmp_path / "renamed.seg.nrrd"

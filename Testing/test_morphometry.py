@@ -158,7 +158,7 @@ def test_real_example_ct(example_data):
     """TotalSegmentator's example CT (3 mm, T11–S1): L1–L5 complete and graded, none grade ≥ 2;
     T11 and T12, cut by the field of view, incomplete and never graded."""
     from VertebralFractureScreenLib.grading import grade_spine
-    from VertebralFractureScreenLib.imageio import read_ct, read_labelmap
+    from VertebralFractureScreenLib.io.images import read_ct, read_labelmap
 
     ct = read_ct(example_data / "example_ct.nii.gz")
     labels = read_labelmap(example_data / "spine_report" / "totalseg.nii.gz", reference=ct)
@@ -183,7 +183,7 @@ def test_no_negative_height_on_a_vertebra_cut_by_the_field_of_view(example_data)
     below the inferior one has no height (NaN, ``endplates_cross``, no line); no vertebra reports
     a height <= 0. (With the frames of an earlier version T11's anterior endplates crossed here;
     its frame now leaves T11's cut body out of the spine's centre line, and they do not.)"""
-    from VertebralFractureScreenLib.imageio import read_ct, read_labelmap
+    from VertebralFractureScreenLib.io.images import read_ct, read_labelmap
 
     ct = read_ct(example_data / "example_ct_dicom")
     labels = read_labelmap(example_data / "example_seg_dicom.nii.gz", reference=ct)

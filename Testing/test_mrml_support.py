@@ -94,7 +94,7 @@ def test_phantom_files_load_with_slicer_geometry(mrml, tmp_path):
     """The library's phantom writer and Slicer's readers agree on voxels, oblique geometry and
     segment IDs (what the module's "Make phantom" button and self-test rely on)."""
     phantom = pytest.importorskip("VertebralFractureScreenLib.phantom")
-    pytest.importorskip("VertebralFractureScreenLib.imageio")
+    pytest.importorskip("VertebralFractureScreenLib.io.images")
     from VertebralFractureScreenLib.levels import TOTAL_CLASS_NAMES, TOTAL_VERTEBRA_IDS
 
     spec = phantom.PhantomSpec(levels=("L1", "L2"), spacing=(2.5, 2.5, 2.5), supersampling=1,

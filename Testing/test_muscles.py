@@ -16,7 +16,7 @@ import pytest
 from VertebralFractureScreenLib import levels as lv
 from VertebralFractureScreenLib import muscles as mu
 from VertebralFractureScreenLib.geometry import make_ijk_to_ras, rotation_matrix
-from VertebralFractureScreenLib.imageio import read_ct, read_labelmap
+from VertebralFractureScreenLib.io.images import read_ct, read_labelmap
 from VertebralFractureScreenLib.morphometry import VertebraFrame, VertebraHeights, measure_heights
 from VertebralFractureScreenLib.phantom import Fracture, PhantomSpec, make_phantom
 

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from VertebralFractureScreenLib import imageio
 from VertebralFractureScreenLib import levels as lv
 from VertebralFractureScreenLib.cli import main
 from VertebralFractureScreenLib.errors import InputError
+from VertebralFractureScreenLib.io.images import read_ct, read_labelmap, write_volume
+from VertebralFractureScreenLib.io.volume import Volume
 from VertebralFractureScreenLib.phantom import Fracture, PhantomSpec, write_phantom
 from VertebralFractureScreenLib.screening import MUSCLE_COLUMNS, VERTEBRA_COLUMNS, screen_exam
 
@@ -113,9 +114,9 @@ def test_screen_writes_the_spec_files(screened, truth):
 
 
 def test_paths_and_in_memory_arrays_give_the_same_numbers(phantom_files, screened):
-    ct = imageio.read_ct(phantom_files["ct"])
-    total = imageio.read_labelmap(phantom_files["total"], ct).array
-    body = imageio.read_labelmap(phantom_files["vertebrae_body"], ct).array
+    ct = read_ct(phantom_files["ct"])
+    total = read_labelmap(phantom_files["total"], ct).array
+    body = read_labelmap(phantom_files["vertebrae_body"], ct).array
     result = screen_exam(ct, seg=total, body_seg=body, exam_id="p1")
     _, rows = read_csv(screened / "vertebrae.csv")
     for row, mine in zip(rows, result.vertebrae):
@@ -194,7 +195,7 @@ def run_bad(capsys, tmp_path, args, inputs, expect: str):
 
 
 def write(volume_array, ijk_to_ras, path: Path) -> Path:
-    imageio.write_volume(path, imageio.Volume(volume_array, ijk_to_ras))
+    write_volume(path, Volume(volume_array, ijk_to_ras))
     return path
 
 
@@ -216,7 +217,7 @@ def test_not_a_3d_image(capsys, tmp_path, phantom_files):
 
 
 def test_not_ct_constant_and_empty_volumes(capsys, tmp_path, phantom_files):
-    ct = imageio.read_ct(phantom_files["ct"])
+    ct = read_ct(phantom_files["ct"])
     # An MR-like image: positive intensities only, no fat or air in HU.
     mr = write((ct.array.astype(np.float32) + 1100.0) * 0.5, ct.ijk_to_ras, tmp_path / "mr.nii.gz")
     run_bad(capsys, tmp_path, [mr, "--seg", phantom_files["total"]], [mr], "Hounsfield")
@@ -227,7 +228,7 @@ def test_not_ct_constant_and_empty_volumes(capsys, tmp_path, phantom_files):
 
 
 def test_segmentation_of_another_patient_or_grid(capsys, tmp_path, phantom_files):
-    total = imageio.read_labelmap(phantom_files["total"])
+    total = read_labelmap(phantom_files["total"])
     moved = total.ijk_to_ras.copy()
     moved[:3, 3] += 2000.0  # 2 m away: no overlap with the CT
     far = write(total.array, moved, tmp_path / "far.nii.gz")
@@ -235,7 +236,7 @@ def test_segmentation_of_another_patient_or_grid(capsys, tmp_path, phantom_files
 
 
 def test_no_vertebra_labels_and_wrong_convention(capsys, tmp_path, phantom_files):
-    total = imageio.read_labelmap(phantom_files["total"])
+    total = read_labelmap(phantom_files["total"])
     aorta_only = write(np.where(total.array == lv.TOTAL_AORTA, total.array, 0).astype(np.uint8), total.ijk_to_ras,
                        tmp_path / "aorta.nii.gz")
     message = run_bad(capsys, tmp_path, [phantom_files["ct"], "--seg", aorta_only], [aorta_only], "no vertebra labels")
@@ -278,8 +279,8 @@ def test_bad_options_are_one_sentence(capsys, tmp_path, phantom_files):
 
 def test_input_errors_from_the_library(phantom_files):
     with pytest.raises(InputError, match="constant"):
-        ct = imageio.read_ct(phantom_files["ct"])
-        screen_exam(imageio.Volume(np.zeros(ct.shape, np.int16), ct.ijk_to_ras), seg=phantom_files["total"])
+        ct = read_ct(phantom_files["ct"])
+        screen_exam(Volume(np.zeros(ct.shape, np.int16), ct.ijk_to_ras), seg=phantom_files["total"])
 
 
 def test_demo_runs_and_reports_the_truth(capsys, tmp_path):

@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from VertebralFractureScreenLib import imageio, levels, segmentation
+from VertebralFractureScreenLib import levels, segmentation
 from VertebralFractureScreenLib.errors import DependencyError, InputError, VFSError
+from VertebralFractureScreenLib.io.images import read_ct, read_labelmap, write_volume
+from VertebralFractureScreenLib.io.volume import Volume
 
 import fake_totalseg_weights as fake  # Testing/ is on sys.path under pytest, as for mrml_support
 from totalseg_offline import needs_totalsegmentator, phantom_ct, set_offline_environment
@@ -52,7 +54,7 @@ def screened(offline, trap):
     """One `fast` run with the `vertebrae_body` task on an NRRD CT on an oblique grid (the CT
     goes through our reader, as DICOM would), with the default classes and settings."""
     ct_path = offline["root"] / "ct.nrrd"
-    imageio.write_volume(ct_path, phantom_ct("oblique"))
+    write_volume(ct_path, phantom_ct("oblique"))
     out = offline["root"] / "screen"
     result = segmentation.segment_ct(ct_path, out, quality="fast", body=True)
     return {"ct_path": ct_path, "out": out, "result": result, "requests": list(trap.requests),
@@ -65,7 +67,7 @@ def subset_run(screened, offline, trap):
     aorta, the 3 mm model predicts L1 everywhere, and TotalSegmentator must drop it. Usage
     statistics are switched on here, to see that the switch really controls the sending."""
     ct_path = offline["root"] / "ct_lps.nii.gz"
-    imageio.write_volume(ct_path, phantom_ct("LPS"))
+    write_volume(ct_path, phantom_ct("LPS"))
     out = offline["root"] / "subset"
     before = len(trap.requests)
     result = segmentation.segment_ct(ct_path, out, quality="fast", classes=("spinal_cord", "aorta"),
@@ -94,7 +96,7 @@ def tiny_ct(tmp_path) -> Path:
     path = tmp_path / "ct.nii.gz"
     rng = np.random.default_rng(0)
     array = rng.integers(-100, 400, (6, 8, 7)).astype(np.int16)
-    imageio.write_volume(path, imageio.Volume(array, np.diag([2.0, 2.0, 3.0, 1.0])))
+    write_volume(path, Volume(array, np.diag([2.0, 2.0, 3.0, 1.0])))
     return path
 
 
@@ -103,7 +105,7 @@ def test_missing_totalsegmentator_is_one_sentence_saying_how_to_install(tiny_ct,
     with pytest.raises(DependencyError) as caught:
         segmentation.segment_ct(tiny_ct, tmp_path / "out", quality="fast")
     message = str(caught.value)
-    assert 'pip install "vertebral-fracture-screen[segment]"' in message
+    assert "vfscreen setup-segmentation" in message
     assert "\n" not in message and message.count(". ") == 0 and message.endswith(".")
     assert not (tmp_path / "out" / segmentation.TOTAL_FILE).exists()
 
@@ -191,8 +193,8 @@ def test_unknown_class_is_a_programming_error(tiny_ct, tmp_path):
 @needs_totalsegmentator
 def test_total_map_has_the_model_s_label_on_the_ct_grid(screened):
     result = screened["result"]
-    ct = imageio.read_ct(screened["ct_path"])
-    total = imageio.read_labelmap(result.total_path)
+    ct = read_ct(screened["ct_path"])
+    total = read_labelmap(result.total_path)
     assert result.total_path == screened["out"] / segmentation.TOTAL_FILE
     assert total.same_grid(ct, tol=1e-3)  # oblique grid, written as NIfTI
     assert total.array.dtype == np.uint8
@@ -204,9 +206,9 @@ def test_total_map_has_the_model_s_label_on_the_ct_grid(screened):
 @needs_totalsegmentator
 def test_vertebrae_body_map_is_written_beside_it(screened):
     result = screened["result"]
-    body = imageio.read_labelmap(result.body_path)
+    body = read_labelmap(result.body_path)
     assert result.body_path == screened["out"] / segmentation.BODY_FILE
-    assert body.same_grid(imageio.read_ct(screened["ct_path"]), tol=1e-3)
+    assert body.same_grid(read_ct(screened["ct_path"]), tol=1e-3)
     assert np.all(body.array == BODY)
 
 
@@ -250,7 +252,7 @@ def test_a_repeated_run_reuses_the_segmentation(screened):
     assert (again.total_path, again.body_path, again.present) == (screened["result"].total_path,
                                                                  screened["result"].body_path, ("vertebrae_L1",))
     # the same voxels given as a Volume are the same CT; without body the body map is not returned
-    volume = imageio.read_ct(screened["ct_path"])
+    volume = read_ct(screened["ct_path"])
     without_body = segmentation.segment_ct(volume, out, quality="fast")
     assert without_body.reused and without_body.body_path is None
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
@@ -262,8 +264,8 @@ def test_another_ct_or_quality_is_segmented_again(screened, tmp_path, monkeypatc
     call must ask for them (it would have returned at once had it reused)."""
     monkeypatch.setenv("TOTALSEG_WEIGHTS_PATH", str(tmp_path))  # empty: nothing can run
     out = screened["out"]
-    volume = imageio.read_ct(screened["ct_path"])
-    changed = imageio.Volume(volume.array.copy(), volume.ijk_to_ras)
+    volume = read_ct(screened["ct_path"])
+    changed = Volume(volume.array.copy(), volume.ijk_to_ras)
     changed.array[0, 0, 0] += 1
     with pytest.raises(DependencyError, match="total_fast"):
         segmentation.segment_ct(changed, out, quality="fast")
@@ -277,8 +279,8 @@ def test_another_ct_or_quality_is_segmented_again(screened, tmp_path, monkeypatc
 @needs_totalsegmentator
 def test_roi_subset_keeps_only_the_requested_classes(subset_run):
     result = subset_run["result"]
-    total = imageio.read_labelmap(result.total_path)
-    assert total.same_grid(imageio.read_ct(subset_run["ct_path"]), tol=1e-3)
+    total = read_labelmap(result.total_path)
+    assert total.same_grid(read_ct(subset_run["ct_path"]), tol=1e-3)
     assert np.all(total.array == 0)  # the model said L1 everywhere, which was not asked for
     assert result.classes == ("aorta", "spinal_cord") and result.present == ()
     assert result.body_path is None and not (subset_run["out"] / segmentation.BODY_FILE).exists()
@@ -321,7 +323,7 @@ def test_vfscreen_screen_without_seg_segments_then_screens(offline, trap, tmp_pa
     from VertebralFractureScreenLib.cli import main
 
     ct_path = tmp_path / "ct.nii.gz"
-    imageio.write_volume(ct_path, phantom_ct("RAS"))
+    write_volume(ct_path, phantom_ct("RAS"))
     out = tmp_path / "out"
     requests_before = len(trap.requests)
     assert main(["screen", str(ct_path), "--out", str(out), "--quality", "fast", "--body"]) == 0, capsys.readouterr().err

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from VertebralFractureScreenLib import errors, imageio, levels, segmentation
+from VertebralFractureScreenLib import errors, levels, segmentation
 from VertebralFractureScreenLib.errors import DependencyError, InputError, SegmentationError, VFSError
+from VertebralFractureScreenLib.io.images import read_ct, read_labelmap, write_volume
 from VertebralFractureScreenLib.segmentation_job import (SegmentationCancelled, SegmentationJob, remove_half_made,
                                                           main, run_job)
 
@@ -106,7 +107,7 @@ def offline(tmp_path_factory, trap):
     fake.write_fake_total_fast_weights(weights, label=L1, crop_label=AORTA)
     home.mkdir()
     ct_path = root / "ct.nii.gz"
-    imageio.write_volume(ct_path, phantom_ct("RAS"))
+    write_volume(ct_path, phantom_ct("RAS"))
     return {"root": root, "weights": weights, "home": home, "ct": ct_path, "env": offline_env(weights, home, trap)}
 
 
@@ -134,9 +135,9 @@ def test_a_job_segments_in_a_child_process_while_the_caller_stays_responsive(off
     assert not any(line.startswith("VFS-") for line in lines)  # the protocol line is not log
     assert running_at_events.count(True) >= 10  # called all along while the child ran
     # The label map is what the fake 3 mm model predicts, on the CT's grid.
-    total = imageio.read_labelmap(result.total_path)
+    total = read_labelmap(result.total_path)
     assert result.total_path == out / segmentation.TOTAL_FILE
-    assert total.same_grid(imageio.read_ct(offline["ct"]), tol=1e-3)
+    assert total.same_grid(read_ct(offline["ct"]), tol=1e-3)
     assert np.all(total.array == L1)
     assert result.present == ("vertebrae_L1",) and result.quality == "fast" and not result.reused
     assert result.body_path is None and result.manifest_path == out / segmentation.MANIFEST_FILE
@@ -216,7 +217,7 @@ def test_missing_weights_are_one_sentence_from_the_child_and_nothing_is_fetched(
     weights, home, out = tmp_path / "weights", tmp_path / "home", tmp_path / "out"
     weights.mkdir()
     ct_path = tmp_path / "ct.nii.gz"
-    imageio.write_volume(ct_path, phantom_ct("RAS"))
+    write_volume(ct_path, phantom_ct("RAS"))
     before = len(trap.requests)
     job = SegmentationJob(ct_path, out, quality="fast", env=offline_env(weights, home, trap))
     with pytest.raises(DependencyError) as caught:

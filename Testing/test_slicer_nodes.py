@@ -16,7 +16,7 @@ slicer = pytest.importorskip("slicer", reason="slicer (the slicer-core wheel) is
 
 from mrml_support import ijk_to_ras, make_mrml_scene, segment_ids  # noqa: E402
 from VertebralFractureScreenLib import screening, slicer_nodes, slicer_results  # noqa: E402
-from VertebralFractureScreenLib.imageio import Volume  # noqa: E402
+from VertebralFractureScreenLib.io.volume import Volume  # noqa: E402
 from VertebralFractureScreenLib.levels import TOTAL_CLASS_NAMES, TOTAL_VERTEBRA_IDS  # noqa: E402
 from VertebralFractureScreenLib.phantom import Fracture, PhantomSpec, make_phantom, write_phantom  # noqa: E402
 
@@ -221,7 +221,7 @@ def test_add_data_label_map_matched_by_label_values(mrml, phantom_files):
 
 def test_segments_matched_by_terminology_only(mrml, phantom_files):
     """Segment IDs that are not class names: the terminology decides; names never do alone."""
-    from VertebralFractureScreenLib.imageio import terminology_for
+    from VertebralFractureScreenLib.io.labels import terminology_for
 
     paths, reference = phantom_files
     volume = mrml.load_volume(paths["ct"], name="ct")

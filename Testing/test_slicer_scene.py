@@ -19,7 +19,7 @@ slicer = pytest.importorskip("slicer", reason="slicer (the slicer-core wheel) is
 
 from mrml_support import make_mrml_scene, segment_ids  # noqa: E402
 from VertebralFractureScreenLib import screening, slicer_nodes, slicer_results, slicer_segmentation  # noqa: E402
-from VertebralFractureScreenLib.imageio import read_labelmap  # noqa: E402
+from VertebralFractureScreenLib.io.images import read_labelmap  # noqa: E402
 from VertebralFractureScreenLib.levels import TOTAL_CLASS_NAMES, TOTAL_VERTEBRA_IDS  # noqa: E402
 from VertebralFractureScreenLib.phantom import Fracture, PhantomSpec, write_phantom  # noqa: E402
 

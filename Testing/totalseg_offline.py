@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from VertebralFractureScreenLib import imageio, phantom
+from VertebralFractureScreenLib import phantom
+from VertebralFractureScreenLib.io.volume import Volume
 
 HAVE_TOTALSEGMENTATOR = all(importlib.util.find_spec(name) is not None
                             for name in ("torch", "nnunetv2", "totalsegmentator"))
@@ -25,13 +26,13 @@ needs_totalsegmentator = pytest.mark.skipif(
 )
 
 
-def phantom_ct(orientation: str) -> imageio.Volume:
+def phantom_ct(orientation: str) -> Volume:
     """A small L1 phantom at 3 mm. The noise leaves no plane of exactly 0 HU at the border, which
     nnU-Net would crop away as background before predicting."""
     spec = phantom.PhantomSpec(levels=("L1",), spacing=(3.0, 3.0, 3.0), grid_orientation=orientation,
                                noise_hu=20.0, supersampling=1)
     ph = phantom.make_phantom(spec)
-    return imageio.Volume(ph.ct, ph.ijk_to_ras)
+    return Volume(ph.ct, ph.ijk_to_ras)
 
 
 class ConnectionTrap:

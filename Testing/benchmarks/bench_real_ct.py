@@ -19,7 +19,7 @@ from pathlib import Path
 
 from VertebralFractureScreenLib import attenuation, muscles
 from VertebralFractureScreenLib.grading import grade_spine
-from VertebralFractureScreenLib.imageio import read_ct, read_labelmap
+from VertebralFractureScreenLib.io.images import read_ct, read_labelmap
 from VertebralFractureScreenLib.morphometry import measure_heights
 
 REPO = Path(__file__).resolve().parents[2]

@@ -36,7 +36,7 @@ import _bench_common as bc  # noqa: E402
 from VertebralFractureScreenLib import levels as lv  # noqa: E402
 from VertebralFractureScreenLib import phantom as ph  # noqa: E402
 from VertebralFractureScreenLib.grading import grade_spine  # noqa: E402
-from VertebralFractureScreenLib.imageio import read_ct, read_labelmap  # noqa: E402
+from VertebralFractureScreenLib.io.images import read_ct, read_labelmap  # noqa: E402
 from VertebralFractureScreenLib.morphometry import measure_heights  # noqa: E402
 from VertebralFractureScreenLib.qc import QCVertebra, render_qc  # noqa: E402
 

@@ -177,7 +177,7 @@ class FractureModel:
 
     def save(self, path) -> Path:
         """Write the model file atomically."""
-        from .imageio import atomic_write_text
+        from .io.files import atomic_write_text
 
         path = Path(path).expanduser()
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")

@@ -19,10 +19,10 @@ for which CT (a SHA-256 of its voxels and grid). Every file is written atomicall
 last, so a file named in the manifest is complete. A later call with the same CT and settings
 reuses them instead of segmenting again; a changed CT or setting segments again.
 
-The label maps are written on the CT's own grid, exactly as :func:`.imageio.read_ct` reads it: the
-CT is handed to TotalSegmentator as an in-memory NIfTI image built from that array and matrix
-(any format :func:`.imageio.read_ct` reads works, DICOM and NRRD included), and its answer, which
-TotalSegmentator returns on the input's voxel grid, is written back with the same matrix.
+The label maps are written on the CT's own grid, exactly as :func:`.io.images.read_ct` reads it:
+the CT is handed to TotalSegmentator as an in-memory NIfTI image built from that array and matrix
+(any format :func:`.io.images.read_ct` reads works, DICOM and NRRD included), and its answer,
+which TotalSegmentator returns on the input's voxel grid, is written back with the same matrix.
 
 Usage statistics: TotalSegmentator sends anonymous usage statistics unless its ``config.json``
 (``~/.totalsegmentator``, or ``TOTALSEG_HOME_DIR``) says ``"send_usage_stats": false``. Unless
@@ -39,7 +39,8 @@ nnU-Net starts its worker processes with multiprocessing's *spawn* method: a scr
 inside a daemonic process (e.g. a ``multiprocessing.Pool`` worker).
 
 TotalSegmentator, nnU-Net and PyTorch are optional: install them with the ``segment`` extra
-(``pip install "vertebral-fracture-screen[segment]"``); they are imported only when a CT is segmented.
+(``vfscreen setup-segmentation`` installs them and the weights); they are imported only when a CT
+is segmented.
 """
 
 from __future__ import annotations
@@ -60,8 +61,11 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from . import imageio, levels
+from . import levels
 from .errors import DependencyError, InputError, SegmentationError, WeightsMissingError
+from .io.files import atomic_write_text
+from .io.images import read_ct, write_volume
+from .io.volume import Volume
 
 __all__ = [
     "SCREENING_CLASSES",
@@ -88,7 +92,8 @@ BODY_FILE = "vertebrae_body.nii.gz"
 MANIFEST_FILE = "segmentation.json"
 MANIFEST_FORMAT = "vfscreen-segmentation/1"
 
-INSTALL_COMMAND = 'pip install "vertebral-fracture-screen[segment]"'
+INSTALL_COMMAND = "vfscreen setup-segmentation"
+"""The one command that installs PyTorch, TotalSegmentator and its weights (:mod:`.segmentation_setup`)."""
 
 _DEVICE_PATTERN = re.compile(r"cpu|mps|gpu(?::\d+)?")
 
@@ -138,7 +143,8 @@ def _load_totalsegmentator() -> SimpleNamespace:
         reason = f"{name} is not installed" if isinstance(error, ImportError) and name else str(error).rstrip(".")
         raise DependencyError(
             f"Segmenting a CT needs TotalSegmentator, which cannot be loaded here ({reason}): install it with "
-            f"`{INSTALL_COMMAND}` (install PyTorch first if you need a particular CPU or CUDA build), "
+            f"`{INSTALL_COMMAND}` (with internet access; `--torch cu126` for a CUDA build, `--dry-run` to see "
+            "the commands), "
             "or give an existing segmentation instead."
         ) from None
     return SimpleNamespace(
@@ -219,8 +225,8 @@ def _missing_weights(ts, plan: list[tuple[str, list[int]]], quality: str) -> tup
 
 def _weights_sentence(ts, missing: list[str], commands: list[str], download_failed: bool) -> str:
     root = Path(ts.config.get_weights_dir())
-    how = (f"on a computer with internet access run `{' && '.join(commands)}` and copy the contents of its "
-           "~/.totalsegmentator/nnunet/results folder there")
+    how = (f"run `{INSTALL_COMMAND}` with internet access (or, on another computer, `{' && '.join(commands)}` and "
+           "copy its ~/.totalsegmentator/nnunet/results folder there)")
     if download_failed:
         return (f"TotalSegmentator could not download its model weights into {root} (missing {', '.join(missing)}): "
                 f"{how}, or set TOTALSEG_WEIGHTS_PATH to a folder that holds them.")
@@ -308,7 +314,7 @@ def _predict(ts, image, task: str, *, fast: bool, roi_subset, device: str, downl
 # ------------------------------------------------------------------------------------------------
 
 
-def _fingerprint(volume: imageio.Volume) -> str:
+def _fingerprint(volume: Volume) -> str:
     """SHA-256 of the CT's voxels, type, shape and grid (to 1e-4 mm)."""
     digest = hashlib.sha256()
     grid = (np.round(volume.ijk_to_ras, 4) + 0.0).tolist()  # + 0.0: no negative zeros
@@ -331,7 +337,7 @@ def _read_manifest(path: Path) -> dict | None:
 
 
 def _write_json_atomically(path: Path, data: dict) -> None:
-    imageio.atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _entry_usable(entry, out_dir: Path, **expected) -> bool:
@@ -365,8 +371,8 @@ def segment_ct(ct, out_dir, *, quality: str = "normal", device: str = "cpu", bod
     """Segment a CT with TotalSegmentator and write the label maps into ``out_dir``.
 
     Args:
-        ct: the CT: a path :func:`.imageio.read_ct` reads (NIfTI, NRRD, MetaImage, DICOM series
-            folder) or a :class:`.imageio.Volume` already read.
+        ct: the CT: a path :func:`.io.images.read_ct` reads (NIfTI, NRRD, MetaImage, DICOM series
+            folder) or a :class:`.io.volume.Volume` already read.
         out_dir: folder for :data:`TOTAL_FILE`, :data:`BODY_FILE` and :data:`MANIFEST_FILE`
             (created when absent).
         quality: ``"fast"`` (3 mm model) or ``"normal"`` (1.5 mm models).
@@ -405,8 +411,8 @@ def segment_ct(ct, out_dir, *, quality: str = "normal", device: str = "cpu", bod
     except OSError as error:
         raise InputError(f"cannot create the folder {out_dir}: {error.strerror or error}.") from None
 
-    volume = ct if isinstance(ct, imageio.Volume) else imageio.read_ct(ct, series_uid=series_uid)
-    source = None if isinstance(ct, imageio.Volume) else str(Path(ct).expanduser().resolve())
+    volume = ct if isinstance(ct, Volume) else read_ct(ct, series_uid=series_uid)
+    source = None if isinstance(ct, Volume) else str(Path(ct).expanduser().resolve())
     fingerprint = _fingerprint(volume)
     manifest_path, total_path, body_path = out_dir / MANIFEST_FILE, out_dir / TOTAL_FILE, out_dir / BODY_FILE
 
@@ -478,7 +484,7 @@ def segment_ct(ct, out_dir, *, quality: str = "normal", device: str = "cpu", bod
         extra = [label for label in np.flatnonzero(counts).tolist() if label and label not in names]
         if extra:
             raise SegmentationError(f"TotalSegmentator's {task} output holds labels it was not asked for: {extra}.")
-        imageio.write_volume(path, imageio.Volume(labels, volume.ijk_to_ras))
+        write_volume(path, Volume(labels, volume.ijk_to_ras))
         entry = {
             "file": path.name,
             "task": task,

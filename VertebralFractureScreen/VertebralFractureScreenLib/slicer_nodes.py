@@ -5,7 +5,7 @@ the CT's voxel grid as TotalSegmentator ``total`` ids and runs :func:`.screening
 the arrays in memory: the same measurements as ``vfscreen screen`` on the same data. The results
 go into the scene through :mod:`.slicer_results`.
 
-Segments are matched to structures by the one rule of :func:`.imageio.segment_structure` (also
+Segments are matched to structures by the one rule of :func:`.io.labels.segment_structure` (also
 used for ``.seg.nrrd`` files): by segment ID (a TotalSegmentator class name such as
 ``vertebrae_L1``), then by terminology (SNOMED CT code, or a type meaning such as ``L1 vertebra``),
 then, for a label map loaded with "Add data" (segment ``Segment_<n>`` with label value ``n``), by
@@ -26,8 +26,9 @@ import numpy as np
 
 from . import levels as lv
 from .errors import InputError
-from .imageio import LabelMapWarning, Volume, convention_ids
-from .imageio import segment_structure as _segment_structure_rule
+from .io.labels import LabelMapWarning, convention_ids
+from .io.labels import segment_structure as _segment_structure_rule
+from .io.volume import Volume
 from .screening import ScreeningResult, screen_exam
 
 @dataclass
@@ -44,7 +45,7 @@ class SegmentMatch:
 
 def segment_structure(segment_id: str, segment, known: dict[str, int]) -> tuple[str | None, str]:
     """(class name or None, reason when None) of one ``vtkSegment`` by
-    :func:`.imageio.segment_structure`: ID, terminology, then the label value of a generic ID."""
+    :func:`.io.labels.segment_structure`: ID, terminology, then the label value of a generic ID."""
     label_value = segment.GetLabelValue() if hasattr(segment, "GetLabelValue") else None
     return _segment_structure_rule(segment_id, segment.GetName() or "", _segment_terminology(segment), label_value,
                                    known)
@@ -82,7 +83,7 @@ def match_segments(segmentation_node, convention: str = "totalsegmentator") -> S
 
 
 def volume_from_node(volume_node) -> Volume:
-    """A scalar volume node as a :class:`~.imageio.Volume` (array ``[k, j, i]``, IJK→RAS in
+    """A scalar volume node as a :class:`~.io.volume.Volume` (array ``[k, j, i]``, IJK→RAS in
     world coordinates). A linear parent transform is applied; a non-linear one is refused."""
     import slicer
     import vtk

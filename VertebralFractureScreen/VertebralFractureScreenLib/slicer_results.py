@@ -285,7 +285,7 @@ def write_result_nodes(result: ScreeningResult, scene=None, *, volume_node=None,
 
 
 def _convention_ids(result: ScreeningResult) -> dict[str, int]:
-    from .imageio import convention_ids
+    from .io.labels import convention_ids
 
     return convention_ids(result.inputs.convention) if result.inputs is not None else {}
 

@@ -21,9 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import imageio
 from . import levels as lv
 from .geometry import find_label_boxes
+from .io.files import split_image_suffix
+from .io.images import read_labelmap, write_volume
+from .io.volume import Volume
 from .segmentation_job import SegmentationJob, run_job
 from .slicer_nodes import remove_node, segments_from_labels, volume_from_node
 
@@ -34,7 +36,7 @@ def class_color(label: int) -> tuple[float, float, float]:
     return colorsys.hsv_to_rgb((index * 0.618034) % 1.0, 0.6, 0.9)
 
 
-def labels_into_segmentation(segmentation_node, labels: imageio.Volume, names=None):
+def labels_into_segmentation(segmentation_node, labels: Volume, names=None):
     """Fill ``segmentation_node`` with one segment per label present in ``labels`` (ID and name
     the TotalSegmentator class name of ``names``, default the ``total`` classes). Returns the node."""
     names = lv.TOTAL_CLASS_NAMES if names is None else names
@@ -49,8 +51,8 @@ def load_total_segmentation(scene, path, reference_volume_node=None, name: str |
     """Read a TotalSegmentator ``total`` label map (NIfTI, NRRD or ``.seg.nrrd``), on the grid of
     ``reference_volume_node`` when given, into a new segmentation node; returns the node."""
     reference = volume_from_node(reference_volume_node) if reference_volume_node is not None else None
-    labels = imageio.read_labelmap(path, reference=reference)
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or imageio.split_image_suffix(Path(path).name)[0])
+    labels = read_labelmap(path, reference=reference)
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or split_image_suffix(Path(path).name)[0])
     try:
         node.CreateDefaultDisplayNodes()
         labels_into_segmentation(node, labels)
@@ -81,11 +83,11 @@ def segment_volume_node(volume_node, *, quality: str = "fast", device: str = "cp
     volume = volume_from_node(volume_node)
     with tempfile.TemporaryDirectory(prefix="vfs-slicer-segmentation-") as folder:
         ct_path = Path(folder) / "ct.nrrd"  # NRRD keeps the matrix in double precision
-        imageio.write_volume(ct_path, volume, compress=False)
+        write_volume(ct_path, volume, compress=False)
         job = SegmentationJob(ct_path, Path(folder) / "segmentation", quality=quality, device=device,
                               download=download, python=python, env=env)
         result = run_job(job, process_events=process_events, cancelled=cancelled, log=log)
-        labels = imageio.read_labelmap(result.total_path, reference=volume)
+        labels = read_labelmap(result.total_path, reference=volume)
     scene = volume_node.GetScene()
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or f"{volume_node.GetName()} TotalSegmentator")
     try:
