@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from scipy import ndimage
 
 from VertebralFractureScreenLib.geometry import find_label_boxes, mask_box
@@ -47,3 +48,40 @@ def test_mask_box_is_find_objects_of_the_mask():
             expected = ndimage.find_objects(mask.astype(np.uint8))
             assert mask_box(mask) == (expected[0] if expected else None)
     assert mask_box(np.zeros((4, 5, 6), dtype=bool)) is None
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory-lean helpers: the same answers as the whole-array computations they replace
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_chunked_distance_transform_is_scipy_s_bit_for_bit(seed):
+    from scipy import ndimage
+
+    from VertebralFractureScreenLib.geometry import distance_transform_edt
+
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(n) for n in rng.integers(1, 40, size=3))
+    mask = rng.random(shape) < rng.uniform(0.5, 0.99)
+    sampling = None if seed % 3 == 0 else tuple(rng.uniform(0.3, 3.0, size=3))
+    expected = ndimage.distance_transform_edt(mask, sampling=sampling)
+    np.testing.assert_array_equal(distance_transform_edt(mask, sampling=sampling), expected)
+
+
+def test_boxed_labels_crop_as_the_whole_map_would():
+    from VertebralFractureScreenLib.geometry import BoxedLabels
+
+    rng = np.random.default_rng(4)
+    whole = np.zeros((20, 24, 28), dtype=np.uint8)
+    whole[5:12, 8:15, 3:20] = rng.integers(0, 3, size=(7, 7, 17))
+    boxed = BoxedLabels.of(whole)
+    assert boxed.array.nbytes < whole.nbytes and boxed.shape == whole.shape and boxed.dtype == whole.dtype
+    for _ in range(200):
+        lo = rng.integers(0, whole.shape)
+        hi = [int(rng.integers(a, n + 1)) for a, n in zip(lo, whole.shape)]
+        crop = tuple(slice(int(a), b) for a, b in zip(lo, hi))
+        np.testing.assert_array_equal(boxed[crop], whole[crop])
+    np.testing.assert_array_equal(np.asarray(boxed), whole)
+    empty = BoxedLabels.of(np.zeros((4, 5, 6), dtype=np.uint8))
+    np.testing.assert_array_equal(empty[1:3, :, 2:], np.zeros((2, 5, 4), dtype=np.uint8))

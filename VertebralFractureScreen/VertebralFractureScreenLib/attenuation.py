@@ -70,7 +70,8 @@ import numpy as np
 from scipy import ndimage
 
 from . import levels as lv
-from .geometry import find_label_boxes, ras_to_ijk_points, voxel_extent_along, voxel_spacing, voxel_volume_ml
+from .geometry import (distance_transform_edt, find_label_boxes, ras_to_ijk_points, voxel_extent_along, voxel_spacing,
+                       voxel_volume_ml)
 
 ROI_MARGIN_MM = 3.0
 """Minimum distance (mm) of the ROI from the cortical surface and the endplates (SPEC §4)."""
@@ -681,7 +682,7 @@ def measure_contrast(
     slices = (slice(lo[0], hi[0], m), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
     spacing_kji[0] *= m
     mask = labels[slices] == aorta_label
-    distance = ndimage.distance_transform_edt(mask, sampling=spacing_kji)
+    distance = distance_transform_edt(mask, sampling=spacing_kji)  # scipy's, with less memory
     core = distance >= core_mm + float(spacing_kji.max())
     if core.sum() < _AORTA_MIN_CORE_VOXELS:
         core = distance >= 0.5 * float(distance.max())

@@ -22,7 +22,8 @@ Checks, in order:
   reverse) fails here or in the previous check, and the sentence says to try the other
   ``--labels``;
 * a ``vertebrae_body`` map holds only bodies (1) and discs (2): a multi-label map given in its
-  place is refused.
+  place is refused. (The map is read before the segmentation, to be kept as the box of its
+  labels, so a ``vertebrae_body`` file that cannot be read at all is reported first.)
 
 Whether each vertebra's mask lies on the CT's bone is checked by the morphometry
 (``morphometry.bone_edge_contrast``), where each vertebra is cropped anyway.
@@ -39,7 +40,7 @@ import numpy as np
 from . import imageio
 from . import levels as lv
 from .errors import InputError
-from .geometry import find_label_boxes, mask_centroid_ras
+from .geometry import BoxedLabels, find_label_boxes, mask_centroid_ras
 
 HU_AIR_FAT_RANGE = (-1100.0, -100.0)
 """HU of voxels that every body CT has somewhere (air and fat)."""
@@ -56,8 +57,10 @@ class ExamInputs:
     """The CT and its label maps on the CT's grid.
 
     ``labels``: vertebra (and muscle, aorta, cord) labels in ``convention``; ``body_labels``: the
-    optional ``vertebrae_body`` map (1 = bodies, 2 = discs); ``sources``: where each came from
-    (a path, or ``"in memory"``); ``warnings``: problems that did not stop reading."""
+    optional ``vertebrae_body`` map (1 = bodies, 2 = discs), held as the box of the CT's grid that
+    holds its labels (``body_box``; the Volume's grid is that box's, 0 everywhere else: see
+    :meth:`body_label_map`); ``sources``: where each came from (a path, or ``"in memory"``);
+    ``warnings``: problems that did not stop reading."""
 
     ct: imageio.Volume
     labels: imageio.Volume
@@ -71,6 +74,15 @@ class ExamInputs:
     label_grid: tuple | None = None
     """The segmentation's own grid ``(ijk_to_ras, shape)`` when it was resampled onto the CT's:
     a structure cut by its extent is cut by the field of view too."""
+    body_box: tuple | None = None
+    """Where ``body_labels`` lies on the CT's grid (slices ``[k, j, i]``)."""
+
+    def body_label_map(self) -> BoxedLabels | None:
+        """The ``vertebrae_body`` map on the CT's grid as the measurements index it
+        (:class:`.geometry.BoxedLabels`), or None."""
+        if self.body_labels is None:
+            return None
+        return BoxedLabels(self.body_labels.array, self.body_box, self.ct.shape)
 
 
 def _source(value) -> str:
@@ -192,14 +204,22 @@ def load_exam(ct, seg, body_seg=None, *, convention: str = "totalsegmentator",
         raise InputError(f"unknown label convention {convention!r}; use totalsegmentator or verse")
     volume = read_ct_checked(ct, series_uid)
     messages: list[str] = []
+    body_messages: list[str] = []
+    # The vertebrae_body map is read before the segmentation and kept as the box of its labels: the
+    # two maps are never whole in memory together (with the CT, that set a screening's peak).
+    body = None
+    if body_seg is not None:
+        whole = _labels_on_grid(body_seg, volume, "vertebrae_body", "vertebrae_body segmentation", body_messages)[0]
+        body = BoxedLabels.of(whole.array)
+        del whole
     labels, label_grid = _labels_on_grid(seg, volume, convention, "segmentation", messages)
-    body = None if body_seg is None else _labels_on_grid(body_seg, volume, "vertebrae_body",
-                                                         "vertebrae_body segmentation", messages)[0]
+    messages += body_messages
     # Each label's bounding box, once: the checks, the morphometry, the aorta and the muscles use it.
     boxes = find_label_boxes(labels.array, _BOX_LABELS[convention])
     named = isinstance(seg, (str, Path)) and str(seg).lower().endswith((".seg.nrrd", ".seg.nhdr"))
     check_vertebrae(labels, convention, label_boxes=boxes, named_segments=named)
-    if body is not None and int(body.array.max()) > lv.DISC_LABEL:
+    # The box holds every labelled voxel: its largest label and its bodies are the whole map's.
+    if body is not None and int(body.array.max(initial=0)) > lv.DISC_LABEL:
         raise InputError(f"the vertebrae_body segmentation holds labels up to {int(body.array.max())}, but a "
                          f"vertebrae_body map has only {lv.BODY_LABEL} (bodies) and {lv.DISC_LABEL} (discs): is it "
                          "a multi-label map such as TotalSegmentator's total? give that one as the segmentation")
@@ -210,7 +230,13 @@ def load_exam(ct, seg, body_seg=None, *, convention: str = "totalsegmentator",
     sources = {"ct": _source(ct), "segmentation": "in memory" if isinstance(seg, np.ndarray) else _source(seg)}
     if body_seg is not None:
         sources["vertebrae_body"] = "in memory" if isinstance(body_seg, np.ndarray) else _source(body_seg)
-    return ExamInputs(volume, labels, body, convention, sources, messages, boxes, label_grid)
+    body_volume = None
+    if body is not None:  # a Volume on the box's own grid: its voxel (0, 0, 0) is the box's first
+        box_to_ras = np.array(volume.ijk_to_ras, dtype=float)
+        box_to_ras[:3, 3] += box_to_ras[:3, :3] @ [body.box[2].start, body.box[1].start, body.box[0].start]
+        body_volume = imageio.Volume(body.array, box_to_ras)
+    return ExamInputs(volume, labels, body_volume, convention, sources, messages, boxes, label_grid,
+                      None if body is None else body.box)
 
 
 _BOX_LABELS = {"totalsegmentator": max(lv.TOTAL_ILIOPSOAS_RIGHT, lv.TOTAL_AORTA, max(lv.vertebra_ids("totalsegmentator").values())),

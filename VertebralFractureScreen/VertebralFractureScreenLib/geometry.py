@@ -195,6 +195,90 @@ def find_label_boxes(labels: np.ndarray, max_label: int | None = None) -> list:
     return boxes
 
 
+_EDT_CHUNK_VOXELS = 1_000_000
+"""Voxels whose distance :func:`distance_transform_edt` computes at once from the feature transform."""
+
+
+def distance_transform_edt(input: np.ndarray, sampling=None) -> np.ndarray:
+    """``scipy.ndimage.distance_transform_edt(input, sampling=sampling)``: each nonzero voxel's
+    Euclidean distance (mm with ``sampling``, the voxel size along each axis) to the nearest zero
+    voxel, float64. The same values, bit for bit: scipy's feature transform, then scipy's
+    arithmetic on it (index differences as float64, times the spacing, squared, summed over the
+    axes in order, square root), done a few slices at a time: the feature transform (12 bytes a
+    voxel) and the result (8) are the only whole-array arrays, where scipy also makes float64
+    copies of every axis's offsets."""
+    from scipy import ndimage
+
+    input = np.asarray(input)
+    features = ndimage.distance_transform_edt(input, sampling=sampling, return_distances=False, return_indices=True)
+    if sampling is not None:
+        sampling = np.broadcast_to(np.asarray(sampling, dtype=np.float64), (input.ndim,))
+    out = np.empty(input.shape, dtype=np.float64)
+    step = max(1, _EDT_CHUNK_VOXELS // max(1, input[0].size)) if input.size else 1
+    for start in range(0, input.shape[0], step):
+        part = slice(start, min(start + step, input.shape[0]))
+        total = None
+        for axis in range(input.ndim):
+            index = np.arange(input.shape[axis], dtype=features.dtype)[part if axis == 0 else slice(None)]
+            index = index.reshape((-1,) + (1,) * (input.ndim - 1 - axis))
+            square = (features[axis, part] - index).astype(np.float64)
+            if sampling is not None:
+                square *= sampling[axis]
+            np.multiply(square, square, square)
+            total = square if total is None else np.add(total, square, out=total)
+        np.sqrt(total, out=out[part])
+    return out
+
+
+class BoxedLabels:
+    """A label map ``[k, j, i]`` on a grid of ``shape`` that is 0 outside ``box`` (a tuple of
+    slices), held as its crop ``array`` to that box: a ``vertebrae_body`` map, whose bodies and
+    discs fill a few percent of a CT's grid at most, then takes that much memory.
+
+    Indexed with slices (step 1), as the measurements crop a label map, it gives what the whole
+    map would: a view of ``array`` where the crop lies inside the box, else a zero-filled copy.
+    Any other index, and ``np.asarray``, make the whole map first. ``shape``, ``ndim``, ``size``
+    and ``dtype`` are the whole map's."""
+
+    def __init__(self, array: np.ndarray, box: tuple[slice, slice, slice], shape):
+        self.array = array
+        self.box = tuple(slice(int(s.start), int(s.stop)) for s in box)
+        self.shape = tuple(int(n) for n in shape)
+        if array.shape != tuple(s.stop - s.start for s in self.box) or any(
+                s.start < 0 or s.stop > n for s, n in zip(self.box, self.shape)):
+            raise ValueError(f"a crop of shape {array.shape} does not fill the box {self.box} of a grid of {self.shape}")
+        self.dtype = array.dtype
+        self.ndim = len(self.shape)
+        self.size = int(np.prod(self.shape))
+
+    @classmethod
+    def of(cls, array: np.ndarray) -> "BoxedLabels":
+        """``array`` held as the box of its nonzero voxels (a copy; an empty box when it has none)."""
+        box = mask_box(array) or tuple(slice(0, 0) for _ in array.shape)
+        return cls(np.array(array[box]), box, array.shape)
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        if len(key) > self.ndim or not all(isinstance(s, slice) and s.step in (None, 1) for s in key):
+            return np.asarray(self)[key]
+        key = key + (slice(None),) * (self.ndim - len(key))
+        wanted = [range(*s.indices(n)) for s, n in zip(key, self.shape)]
+        wanted = [(w.start, max(w.start, w.stop)) for w in wanted]
+        inner = [(max(lo, b.start), min(hi, b.stop)) for (lo, hi), b in zip(wanted, self.box)]
+        in_box = tuple(slice(lo - b.start, hi - b.start) for (lo, hi), b in zip(inner, self.box))
+        if all(i == w for i, w in zip(inner, wanted)):
+            return self.array[in_box]
+        out = np.zeros([hi - lo for lo, hi in wanted], dtype=self.dtype)
+        if all(lo < hi for lo, hi in inner):
+            out[tuple(slice(i_lo - lo, i_hi - lo) for (i_lo, i_hi), (lo, _) in zip(inner, wanted))] = self.array[in_box]
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        whole = np.zeros(self.shape, dtype=self.dtype if dtype is None else dtype)
+        whole[self.box] = self.array
+        return whole
+
+
 class LabelGridMap:
     """Where the voxels of a grid fall on a label map's own grid ``label_grid = (ijk_to_ras,
     shape_kji)``, from which the label map was resampled onto it by nearest neighbour: beyond that

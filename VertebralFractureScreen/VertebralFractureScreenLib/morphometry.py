@@ -58,6 +58,7 @@ from scipy import ndimage, optimize, stats
 
 from . import levels as lv
 from .geometry import (
+    distance_transform_edt,
     find_label_boxes,
     grid_edge_layer,
     mask_box,
@@ -1492,9 +1493,18 @@ def bone_edge_contrast(mask: np.ndarray, ct: np.ndarray, labels: np.ndarray, spa
     vertebra's cortex makes large and a mask shifted off its bone (another CT's segmentation, a
     misregistration) does not. NaN when either side has no voxel."""
     inner = mask & ~ndimage.binary_erosion(mask)
-    distance = ndimage.distance_transform_edt(~mask, sampling=spacing_kji)
     near, far = BONE_EDGE_RING_MM
-    outer = (distance > near) & (distance <= max(far, float(np.max(spacing_kji)))) & (labels == 0)
+    reach = max(far, float(np.max(spacing_kji)))
+    box = mask_box(mask)
+    if box is None:
+        return float("nan")
+    # Distances only on the mask's box grown by more than ``reach``: every mask voxel lies inside
+    # it, so they are the crop's there, and no voxel beyond it is within ``reach`` of the mask.
+    grow = np.ceil(reach / np.asarray(spacing_kji, dtype=float)).astype(int) + 1
+    near_box = tuple(slice(max(0, s.start - g), min(n, s.stop + g)) for s, g, n in zip(box, grow, mask.shape))
+    distance = distance_transform_edt(~mask[near_box], sampling=spacing_kji)
+    outer = np.zeros(mask.shape, dtype=bool)
+    outer[near_box] = (distance > near) & (distance <= reach) & (labels[near_box] == 0)
     if not inner.any() or not outer.any():
         return float("nan")
     return float(np.median(ct[inner]) - np.median(ct[outer]))

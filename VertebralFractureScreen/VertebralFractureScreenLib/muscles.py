@@ -365,6 +365,11 @@ class MuscleMeasurement:
 
 _CHUNK_VOXELS = 8_000_000
 """Voxels scanned at once when looking for the muscles (bounds the temporary memory)."""
+_SHARE_CHUNK_VOXELS = 250_000
+"""Voxels whose slab shares :func:`_slab_shares` computes at once (bounds the temporary memory)."""
+_CLASS_CHUNK_VOXELS = 500_000
+"""Voxels of a muscle's box classified at once (:func:`_voxel_classes`; bounds the temporary
+memory)."""
 
 
 def _muscle_voxels(labels: np.ndarray, ids: np.ndarray, k_range: tuple[int, int] | None = None):
@@ -423,17 +428,21 @@ def _hu_classes(hu: np.ndarray) -> np.ndarray:
 
 def _voxel_classes(ct: np.ndarray, labels: np.ndarray, kji: tuple[np.ndarray, np.ndarray, np.ndarray],
                    values: np.ndarray, ids: np.ndarray, spacing_kji: Sequence[float]):
-    """Per muscle voxel (indices ``kji``, label ``values``): lean voxels guarded against partial
-    volume (:func:`_face_interior` of its muscle's lean voxels), pure fat voxels (fat-range voxels
-    whose face neighbours are fat-range voxels of the muscle), and the HU each voxel contributes
-    to ``fat_fraction``'s unmixing (float32, NaN where it contributes none): an interior voxel
-    (face neighbours in the muscle) within −190…150 HU its own, an edge voxel the mean of such
-    interior face neighbours along the axes whose spacing ``spacing_kji`` (mm, k, j, i) is at most
-    :data:`RIM_NEIGHBOUR_MAX_MM`. Each muscle is processed on the crop of its bounding box. The
-    image border is not the muscle's edge, but nothing is known beyond it: voxels there are
-    neither guarded lean nor pure fat. Offsets and flat indices in the crops are ``np.intp``
-    whatever the type of ``kji`` (int16 in :func:`measure_muscles`: an int16 index times a
-    stride overflows)."""
+    """Per muscle voxel (indices ``kji``, sorted by ``k``, label ``values``): lean voxels guarded
+    against partial volume (:func:`_face_interior` of its muscle's lean voxels), pure fat voxels
+    (fat-range voxels whose face neighbours are fat-range voxels of the muscle), and the HU each
+    voxel contributes to ``fat_fraction``'s unmixing (float32, NaN where it contributes none): an
+    interior voxel (face neighbours in the muscle) within −190…150 HU its own, an edge voxel the
+    mean of such interior face neighbours along the axes whose spacing ``spacing_kji`` (mm, k, j, i)
+    is at most :data:`RIM_NEIGHBOUR_MAX_MM`. The image border is not the muscle's edge, but
+    nothing is known beyond it: voxels there are neither guarded lean nor pure fat.
+
+    Each muscle is processed a few slices at a time (:data:`_CLASS_CHUNK_VOXELS` voxels of its box
+    at most), each part on the crop of its voxels' box grown by one voxel in-plane and two slices
+    along ``k``: two slices reach every neighbour of a part's voxels and every neighbour's
+    neighbours, so the classes are those of the muscle's whole box. Offsets and flat indices in
+    the crops are ``np.intp`` whatever the type of ``kji`` (int16 in :func:`measure_muscles`: an
+    int16 index times a stride overflows)."""
     k, j, i = kji
     guard = np.zeros(len(values), dtype=bool)
     pure_fat = np.zeros(len(values), dtype=bool)
@@ -443,62 +452,86 @@ def _voxel_classes(ct: np.ndarray, labels: np.ndarray, kji: tuple[np.ndarray, np
         where = np.flatnonzero(values == label)
         if not len(where):
             continue
-        kk, jj, ii = (axis[where].astype(np.intp) for axis in (k, j, i))
-        lo = np.maximum(np.array([kk[0], jj.min(), ii.min()]) - 1, 0)
-        hi = np.minimum(np.array([kk[-1], jj.max(), ii.max()]) + 2, labels.shape)
-        crop = tuple(slice(a, b) for a, b in zip(lo, hi))
-        mask = labels[crop] == label
-        hu = ct[crop].reshape(-1)
-        classes = _hu_classes(hu).reshape(mask.shape)
-        strides = np.array([mask.shape[1] * mask.shape[2], mask.shape[2], 1], dtype=np.intp)
-        local = (kk - lo[0], jj - lo[1], ii - lo[2])
-        at = local[0] * strides[0] + local[1] * strides[1] + local[2]  # flat indices in the crop
-        guard[where] = _face_interior(mask & (classes == 1)).reshape(-1)[at]
-        pure_fat[where] = _face_interior(mask & (classes == 2)).reshape(-1)[at]
-        interior = _face_interior(mask).reshape(-1)
-        unmixable = interior & (classes.reshape(-1) > 0)  # within -190..150 HU
-        contribution = np.where(unmixable[at], hu[at].astype(np.float32), np.float32(np.nan))
-        edge = np.flatnonzero(~interior[at]) if fill_axes else ()
-        if len(edge):
-            # Mean HU of the edge voxels' unmixable face neighbours along the close axes. A
-            # neighbour beyond the crop points back at the edge voxel, which is not unmixable.
-            counts = np.zeros(len(edge), dtype=np.float32)
-            sums = np.zeros(len(edge), dtype=np.float32)
-            for axis in fill_axes:
-                position = local[axis][edge]
-                for step in (-1, 1):
-                    inside = (position + step >= 0) & (position + step < mask.shape[axis])
-                    beside = np.where(inside, at[edge] + step * strides[axis], at[edge])
-                    take = unmixable[beside]
-                    counts += take
-                    sums += np.where(take, hu[beside], 0)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                contribution[edge] = np.where(counts > 0, sums / counts, np.float32(np.nan))
-        unmix_hu[where] = contribution
+        slices = k[where]
+        plane = (int(j[where].max()) - int(j[where].min()) + 3) * (int(i[where].max()) - int(i[where].min()) + 3)
+        step = max(1, _CLASS_CHUNK_VOXELS // plane)
+        starts = np.arange(int(slices[0]), int(slices[-1]) + 1, step)
+        bounds = np.searchsorted(slices, starts.astype(slices.dtype), side="left").tolist() + [len(where)]
+        for first, last in zip(bounds[:-1], bounds[1:]):
+            if first < last:
+                part = where[first:last]
+                guard[part], pure_fat[part], unmix_hu[part] = _part_classes(ct, labels, [a[part] for a in kji],
+                                                                            label, fill_axes)
     return guard, unmix_hu, pure_fat
 
 
-def _slab_shares(ijk: tuple[np.ndarray, np.ndarray, np.ndarray], slabs: Sequence[LevelSlab],
-                 ijk_to_ras: np.ndarray):
-    """Share of each voxel's volume in each slab: ``(voxel index, slab index, share)`` arrays over
-    the pairs with a positive share. ``ijk``: the voxels' ``(i, j, k)`` indices, sorted by ``k``
-    (flat order). A voxel cut by a slab plane is split between the slabs on either side in
-    proportion to its volume on each side, so adjacent slabs share it exactly. Each slab looks
-    only at the slices its part of space near the spine (radius :data:`SLAB_REACH_MM`) can reach."""
-    i, j, k = ijk
+def _part_classes(ct: np.ndarray, labels: np.ndarray, kji: list[np.ndarray], label: int, fill_axes: list[int]):
+    """:func:`_voxel_classes` of some voxels of one muscle (sorted by ``k``): guarded lean, pure fat
+    and the unmixing HU, from the crop around them."""
+    kk, jj, ii = kji
+    lo = np.maximum(np.array([int(kk[0]) - 2, int(jj.min()) - 1, int(ii.min()) - 1]), 0)
+    hi = np.minimum(np.array([int(kk[-1]) + 3, int(jj.max()) + 2, int(ii.max()) + 2]), labels.shape)
+    crop = tuple(slice(a, b) for a, b in zip(lo, hi))
+    mask = labels[crop] == label
+    hu = ct[crop].reshape(-1)
+    classes = _hu_classes(hu).reshape(mask.shape)
+    strides = np.array([mask.shape[1] * mask.shape[2], mask.shape[2], 1], dtype=np.intp)
+    local = [axis.astype(np.intp) - start for axis, start in zip(kji, lo)]
+    at = local[0] * strides[0] + local[1] * strides[1] + local[2]  # flat indices in the crop
+    guard = _face_interior(mask & (classes == 1)).reshape(-1)[at]
+    pure_fat = _face_interior(mask & (classes == 2)).reshape(-1)[at]
+    interior = _face_interior(mask).reshape(-1)
+    unmixable = interior & (classes.reshape(-1) > 0)  # within -190..150 HU
+    contribution = np.where(unmixable[at], hu[at].astype(np.float32), np.float32(np.nan))
+    edge = np.flatnonzero(~interior[at]) if fill_axes else ()
+    if len(edge):
+        # Mean HU of the edge voxels' unmixable face neighbours along the close axes. A
+        # neighbour beyond the crop points back at the edge voxel, which is not unmixable.
+        counts = np.zeros(len(edge), dtype=np.float32)
+        sums = np.zeros(len(edge), dtype=np.float32)
+        for axis in fill_axes:
+            position = local[axis][edge]
+            for step in (-1, 1):
+                inside = (position + step >= 0) & (position + step < mask.shape[axis])
+                beside = np.where(inside, at[edge] + step * strides[axis], at[edge])
+                take = unmixable[beside]
+                counts += take
+                sums += np.where(take, hu[beside], 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            contribution[edge] = np.where(counts > 0, sums / counts, np.float32(np.nan))
+    return guard, pure_fat, contribution
+
+
+def _grid_indices(flat: np.ndarray, shape_kji, index_type) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(i, j, k)`` of flat indices on a grid of ``shape_kji``, in ``index_type``, from arithmetic
+    in the flat indices' own integer type (np.unravel_index would make three int64 arrays)."""
+    plane = shape_kji[1] * shape_kji[2]
+    k = (flat // plane).astype(index_type)
+    rest = flat % plane
+    return (rest % shape_kji[2]).astype(index_type), (rest // shape_kji[2]).astype(index_type), k
+
+
+def _slab_shares(flat: np.ndarray, shape_kji, index_type, slabs: Sequence[LevelSlab], ijk_to_ras: np.ndarray):
+    """Share of each voxel's volume in each slab, slab by slab. ``flat``: the voxels' flat indices
+    on a grid of ``shape_kji`` (increasing). Yields, for each slab with voxels of a positive
+    share, ``(slab index, voxel indices, shares, ijk)``: indices into ``flat`` (increasing,
+    int32), shares (float32) and those voxels' ``(i, j, k)`` (``index_type``). A voxel cut by a
+    slab plane is split between the slabs on either side in proportion to its volume on each
+    side, so adjacent slabs share it exactly. Each slab looks only at the slices its part of space
+    near the spine (radius :data:`SLAB_REACH_MM`) can reach."""
     ras_to_ijk = np.linalg.inv(ijk_to_ras)
     k_row = ras_to_ijk[2, :3]
     k_scale = float(np.linalg.norm(k_row))
     edges = np.asarray(ijk_to_ras, dtype=float)[:3, :3]
     origin = np.asarray(ijk_to_ras, dtype=float)[:3, 3]
-    voxels, slab_ids, shares = [], [], []
+    plane_voxels = int(shape_kji[1]) * int(shape_kji[2])
     cdfs: dict[int, object] = {}
 
-    def distance(plane: SlabPlane, lo: int, hi: int) -> np.ndarray:
-        """Signed distance (mm) of voxels ``lo:hi`` from ``plane``, from their indices."""
+    def distance(plane: SlabPlane, i, j, k) -> np.ndarray:
+        """Signed distance (mm) of voxels from ``plane``, from their indices."""
         a, b, c = (plane.normal @ edges).astype(np.float32)
         offset = np.float32(plane.normal @ (origin - plane.point))
-        return a * i[lo:hi] + b * j[lo:hi] + c * k[lo:hi] + offset
+        return a * i + b * j + c * k + offset
 
     for n, slab in enumerate(slabs):
         reach = []
@@ -507,39 +540,44 @@ def _slab_shares(ijk: tuple[np.ndarray, np.ndarray, np.ndarray], slabs: Sequence
             along = float(np.clip(plane.normal @ k_row / k_scale, -1.0, 1.0))
             half = 1.1 * SLAB_REACH_MM * k_scale * np.sqrt(1.0 - along * along)
             reach += [k_centre - half - 2.0, k_centre + half + 2.0]
-        # In ``k``'s type for the search (a float search would copy ``k``), clipped to its range.
-        limits = np.iinfo(k.dtype)
-        bounds = np.clip([np.floor(min(reach)), np.ceil(max(reach))], limits.min, limits.max).astype(k.dtype)
-        first, last = (int(x) for x in np.searchsorted(k, bounds, side="left"))
+        # Slices clipped to the index type's range; the first voxel at or after a slice is the
+        # first whose flat index is at least the slice's first.
+        limits = np.iinfo(index_type)
+        bounds = np.clip([np.floor(min(reach)), np.ceil(max(reach))], limits.min, limits.max).astype(np.int64)
+        first, last = (int(x) for x in np.searchsorted(flat, bounds * plane_voxels, side="left"))
         if first >= last:
             continue
-        share = None
-        for plane, sign in ((slab.below, 1.0), (slab.above, -1.0)):
-            if id(plane) not in cdfs:
-                cdfs[id(plane)] = partial_volume_share(plane.normal, ijk_to_ras)
-            part = cdfs[id(plane)](sign * distance(plane, first, last))
-            share = part if share is None else share + part - 1.0
-        rows = first + np.flatnonzero(share > 1e-9)
-        share = share[rows - first]
+        parts, shares = [], []
+        for start in range(first, last, _SHARE_CHUNK_VOXELS):  # a bounded number of voxels at a time
+            i, j, k = _grid_indices(flat[start:min(start + _SHARE_CHUNK_VOXELS, last)], shape_kji, index_type)
+            share = None
+            for plane, sign in ((slab.below, 1.0), (slab.above, -1.0)):
+                if id(plane) not in cdfs:
+                    cdfs[id(plane)] = partial_volume_share(plane.normal, ijk_to_ras)
+                part = cdfs[id(plane)](sign * distance(plane, i, j, k))
+                share = part if share is None else share + part - 1.0
+            rows = np.flatnonzero(share > 1e-9)
+            parts.append(start + rows)
+            shares.append(share[rows])
+        rows, share = np.concatenate(parts), np.concatenate(shares)
+        if not len(rows):
+            continue
+        i, j, k = _grid_indices(flat[rows], shape_kji, index_type)
         # Near the spine only: adjacent slab planes, a few degrees apart, cross far from it. The
         # test runs only when the corners of the voxels' index box can lie farther away.
         axis = slab.axis
         centre = 0.5 * (slab.below.point + slab.above.point)
+        box = [(int(a.min()), int(a.max())) for a in (i, j)] + [(int(k[0]), int(k[-1]))]
+        corners = np.array([[a, b, c] for a in box[0] for b in box[1] for c in box[2]], dtype=float)
+        offset = corners @ edges.T + (origin - centre)
+        if np.max(np.einsum("ij,ij->i", offset, offset) - (offset @ axis) ** 2) > SLAB_REACH_MM ** 2:
+            offset = np.stack([i, j, k], axis=1) @ edges.T + (origin - centre)
+            along_axis = offset @ axis
+            near = np.flatnonzero(np.einsum("ij,ij->i", offset, offset) - along_axis * along_axis
+                                  <= SLAB_REACH_MM ** 2)
+            rows, share, i, j, k = rows[near], share[near], i[near], j[near], k[near]
         if len(rows):
-            box = [(int(a[rows].min()), int(a[rows].max())) for a in (i, j)] + [(int(k[rows[0]]), int(k[rows[-1]]))]
-            corners = np.array([[a, b, c] for a in box[0] for b in box[1] for c in box[2]], dtype=float)
-            offset = corners @ edges.T + (origin - centre)
-            if np.max(np.einsum("ij,ij->i", offset, offset) - (offset @ axis) ** 2) > SLAB_REACH_MM ** 2:
-                offset = np.stack([i[rows], j[rows], k[rows]], axis=1) @ edges.T + (origin - centre)
-                along_axis = offset @ axis
-                near = np.einsum("ij,ij->i", offset, offset) - along_axis * along_axis <= SLAB_REACH_MM ** 2
-                rows, share = rows[near], share[near]
-        voxels.append(rows.astype(np.int32))
-        slab_ids.append(np.full(len(rows), n, dtype=np.int16))
-        shares.append(np.minimum(share, 1.0).astype(np.float32))
-    if not voxels:
-        return np.zeros(0, dtype=np.intp), np.zeros(0, dtype=np.int32), np.zeros(0)
-    return np.concatenate(voxels), np.concatenate(slab_ids), np.concatenate(shares)
+            yield n, rows.astype(np.int32), np.minimum(share, 1.0).astype(np.float32), (i, j, k)
 
 
 def _runs_out(ijk: tuple[np.ndarray, np.ndarray, np.ndarray], shape_kji, voxel: np.ndarray, slab_of: np.ndarray,
@@ -677,49 +715,60 @@ def measure_muscles(
                  if m - 1 < len(label_boxes) and label_boxes[m - 1] is not None]
         k_range = (min(b[0].start for b in boxes), max(b[0].stop for b in boxes)) if boxes else (0, 0)
     flat, values = _muscle_voxels(labels, ids, k_range)
-    muscle_index = np.argsort(ids)[np.searchsorted(np.sort(ids), values)].astype(np.int8)  # index into ``names``
+    position = np.zeros(int(ids.max()) + 1, dtype=np.int8)  # label id → index into ``names``
+    for m in reversed(range(len(ids))):
+        position[ids[m]] = m
+    muscle_index = position[values]
     segmented = np.bincount(muscle_index, minlength=len(names)) > 0
     missing = {name for name, present in zip(names, segmented) if not present}
-    nk, nj, ni = labels.shape
-    # (k, j, i) from the flat indices in the flat indices' own integer type (np.unravel_index
-    # would make three int64 arrays at once).
-    k = flat // (nj * ni)
-    rest = flat - k * (nj * ni)
-    j = rest // ni
-    i = rest - j * ni
-    del rest
+    # Each muscle's voxels classified on crops of its own (their (k, j, i) made for it alone).
     index_type = np.int16 if max(labels.shape) < 2**15 else np.int32
-    k, j, i = (axis.astype(index_type) for axis in (k, j, i))
     spacing_kji = voxel_spacing(ijk_to_ras)[::-1]
-    guard, unmix_hu, pure_fat = _voxel_classes(ct, labels, (k, j, i), values, ids, spacing_kji)
-    hu = ct.reshape(-1)[flat]
-    classes = _hu_classes(hu)
-    hu = hu.astype(np.float32)
-    lean, fat = classes == 1, classes == 2
-    unmixed = np.isfinite(unmix_hu)
+    guard = np.zeros(len(flat), dtype=bool)
+    pure_fat = np.zeros(len(flat), dtype=bool)
+    unmix_hu = np.full(len(flat), np.nan, dtype=np.float32)
+    for m, label in enumerate(ids):
+        where = np.flatnonzero(values == label)
+        if len(where):
+            i, j, k = _grid_indices(flat[where], labels.shape, index_type)
+            guard[where], unmix_hu[where], pure_fat[where] = _voxel_classes(
+                ct, labels, (k, j, i), values[where], ids[m:m + 1], spacing_kji)
+    del values
+    ct_flat = ct.reshape(-1)
     if fat_hu is None:
-        fat_hu = float(hu[pure_fat].mean()) if np.count_nonzero(pure_fat) >= MIN_PURE_FAT_VOXELS else DEFAULT_FAT_HU
+        fat = flat[pure_fat]
+        fat_hu = float(ct_flat[fat].astype(np.float32).mean()) if len(fat) >= MIN_PURE_FAT_VOXELS else DEFAULT_FAT_HU
+        del fat
+    del pure_fat
     voxel_ml = voxel_volume_ml(ijk_to_ras)
 
-    voxel, slab_of, weight = _slab_shares((i, j, k), slabs, ijk_to_ras)
-    key = slab_of.astype(np.int32) * len(names) + muscle_index[voxel]
-    size = len(slabs) * len(names)
+    # The sums of each slab's cells (one per muscle) from its own voxels, slab by slab: each
+    # cell's sum runs over the same voxels in the same order as one pass over all slabs would.
+    sums = {key: np.zeros(len(slabs) * len(names)) for key in _SUMS}
+    for n, voxel, weight, ijk in _slab_shares(flat, labels.shape, index_type, slabs, ijk_to_ras):
+        key = muscle_index[voxel]
+        hu = ct_flat[flat[voxel]]
+        classes = _hu_classes(hu)
+        hu = hu.astype(np.float32)
+        lean, fat, slab_guard, slab_unmix = classes == 1, classes == 2, guard[voxel], unmix_hu[voxel]
+        unmixed = np.isfinite(slab_unmix)
 
-    def total(values=None, weights=weight):
-        return np.bincount(key, weights=weights if values is None else weights * values[voxel], minlength=size)
+        def total(values=None, weights=weight):
+            return np.bincount(key, weights=weights if values is None else weights * values, minlength=len(names))
 
-    hu64 = hu.astype(np.float64)  # squares of HU summed over hundreds of thousands of voxels
-    weight_sq = weight * weight
-    lean_hu_values, guard_hu_values = np.where(lean, hu64, 0.0), np.where(guard, hu64, 0.0)
-    sums = {
-        "count": total(), "lean_count": total(lean), "lean_sum": total(lean_hu_values),
-        "lean_squares": total(lean_hu_values * hu64), "lean_weights_sq": total(lean, weight_sq),
-        "fat_count": total(fat), "guard_count": total(guard), "guard_sum": total(guard_hu_values),
-        "guard_squares": total(guard_hu_values * hu64), "guard_weights_sq": total(guard, weight_sq),
-        "unmix_count": total(unmixed), "unmix_sum": total(np.where(unmixed, unmix_hu, np.float32(0.0))),
-        "border": np.bincount(key, minlength=size,
-                              weights=_runs_out((i, j, k), labels.shape, voxel, slab_of, slabs, ijk_to_ras, label_grid)),
-    }
+        hu64 = hu.astype(np.float64)  # squares of HU summed over hundreds of thousands of voxels
+        weight_sq = weight * weight
+        lean_hu_values, guard_hu_values = np.where(lean, hu64, 0.0), np.where(slab_guard, hu64, 0.0)
+        cells = slice(n * len(names), (n + 1) * len(names))
+        for name, value in (
+                ("count", total()), ("lean_count", total(lean)), ("lean_sum", total(lean_hu_values)),
+                ("lean_squares", total(lean_hu_values * hu64)), ("lean_weights_sq", total(lean, weight_sq)),
+                ("fat_count", total(fat)), ("guard_count", total(slab_guard)), ("guard_sum", total(guard_hu_values)),
+                ("guard_squares", total(guard_hu_values * hu64)), ("guard_weights_sq", total(slab_guard, weight_sq)),
+                ("unmix_count", total(unmixed)), ("unmix_sum", total(np.where(unmixed, slab_unmix, np.float32(0.0)))),
+                ("border", np.bincount(key, minlength=len(names), weights=_runs_out(
+                    ijk, labels.shape, np.arange(len(voxel)), np.full(len(voxel), n), slabs, ijk_to_ras, label_grid)))):
+            sums[name][cells] = value
     rows = []
     lumbar: dict[str, list] = {name: [] for name in names}
     for n, slab in enumerate(slabs):
