@@ -36,8 +36,9 @@ sys.path.insert(0, str(HERE.parent))
 from shared_data import shared_data_dir  # noqa: E402
 
 DEFAULT_INPUTS = Path.home() / ".cache" / "vfscreen-bench" / "compare-inputs"
-VOLATILE_KEYS = {"timings", "timings_s", "created_utc", "software_version", "version", "date", "screened_utc"}
-"""exam.json keys whose values change from run to run; left out of the comparison at any depth."""
+VOLATILE_KEYS = {"timings", "timings_s", "created_utc", "software_version", "version", "date", "screened_utc", "file"}
+"""exam.json keys whose values change from run to run (or with the checkout: the model file's path);
+left out of the comparison at any depth."""
 
 RENDER_DEMO = """
 import sys
