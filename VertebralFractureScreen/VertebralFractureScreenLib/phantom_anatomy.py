@@ -20,6 +20,7 @@ and widths after Panjabi et al., Spine 1991/1992, rounded; they only need to be 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -67,6 +68,7 @@ class LevelDimensions:
     normal_ha_hp: float
 
 
+@lru_cache(maxsize=None)
 def level_dimensions(level: str) -> LevelDimensions:
     """Nominal dimensions of ``level``, interpolated between anchor levels."""
     position = level_position(level)
@@ -149,6 +151,13 @@ class SpineCurve:
         self.step_mm = step_mm
         # Derivative of the tangent, for the volume element of tube coordinates.
         self.dtangent = np.gradient(tangent, step_mm, axis=0)
+        # Tables that tube_coordinates interpolates, transposed (one gather per interpolation, and
+        # arithmetic on contiguous rows): the curve's point and tangent with their slopes per
+        # interval; its point, e_ap and e_lr with the next sample's.
+        point_tangent = np.concatenate([self.points, self.e_cc], axis=1)
+        self._newton_rows = np.ascontiguousarray(np.concatenate(
+            [point_tangent[:-1], (point_tangent[1:] - point_tangent[:-1]) / step_mm], axis=1).T)
+        self._frame_rows = _with_next(np.concatenate([self.points, self.e_ap, self.e_lr], axis=1))
 
     def sample(self, s: np.ndarray, table: np.ndarray) -> np.ndarray:
         """Linearly interpolate a per-sample ``(n, c)`` table at arc lengths ``s`` (clamped to the
@@ -157,6 +166,33 @@ class SpineCurve:
         index = np.minimum(x.astype(np.intp), len(self.s) - 2)
         weight = (x - index)[..., None]
         return table[index] * (1.0 - weight) + table[index + 1] * weight
+
+    def _sample_rows(self, s: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """:meth:`sample` of a table given as :func:`_with_next` of it: ``(c, N)``."""
+        x = (np.clip(s, self.s[0], self.s[-1]) - self.s[0]) / self.step_mm
+        index = np.minimum(x.astype(np.intp), len(self.s) - 2)
+        weight = x - index
+        both = rows[:, index]
+        width = len(rows) // 2
+        return both[:width] * (1.0 - weight) + both[width:] * weight
+
+    def local_frame(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The interpolated curve's point and tangent ``(6, N)`` at arc lengths ``s``, and their
+        derivatives along ``s`` ``(6, N)``."""
+        x = (np.clip(s, self.s[0], self.s[-1]) - self.s[0]) / self.step_mm
+        index = np.minimum(x.astype(np.intp), len(self.s) - 2)
+        rows = self._newton_rows[:, index]
+        slope = rows[6:]
+        return rows[:6] + slope * ((x - index) * self.step_mm), slope
+
+    def newton_step(self, x, y, z, s, value, slope) -> np.ndarray:
+        """One Newton step for the foot points of points ``(x, y, z)`` from arc lengths ``s``,
+        given :meth:`local_frame` at ``s`` (or at nearby arc lengths, for a prediction)."""
+        dx, dy, dz = x - value[0], y - value[1], z - value[2]
+        g = dx * value[3] + dy * value[4] + dz * value[5]
+        dg = (dx * slope[3] + dy * slope[4] + dz * slope[5]
+              - (slope[0] * value[3] + slope[1] * value[4] + slope[2] * value[5]))
+        return np.clip(s - g / dg, self.s[0], self.s[-1])
 
     def frame(self, s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Centre ``c(s)`` and unit axes ``(e_lr, e_ap, e_cc)`` at one arc length, orthonormalised."""
@@ -169,26 +205,29 @@ class SpineCurve:
         lr = np.cross(ap, cc)
         return c, lr, ap, cc
 
-    def tube_coordinates(self, q: np.ndarray, iterations: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def tube_coordinates(self, q: np.ndarray, iterations: int = 5,
+                         start: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Arc length ``s`` of the foot point on the curve and the offsets ``(n_ap, n_lr)`` (mm) of
         anatomy-frame points ``q`` (N, 3) in the plane normal to the curve there.
 
-        Newton iterations on ``g(s) = (q - c(s)) · t(s) = 0`` from a guess by height; valid for
-        offsets well below the radius of curvature (≥ 250 mm for the default curves).
+        Newton iterations on ``g(s) = (q - c(s)) · t(s) = 0`` (with the curve's point and
+        tangent interpolated linearly between samples, and their exact derivatives) from a guess
+        by height, or from ``start`` (arc lengths within a few millimetres of the answer: three
+        iterations then reach it to rounding); valid for offsets well below the radius of
+        curvature (≥ 250 mm for the default curves).
         """
-        z_of_s = self.points[:, 2]
-        s = np.interp(q[:, 2], z_of_s, self.s)
-        newton_table = np.concatenate([self.points, self.e_cc, self.dtangent], axis=1)
+        q = np.asarray(q, dtype=float)
+        if start is None:
+            s = np.interp(q[:, 2], self.points[:, 2], self.s)
+        else:
+            s = np.asarray(start, dtype=float)
+        x, y, z = q.T
         for _ in range(iterations):
-            sampled = self.sample(s, newton_table)
-            d = q - sampled[:, 0:3]
-            g = np.einsum("ij,ij->i", d, sampled[:, 3:6])
-            dg = -1.0 + np.einsum("ij,ij->i", d, sampled[:, 6:9])
-            s = np.clip(s - g / dg, self.s[0], self.s[-1])
-        sampled = self.sample(s, np.concatenate([self.points, self.e_ap, self.e_lr], axis=1))
-        d = q - sampled[:, 0:3]
-        n_ap = np.einsum("ij,ij->i", d, sampled[:, 3:6])
-        n_lr = np.einsum("ij,ij->i", d, sampled[:, 6:9])
+            s = self.newton_step(x, y, z, s, *self.local_frame(s))
+        c = self._sample_rows(s, self._frame_rows)  # point, e_ap, e_lr
+        dx, dy, dz = x - c[0], y - c[1], z - c[2]
+        n_ap = dx * c[3] + dy * c[4] + dz * c[5]
+        n_lr = dx * c[6] + dy * c[7] + dz * c[8]
         return s, n_ap, n_lr
 
     def from_tube_coordinates(self, s, n_ap, n_lr) -> np.ndarray:
@@ -206,6 +245,11 @@ class SpineCurve:
         kappa_ap = np.einsum("ij,ij->i", dt, self.sample(s, self.e_ap))
         kappa_lr = np.einsum("ij,ij->i", dt, self.sample(s, self.e_lr))
         return 1.0 - np.asarray(n_ap) * kappa_ap - np.asarray(n_lr) * kappa_lr
+
+
+def _with_next(table: np.ndarray) -> np.ndarray:
+    """``(n, c)`` table → ``(2c, n - 1)``: its columns as rows, followed by the same rows shifted by one."""
+    return np.ascontiguousarray(np.concatenate([table[:-1], table[1:]], axis=1).T)
 
 
 def _cumulative_integral(values: np.ndarray, step: float) -> np.ndarray:
