@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import levels as lv
+from .anatomy import normal_body
 from . import morphometry
 
 # ------------------------------------------------------------------------------------------------
@@ -502,10 +503,8 @@ def expected_profile(level: str, neighbours: Sequence[tuple[str, Sequence[float]
     * **concavity**: how far the neighbours' endplates lie inside their own chords at each depth
       (real endplates are concave: mid-depth heights about 10 % below the chord), averaged.
     """
-    from .phantom_anatomy import level_dimensions  # nominal body heights per level (Panjabi et al.)
-
     names = (level, *(n for n, _ in neighbours))
-    size = {name: level_dimensions(name).height_mm for name in names}
+    size = {name: normal_body(name).height_mm for name in names}
     last = len(PROFILE_FRACTIONS) - 1
     chord_mean, concavity = 0.0, [0.0] * len(PROFILE_FRACTIONS)
     for name, h in neighbours:

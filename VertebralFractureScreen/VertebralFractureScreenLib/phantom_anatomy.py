@@ -13,8 +13,8 @@ on the curve, in the curve's frame at its centre:
 * ``e_ap`` — antero-posterior axis (pointing anterior, i.e. away from the spinal canal),
 * ``e_lr`` — left-right axis (pointing to the patient's right), ``e_lr = e_ap × e_cc``.
 
-Dimensions are typical adult values, interpolated linearly between anchor levels (body heights
-and widths after Panjabi et al., Spine 1991/1992, rounded; they only need to be plausible).
+Body dimensions are the nominal adult ones of :mod:`.anatomy`; the posterior elements' are
+typical lumbar or thoracic values (they only need to be plausible).
 """
 
 from __future__ import annotations
@@ -24,21 +24,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from .anatomy import normal_body
 from .levels import LEVELS, level_position
-
-# Anchor values per level: (level, body height, body width LR, body depth AP, disc height below)
-# in mm. The "disc below" of S1 is unused.
-_ANCHORS = (
-    ("C7", 13.0, 24.0, 15.0, 4.0),
-    ("T1", 14.0, 26.0, 15.0, 4.0),
-    ("T4", 16.0, 28.0, 18.0, 4.5),
-    ("T8", 18.5, 32.0, 24.0, 5.0),
-    ("T12", 22.0, 40.0, 28.0, 6.5),
-    ("L1", 24.0, 42.0, 30.0, 8.0),
-    ("L3", 26.0, 48.0, 33.0, 10.0),
-    ("L5", 26.0, 52.0, 34.0, 11.0),
-    ("S1", 25.0, 50.0, 32.0, 0.0),
-)
 
 # Physiological anterior/posterior height ratio Ha/Hp of normal vertebrae: mild wedging at the
 # thoraco-lumbar junction and in the mid-thoracic kyphosis, and L5's short posterior wall
@@ -70,19 +57,16 @@ class LevelDimensions:
 
 @lru_cache(maxsize=None)
 def level_dimensions(level: str) -> LevelDimensions:
-    """Nominal dimensions of ``level``, interpolated between anchor levels."""
-    position = level_position(level)
-    xs = [level_position(a[0]) for a in _ANCHORS]
-    if position < xs[0]:
-        position = xs[0]  # C1–C6: use C7 sizes, the phantom is not meant for the neck
-    values = [float(np.interp(position, xs, [a[k] for a in _ANCHORS])) for k in range(1, 5)]
+    """Nominal dimensions of ``level``: the body's from :func:`.anatomy.normal_body`, the posterior
+    elements' lumbar or thoracic."""
+    body = normal_body(level)
     lumbar = level.startswith(("L", "S"))
     return LevelDimensions(
         level=level,
-        height_mm=values[0],
-        width_mm=values[1],
-        depth_mm=values[2],
-        disc_below_mm=values[3],
+        height_mm=body.height_mm,
+        width_mm=body.width_mm,
+        depth_mm=body.depth_mm,
+        disc_below_mm=body.disc_below_mm,
         canal_half_width_mm=11.0 if lumbar else 8.0,
         canal_half_depth_mm=8.0 if lumbar else 7.5,
         pedicle_width_mm=9.0 if lumbar else 7.0,
