@@ -411,10 +411,12 @@ def test_distributed_cluster_with_a_gpu_worker_for_segmentation(phantoms, tmp_pa
     env = {**os.environ, "TOTALSEG_WEIGHTS_PATH": str(weights), "TOTALSEG_HOME_DIR": str(home),
            "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
     inputs = copies_of(phantoms, tmp_path / "in", 3)
-    from VertebralFractureScreenLib import imageio, phantom as ph
+    from VertebralFractureScreenLib import phantom as ph
+    from VertebralFractureScreenLib.io.images import write_volume
+    from VertebralFractureScreenLib.io.volume import Volume
 
     small = ph.make_phantom(ph.PhantomSpec(levels=("L1",), spacing=(3.0, 3.0, 3.0), noise_hu=20.0, supersampling=1))
-    imageio.write_volume(inputs / "unsegmented.nii.gz", imageio.Volume(small.ct, small.ijk_to_ras))
+    write_volume(inputs / "unsegmented.nii.gz", Volume(small.ct, small.ijk_to_ras))
 
     scheduler_file = tmp_path / "scheduler.json"
     processes = []

@@ -42,7 +42,8 @@ import bench_morphometry_speed as speed  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from VertebralFractureScreenLib import imageio  # noqa: E402
+from VertebralFractureScreenLib.io.images import write_volume  # noqa: E402
+from VertebralFractureScreenLib.io.volume import Volume  # noqa: E402
 from VertebralFractureScreenLib import levels as lv  # noqa: E402
 
 GOAL_SECONDS = 5.0
@@ -90,7 +91,7 @@ def prepare(folder: Path, cache: Path, slices: int = speed.SIZE_IJK[2]) -> int:
         array = getattr(phantom, name)
         if extra:
             array = extended(array, below, above, keep[name])
-        imageio.write_volume(folder / f"{name}.nii.gz", imageio.Volume(array, ijk_to_ras))
+        write_volume(folder / f"{name}.nii.gz", Volume(array, ijk_to_ras))
         if name == "ct":
             ct_bytes = array.nbytes
         del array

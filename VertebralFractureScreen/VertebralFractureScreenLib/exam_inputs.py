@@ -1,21 +1,21 @@
 """One exam's inputs, read and checked before any measurement (SPEC §5, §6).
 
-:func:`load_exam` takes the CT and its segmentations as paths (anything :mod:`.imageio` reads) or
-as in-memory :class:`~.imageio.Volume` objects, brings the label maps onto the CT grid and
+:func:`load_exam` takes the CT and its segmentations as paths (anything :mod:`.io.images` reads) or
+as in-memory :class:`.io.volume.Volume` objects, brings the label maps onto the CT grid and
 checks that the exam can be screened. Every problem is an :class:`~.errors.InputError` with one
 sentence that says what is wrong and, where there is one, what to do; nothing is written and the
 inputs are never modified.
 
 Checks, in order:
 
-* the CT is a 3-D volume (``imageio`` refuses anything else), not empty or constant, with voxel
-  sizes between ``imageio.MIN_VOXEL_SIZE_MM`` and ``imageio.MAX_VOXEL_SIZE_MM`` (``imageio``
+* the CT is a 3-D volume (``io.images`` refuses anything else), not empty or constant, with voxel
+  sizes between ``io.volume.MIN_VOXEL_SIZE_MM`` and ``MAX_VOXEL_SIZE_MM`` (``io``
   checks files; this also covers volumes given in memory);
 * it looks like a CT in Hounsfield units: some voxels between −1100 and −100 HU (fat or air: every
   body CT has them; a normalised or MR image has none), and at most 1 % of them above 3000 HU (metal
   is local; an image stored in other units is not). Padding below −1100 HU (−2048, −3024 outside
   the reconstruction circle) is ignored;
-* the segmentation overlaps the CT (``imageio`` refuses a grid that does not) and holds vertebra
+* the segmentation overlaps the CT (``io.images`` refuses a grid that does not) and holds vertebra
   labels of the chosen convention;
 * the vertebrae are in anatomical order: the centroids of consecutive levels run from cranial to
   caudal. A label map in another convention (VerSe ids read as TotalSegmentator ones, or the
@@ -37,7 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import imageio
+from .io.images import read_ct, read_labelmap, resample_labelmap
+from .io.labels import LabelMapWarning
+from .io.volume import MAX_VOXEL_SIZE_MM, MIN_VOXEL_SIZE_MM, Volume, plausible_voxel_sizes
 from . import levels as lv
 from .errors import InputError
 from .geometry import BoxedLabels, find_label_boxes, mask_centroid_ras
@@ -62,9 +64,9 @@ class ExamInputs:
     :meth:`body_label_map`); ``sources``: where each came from (a path, or ``"in memory"``);
     ``warnings``: problems that did not stop reading."""
 
-    ct: imageio.Volume
-    labels: imageio.Volume
-    body_labels: imageio.Volume | None
+    ct: Volume
+    labels: Volume
+    body_labels: Volume | None
     convention: str
     sources: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -86,17 +88,17 @@ class ExamInputs:
 
 
 def _source(value) -> str:
-    return "in memory" if isinstance(value, imageio.Volume) else str(Path(value).expanduser())
+    return "in memory" if isinstance(value, Volume) else str(Path(value).expanduser())
 
 
-def read_ct_checked(ct, series_uid: str | None = None) -> imageio.Volume:
-    """The CT as a :class:`~.imageio.Volume`, checked by :func:`check_ct`."""
-    volume = ct if isinstance(ct, imageio.Volume) else imageio.read_ct(ct, series_uid=series_uid)
+def read_ct_checked(ct, series_uid: str | None = None) -> Volume:
+    """The CT as a :class:`.io.volume.Volume`, checked by :func:`check_ct`."""
+    volume = ct if isinstance(ct, Volume) else read_ct(ct, series_uid=series_uid)
     check_ct(volume, _source(ct))
     return volume
 
 
-def check_ct(volume: imageio.Volume, name: str = "CT") -> None:
+def check_ct(volume: Volume, name: str = "CT") -> None:
     """Refuse an empty or constant volume and one whose values are obviously not HU."""
     array = volume.array
     if array.ndim != 3:
@@ -104,11 +106,11 @@ def check_ct(volume: imageio.Volume, name: str = "CT") -> None:
     if array.size == 0:
         raise InputError(f"{name} is empty")
     spacing = [float(v) for v in volume.spacing]
-    if not imageio.plausible_voxel_sizes(spacing):
-        # files are checked by imageio already; this catches volumes given in memory (3D Slicer)
+    if not plausible_voxel_sizes(spacing):
+        # files are checked by io already; this catches volumes given in memory (3D Slicer)
         raise InputError(f"{name} has an invalid voxel spacing ({', '.join(f'{v:g}' for v in spacing)} mm); each "
-                         f"voxel size must be between {imageio.MIN_VOXEL_SIZE_MM:g} and "
-                         f"{imageio.MAX_VOXEL_SIZE_MM:g} mm")
+                         f"voxel size must be between {MIN_VOXEL_SIZE_MM:g} and "
+                         f"{MAX_VOXEL_SIZE_MM:g} mm")
     # A strided sample keeps the check cheap on 512x512x1000 volumes (about 1/64 of the voxels).
     step = tuple(max(1, n // 128) for n in array.shape)
     sample = np.asarray(array[::step[0], ::step[1], ::step[2]], dtype=np.float32)
@@ -131,32 +133,32 @@ def check_ct(volume: imageio.Volume, name: str = "CT") -> None:
             "give the CT itself, with its rescale slope and intercept applied")
 
 
-def _labels_on_grid(value, reference: imageio.Volume, convention: str, what: str,
-                    messages: list[str]) -> tuple[imageio.Volume, tuple | None]:
+def _labels_on_grid(value, reference: Volume, convention: str, what: str,
+                    messages: list[str]) -> tuple[Volume, tuple | None]:
     """The label map on the CT's grid, and its own grid ``(ijk_to_ras, shape)`` when it had to be
     resampled (None when it was on the CT's): where that grid ends, nothing is known."""
     if isinstance(value, np.ndarray):
-        value = imageio.Volume(value, reference.ijk_to_ras)
-    if not isinstance(value, imageio.Volume):
+        value = Volume(value, reference.ijk_to_ras)
+    if not isinstance(value, Volume):
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", imageio.LabelMapWarning)
-            value = imageio.read_labelmap(value, None, convention=convention)
-        messages.extend(str(w.message) for w in caught if issubclass(w.category, imageio.LabelMapWarning))
+            warnings.simplefilter("always", LabelMapWarning)
+            value = read_labelmap(value, None, convention=convention)
+        messages.extend(str(w.message) for w in caught if issubclass(w.category, LabelMapWarning))
     elif np.issubdtype(value.array.dtype, np.floating) or value.array.ndim != 3:
         raise InputError(f"the {what} must be a 3-D integer label map")
     if value.same_grid(reference, tol=1e-4):
-        return imageio.Volume(value.array, reference.ijk_to_ras), None
+        return Volume(value.array, reference.ijk_to_ras), None
     own_grid = (np.array(value.ijk_to_ras, dtype=float), tuple(int(n) for n in value.array.shape))
-    return imageio.resample_labelmap(value, reference, name=what), own_grid
+    return resample_labelmap(value, reference, name=what), own_grid
 
 
-def check_vertebrae(labels: imageio.Volume, convention: str, name: str = "segmentation",
+def check_vertebrae(labels: Volume, convention: str, name: str = "segmentation",
                     label_boxes: list | None = None, named_segments: bool = False) -> list[str]:
     """The vertebra levels present (cranial to caudal); refuses a map without vertebra labels or
     whose vertebrae are not in anatomical order (the sign of a wrong label convention).
     ``label_boxes``: ``ndimage.find_objects(labels.array)`` when known. ``named_segments``: the
     map came from a Slicer segmentation (``.seg.nrrd``), whose segments are matched by their IDs
-    and terminology (``imageio.segment_structure``), not by label values: the advice then is
+    and terminology (``io.labels.segment_structure``), not by label values: the advice then is
     about naming them, since ``--labels`` changes nothing there."""
     other = "verse" if convention == "totalsegmentator" else "totalsegmentator"
     ids = lv.vertebra_ids(convention)
@@ -191,7 +193,7 @@ def load_exam(ct, seg, body_seg=None, *, convention: str = "totalsegmentator",
     """Read and check one exam.
 
     Args:
-        ct: CT path (NIfTI, NRRD, MetaImage, DICOM folder or file) or :class:`~.imageio.Volume` in HU.
+        ct: CT path (NIfTI, NRRD, MetaImage, DICOM folder or file) or :class:`.io.volume.Volume` in HU.
         seg: vertebra segmentation: a path, a Volume, or an integer array on the CT's grid.
         body_seg: optional ``vertebrae_body`` map (1 = bodies, 2 = discs), same forms as ``seg``.
         convention: label ids of ``seg``: ``totalsegmentator`` or ``verse``.
@@ -234,7 +236,7 @@ def load_exam(ct, seg, body_seg=None, *, convention: str = "totalsegmentator",
     if body is not None:  # a Volume on the box's own grid: its voxel (0, 0, 0) is the box's first
         box_to_ras = np.array(volume.ijk_to_ras, dtype=float)
         box_to_ras[:3, 3] += box_to_ras[:3, :3] @ [body.box[2].start, body.box[1].start, body.box[0].start]
-        body_volume = imageio.Volume(body.array, box_to_ras)
+        body_volume = Volume(body.array, box_to_ras)
     return ExamInputs(volume, labels, body_volume, convention, sources, messages, boxes, label_grid,
                       None if body is None else body.box)
 

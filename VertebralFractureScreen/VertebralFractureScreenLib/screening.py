@@ -226,7 +226,7 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
     """Screen one exam.
 
     Args:
-        ct: CT path (NIfTI, NRRD, MetaImage, DICOM folder) or :class:`~.imageio.Volume` in HU.
+        ct: CT path (NIfTI, NRRD, MetaImage, DICOM folder) or :class:`.io.volume.Volume` in HU.
         seg: segmentation with vertebra labels (``convention`` ids; TotalSegmentator ``total`` ids
             also give muscles, aorta and cord): a path, a Volume or an integer array on the CT
             grid. None: TotalSegmentator segments the CT (needs ``out_dir``, where its label maps
