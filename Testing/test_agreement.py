@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from VertebralFractureScreenLib.agreement import agreement, confusion, weighted_kappa
+from VertebralFractureScreenLib.report.agreement import agreement, confusion, weighted_kappa
 
 
 def test_kappa_of_perfect_and_of_reversed_gradings():

@@ -14,12 +14,12 @@ import json
 import numpy as np
 import pytest
 
-from VertebralFractureScreenLib import attenuation as at
+from VertebralFractureScreenLib.measure import attenuation as at
 from VertebralFractureScreenLib import levels as lv
-from VertebralFractureScreenLib.grading import grade_spine
+from VertebralFractureScreenLib.measure.grading import grade_spine
 from VertebralFractureScreenLib.io.images import read_ct, read_labelmap
-from VertebralFractureScreenLib.morphometry import measure_heights
-from VertebralFractureScreenLib.phantom import TISSUES, Fracture, PhantomSpec, SpineScene, make_phantom
+from VertebralFractureScreenLib.measure.morphometry import measure_heights
+from VertebralFractureScreenLib.phantom.render import TISSUES, Fracture, PhantomSpec, SpineScene, make_phantom
 
 TRABECULAR = {"T12": 180.0, "L1": 95.0, "L2": 130.0}
 NO_FAT = dict(autochthon_fat_fraction=0.0, iliopsoas_fat_fraction=0.0)  # fewer edges: faster rendering

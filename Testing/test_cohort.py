@@ -21,11 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from VertebralFractureScreenLib import cohort, features
+from VertebralFractureScreenLib import cohort
+from VertebralFractureScreenLib.model import features
 from VertebralFractureScreenLib import levels as lv
 from VertebralFractureScreenLib.cli import main
 from VertebralFractureScreenLib.errors import InputError
-from VertebralFractureScreenLib.phantom import Fracture, PhantomSpec, write_phantom
+from VertebralFractureScreenLib.phantom.render import Fracture, PhantomSpec, write_phantom
 
 FRACTURED = PhantomSpec(levels=lv.parse_level_range("T12-S1"), spacing=(3.0, 3.0, 3.0), fov="body", supersampling=3,
                         fractures=(Fracture.parse("L1:wedge:0.3"),), noise_hu=10.0, seed=5, trabecular_hu=95.0)
@@ -411,7 +412,7 @@ def test_distributed_cluster_with_a_gpu_worker_for_segmentation(phantoms, tmp_pa
     env = {**os.environ, "TOTALSEG_WEIGHTS_PATH": str(weights), "TOTALSEG_HOME_DIR": str(home),
            "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
     inputs = copies_of(phantoms, tmp_path / "in", 3)
-    from VertebralFractureScreenLib import phantom as ph
+    from VertebralFractureScreenLib.phantom import render as ph
     from VertebralFractureScreenLib.io.images import write_volume
     from VertebralFractureScreenLib.io.volume import Volume
 

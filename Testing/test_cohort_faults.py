@@ -31,7 +31,7 @@ from VertebralFractureScreenLib import cohort
 from VertebralFractureScreenLib import levels as lv
 from VertebralFractureScreenLib.cli import EXIT_INTERRUPTED, main
 from VertebralFractureScreenLib.errors import InputError
-from VertebralFractureScreenLib.phantom import PhantomSpec, write_phantom
+from VertebralFractureScreenLib.phantom.render import PhantomSpec, write_phantom
 
 SMALL = PhantomSpec(levels=lv.parse_level_range("T12-L3"), spacing=(3.0, 3.0, 3.0), fov="body", supersampling=1,
                     noise_hu=10.0, seed=5)

@@ -15,13 +15,13 @@ import functools
 import numpy as np
 import pytest
 
-from VertebralFractureScreenLib import exam_inputs
+from VertebralFractureScreenLib.io import exam_inputs
 from VertebralFractureScreenLib import levels as lv
-from VertebralFractureScreenLib.grading import grade_spine
+from VertebralFractureScreenLib.measure.grading import grade_spine
 from VertebralFractureScreenLib.io.images import write_volume
 from VertebralFractureScreenLib.io.volume import Volume
-from VertebralFractureScreenLib.morphometry import measure_heights
-from VertebralFractureScreenLib.phantom import Fracture, PhantomSpec, make_phantom
+from VertebralFractureScreenLib.measure.morphometry import measure_heights
+from VertebralFractureScreenLib.phantom.render import Fracture, PhantomSpec, make_phantom
 
 L1 = lv.TOTAL_VERTEBRA_IDS["L1"]
 SETTINGS = [(1.0, (0.0, 0.0, 0.0)), (1.0, (5.0, 8.0, -20.0)), (3.0, (0.0, 0.0, 0.0)), (3.0, (5.0, 8.0, -20.0))]
@@ -147,7 +147,7 @@ def test_muscle_slabs_cut_by_a_cropped_segmentation_are_flagged(tmp_path):
     """Screening from files: a segmentation cropped behind L1's spinous process leaves L1 graded
     as before, and the muscle rows whose slab runs out of the segmentation's grid are flagged
     ``cut_by_field_of_view``, as they would be at the CT's border; uncropped, none is."""
-    from VertebralFractureScreenLib.screening import screen_exam
+    from VertebralFractureScreenLib.exam.screening import screen_exam
 
     made = _spine(3.0, (0.0, 0.0, 0.0))["made"]
     ct_path, whole_path, seg_path = tmp_path / "ct.nrrd", tmp_path / "whole.nii.gz", tmp_path / "seg.nii.gz"

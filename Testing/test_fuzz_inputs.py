@@ -24,7 +24,7 @@ from VertebralFractureScreenLib.errors import InputError
 from VertebralFractureScreenLib.io.images import read_ct, read_labelmap, write_volume
 from VertebralFractureScreenLib.io.seg_nrrd import write_segmentation_nrrd
 from VertebralFractureScreenLib.io.volume import Volume
-from VertebralFractureScreenLib.model import demo_model_path, load_model
+from VertebralFractureScreenLib.model.fracture_model import demo_model_path, load_model
 
 from test_hostile_headers import AXIAL, matrix, small_ct, small_labels, write_dicom_series
 

@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 from VertebralFractureScreenLib import levels as lv
-from VertebralFractureScreenLib.exam_inputs import load_exam
-from VertebralFractureScreenLib.grading import grade_spine
-from VertebralFractureScreenLib.morphometry import measure_heights
+from VertebralFractureScreenLib.io.exam_inputs import load_exam
+from VertebralFractureScreenLib.measure.grading import grade_spine
+from VertebralFractureScreenLib.measure.morphometry import measure_heights
 
 
 def _grades(ct, seg, convention):

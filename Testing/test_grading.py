@@ -8,17 +8,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from VertebralFractureScreenLib import grading, levels as lv, phantom
-from VertebralFractureScreenLib.grading import (
-    NORMAL_HA_HP,
-    VertebraGrade,
-    exam_fracture_summary,
-    genant_grade,
-    grade_spine,
-    is_borderline,
-)
-from VertebralFractureScreenLib.phantom import AP_FRACTIONS, Fracture, PhantomSpec, SpineScene
-from VertebralFractureScreenLib.phantom_anatomy import PHYSIOLOGICAL_HA_HP
+from VertebralFractureScreenLib.measure import grading
+from VertebralFractureScreenLib import levels as lv
+from VertebralFractureScreenLib.phantom import render as phantom
+from VertebralFractureScreenLib.measure.grading import NORMAL_HA_HP, VertebraGrade, exam_fracture_summary, genant_grade, grade_spine, is_borderline
+from VertebralFractureScreenLib.phantom.render import AP_FRACTIONS, Fracture, PhantomSpec, SpineScene
+from VertebralFractureScreenLib.phantom.anatomy import PHYSIOLOGICAL_HA_HP
 
 NAN = float("nan")
 
@@ -442,7 +437,7 @@ def sized(level, scale=1.0, ratio=None, concavity=0.0, profile=None):
     """A normal vertebra of the level's nominal size (``phantom_anatomy.level_dimensions``) times
     ``scale``, with endplates concave by ``concavity`` of the height at mid-depth, or the given
     height ``profile`` (fractions 15–85 % every 5 %)."""
-    from VertebralFractureScreenLib.phantom_anatomy import level_dimensions
+    from VertebralFractureScreenLib.phantom.anatomy import level_dimensions
 
     r = NORMAL_HA_HP.get(level, 1.0) if ratio is None else ratio
     hp = scale * 2.0 * level_dimensions(level).height_mm / (1.0 + r)

@@ -558,7 +558,7 @@ def test_metaimage_data_file_outside_the_header_folder_is_refused(tmp_path, data
 
 
 def test_in_memory_volume_with_absurd_spacing_is_refused():
-    from VertebralFractureScreenLib.exam_inputs import check_ct
+    from VertebralFractureScreenLib.io.exam_inputs import check_ct
 
     with pytest.raises(InputError, match="invalid voxel spacing"):
         check_ct(Volume(small_ct(), matrix(spacing=(1e-5, 1.0, 1.0))), "CT")

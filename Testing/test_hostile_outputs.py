@@ -23,15 +23,16 @@ import numpy as np
 import pytest
 from test_cohort import touch
 
-from VertebralFractureScreenLib import cohort, screening
+from VertebralFractureScreenLib import cohort
+from VertebralFractureScreenLib.exam import screening
 from VertebralFractureScreenLib import levels as lv
-from VertebralFractureScreenLib import model as fm
+from VertebralFractureScreenLib.model import fracture_model as fm
 from VertebralFractureScreenLib.cli import main
 from VertebralFractureScreenLib.errors import InputError
-from VertebralFractureScreenLib.features import FEATURE_VERSION, features_from_folder
-from VertebralFractureScreenLib.phantom import Fracture, PhantomSpec, write_phantom
-from VertebralFractureScreenLib.screening import screen_exam
-from VertebralFractureScreenLib.serialization import csv_text, neutralised
+from VertebralFractureScreenLib.model.features import FEATURE_VERSION, features_from_folder
+from VertebralFractureScreenLib.phantom.render import Fracture, PhantomSpec, write_phantom
+from VertebralFractureScreenLib.exam.screening import screen_exam
+from VertebralFractureScreenLib.io.serialization import csv_text, neutralised
 
 FEATURES = ("max_genant_grade", "l1_hu", "age")
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from VertebralFractureScreenLib.errors import InputError
-from VertebralFractureScreenLib.exam_inputs import load_exam
-from VertebralFractureScreenLib.morphometry import MIN_BONE_EDGE_CONTRAST_HU, bone_edge_contrast, measure_heights
-from VertebralFractureScreenLib.screening import screen_exam
+from VertebralFractureScreenLib.io.exam_inputs import load_exam
+from VertebralFractureScreenLib.measure.morphometry import MIN_BONE_EDGE_CONTRAST_HU, bone_edge_contrast, measure_heights
+from VertebralFractureScreenLib.exam.screening import screen_exam
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_a_multilabel_map_given_as_the_body_map_is_refused(example):
 def test_a_float_ct_with_one_nan_voxel_is_refused(example):
     """One NaN voxel that the strided plausibility sample misses: one sentence, not an internal
     error later (issue 26)."""
-    from VertebralFractureScreenLib.exam_inputs import check_ct
+    from VertebralFractureScreenLib.io.exam_inputs import check_ct
     from VertebralFractureScreenLib.io.volume import Volume
 
     array = np.concatenate([np.asarray(example.ct.array, dtype=np.float32)] * 3)  # 336 slices

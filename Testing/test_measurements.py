@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from VertebralFractureScreenLib import features, levels as lv, measurements as ms
+from VertebralFractureScreenLib.model import features
+from VertebralFractureScreenLib import levels as lv
+from VertebralFractureScreenLib.report import measurements as ms
 from VertebralFractureScreenLib.cli import main
-from VertebralFractureScreenLib.phantom import Fracture, PhantomSpec, write_phantom
+from VertebralFractureScreenLib.phantom.render import Fracture, PhantomSpec, write_phantom
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC = PhantomSpec(levels=lv.parse_level_range("T12-S1"), spacing=(3.0, 3.0, 3.0), fov="body", supersampling=1,
@@ -84,7 +86,7 @@ def test_heights_are_three_distinct_quantities():
 def test_outputs_reference_is_current():
     path = REPO / "docs" / "outputs.md"
     assert path.read_text() == ms.outputs_reference(), (
-        "docs/outputs.md is stale: python -m VertebralFractureScreenLib.measurements > docs/outputs.md")
+        "docs/outputs.md is stale: python -m VertebralFractureScreenLib.report.measurements > docs/outputs.md")
 
 
 def flags_in_the_code() -> set[str]:

@@ -12,16 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from VertebralFractureScreenLib import model as fm
-from VertebralFractureScreenLib import model_metrics as mm
+from VertebralFractureScreenLib.model import fracture_model as fm
+from VertebralFractureScreenLib.model import metrics as mm
 from VertebralFractureScreenLib.cli import main
 from VertebralFractureScreenLib.errors import InputError
-from VertebralFractureScreenLib.features import FEATURE_NAMES, FEATURE_VERSION
+from VertebralFractureScreenLib.model.features import FEATURE_NAMES, FEATURE_VERSION
 
 sklearn = pytest.importorskip("sklearn")
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
-from VertebralFractureScreenLib.model_training import evaluate_model, train_model  # noqa: E402
+from VertebralFractureScreenLib.model.training import evaluate_model, train_model  # noqa: E402
 
 
 def synthetic_cohort(n: int = 300, seed: int = 1, *, signal: bool = True) -> list[dict]:
@@ -246,7 +246,7 @@ def test_a_small_cohort_is_warned_and_the_header_says_each_thing_once(tmp_path, 
     assert "too few exams" in (tmp_path / "m_report" / "report.txt").read_text()
     large = fm.read_feature_table(write_table(synthetic_cohort(), tmp_path / "large.csv"), "fracture")
     result = train_model(large, kind="logistic", bootstrap_resamples=200)
-    from VertebralFractureScreenLib.model_report import small_sample_note
+    from VertebralFractureScreenLib.model.report import small_sample_note
     assert small_sample_note(result.model.training["cross_validation"]) is None
 
 

@@ -7,9 +7,9 @@ over a large phantom suite lives in ``Testing/benchmarks/bench_morphometry.py``.
 import numpy as np
 import pytest
 
-from VertebralFractureScreenLib import muscles as mu
-from VertebralFractureScreenLib.morphometry import VertebraFrame, measure_heights, spine_tangents
-from VertebralFractureScreenLib.phantom import Fracture, PhantomSpec, make_phantom
+from VertebralFractureScreenLib.measure import muscles as mu
+from VertebralFractureScreenLib.measure.morphometry import VertebraFrame, measure_heights, spine_tangents
+from VertebralFractureScreenLib.phantom.render import Fracture, PhantomSpec, make_phantom
 
 LOCAL_IS_RAS = VertebraFrame(np.zeros(3), np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.array([0, 0, 1.0]))
 """A vertebra frame whose local ``(u, v, w)`` are RAS millimetres (the synthetic endplate patches'
@@ -157,7 +157,7 @@ def test_spine_tangents_of_a_circle_are_exact():
 def test_real_example_ct(example_data):
     """TotalSegmentator's example CT (3 mm, T11–S1): L1–L5 complete and graded, none grade ≥ 2;
     T11 and T12, cut by the field of view, incomplete and never graded."""
-    from VertebralFractureScreenLib.grading import grade_spine
+    from VertebralFractureScreenLib.measure.grading import grade_spine
     from VertebralFractureScreenLib.io.images import read_ct, read_labelmap
 
     ct = read_ct(example_data / "example_ct.nii.gz")
@@ -221,7 +221,7 @@ def test_plate_hu_is_fitted_jointly_over_endplates():
     """An endplate whose plate lies inside one slice cannot tell its plate's HU from its
     position; summed over endplates at several offsets to the slices, the residual is smallest
     at the true cortical HU (700), whatever the trabecular bone beside it."""
-    from VertebralFractureScreenLib.morphometry import PLATE_HUS, _plate_hu_residuals
+    from VertebralFractureScreenLib.measure.morphometry import PLATE_HUS, _plate_hu_residuals
 
     frame = LOCAL_IS_RAS
     knots_v = np.array([10.0, 0.0, -10.0])
@@ -240,7 +240,7 @@ def test_plate_hu_is_fitted_jointly_over_endplates():
 
 
 def test_natural_spline_basis_interpolates_and_keeps_lines():
-    from VertebralFractureScreenLib.morphometry import _natural_spline_basis
+    from VertebralFractureScreenLib.measure.morphometry import _natural_spline_basis
 
     knots_v = np.array([-11.0, -5.5, 0.0, 5.5, 11.0])
     v = np.linspace(-15.0, 15.0, 61)
@@ -273,7 +273,7 @@ def test_height_sd_matches_the_spread_over_noise_draws():
     spread of the fitted surface over independent noise draws: an upright endplate at 3 mm
     slices, 40 draws of 20 HU noise, reported and observed spread within 30 % of each other; and
     the spread grows with the noise."""
-    from VertebralFractureScreenLib.morphometry import _fit_endplate_profile
+    from VertebralFractureScreenLib.measure.morphometry import _fit_endplate_profile
 
     frame = LOCAL_IS_RAS
     knots_v = np.array([10.0, 0.0, -10.0])
@@ -303,7 +303,7 @@ def test_height_sd_sees_a_residual_made_bumpy_by_the_noise():
     residual's likelihood along shifts and tilts of the endplate, within the fit's window) comes
     within a factor 3.4 of it without overshooting. (The profiles are conditional, one move at a
     time, so they still miss the tilt's share of a knot's spread.)"""
-    from VertebralFractureScreenLib.morphometry import _fit_endplate_profile
+    from VertebralFractureScreenLib.measure.morphometry import _fit_endplate_profile
 
     frame = LOCAL_IS_RAS
     knots_v = np.array([10.0, 0.0, -10.0])
@@ -330,7 +330,7 @@ def test_thick_slice_endplate_fit_stays_in_its_window():
     its SD was skipped: 0.08 mm reported.) Endplates tilted against the mask's flat one by up to
     0.3 mm per mm, 3 mm voxels, noise-free and at 20 HU: every fitted knot lies within the reach,
     and where the endplate lies within it the fit finds it."""
-    from VertebralFractureScreenLib.morphometry import _fit_endplate_profile
+    from VertebralFractureScreenLib.measure.morphometry import _fit_endplate_profile
 
     frame = LOCAL_IS_RAS
     knots_v = np.array([10.0, 0.0, -10.0])
@@ -354,8 +354,7 @@ def test_endplate_fit_leans_on_the_mask_only_where_the_noise_hides_the_endplate(
     a voxel): at 10 HU noise the fit decides (the mask's endplate, 1 mm off, moves it by less than
     0.05 mm); at 300 HU noise the combination lies between the fit and the mask, and its reported
     SD never exceeds either's. An undetermined fit (inf SD) takes the mask's endplate and SD."""
-    from VertebralFractureScreenLib.morphometry import (
-        MASK_ENDPLATE_SD_VOXELS, _fit_endplate_profile, _with_mask_endplate)
+    from VertebralFractureScreenLib.measure.morphometry import MASK_ENDPLATE_SD_VOXELS, _fit_endplate_profile, _with_mask_endplate
 
     frame = LOCAL_IS_RAS
     knots_v = np.array([10.0, 0.0, -10.0])
@@ -381,7 +380,7 @@ def test_endplate_fit_leans_on_the_mask_only_where_the_noise_hides_the_endplate(
 def test_crossings_walk_out_from_each_start():
     """Where each profile first falls below one half walking out from its start, interpolated
     between samples; NaN where it never does (the profile runs off the grid)."""
-    from VertebralFractureScreenLib.morphometry import _crossings
+    from VertebralFractureScreenLib.measure.morphometry import _crossings
 
     coords = np.arange(8) * 0.5  # mm
     profiles = np.array([

@@ -93,7 +93,7 @@ def test_files_load_with_slicers_readers(mrml, tmp_path):
 def test_phantom_files_load_with_slicer_geometry(mrml, tmp_path):
     """The library's phantom writer and Slicer's readers agree on voxels, oblique geometry and
     segment IDs (what the module's "Make phantom" button and self-test rely on)."""
-    phantom = pytest.importorskip("VertebralFractureScreenLib.phantom")
+    phantom = pytest.importorskip("VertebralFractureScreenLib.phantom.render")
     pytest.importorskip("VertebralFractureScreenLib.io.images")
     from VertebralFractureScreenLib.levels import TOTAL_CLASS_NAMES, TOTAL_VERTEBRA_IDS
 

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from VertebralFractureScreenLib import levels as lv
-from VertebralFractureScreenLib import muscles as mu
+from VertebralFractureScreenLib.measure import muscles as mu
 from VertebralFractureScreenLib.geometry import make_ijk_to_ras, rotation_matrix
 from VertebralFractureScreenLib.io.images import read_ct, read_labelmap
-from VertebralFractureScreenLib.morphometry import VertebraFrame, VertebraHeights, measure_heights
-from VertebralFractureScreenLib.phantom import Fracture, PhantomSpec, make_phantom
+from VertebralFractureScreenLib.measure.morphometry import VertebraFrame, VertebraHeights, measure_heights
+from VertebralFractureScreenLib.phantom.render import Fracture, PhantomSpec, make_phantom
 
 LUMBAR_SPINE = PhantomSpec(levels=("T12", "L1", "L2", "L3", "L4", "L5", "S1"), spacing=(2.5, 2.5, 2.5),
                            supersampling=1, rotation_deg=(10.0, 0.0, 10.0), lordosis_deg=50.0,

@@ -22,17 +22,9 @@ from scipy import ndimage
 
 from VertebralFractureScreenLib import levels as lv
 from VertebralFractureScreenLib.geometry import rotation_matrix
-from VertebralFractureScreenLib.imageio import read_ct, read_labelmap
-from VertebralFractureScreenLib.phantom import (
-    TISSUES,
-    Fracture,
-    PhantomSpec,
-    genant_grade,
-    is_borderline,
-    make_phantom,
-    write_phantom,
-)
-from VertebralFractureScreenLib.phantom_anatomy import PHYSIOLOGICAL_HA_HP, level_dimensions
+from VertebralFractureScreenLib.io.images import read_ct, read_labelmap
+from VertebralFractureScreenLib.phantom.render import TISSUES, Fracture, PhantomSpec, genant_grade, is_borderline, make_phantom, write_phantom
+from VertebralFractureScreenLib.phantom.anatomy import PHYSIOLOGICAL_HA_HP, level_dimensions
 
 LEVELS3 = ("L1", "L2", "L3")
 AP_FRACTIONS = {"ha": 0.15, "hm": 0.50, "hp": 0.85}  # SPEC §4, from the anterior wall
@@ -713,7 +705,7 @@ def test_coarse_to_fine_sub_samples_match_every_sub_sample(monkeypatch, spacing,
     spheres) in a generic pose on an oblique grid, the CT may differ only where a sliver thinner
     than the coarse spacing hides between coarse samples (edges and corners of the posterior
     elements' boxes): in few voxels, by little."""
-    import VertebralFractureScreenLib.phantom as phantom_module
+    import VertebralFractureScreenLib.phantom.render as phantom_module
 
     spec = PhantomSpec(levels=("L1", "L2"), spacing=spacing, size_ijk=size, grid_orientation="oblique",
                        rotation_deg=(7.0, -5.0, 11.0), fractures=(Fracture("L1", "biconcave", 0.35),),

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from VertebralFractureScreenLib import qc
+from VertebralFractureScreenLib.report import qc
 from VertebralFractureScreenLib.errors import InputError
 from VertebralFractureScreenLib.geometry import make_ijk_to_ras, rotation_matrix
-from VertebralFractureScreenLib.morphometry import VertebraFrame, VertebraHeights
-from VertebralFractureScreenLib.phantom import Fracture, PhantomSpec, make_phantom
-from VertebralFractureScreenLib.qc import QCVertebra, render_qc, spine_reformat
+from VertebralFractureScreenLib.measure.morphometry import VertebraFrame, VertebraHeights
+from VertebralFractureScreenLib.phantom.render import Fracture, PhantomSpec, make_phantom
+from VertebralFractureScreenLib.report.qc import QCVertebra, render_qc, spine_reformat
 
 LEVELS = ("T12", "L1", "L2", "L3")
 TRABECULAR_HU = 160.0  # the phantom's default
@@ -333,8 +333,8 @@ def test_the_picture_shows_the_basis_of_a_fracture_grade(lordotic, tmp_path):
     superior endplate from its neighbours and its lost part drawn; a normal one gets none of them
     (issue 32). The expected endplate lies where the normal body's would: about the neighbours'
     height above the inferior endplate, anteriorly 30 % above the measured one."""
-    from VertebralFractureScreenLib.grading import grade_spine
-    from VertebralFractureScreenLib.morphometry import measure_heights
+    from VertebralFractureScreenLib.measure.grading import grade_spine
+    from VertebralFractureScreenLib.measure.morphometry import measure_heights
 
     heights = measure_heights(lordotic.total, lordotic.ijk_to_ras, body_labels=lordotic.vertebrae_body,
                               ct=lordotic.ct)

@@ -19,8 +19,8 @@ from VertebralFractureScreenLib.cli import main
 from VertebralFractureScreenLib.errors import InputError
 from VertebralFractureScreenLib.io.images import read_ct, read_labelmap, write_volume
 from VertebralFractureScreenLib.io.volume import Volume
-from VertebralFractureScreenLib.phantom import Fracture, PhantomSpec, write_phantom
-from VertebralFractureScreenLib.screening import MUSCLE_COLUMNS, VERTEBRA_COLUMNS, screen_exam
+from VertebralFractureScreenLib.phantom.render import Fracture, PhantomSpec, write_phantom
+from VertebralFractureScreenLib.exam.screening import MUSCLE_COLUMNS, VERTEBRA_COLUMNS, screen_exam
 
 SPEC = PhantomSpec(levels=lv.parse_level_range("T12-S1"), spacing=(2.0, 2.0, 2.0), fov="body", supersampling=3,
                    fractures=(Fracture.parse("L1:wedge:0.35"), Fracture.parse("L3:crush:0.45")), noise_hu=10.0,
@@ -137,8 +137,8 @@ def test_rerun_replaces_the_results(phantom_files, screened):
 def test_screen_with_the_demo_model(phantom_files, tmp_path, capsys):
     """``--model demo``: exam.json carries the model's output, marked as a demonstration, with the
     features it had to impute; the probability is the model's on the exam's features."""
-    from VertebralFractureScreenLib.features import features_from_folder
-    from VertebralFractureScreenLib.model import load_model, demo_model_path
+    from VertebralFractureScreenLib.model.features import features_from_folder
+    from VertebralFractureScreenLib.model.fracture_model import load_model, demo_model_path
 
     out = tmp_path / "exam"
     assert main(["screen", str(phantom_files["ct"]), "--seg", str(phantom_files["total"]), "--out", str(out),

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from VertebralFractureScreenLib import levels, segmentation
+from VertebralFractureScreenLib import levels
+from VertebralFractureScreenLib.segment import totalsegmentator as segmentation
 from VertebralFractureScreenLib.errors import DependencyError, InputError, VFSError
 from VertebralFractureScreenLib.io.images import read_ct, read_labelmap, write_volume
 from VertebralFractureScreenLib.io.volume import Volume

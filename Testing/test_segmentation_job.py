@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from VertebralFractureScreenLib import errors, levels, segmentation
+from VertebralFractureScreenLib import errors, levels
+from VertebralFractureScreenLib.segment import totalsegmentator as segmentation
 from VertebralFractureScreenLib.errors import DependencyError, InputError, SegmentationError, VFSError
 from VertebralFractureScreenLib.io.images import read_ct, read_labelmap, write_volume
-from VertebralFractureScreenLib.segmentation_job import (SegmentationCancelled, SegmentationJob, remove_half_made,
-                                                          main, run_job)
+from VertebralFractureScreenLib.segment.job import SegmentationCancelled, SegmentationJob, remove_half_made, main, run_job
 
 import fake_totalseg_weights as fake  # Testing/ is on sys.path under pytest
 from totalseg_offline import needs_totalsegmentator, offline_env, phantom_ct
@@ -258,7 +258,7 @@ def test_an_unexpected_crash_is_one_sentence_and_its_traceback_goes_to_the_log(t
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(
-        "import VertebralFractureScreenLib.segmentation as s\n"
+        "import VertebralFractureScreenLib.segment.totalsegmentator as s\n"
         "def broken(*args, **kwargs):\n"
         "    raise RuntimeError('simulated crash\\non two lines')\n"
         "s.segment_ct = broken\n", encoding="utf-8")
@@ -279,7 +279,7 @@ def _busy_child_env(tmp_path) -> dict:
     site.mkdir()
     (site / "sitecustomize.py").write_text(
         "import subprocess, sys, time\n"
-        "import VertebralFractureScreenLib.segmentation as s\n"
+        "import VertebralFractureScreenLib.segment.totalsegmentator as s\n"
         "def busy(*args, **kwargs):\n"
         "    worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
         "    print('worker', worker.pid, flush=True)\n"

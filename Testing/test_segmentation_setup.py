@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from VertebralFractureScreenLib import segmentation_setup as setup
+from VertebralFractureScreenLib.segment import install as setup
 from VertebralFractureScreenLib.errors import DependencyError
 
 REPO = Path(__file__).resolve().parent.parent

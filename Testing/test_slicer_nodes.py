@@ -15,10 +15,11 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer (the slicer-core wheel) is not installed")
 
 from mrml_support import ijk_to_ras, make_mrml_scene, segment_ids  # noqa: E402
-from VertebralFractureScreenLib import screening, slicer_nodes, slicer_results  # noqa: E402
+from VertebralFractureScreenLib.exam import screening
+from VertebralFractureScreenLib import slicer_nodes, slicer_results
 from VertebralFractureScreenLib.io.volume import Volume  # noqa: E402
 from VertebralFractureScreenLib.levels import TOTAL_CLASS_NAMES, TOTAL_VERTEBRA_IDS  # noqa: E402
-from VertebralFractureScreenLib.phantom import Fracture, PhantomSpec, make_phantom, write_phantom  # noqa: E402
+from VertebralFractureScreenLib.phantom.render import Fracture, PhantomSpec, make_phantom, write_phantom  # noqa: E402
 
 SPEC = PhantomSpec(levels=("T12", "L1", "L2", "L3"), spacing=(2.0, 2.0, 2.0), supersampling=1,
                    fractures=(Fracture.parse("L1:wedge:0.35"),), seed=1)

@@ -19,7 +19,7 @@ slicer = pytest.importorskip("slicer", reason="slicer (the slicer-core wheel) is
 from mrml_support import make_mrml_scene, segment_ids  # noqa: E402
 from VertebralFractureScreenLib import levels, slicer_segmentation  # noqa: E402
 from VertebralFractureScreenLib.errors import WeightsMissingError  # noqa: E402
-from VertebralFractureScreenLib.segmentation_job import SegmentationCancelled  # noqa: E402
+from VertebralFractureScreenLib.segment.job import SegmentationCancelled  # noqa: E402
 
 import fake_totalseg_weights as fake  # noqa: E402
 from totalseg_offline import needs_totalsegmentator, offline_env, phantom_ct  # noqa: E402

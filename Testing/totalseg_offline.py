@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from VertebralFractureScreenLib import phantom
+from VertebralFractureScreenLib.phantom import render as phantom
 from VertebralFractureScreenLib.io.volume import Volume
 
 HAVE_TOTALSEGMENTATOR = all(importlib.util.find_spec(name) is not None

@@ -241,7 +241,7 @@ class VertebralFractureScreenWidget(ScriptedLoadableModuleWidget, VTKObservation
         self.ui.progressLabel.text = _("Cancelling...")
 
     def onApply(self):
-        from VertebralFractureScreenLib.segmentation_job import SegmentationCancelled
+        from VertebralFractureScreenLib.segment.job import SegmentationCancelled
 
         p = self._parameterNode
         self._cancelRequested, self._running = False, True
@@ -503,7 +503,7 @@ class VertebralFractureScreenLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def vertebraColumns():
-        from VertebralFractureScreenLib.screening import VERTEBRA_COLUMNS
+        from VertebralFractureScreenLib.exam.screening import VERTEBRA_COLUMNS
 
         return VERTEBRA_COLUMNS
 
@@ -601,7 +601,7 @@ class VertebralFractureScreenLogic(ScriptedLoadableModuleLogic):
     def writePhantom(self, outDir, levels=PHANTOM_LEVELS, spacing=(1.0, 1.0, 1.0), fractures=()):
         """Write the library's phantom to ``outDir``; returns its paths keyed ct, total, truth, ...
         ``fractures``: texts such as ``"L1:wedge:0.35"``."""
-        from VertebralFractureScreenLib.phantom import Fracture, PhantomSpec, write_phantom
+        from VertebralFractureScreenLib.phantom.render import Fracture, PhantomSpec, write_phantom
 
         spec = PhantomSpec(levels=tuple(levels), spacing=tuple(spacing),
                            fractures=tuple(Fracture.parse(text) for text in fractures))

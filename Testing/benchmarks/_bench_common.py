@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 from VertebralFractureScreenLib import __version__ as LIB_VERSION  # noqa: E402
 from VertebralFractureScreenLib import levels as lv  # noqa: E402
-from VertebralFractureScreenLib import phantom as ph  # noqa: E402
+from VertebralFractureScreenLib.phantom import render as ph  # noqa: E402
 
 DEFAULT_CACHE = Path(os.environ.get("VFSCREEN_BENCH_CACHE", "~/.cache/vfscreen-bench")).expanduser()
 

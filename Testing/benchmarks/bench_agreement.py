@@ -32,10 +32,10 @@ import _bench_common  # noqa: E402,F401  (puts the Lib on the path)
 from shared_data import graded_data_dir, graded_scans  # noqa: E402
 
 from VertebralFractureScreenLib import levels as lv  # noqa: E402
-from VertebralFractureScreenLib.agreement import agreement  # noqa: E402
-from VertebralFractureScreenLib.exam_inputs import load_exam  # noqa: E402
-from VertebralFractureScreenLib.grading import AREA_BOUNDARIES, GRADE_BOUNDARIES, grade_spine, reader_grade  # noqa: E402
-from VertebralFractureScreenLib.morphometry import measure_heights  # noqa: E402
+from VertebralFractureScreenLib.report.agreement import agreement  # noqa: E402
+from VertebralFractureScreenLib.io.exam_inputs import load_exam  # noqa: E402
+from VertebralFractureScreenLib.measure.grading import AREA_BOUNDARIES, GRADE_BOUNDARIES, grade_spine, reader_grade  # noqa: E402
+from VertebralFractureScreenLib.measure.morphometry import measure_heights  # noqa: E402
 
 GRADED_LEVELS = lv.parse_level_range("T4-L5")
 SCALES = (0.7, 0.8, 0.9, 1.0, 1.1, 1.2)

@@ -46,12 +46,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_common as bc  # noqa: E402
 
-from VertebralFractureScreenLib import attenuation as at  # noqa: E402
+from VertebralFractureScreenLib.measure import attenuation as at  # noqa: E402
 from VertebralFractureScreenLib import levels as lv  # noqa: E402
-from VertebralFractureScreenLib import muscles as mu  # noqa: E402
-from VertebralFractureScreenLib import phantom as ph  # noqa: E402
-from VertebralFractureScreenLib.grading import grade_spine  # noqa: E402
-from VertebralFractureScreenLib.morphometry import measure_heights  # noqa: E402
+from VertebralFractureScreenLib.measure import muscles as mu  # noqa: E402
+from VertebralFractureScreenLib.phantom import render as ph  # noqa: E402
+from VertebralFractureScreenLib.measure.grading import grade_spine  # noqa: E402
+from VertebralFractureScreenLib.measure.morphometry import measure_heights  # noqa: E402
 
 LEVELS = "T4-S1"
 FRACTURES = ("T7:wedge:0.35", "T12:crush:0.3", "L2:biconcave:0.35")

@@ -3,10 +3,10 @@
 
 Renders a suite of phantom spines (spacings 1 mm, 0.7x0.7x3 mm, 3 mm; rotations up to 20°;
 lordosis / kyphosis / scoliosis; noise; wedge / biconcave / crush fractures of every grade),
-measures every vertebra with ``VertebralFractureScreenLib.morphometry.measure_heights`` and with
+measures every vertebra with ``VertebralFractureScreenLib.measure.morphometry.measure_heights`` and with
 TotalSegmentator's spine-report height measurement on the same CT and masks, and compares both
 with the phantoms' analytic truth. Grades are compared too when
-``VertebralFractureScreenLib.grading`` exists.
+``VertebralFractureScreenLib.measure.grading`` exists.
 
 Run by hand (never collected by pytest)::
 
@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_common as bc  # noqa: E402
 
 from VertebralFractureScreenLib import levels as lv  # noqa: E402
-from VertebralFractureScreenLib.morphometry import measure_heights  # noqa: E402
-from VertebralFractureScreenLib.phantom import Fracture, PhantomSpec  # noqa: E402
+from VertebralFractureScreenLib.measure.morphometry import measure_heights  # noqa: E402
+from VertebralFractureScreenLib.phantom.render import Fracture, PhantomSpec  # noqa: E402
 
 GROUPS = {(1.0, 1.0, 1.0): "1 mm", (0.7, 0.7, 3.0): "0.7x0.7x3", (3.0, 3.0, 3.0): "3 mm"}
 GROUP_ORDER = ("1 mm", "0.7x0.7x3", "3 mm")
@@ -160,15 +160,15 @@ def build_suite() -> list[Case]:
 
 def load_grading():
     try:
-        module = importlib.import_module("VertebralFractureScreenLib.grading")
+        module = importlib.import_module("VertebralFractureScreenLib.measure.grading")
     except ModuleNotFoundError as error:
         if error.name and error.name.endswith("grading"):
-            return None, "module VertebralFractureScreenLib.grading does not exist"
+            return None, "module VertebralFractureScreenLib.measure.grading does not exist"
         return None, f"ModuleNotFoundError: {error}"
     except Exception as error:
         return None, f"{type(error).__name__}: {error}"
     if not hasattr(module, "grade_spine"):
-        return None, "VertebralFractureScreenLib.grading has no grade_spine()"
+        return None, "VertebralFractureScreenLib.measure.grading has no grade_spine()"
     return module, ""
 
 
@@ -583,7 +583,7 @@ def main(argv=None) -> int:
 
     # 2. Measure.
     grading, why = load_grading()
-    print("grading: " + ("VertebralFractureScreenLib.grading.grade_spine" if grading else f"grading not available ({why})"))
+    print("grading: " + ("VertebralFractureScreenLib.measure.grading.grade_spine" if grading else f"grading not available ({why})"))
     ts_module, why = (None, "skipped (--no-ts)") if args.no_ts else bc.load_ts_module()
     print("TS spine report: " + (f"{ts_module.__file__}" if ts_module else f"not available ({why})"))
 

@@ -3,7 +3,7 @@
 
 A 17-vertebra phantom (T1–L5, a few fractures) on a 512 x 512 x 500 grid (0.8 x 0.8 mm in plane,
 whole-body field of view, no partial-volume supersampling so the render stays manageable; cached)
-is measured with ``VertebralFractureScreenLib.morphometry.measure_heights``, best of ``--repeat``
+is measured with ``VertebralFractureScreenLib.measure.morphometry.measure_heights``, best of ``--repeat``
 runs, in three variants (CT + vertebrae_body map; vertebrae_body map without CT; vertebra labels
 only), and once with TotalSegmentator's spine-report ``VertebraeProcessor.process_vertebrae()`` on
 the same CT and masks. Prints the times and the speed ratio.
@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_common as bc  # noqa: E402
 
 from VertebralFractureScreenLib import levels as lv  # noqa: E402
-from VertebralFractureScreenLib import phantom as ph  # noqa: E402
-from VertebralFractureScreenLib.morphometry import measure_heights  # noqa: E402
+from VertebralFractureScreenLib.phantom import render as ph  # noqa: E402
+from VertebralFractureScreenLib.measure.morphometry import measure_heights  # noqa: E402
 
 SIZE_IJK = (512, 512, 500)
 IN_PLANE_MM = 0.8

@@ -17,10 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-from VertebralFractureScreenLib import attenuation, muscles
-from VertebralFractureScreenLib.grading import grade_spine
+from VertebralFractureScreenLib.measure import attenuation, muscles
+from VertebralFractureScreenLib.measure.grading import grade_spine
 from VertebralFractureScreenLib.io.images import read_ct, read_labelmap
-from VertebralFractureScreenLib.morphometry import measure_heights
+from VertebralFractureScreenLib.measure.morphometry import measure_heights
 
 REPO = Path(__file__).resolve().parents[2]
 

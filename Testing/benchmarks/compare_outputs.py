@@ -44,7 +44,7 @@ RENDER_DEMO = """
 import sys
 from pathlib import Path
 from VertebralFractureScreenLib import cli, levels as lv
-from VertebralFractureScreenLib.phantom import Fracture, PhantomSpec, write_phantom
+from VertebralFractureScreenLib.phantom.render import Fracture, PhantomSpec, write_phantom
 spec = PhantomSpec(levels=lv.parse_level_range("T11-S1"), spacing=(1.5, 1.5, 1.5), fov="body",
                    fractures=tuple(Fracture.parse(f) for f in cli.DEMO_FRACTURES), noise_hu=15.0, seed=7,
                    trabecular_hu=cli.DEMO_TRABECULAR_HU)

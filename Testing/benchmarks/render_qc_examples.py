@@ -34,11 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_common as bc  # noqa: E402
 
 from VertebralFractureScreenLib import levels as lv  # noqa: E402
-from VertebralFractureScreenLib import phantom as ph  # noqa: E402
-from VertebralFractureScreenLib.grading import grade_spine  # noqa: E402
+from VertebralFractureScreenLib.phantom import render as ph  # noqa: E402
+from VertebralFractureScreenLib.measure.grading import grade_spine  # noqa: E402
 from VertebralFractureScreenLib.io.images import read_ct, read_labelmap  # noqa: E402
-from VertebralFractureScreenLib.morphometry import measure_heights  # noqa: E402
-from VertebralFractureScreenLib.qc import QCVertebra, render_qc  # noqa: E402
+from VertebralFractureScreenLib.measure.morphometry import measure_heights  # noqa: E402
+from VertebralFractureScreenLib.report.qc import QCVertebra, render_qc  # noqa: E402
 
 PHANTOM_SPEC = ph.PhantomSpec(
     levels=lv.parse_level_range("T10-L5"), spacing=(1.0, 1.0, 1.0), lordosis_deg=40.0,
@@ -50,7 +50,7 @@ def _bone_and_contrast(ct, labels, ijk_to_ras, heights, grades, body_labels):
     """Trabecular ROIs and the contrast phase from the attenuation module; (None, None) with a
     note when that module is not available (the picture then shows no HU)."""
     try:
-        from VertebralFractureScreenLib.attenuation import measure_contrast, measure_trabecular
+        from VertebralFractureScreenLib.measure.attenuation import measure_contrast, measure_trabecular
     except ImportError as error:
         print(f"  (no trabecular HU: {error})")
         return None, None

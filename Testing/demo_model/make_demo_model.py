@@ -36,10 +36,10 @@ import numpy as np
 
 from VertebralFractureScreenLib import cohort
 from VertebralFractureScreenLib import levels as lv
-from VertebralFractureScreenLib.model import demo_model_path, read_feature_table
-from VertebralFractureScreenLib.model_report import summary_lines, write_report
-from VertebralFractureScreenLib.model_training import train_model
-from VertebralFractureScreenLib.phantom import Fracture, PhantomSpec, write_phantom
+from VertebralFractureScreenLib.model.fracture_model import demo_model_path, read_feature_table
+from VertebralFractureScreenLib.model.report import summary_lines, write_report
+from VertebralFractureScreenLib.model.training import train_model
+from VertebralFractureScreenLib.phantom.render import Fracture, PhantomSpec, write_phantom
 
 LEVELS = lv.parse_level_range("T12-S1")
 FRACTURABLE = ("T12", "L1", "L2", "L3", "L4")

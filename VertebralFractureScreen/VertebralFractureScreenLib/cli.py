@@ -105,7 +105,7 @@ def _add_phantom_parser(commands) -> None:
 
 def _run_phantom(args) -> int:
     from .levels import parse_level_range
-    from .phantom import Fracture, PhantomSpec, write_phantom
+    from .phantom.render import Fracture, PhantomSpec, write_phantom
 
     try:
         levels = parse_level_range(args.levels)
@@ -199,7 +199,7 @@ def _parse_levels(text: str) -> tuple[str, ...]:
 
 def _run_screen(args) -> int:
     from .cohort import checked_exam_id  # the one exam-ID rule, shared with the cohort
-    from .screening import exam_id_of, screen_exam
+    from .exam.screening import exam_id_of, screen_exam
 
     exam_id = checked_exam_id(args.exam_id, "--exam-id") if args.exam_id is not None else None
     if args.out is None:  # the default folder is named after the exam: its name must stay in this folder
@@ -311,8 +311,8 @@ def _report_folder(path: Path, suffix: str) -> Path:
 
 
 def _run_train(args) -> int:
-    from .model import read_feature_table
-    from .model_training import train_model
+    from .model.fracture_model import read_feature_table
+    from .model.training import train_model
 
     table = read_feature_table(args.features, args.label)
     result = train_model(table, kind=args.kind, folds=args.folds, seed=args.seed,
@@ -327,7 +327,7 @@ def _run_train(args) -> int:
 
 def _report(folder: Path, model, metrics: dict, labels, probabilities, what: str) -> None:
     """Write a model report (plots, text, HTML) and print its summary."""
-    from .model_report import summary_lines, write_report
+    from .model.report import summary_lines, write_report
 
     write_report(folder, model, metrics, labels, probabilities, what=what)
     print("\n".join(summary_lines(model, metrics, what=what)))
@@ -350,8 +350,8 @@ def _add_evaluate_parser(commands) -> None:
 
 
 def _run_evaluate(args) -> int:
-    from .model import read_feature_table, resolve_model
-    from .model_training import evaluate_model
+    from .model.fracture_model import read_feature_table, resolve_model
+    from .model.training import evaluate_model
 
     model = resolve_model(args.model)
     table = read_feature_table(args.features, args.label)
@@ -375,7 +375,7 @@ def _add_demo_parser(commands) -> None:
 
 
 def _add_setup_segmentation_parser(commands) -> None:
-    from .segmentation_setup import TORCH_BUILDS, WEIGHT_TASKS
+    from .segment.install import TORCH_BUILDS, WEIGHT_TASKS
 
     p = commands.add_parser(
         "setup-segmentation",
@@ -397,7 +397,7 @@ def _add_setup_segmentation_parser(commands) -> None:
 
 
 def _run_setup_segmentation(args) -> int:
-    from .segmentation_setup import WEIGHT_TASKS, setup_segmentation
+    from .segment.install import WEIGHT_TASKS, setup_segmentation
 
     tasks = [t.strip() for t in args.weights.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in WEIGHT_TASKS]
@@ -415,8 +415,8 @@ def _run_demo(args) -> int:
     import tempfile
 
     from . import levels as lv
-    from .phantom import Fracture, PhantomSpec, write_phantom
-    from .screening import screen_exam
+    from .phantom.render import Fracture, PhantomSpec, write_phantom
+    from .exam.screening import screen_exam
 
     spec = PhantomSpec(levels=lv.parse_level_range("T11-S1"), spacing=(1.5, 1.5, 1.5), fov="body",
                        fractures=tuple(Fracture.parse(f) for f in DEMO_FRACTURES), noise_hu=15.0, seed=7,
@@ -428,7 +428,7 @@ def _run_demo(args) -> int:
         paths = write_phantom(spec, root / "phantom")
         rendered = time.perf_counter() - started
         started = time.perf_counter()
-        from .model import demo_model_path
+        from .model.fracture_model import demo_model_path
 
         model = "demo" if demo_model_path().is_file() else None  # the demonstration model, where it ships
         result = screen_exam(paths["ct"], seg=paths["total"], body_seg=paths["vertebrae_body"], exam_id="demo-phantom",

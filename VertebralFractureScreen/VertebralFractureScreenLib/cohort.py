@@ -105,10 +105,10 @@ from pathlib import Path
 from . import __version__
 from . import levels as lv
 from .errors import DependencyError, InputError, SegmentationError, VFSError
-from .features import FEATURE_NAMES, FEATURE_VERSION, exam_features, read_exam_folder
-from .imageio import IMAGE_SUFFIXES, atomic_write_text, split_image_suffix
-from .screening import exam_id_of
-from .serialization import csv_text
+from .model.features import FEATURE_NAMES, FEATURE_VERSION, exam_features, read_exam_folder
+from .io.files import IMAGE_SUFFIXES, atomic_write_text, split_image_suffix
+from .exam.screening import exam_id_of
+from .io.serialization import csv_text
 
 EXAMS_FOLDER = "exams"
 FEATURES_FILE = "features.csv"
@@ -299,7 +299,7 @@ def find_exams(inputs) -> list[CohortExam]:
         if path.suffix.lower() != ".csv":
             raise InputError(f"cohort inputs must be a folder of exams or a CSV manifest, not {path.name}.")
         return read_manifest(path)
-    from .imageio import is_dicom_folder
+    from .io.dicom import is_dicom_folder
 
     if is_dicom_folder(path):
         raise InputError(f"{path} is one DICOM series: give the folder that holds the exams' series folders, "
@@ -714,14 +714,14 @@ def _screen_locked(exam: CohortExam, settings: CohortSettings, folder: Path, sta
     try:
         _fault("exam", exam.exam_id)
         if segment_only:
-            from .screening import SEGMENTATION_FOLDER
-            from .segmentation import segment_ct
+            from .exam.screening import SEGMENTATION_FOLDER
+            from .segment.totalsegmentator import segment_ct
 
             segment_ct(exam.ct, folder / SEGMENTATION_FOLDER, quality=settings.quality, device=settings.device,
                        body=settings.segment_body, series_uid=exam.series_uid)
             return ExamOutcome(exam.exam_id, "segmented", seconds=time.perf_counter() - started,
                                worker=_worker_name(), worker_peak_rss_mib=_peak_rss_mib())
-        from .screening import screen_exam
+        from .exam.screening import screen_exam
 
         result = screen_exam(exam.ct, seg=exam.seg, body_seg=exam.body_seg,
                              convention=exam.convention or settings.convention, exam_id=exam.exam_id,
@@ -1008,7 +1008,7 @@ def run_cohort(inputs, out, *, settings: CohortSettings | None = None, workers: 
         raise InputError(f"--workers must be at least 1, got {workers}.")
     fracture_model = None
     if settings.model is not None:
-        from .model import resolve_model
+        from .model.fracture_model import resolve_model
 
         fracture_model = resolve_model(settings.model)  # refuse a bad model file before any exam is screened
         if settings.model != "demo":  # workers may run in other folders

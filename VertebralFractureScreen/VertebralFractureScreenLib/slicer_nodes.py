@@ -29,7 +29,7 @@ from .errors import InputError
 from .io.labels import LabelMapWarning, convention_ids
 from .io.labels import segment_structure as _segment_structure_rule
 from .io.volume import Volume
-from .screening import ScreeningResult, screen_exam
+from .exam.screening import ScreeningResult, screen_exam
 
 @dataclass
 class SegmentMatch:

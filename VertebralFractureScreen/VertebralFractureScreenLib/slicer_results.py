@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import levels as lv, measurements
-from .qc import GRADE_COLOURS
-from .screening import MUSCLE_COLUMNS, VERTEBRA_COLUMNS, ScreeningResult, vertebra_cells
-from .serialization import jsonable
+from . import levels as lv
+from .report import measurements
+from .report.qc import GRADE_COLOURS
+from .exam.screening import MUSCLE_COLUMNS, VERTEBRA_COLUMNS, ScreeningResult, vertebra_cells
+from .io.serialization import jsonable
 from .slicer_nodes import match_segments, remove_node, segments_from_labels
 
 RESULT_ATTRIBUTE = "VertebralFractureScreen.Result"

@@ -26,7 +26,7 @@ from .geometry import find_label_boxes
 from .io.files import split_image_suffix
 from .io.images import read_labelmap, write_volume
 from .io.volume import Volume
-from .segmentation_job import SegmentationJob, run_job
+from .segment.job import SegmentationJob, run_job
 from .slicer_nodes import remove_node, segments_from_labels, volume_from_node
 
 

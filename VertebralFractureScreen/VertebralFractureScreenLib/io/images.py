@@ -44,15 +44,7 @@ from .labels import convention_ids
 from .nifti import check_nifti, read_nifti_directly
 from .nrrd import check_detached_data
 from .seg_nrrd import is_segmentation_nrrd, read_segmentation_nrrd
-from .sitk_bridge import (
-    as_3d_scalar,
-    buffer_of,
-    component_bytes,
-    lps_geometry,
-    quiet_itk,
-    sitk_ijk_to_ras,
-    volume_to_sitk,
-)
+from .sitk_bridge import as_3d_scalar, buffer_of, component_bytes, lps_geometry, quiet_itk, sitk_ijk_to_ras, volume_to_sitk
 from .volume import SLAB_VOXELS, Volume, check_grid, ct_array, label_array
 
 _WRITE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")

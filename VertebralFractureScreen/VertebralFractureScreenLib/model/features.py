@@ -33,7 +33,8 @@ import json
 import math
 from pathlib import Path
 
-from . import levels as lv, measurements
+from .. import levels as lv
+from ..report import measurements
 
 FEATURE_VERSION = 1
 """Version of the feature list below; a model trained on another version is refused."""

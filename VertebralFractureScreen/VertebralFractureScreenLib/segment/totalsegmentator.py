@@ -61,11 +61,11 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from . import levels
-from .errors import DependencyError, InputError, SegmentationError, WeightsMissingError
-from .io.files import atomic_write_text
-from .io.images import read_ct, write_volume
-from .io.volume import Volume
+from .. import levels
+from ..errors import DependencyError, InputError, SegmentationError, WeightsMissingError
+from ..io.files import atomic_write_text
+from ..io.images import read_ct, write_volume
+from ..io.volume import Volume
 
 __all__ = [
     "SCREENING_CLASSES",

@@ -24,8 +24,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from .anatomy import normal_body
-from .levels import LEVELS, level_position
+from ..anatomy import normal_body
+from ..levels import LEVELS, level_position
 
 # Physiological anterior/posterior height ratio Ha/Hp of normal vertebrae: mild wedging at the
 # thoraco-lumbar junction and in the mid-thoracic kyphosis, and L5's short posterior wall

@@ -34,39 +34,27 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from . import levels as lv
-from .attenuation import CATEGORY_UNCERTAIN_SES, bone_summary, measure_contrast, measure_trabecular
-from .errors import InputError
-from .exam_inputs import ExamInputs, load_exam, read_ct_checked
-from .features import exam_features
-from .geometry import voxel_spacing
-from .imageio import split_image_suffix
-from .grading import GRADING_BASIS, exam_fracture_summary, grade_spine
-from .model import resolve_model
-from .morphometry import measure_heights
-from .muscles import lumbar_length_mm, measure_muscles, muscle_summary
-from .serialization import csv_text, jsonable
+from .. import __version__
+from .. import levels as lv
+from ..measure.attenuation import CATEGORY_UNCERTAIN_SES, bone_summary, measure_contrast, measure_trabecular
+from ..errors import InputError
+from ..io.exam_inputs import ExamInputs, load_exam, read_ct_checked
+from ..model.features import exam_features
+from ..geometry import voxel_spacing
+from ..io.files import split_image_suffix
+from ..measure.grading import GRADING_BASIS, exam_fracture_summary, grade_spine
+from ..model.fracture_model import resolve_model
+from ..measure.morphometry import measure_heights
+from ..measure.muscles import lumbar_length_mm, measure_muscles, muscle_summary
+from ..io.serialization import csv_text, jsonable
+from ..report.measurements import MUSCLE_TABLE, VERTEBRA_TABLE, keys
 
-VERTEBRA_COLUMNS = (
-    "exam_id", "level", "complete", "ha_mm", "hm_mm", "hp_mm", "ha_hp", "hm_hp", "hp_ref_ratio", "height_loss",
-    "genant_grade", "shape", "borderline", "trabecular_hu_mean", "trabecular_hu_median", "trabecular_hu_sd",
-    "roi_voxels", "body_volume_ml", "flags",
-    "quantitative_grade", "grade_basis", "grade_loss", "hm_min_mm", "expected_ha_mm", "expected_hm_mm", "expected_hp_mm",
-    "middle_loss", "size_loss", "area_loss", "endplate_depression", "reference_levels",
-)
-"""Columns of ``vertebrae.csv``: SPEC §5's, then the reader-like grade's basis
-(:class:`.grading.VertebraGrade`): the SPEC §4 grade of ``height_loss`` alone
-(``quantitative_grade``; ``genant_grade`` is the grade from height and area together), what
-decided the grade and the loss behind it, the middle region's smallest height, the expected normal heights, the
-losses against them, the endplate depression and the neighbours the expectation came from."""
-MUSCLE_COLUMNS = ("exam_id", "muscle", "level", "volume_ml", "mean_hu", "imat_fraction", "lean_hu", "fat_fraction",
-                  "mean_hu_se", "lean_hu_se", "complete", "flags")
-"""Columns of ``muscles.csv``: SPEC §5's six, then the partial-volume-guarded ``lean_hu`` and the
-unmixed ``fat_fraction``, the standard errors of ``mean_hu`` and ``lean_hu`` from the noise
-(:class:`.muscles.MuscleMeasurement`), and, as in ``vertebrae.csv``,
-``complete`` and the ``flags`` that say why a row is not (a slab cut by the field of view, a
-neighbouring vertebra missing, a muscle not segmented)."""
+VERTEBRA_COLUMNS = keys(VERTEBRA_TABLE)
+"""Columns of ``vertebrae.csv`` as the measurement registry declares them (units, codes and
+meanings in ``docs/outputs.md``): SPEC §5's, then the reader-like grade's basis."""
+MUSCLE_COLUMNS = keys(MUSCLE_TABLE)
+"""Columns of ``muscles.csv`` as the registry declares them: SPEC §5's six, then the
+partial-volume-guarded companions, their standard errors, ``complete`` and ``flags``."""
 OUTPUT_FILES = ("vertebrae.csv", "muscles.csv", "qc.png", "exam.json")
 """The files of one exam's folder; ``exam.json`` is written last and marks it finished."""
 SEGMENTATION_FOLDER = "segmentation"
@@ -125,7 +113,7 @@ class ScreeningResult:
             shutil.rmtree(staging, ignore_errors=True)
 
     def _render_qc(self, path: Path) -> None:
-        from .qc import render_qc  # matplotlib is imported only when a picture is drawn
+        from ..report.qc import render_qc  # matplotlib is imported only when a picture is drawn
 
         summary = self.exam["fracture"]
         contrast = self.exam["contrast"]
@@ -259,7 +247,7 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
     if seg is None:
         if out_dir is None:
             raise ValueError("segmentation by TotalSegmentator needs out_dir to keep its label maps")
-        from .segmentation import segment_ct
+        from ..segment.totalsegmentator import segment_ct
 
         volume = read_ct_checked(ct, series_uid)
         result = segment_ct(volume, Path(out_dir) / SEGMENTATION_FOLDER, quality=quality, device=device,
@@ -313,7 +301,7 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
             warnings_.append(f"no {', '.join(absent)} label{'s' if len(absent) > 1 else ''} in the segmentation: "
                              "not measured (volume left empty, not 0 ml)")
     else:
-        from .attenuation import ContrastResult
+        from ..measure.attenuation import ContrastResult
 
         contrast = ContrastResult(warnings=["no aorta label in a VerSe segmentation: contrast not assessed"])
         muscle_rows = []

@@ -56,9 +56,9 @@ import numpy as np
 from scipy import ndimage
 from scipy.interpolate import CubicSpline
 
-from . import levels as lv
-from .errors import InputError
-from .imageio import atomic_write
+from .. import levels as lv
+from ..errors import InputError
+from ..io.files import atomic_write
 
 NAN = float("nan")
 
@@ -201,7 +201,7 @@ def qc_vertebrae(heights: Sequence, grades: Sequence | Mapping | None = None,
     their ``level``."""
     heights = list(heights)
     if grades is None:
-        from .grading import grade_spine
+        from ..measure.grading import grade_spine
 
         grades = grade_spine(heights)
     if isinstance(grades, Mapping):

@@ -8,8 +8,8 @@ import math
 import textwrap
 from pathlib import Path
 
-from .model import DEMONSTRATION_NOTE, FractureModel
-from .model_metrics import roc_curve
+from .fracture_model import DEMONSTRATION_NOTE, FractureModel
+from .metrics import roc_curve
 
 
 def _percent(value) -> str:

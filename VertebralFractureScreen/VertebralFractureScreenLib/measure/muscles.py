@@ -97,8 +97,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import levels as lv
-from .geometry import LabelGridMap, partial_volume_share, unit, voxel_spacing, voxel_volume_ml
+from .. import levels as lv
+from ..geometry import LabelGridMap, partial_volume_share, unit, voxel_spacing, voxel_volume_ml
 from .morphometry import THICK_VOXEL_MM
 
 MUSCLE_LABELS: dict[str, int] = {

@@ -69,9 +69,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from . import levels as lv
-from .geometry import (distance_transform_edt, find_label_boxes, ras_to_ijk_points, voxel_extent_along, voxel_spacing,
-                       voxel_volume_ml)
+from .. import levels as lv
+from ..geometry import distance_transform_edt, find_label_boxes, ras_to_ijk_points, voxel_extent_along, voxel_spacing, voxel_volume_ml
 
 ROI_MARGIN_MM = 3.0
 """Minimum distance (mm) of the ROI from the cortical surface and the endplates (SPEC §4)."""

@@ -37,12 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .io.images import read_ct, read_labelmap, resample_labelmap
-from .io.labels import LabelMapWarning
-from .io.volume import MAX_VOXEL_SIZE_MM, MIN_VOXEL_SIZE_MM, Volume, plausible_voxel_sizes
-from . import levels as lv
-from .errors import InputError
-from .geometry import BoxedLabels, find_label_boxes, mask_centroid_ras
+from .images import read_ct, read_labelmap, resample_labelmap
+from .labels import LabelMapWarning
+from .volume import MAX_VOXEL_SIZE_MM, MIN_VOXEL_SIZE_MM, Volume, plausible_voxel_sizes
+from .. import levels as lv
+from ..errors import InputError
+from ..geometry import BoxedLabels, find_label_boxes, mask_centroid_ras
 
 HU_AIR_FAT_RANGE = (-1100.0, -100.0)
 """HU of voxels that every body CT has somewhere (air and fat)."""

@@ -65,11 +65,11 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from . import __version__, levels as lv
-from .geometry import make_ijk_to_ras, rotation_matrix
-from .grading import genant_grade, is_borderline
-from .morphometry import AP_FRACTIONS, MIDDLE_REGION, PROFILE_FRACTIONS  # where the truth is given, as measured
-from .phantom_anatomy import SpineCurve, level_dimensions, layout_levels
+from .. import __version__, levels as lv
+from ..geometry import make_ijk_to_ras, rotation_matrix
+from ..measure.grading import genant_grade, is_borderline
+from ..measure.morphometry import AP_FRACTIONS, MIDDLE_REGION, PROFILE_FRACTIONS  # where the truth is given, as measured
+from .anatomy import SpineCurve, level_dimensions, layout_levels
 
 FRACTURE_SHAPES = ("wedge", "biconcave", "crush")
 
@@ -1360,7 +1360,8 @@ def write_phantom(spec: PhantomSpec, out_dir, file_format: str = "nii.gz") -> di
     """Render ``spec`` and write ``ct``, ``total``, ``vertebrae_body``, ``verse`` and ``tissue``
     images (``.nii.gz`` or ``.nrrd``) and ``truth.json`` into ``out_dir``. ``truth.json`` is
     written last, so its presence means the phantom is complete. Returns the written paths."""
-    from .imageio import Volume, write_volume  # local: keeps the phantom maths free of file I/O
+    from ..io.volume import Volume
+    from ..io.images import write_volume
 
     if file_format not in ("nii.gz", "nii", "nrrd"):
         raise ValueError("file format must be nii.gz, nii or nrrd")

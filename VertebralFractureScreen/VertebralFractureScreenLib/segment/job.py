@@ -7,7 +7,7 @@ Python (Slicer's ``PythonSlicer``, or any Python with TotalSegmentator) that the
 ``VFS-RESULT <json>`` or ``VFS-ERROR <class> <sentence>``, lets the job return the result or raise
 the child's error class with its one sentence, never a traceback. Nothing half-made is left behind.
 
-Child: ``python -m VertebralFractureScreenLib.segmentation_job CT OUT --quality fast --device cpu [--body]
+Child: ``python -m VertebralFractureScreenLib.segment.job CT OUT --quality fast --device cpu [--body]
 [--download]`` exits 0, 2 for a :class:`.errors.VFSError`, 1 otherwise. No Qt or Slicer import; Python 3.9+.
 """
 
@@ -28,8 +28,9 @@ import time
 import traceback
 from pathlib import Path
 
-from . import errors, segmentation
-from .errors import DependencyError, InputError, SegmentationError, VFSError
+from .. import errors
+from . import totalsegmentator as segmentation
+from ..errors import DependencyError, InputError, SegmentationError, VFSError
 
 __all__ = ["SegmentationCancelled", "SegmentationJob", "run_job", "remove_half_made", "main"]
 
@@ -66,7 +67,7 @@ class SegmentationJob:
             raise RuntimeError("this segmentation job was already started")
         self.temp_dir = Path(tempfile.mkdtemp(prefix="vfs-segmentation-"))
         env = {key: str(value) for key, value in {**os.environ, **self.extra_env}.items() if value is not None}
-        package_parent = str(Path(__file__).resolve().parent.parent)
+        package_parent = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
         env.update(PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8",
                    **{name: str(self.temp_dir) for name in ("TMPDIR", "TEMP", "TMP")})

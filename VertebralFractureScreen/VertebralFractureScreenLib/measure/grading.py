@@ -49,8 +49,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import levels as lv
-from .anatomy import normal_body
+from .. import levels as lv
+from ..anatomy import normal_body
 from . import morphometry
 
 # ------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import levels as lv
+from .. import levels as lv
 
 PRIVATE_SCHEME = "99VFS"
 """Coding scheme designator of this product's private codes (DICOM PS3.16 §8: private schemes start
@@ -337,8 +337,8 @@ def _code_text(code: Code | None) -> str:
 
 def outputs_reference() -> str:
     """The text of ``docs/outputs.md``: every output quantity with its unit, code and meaning."""
-    lines = ["# Outputs", "", "Generated from `VertebralFractureScreenLib/measurements.py` by",
-             "`python -m VertebralFractureScreenLib.measurements > docs/outputs.md`; do not edit by hand",
+    lines = ["# Outputs", "", "Generated from `VertebralFractureScreenLib/report/measurements.py` by",
+             "`python -m VertebralFractureScreenLib.report.measurements > docs/outputs.md`; do not edit by hand",
              "(a test fails when this file is stale).", "",
              f"Units are UCUM. Codes are DICOM (`DCM`), SNOMED CT (`SCT`) or this product's private scheme"
              f" `{PRIVATE_SCHEME}`; a statistic shows its derivation after the quantity's code.", ""]

@@ -24,10 +24,10 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from . import __version__
-from .errors import DependencyError, InputError
-from .model import INTENDED_USE, FeatureTable, FractureModel
-from .model_metrics import summary_metrics, threshold_for_specificity
+from .. import __version__
+from ..errors import DependencyError, InputError
+from .fracture_model import INTENDED_USE, FeatureTable, FractureModel
+from .metrics import summary_metrics, threshold_for_specificity
 
 KIND_ALIASES = {"logistic": "logistic", "gradient_boosting": "gradient_boosting", "gradient-boosting": "gradient_boosting"}
 

@@ -56,19 +56,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage, optimize, stats
 
-from . import levels as lv
-from .geometry import (
-    distance_transform_edt,
-    find_label_boxes,
-    grid_edge_layer,
-    mask_box,
-    mask_centroid_ras,
-    partial_volume_share,
-    unit,
-    voxel_extent_along,
-    voxel_spacing,
-    voxel_volume_ml,
-)
+from .. import levels as lv
+from ..geometry import distance_transform_edt, find_label_boxes, grid_edge_layer, mask_box, mask_centroid_ras, partial_volume_share, unit, voxel_extent_along, voxel_spacing, voxel_volume_ml
 
 AP_FRACTIONS = {"ha": 0.15, "hm": 0.50, "hp": 0.85}
 """Measurement positions: fraction of the body depth from the anterior wall (SPEC §4)."""

@@ -25,7 +25,7 @@ import subprocess
 import sys
 from importlib import metadata
 
-from .errors import DependencyError
+from ..errors import DependencyError
 
 DISTRIBUTION = "vertebral-fracture-screen"
 TESTED_TORCH = "2.13.0"

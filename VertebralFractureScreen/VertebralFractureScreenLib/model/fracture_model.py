@@ -48,10 +48,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .errors import InputError
+from .. import __version__
+from ..errors import InputError
 from .features import CLINICAL_COLUMNS, FEATURE_NAMES, FEATURE_VERSION, number_or_nan
-from .serialization import jsonable
+from ..io.serialization import jsonable
 
 MODEL_FORMAT = "VertebralFractureScreen fracture model"
 MODEL_FORMAT_VERSION = 1
@@ -177,7 +177,7 @@ class FractureModel:
 
     def save(self, path) -> Path:
         """Write the model file atomically."""
-        from .io.files import atomic_write_text
+        from ..io.files import atomic_write_text
 
         path = Path(path).expanduser()
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
@@ -418,7 +418,7 @@ def _check_tree(tree, what: str, n_features: int) -> None:
 
 def demo_model_path() -> Path:
     """The demonstration model shipped with the extension (``Resources/Models/``)."""
-    return Path(__file__).resolve().parent.parent / "Resources" / "Models" / "demo_fracture_model.json"
+    return Path(__file__).resolve().parents[2] / "Resources" / "Models" / "demo_fracture_model.json"
 
 
 def resolve_model(model) -> FractureModel | None:

@@ -1,0 +1,1 @@
+"""One exam end to end: screening from inputs to the written results."""

@@ -1,0 +1,1 @@
+"""The fracture model: exam features, the model file, training, metrics and reports."""
