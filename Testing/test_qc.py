@@ -320,6 +320,9 @@ def test_vertebra_label_reads_level_grade_shape_loss_and_hu():
     v = QCVertebra("L4", True, genant_grade=0, shape="normal", height_loss=0.04)
     assert qc.vertebra_label(v)[0] == "L4  G0  4%"
     assert qc.vertebra_label(QCVertebra("S1", True, flags=["not_graded"]))[0] == "S1  not graded"
+    # an implausible body's heights mean nothing: they are not printed (the first-day T11 "3.6/4.1/4.6 mm")
+    v = QCVertebra("T11", False, ha_mm=3.6, hm_mm=4.1, hp_mm=4.6, trabecular_hu=80.0, flags=["implausible_height"])
+    assert qc.vertebra_label(v) == ("T11  incomplete · implausible height", "HU 80 · heights not measurable")
 
 
 def test_render_qc_needs_a_placed_vertebra(lordotic, tmp_path):

@@ -320,3 +320,25 @@ def test_example_ct_with_a_vertebrae_only_segmentation(example_data, tmp_path):
     assert set(graded) == {"L1", "L2", "L3", "L4", "L5"}
     assert "focal_lesion_excluded" in graded["L1"]["flags"]
     assert exam["bone"]["l1_level"] == "L1" and exam["bone"]["category"] == "osteoporosis-likely"
+
+
+def test_the_terminal_table_says_why_a_row_has_no_grade():
+    """No "–%" for ungraded rows, no heights for an implausible body (the first-day T11 read
+    "3.6/4.1/4.6 mm"), the reason instead of the shape, and imprecise heights said."""
+    from VertebralFractureScreenLib.exam.screening import ScreeningResult, vertebra_cells
+
+    def row(level, grade, flags, complete=True, loss=0.02, heights=(25.0, 24.0, 25.5)):
+        return {"level": level, "ha_mm": heights[0], "hm_mm": heights[1], "hp_mm": heights[2], "grade_loss": loss,
+                "genant_grade": grade, "borderline": False, "flags": flags, "complete": complete, "shape": "normal",
+                "trabecular_hu_mean": 101.0}
+
+    rows = [row("T11", None, ["implausible_height"], False, float("nan"), (3.6, 4.1, 4.6)),
+            row("T12", None, ["body_cut", "touches_field_of_view_edge"], False, float("nan")),
+            row("L1", 0, ["imprecise_heights"]), row("S1", None, ["not_graded"], loss=float("nan"))]
+    assert vertebra_cells(rows[0]) == ["T11", "–", "–", "–", "–", "–", "not measurable", "101"]
+    result = ScreeningResult.__new__(ScreeningResult)
+    result.vertebrae = rows
+    lines = result.table().splitlines()
+    assert "%" not in lines[1] + lines[2] + lines[4] and "3.6" not in lines[1]
+    assert "cut by FOV" in lines[2] and "not graded" in lines[4]
+    assert lines[3].endswith("heights imprecise") and "2%" in lines[3]

@@ -127,10 +127,12 @@ class ScreeningResult:
 
     def table(self) -> str:
         """A short per-vertebra table for a terminal."""
-        lines = [f"{'level':<6}{'Ha':>6}{'Hm':>6}{'Hp':>6}{'loss':>7}  {'grade':<6}{'shape':<10}{'HU':>6}"]
+        lines = [f"{'level':<6}{'Ha':>6}{'Hm':>6}{'Hp':>6}{'loss':>7}  {'grade':<6}{'shape':<15}{'HU':>6}"]
         for row in self.vertebrae:
             level, ha, hm, hp, loss, grade, shape, hu = vertebra_cells(row)
-            lines.append(f"{level:<6}{ha:>6}{hm:>6}{hp:>6}{loss + '%':>7}  {grade:<6}{shape:<10}{hu:>6}")
+            loss = loss if loss == "–" else loss + "%"
+            note = "  heights imprecise" if "imprecise_heights" in row["flags"] and ha != "–" else ""
+            lines.append(f"{level:<6}{ha:>6}{hm:>6}{hp:>6}{loss:>7}  {grade:<6}{shape:<15}{hu:>6}{note}")
         return "\n".join(lines)
 
     def summary(self) -> str:
@@ -182,15 +184,39 @@ def _cell_number(value, scale: float = 1.0, digits: int = 1) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value * scale:.{digits}f}"
 
 
+NOT_MEASURABLE_FLAGS = frozenset({"implausible_height", "implausible_depth", "implausible_body_volume",
+                                  "heights_not_measurable", "body_not_separated", "mask_off_bone"})
+"""Flags whose vertebra's heights mean nothing: tables and the QC picture show no number for them."""
+
+
+def why_not_graded(row: dict) -> str:
+    """A few words on why a row has no grade ("" when it has one): ``cut by FOV``, ``mask off
+    bone``, ``not measurable``, ``not graded`` (S1) or ``incomplete``."""
+    if row["genant_grade"] is not None:
+        return ""
+    flags = set(row["flags"])
+    if "mask_off_bone" in flags:
+        return "mask off bone"
+    if flags & NOT_MEASURABLE_FLAGS:
+        return "not measurable"
+    if "touches_field_of_view_edge" in flags or flags & {"body_cut", "endplate_cut_superior", "endplate_cut_inferior"}:
+        return "cut by FOV"
+    if "not_graded" in flags:
+        return "not graded"
+    return "incomplete"
+
+
 def vertebra_cells(row: dict) -> list[str]:
-    """A ``vertebrae.csv`` row as the texts of a results table: level, Ha, Hm, Hp (mm), the grade's
-    loss (%, ``grade_loss``),
-    grade (``?`` when borderline or ``grade_uncertain``, ``–`` when not graded), shape
-    (``incomplete`` when cut) and HU."""
+    """A ``vertebrae.csv`` row as the texts of a results table: level, Ha, Hm, Hp (mm; ``–`` when
+    the vertebra is not measurable, :data:`NOT_MEASURABLE_FLAGS`), the grade's loss (%,
+    ``grade_loss``; ``–`` without a grade), grade (``?`` when borderline or ``grade_uncertain``,
+    ``–`` when not graded), shape (or :func:`why_not_graded`) and HU."""
     open_grade = row["borderline"] or "grade_uncertain" in row["flags"]
     grade = "–" if row["genant_grade"] is None else str(row["genant_grade"]) + ("?" if open_grade else "")
-    return [row["level"], _cell_number(row["ha_mm"]), _cell_number(row["hm_mm"]), _cell_number(row["hp_mm"]),
-            _cell_number(row["grade_loss"], 100, 0), grade, row["shape"] if row["complete"] else "incomplete",
+    measurable = not (set(row["flags"]) & NOT_MEASURABLE_FLAGS)
+    heights = [_cell_number(row[key]) if measurable else "–" for key in ("ha_mm", "hm_mm", "hp_mm")]
+    loss = _cell_number(row["grade_loss"], 100, 0) if row["genant_grade"] is not None else "–"
+    return [row["level"], *heights, loss, grade, why_not_graded(row) or row["shape"],
             _cell_number(row["trabecular_hu_mean"], 1, 0)]
 
 

@@ -572,8 +572,9 @@ def vertebra_label(v: QCVertebra) -> tuple[str, str]:
     """Main and second line of a vertebra's label."""
     heights = [v.ha_mm, v.hm_mm, v.hp_mm]
     hu = f"HU {v.trabecular_hu:.0f}" if math.isfinite(v.trabecular_hu) else ""
+    measurable = any(math.isfinite(h) for h in heights) and not set(v.flags) & (IMPLAUSIBLE_HEIGHT_FLAGS | {"mask_off_bone"})
     hts = ("Ha/Hm/Hp " + "/".join("–" if not math.isfinite(h) else f"{h:.1f}" for h in heights) + " mm"
-           if any(math.isfinite(h) for h in heights) else "")
+           if measurable else "heights not measurable" if any(math.isfinite(h) for h in heights) else "")
     second = " · ".join(part for part in (hu, hts) if part)
     if v.genant_grade is None:
         if v.level == "S1" or "not_graded" in v.flags:
