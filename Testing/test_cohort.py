@@ -348,6 +348,7 @@ def finished_markers(out: Path) -> dict[str, tuple[int, int]]:
 EXAMS = 12
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, pytest.param(2, marks=needs_dask)])
 def test_sigkill_at_any_moment_then_rerun_does_every_exam_exactly_once(phantoms, tmp_path, workers):
     inputs = copies_of(phantoms, tmp_path / "in", EXAMS)
@@ -398,6 +399,7 @@ def _start(command, env, log_path: Path) -> subprocess.Popen:
                             start_new_session=True)
 
 
+@pytest.mark.slow
 @needs_dask
 def test_distributed_cluster_with_a_gpu_worker_for_segmentation(phantoms, tmp_path):
     """A real ``dask scheduler`` and two ``dask worker`` processes on loopback; one worker offers

@@ -316,6 +316,7 @@ def test_vfs_errors_are_the_cli_s_one_sentence_errors():
     assert issubclass(DependencyError, VFSError) and issubclass(SegmentationError, VFSError)
 
 
+@pytest.mark.slow
 @needs_totalsegmentator
 def test_vfscreen_screen_without_seg_segments_then_screens(offline, trap, tmp_path, capsys):
     """``vfscreen screen CT`` with no ``--seg``: TotalSegmentator segments (the fake model calls

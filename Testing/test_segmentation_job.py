@@ -121,6 +121,7 @@ def _assert_nothing_half_made(out: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @needs_totalsegmentator
 def test_a_job_segments_in_a_child_process_while_the_caller_stays_responsive(offline, trap, tmp_path):
     out = tmp_path / "out"

@@ -52,6 +52,7 @@ def node_ids(scene) -> set:
     return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
 
 
+@pytest.mark.slow
 def test_segments_into_a_new_node_with_log_and_events(offline, ct_node):
     mrml, volume = ct_node
     before = node_ids(mrml.scene)
