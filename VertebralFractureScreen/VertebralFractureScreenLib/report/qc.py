@@ -166,9 +166,8 @@ def _float(value) -> float:
 
 
 def _hu_value(record) -> float:
-    """Mean HU of an HU record: a number, or an object / mapping with one of :data:`HU_ATTRIBUTES`."""
-    if record is None:
-        return NAN
+    """Mean HU of an HU record: a number, or an object / mapping with one of :data:`HU_ATTRIBUTES`
+    (NaN for None or a record without one)."""
     if isinstance(record, (int, float, np.number)):
         return _float(record)
     for name in HU_ATTRIBUTES:
