@@ -288,7 +288,7 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
     inputs = load_exam(ct, seg, body_seg, convention=convention, series_uid=series_uid)
     timings["read"] = round(time.perf_counter() - started - timings.get("segmentation", 0.0), 3)
     ct_array, labels, ijk_to_ras = inputs.ct.array, inputs.labels.array, inputs.ct.ijk_to_ras
-    body = inputs.body_label_map()  # the whole grid's map, held as the box of its labels
+    body = inputs.body_labels  # the whole grid's map, held as the box of its labels
     warnings_ = list(inputs.warnings)
 
     t = time.perf_counter()
@@ -316,7 +316,7 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
     t = time.perf_counter()
     rois = measure_trabecular(ct_array, labels, ijk_to_ras, heights, body_labels=body, grades=grades)
     if not keep_label_maps:
-        body = inputs.body_labels = inputs.body_box = None
+        body = inputs.body_labels = None
     if convention == "totalsegmentator":
         contrast = measure_contrast(ct_array, labels, ijk_to_ras, label_boxes=boxes)
         muscle_rows = measure_muscles(ct_array, labels, ijk_to_ras, all_heights,

@@ -59,14 +59,13 @@ class ExamInputs:
     """The CT and its label maps on the CT's grid.
 
     ``labels``: vertebra (and muscle, aorta, cord) labels in ``convention``; ``body_labels``: the
-    optional ``vertebrae_body`` map (1 = bodies, 2 = discs), held as the box of the CT's grid that
-    holds its labels (``body_box``; the Volume's grid is that box's, 0 everywhere else: see
-    :meth:`body_label_map`); ``sources``: where each came from (a path, or ``"in memory"``);
-    ``warnings``: problems that did not stop reading."""
+    optional ``vertebrae_body`` map (1 = bodies, 2 = discs) on the CT's grid, held as the box that
+    holds its labels (:class:`.geometry.BoxedLabels`: indexed as the whole map); ``sources``: where
+    each came from (a path, or ``"in memory"``); ``warnings``: problems that did not stop reading."""
 
     ct: Volume
     labels: Volume
-    body_labels: Volume | None
+    body_labels: BoxedLabels | None
     convention: str
     sources: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -76,15 +75,6 @@ class ExamInputs:
     label_grid: tuple | None = None
     """The segmentation's own grid ``(ijk_to_ras, shape)`` when it was resampled onto the CT's:
     a structure cut by its extent is cut by the field of view too."""
-    body_box: tuple | None = None
-    """Where ``body_labels`` lies on the CT's grid (slices ``[k, j, i]``)."""
-
-    def body_label_map(self) -> BoxedLabels | None:
-        """The ``vertebrae_body`` map on the CT's grid as the measurements index it
-        (:class:`.geometry.BoxedLabels`), or None."""
-        if self.body_labels is None:
-            return None
-        return BoxedLabels(self.body_labels.array, self.body_box, self.ct.shape)
 
 
 def _source(value) -> str:
@@ -232,13 +222,7 @@ def load_exam(ct, seg, body_seg=None, *, convention: str = "totalsegmentator",
     sources = {"ct": _source(ct), "segmentation": "in memory" if isinstance(seg, np.ndarray) else _source(seg)}
     if body_seg is not None:
         sources["vertebrae_body"] = "in memory" if isinstance(body_seg, np.ndarray) else _source(body_seg)
-    body_volume = None
-    if body is not None:  # a Volume on the box's own grid: its voxel (0, 0, 0) is the box's first
-        box_to_ras = np.array(volume.ijk_to_ras, dtype=float)
-        box_to_ras[:3, 3] += box_to_ras[:3, :3] @ [body.box[2].start, body.box[1].start, body.box[0].start]
-        body_volume = Volume(body.array, box_to_ras)
-    return ExamInputs(volume, labels, body_volume, convention, sources, messages, boxes, label_grid,
-                      None if body is None else body.box)
+    return ExamInputs(volume, labels, body, convention, sources, messages, boxes, label_grid)
 
 
 _BOX_LABELS = {"totalsegmentator": max(lv.TOTAL_ILIOPSOAS_RIGHT, lv.TOTAL_AORTA, max(lv.vertebra_ids("totalsegmentator").values())),
