@@ -41,7 +41,7 @@ OVERSIZED_MODULES: dict[str, int] = {
     "measure/morphometry.py": 1499,
     "measure/muscles.py": 855,
     "phantom/render.py": 1385,
-    "report/qc.py": 914,
+    "report/qc.py": 911,
 }
 """Modules still above :data:`MAX_MODULE_LINES` (path → their line count when listed): each may
 shrink, none may grow, and no other module may join (issue 25's target is an empty list)."""

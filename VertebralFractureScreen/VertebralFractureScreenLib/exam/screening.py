@@ -47,7 +47,7 @@ from ..model.fracture_model import resolve_model
 from ..measure.morphometry import measure_heights
 from ..measure.muscles import lumbar_length_mm, measure_muscles, muscle_summary
 from ..io.serialization import csv_text, jsonable
-from ..report.measurements import MUSCLE_TABLE, VERTEBRA_TABLE, keys
+from ..report.measurements import HEIGHTS_MEANINGLESS_FLAGS, MUSCLE_TABLE, VERTEBRA_TABLE, keys
 
 VERTEBRA_COLUMNS = keys(VERTEBRA_TABLE)
 """Columns of ``vertebrae.csv`` as the measurement registry declares them (units, codes and
@@ -184,11 +184,6 @@ def _cell_number(value, scale: float = 1.0, digits: int = 1) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value * scale:.{digits}f}"
 
 
-NOT_MEASURABLE_FLAGS = frozenset({"implausible_height", "implausible_depth", "implausible_body_volume",
-                                  "heights_not_measurable", "body_not_separated", "mask_off_bone"})
-"""Flags whose vertebra's heights mean nothing: tables and the QC picture show no number for them."""
-
-
 def why_not_graded(row: dict) -> str:
     """A few words on why a row has no grade ("" when it has one): ``cut by FOV``, ``mask off
     bone``, ``not measurable``, ``not graded`` (S1) or ``incomplete``."""
@@ -197,7 +192,7 @@ def why_not_graded(row: dict) -> str:
     flags = set(row["flags"])
     if "mask_off_bone" in flags:
         return "mask off bone"
-    if flags & NOT_MEASURABLE_FLAGS:
+    if flags & HEIGHTS_MEANINGLESS_FLAGS:
         return "not measurable"
     if "touches_field_of_view_edge" in flags or flags & {"body_cut", "endplate_cut_superior", "endplate_cut_inferior"}:
         return "cut by FOV"
@@ -208,12 +203,12 @@ def why_not_graded(row: dict) -> str:
 
 def vertebra_cells(row: dict) -> list[str]:
     """A ``vertebrae.csv`` row as the texts of a results table: level, Ha, Hm, Hp (mm; ``–`` when
-    the vertebra is not measurable, :data:`NOT_MEASURABLE_FLAGS`), the grade's loss (%,
+    the vertebra is not measurable, :data:`.measurements.HEIGHTS_MEANINGLESS_FLAGS`), the grade's loss (%,
     ``grade_loss``; ``–`` without a grade), grade (``?`` when borderline or ``grade_uncertain``,
     ``–`` when not graded), shape (or :func:`why_not_graded`) and HU."""
     open_grade = row["borderline"] or "grade_uncertain" in row["flags"]
     grade = "–" if row["genant_grade"] is None else str(row["genant_grade"]) + ("?" if open_grade else "")
-    measurable = not (set(row["flags"]) & NOT_MEASURABLE_FLAGS)
+    measurable = not (set(row["flags"]) & HEIGHTS_MEANINGLESS_FLAGS)
     heights = [_cell_number(row[key]) if measurable else "–" for key in ("ha_mm", "hm_mm", "hp_mm")]
     loss = _cell_number(row["grade_loss"], 100, 0) if row["genant_grade"] is not None else "–"
     return [row["level"], *heights, loss, grade, why_not_graded(row) or row["shape"],

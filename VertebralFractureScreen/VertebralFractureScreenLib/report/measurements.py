@@ -317,6 +317,11 @@ FLAGS: dict[str, str] = {
 """Every flag a row of ``vertebrae.csv`` or ``muscles.csv`` (or a muscle total in ``exam.json``) may
 carry, with its meaning."""
 
+HEIGHTS_MEANINGLESS_FLAGS = frozenset({"implausible_height", "implausible_depth", "implausible_body_volume",
+                                       "heights_not_measurable", "body_not_separated", "mask_off_bone"})
+"""Flags after which a vertebra's heights mean nothing (no plausible body, or a mask off its bone):
+the terminal table and the QC picture's label print no number for them."""
+
 TABLES = {"vertebrae.csv": VERTEBRA_TABLE, "muscles.csv": MUSCLE_TABLE, "exam.json": EXAM_FIELDS,
           "features.csv": FEATURE_TABLE}
 

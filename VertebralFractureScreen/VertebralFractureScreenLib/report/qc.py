@@ -59,6 +59,7 @@ from scipy.interpolate import CubicSpline
 from .. import levels as lv
 from ..errors import InputError
 from ..io.files import atomic_write
+from .measurements import HEIGHTS_MEANINGLESS_FLAGS
 
 NAN = float("nan")
 
@@ -571,18 +572,14 @@ def vertebra_label(v: QCVertebra) -> tuple[str, str]:
     """Main and second line of a vertebra's label."""
     heights = [v.ha_mm, v.hm_mm, v.hp_mm]
     hu = f"HU {v.trabecular_hu:.0f}" if math.isfinite(v.trabecular_hu) else ""
-    measurable = any(math.isfinite(h) for h in heights) and not set(v.flags) & (IMPLAUSIBLE_HEIGHT_FLAGS | {"mask_off_bone"})
-    hts = ("Ha/Hm/Hp " + "/".join("–" if not math.isfinite(h) else f"{h:.1f}" for h in heights) + " mm"
-           if measurable else "heights not measurable" if any(math.isfinite(h) for h in heights) else "")
+    hts = ("" if not any(math.isfinite(h) for h in heights)
+           else "heights not measurable" if HEIGHTS_MEANINGLESS_FLAGS.intersection(v.flags)
+           else "Ha/Hm/Hp " + "/".join("–" if not math.isfinite(h) else f"{h:.1f}" for h in heights) + " mm")
     second = " · ".join(part for part in (hu, hts) if part)
     if v.genant_grade is None:
-        if v.level == "S1" or "not_graded" in v.flags:
-            reason = "not graded"
-        elif not v.complete:
-            reasons = [text for flag, text in _FLAG_TEXT.items() if flag in v.flags]
-            reason = "incomplete" + (f" · {reasons[0]}" if reasons else "")
-        else:
-            reason = "not graded"
+        reasons = [text for flag, text in _FLAG_TEXT.items() if flag in v.flags]
+        incomplete = not v.complete and v.level != "S1" and "not_graded" not in v.flags
+        reason = "incomplete" + (f" · {reasons[0]}" if reasons else "") if incomplete else "not graded"
         return f"{v.level}  {reason}", second
     loss = f"{100.0 * v.height_loss:.0f}%" if math.isfinite(v.height_loss) else ""
     shape = v.shape if v.genant_grade >= 1 and v.shape and v.shape != "normal" else ""
