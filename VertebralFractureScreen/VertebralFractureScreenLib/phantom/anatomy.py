@@ -146,15 +146,19 @@ class SpineCurve:
     def sample(self, s: np.ndarray, table: np.ndarray) -> np.ndarray:
         """Linearly interpolate a per-sample ``(n, c)`` table at arc lengths ``s`` (clamped to the
         sampled range). The samples are uniform, so the index is arithmetic, not a search."""
-        x = (np.clip(np.asarray(s, dtype=float), self.s[0], self.s[-1]) - self.s[0]) / self.step_mm
-        index = np.minimum(x.astype(np.intp), len(self.s) - 2)
+        x, index = self._interval(np.asarray(s, dtype=float))
         weight = (x - index)[..., None]
         return table[index] * (1.0 - weight) + table[index + 1] * weight
 
+    def _interval(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Arc lengths ``s`` (clamped to the sampled range) in sample steps from the first sample,
+        and the index of the interval each lies in."""
+        x = (np.clip(s, self.s[0], self.s[-1]) - self.s[0]) / self.step_mm
+        return x, np.minimum(x.astype(np.intp), len(self.s) - 2)
+
     def _sample_rows(self, s: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """:meth:`sample` of a table given as :func:`_with_next` of it: ``(c, N)``."""
-        x = (np.clip(s, self.s[0], self.s[-1]) - self.s[0]) / self.step_mm
-        index = np.minimum(x.astype(np.intp), len(self.s) - 2)
+        x, index = self._interval(s)
         weight = x - index
         both = rows[:, index]
         width = len(rows) // 2
@@ -163,8 +167,7 @@ class SpineCurve:
     def local_frame(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The interpolated curve's point and tangent ``(6, N)`` at arc lengths ``s``, and their
         derivatives along ``s`` ``(6, N)``."""
-        x = (np.clip(s, self.s[0], self.s[-1]) - self.s[0]) / self.step_mm
-        index = np.minimum(x.astype(np.intp), len(self.s) - 2)
+        x, index = self._interval(s)
         rows = self._newton_rows[:, index]
         slope = rows[6:]
         return rows[:6] + slope * ((x - index) * self.step_mm), slope
