@@ -9,9 +9,8 @@ Inputs (:func:`find_exams`):
 * a **folder**: every CT image file (``.nii.gz``, ``.nii``, ``.nrrd``, ``.nhdr``, ``.mha``,
   ``.mhd``) directly in it is one exam, and so is every sub-folder that holds a DICOM series; the
   exam ID is the file's name without its suffix (or the sub-folder's name), in Unicode NFC form.
-  Exam IDs follow the one rule of :func:`checked_exam_id` (letters and digits of any script and
-  ``. _ + -``, starting with a letter or digit, at most 200 bytes; the same rule as ``vfscreen
-  screen --exam-id``) and are unique ignoring case and Unicode form (their folders must be
+  Exam IDs follow the one rule of :func:`checked_exam_id` (:data:`EXAM_ID_RULE`; the same rule as
+  ``vfscreen screen --exam-id``) and are unique ignoring case and Unicode form (their folders must be
   distinct on every file system). Segmentations are found by name beside it: ``<exam>_seg`` or
   ``<exam>_total`` (TotalSegmentator ``total`` ids) or ``<exam>.seg.nrrd`` (a Slicer
   segmentation), and ``<exam>_body`` or ``<exam>_vertebrae_body`` (the ``vertebrae_body`` map),
