@@ -41,7 +41,7 @@ OVERSIZED_MODULES: dict[str, int] = {
     "measure/morphometry.py": 1499,
     "measure/muscles.py": 855,
     "phantom/render.py": 1385,
-    "report/qc.py": 911,
+    "report/qc.py": 696,
 }
 """Modules still above :data:`MAX_MODULE_LINES` (path → their line count when listed): each may
 shrink, none may grow, and no other module may join (issue 25's target is an empty list)."""
@@ -150,8 +150,7 @@ LONG_FUNCTIONS: dict[str, int] = {
     "measure/muscles.py:measure_muscles": 121,
     "phantom/render.py:make_phantom": 87,
     "phantom/render.py:paint": 111,
-    "report/qc.py:spine_reformat": 87,
-    "report/qc.py:_draw": 144,
+    "report/reformat.py:spine_reformat": 87,
     "segment/totalsegmentator.py:segment_ct": 142,
 }
 """Functions still over :data:`MAX_FUNCTION_LINES` without a reason in their docstring (line

@@ -20,7 +20,8 @@ from VertebralFractureScreenLib.errors import InputError
 from VertebralFractureScreenLib.geometry import make_ijk_to_ras, rotation_matrix
 from VertebralFractureScreenLib.measure.morphometry import VertebraFrame, VertebraHeights
 from VertebralFractureScreenLib.phantom.render import Fracture, PhantomSpec, make_phantom
-from VertebralFractureScreenLib.report.qc import QCVertebra, render_qc, spine_reformat
+from VertebralFractureScreenLib.report.qc import QCVertebra, render_qc
+from VertebralFractureScreenLib.report.reformat import spine_reformat
 
 LEVELS = ("T12", "L1", "L2", "L3")
 TRABECULAR_HU = 160.0  # the phantom's default
@@ -360,3 +361,106 @@ def test_the_picture_shows_the_basis_of_a_fracture_grade(lordotic, tmp_path):
     pixels = _pixels(out)
     assert _count_colour(pixels, qc.LOST_COLOUR) > 20 + _count_colour(_pixels(normal_only), qc.LOST_COLOUR)
     assert _count_colour(pixels, qc.EXPECTED_COLOUR) > 20 + _count_colour(_pixels(normal_only), qc.EXPECTED_COLOUR)
+
+
+# ------------------------------------------------------------------------------------------------
+# Names clear of lines, cut vertebrae, short scans (the first-day QC defects, issue 27)
+# ------------------------------------------------------------------------------------------------
+
+
+def _height_lines(figure) -> list:
+    """The height lines drawn on the image (the only lines with end caps)."""
+    return [line for line in figure.axes[0].lines if line.get_marker() == "_"]
+
+
+def _names_crossed_by_lines(figure, levels) -> list[str]:
+    """The level names on the image whose drawn box a height line crosses."""
+    from matplotlib.path import Path as MplPath
+
+    renderer = figure.canvas.get_renderer()
+    paths = [MplPath(line.get_transform().transform(line.get_xydata())) for line in _height_lines(figure)]
+    crossed = []
+    for text in figure.axes[0].texts:
+        if text.get_text() in levels:
+            box = text.get_window_extent(renderer)
+            if any(path.intersects_bbox(box, filled=False) for path in paths):
+                crossed.append(text.get_text())
+    return crossed
+
+
+def _scan_top_edge_rows(figure) -> np.ndarray:
+    """Per image column that shows the scan, the first row inside the scan."""
+    inside = ~np.ma.getmaskarray(figure.axes[0].images[0].get_array())
+    columns = np.flatnonzero(inside.any(axis=0))
+    return np.argmax(inside[:, columns], axis=0)
+
+
+def _heading(figure) -> str:
+    return " ".join(text.get_text() for text in figure.texts)
+
+
+def test_a_name_moves_forward_until_no_line_crosses_it():
+    # A vertical line through the name's box: the name ends 1.5 mm in front of it.
+    vertical = np.array([[20.0, 0.0], [20.0, 30.0]])
+    assert qc._clear_of_lines(22.0, 15.0, 6.0, 3.0, [vertical], 0.0) == pytest.approx(18.5)
+    # A line above or below the box, or behind it, does not move it.
+    assert qc._clear_of_lines(22.0, 40.0, 6.0, 3.0, [vertical], 0.0) == 22.0
+    assert qc._clear_of_lines(12.0, 15.0, 6.0, 3.0, [vertical], 0.0) == 12.0
+    # A tilted line is avoided where it crosses the box's height; two lines in a row push it on.
+    tilted = np.array([[10.0, 0.0], [30.0, 40.0]])  # x = 17.5 … 20.5 over the band y = 18 ± (1.5 + 1.5)
+    assert qc._clear_of_lines(25.0, 18.0, 4.0, 3.0, [tilted], 0.0) == pytest.approx(16.0)
+    assert qc._clear_of_lines(25.0, 15.0, 4.0, 3.0, [vertical, vertical - [4.0, 0.0]], 0.0) == pytest.approx(14.5)
+    # Never out of the image.
+    assert qc._clear_of_lines(22.0, 15.0, 6.0, 3.0, [vertical], 16.0) == 22.0
+
+
+def test_a_cut_vertebra_gets_no_lines_and_no_heights(lordotic):
+    """A body cut by the scan has heights of the part inside it: no lines ending on the scan's edge,
+    no numbers in its label; its level name stays clear of its neighbours' lines."""
+    records = _qc_from_truth(lordotic, {"T12": None})
+    records[0].complete = False
+    records[0].flags = ["body_cut", "endplate_cut_superior", "touches_field_of_view_edge"]
+    figure = qc.qc_figure(lordotic.ct, lordotic.ijk_to_ras, records)
+    assert len(_height_lines(figure)) == 3 * (len(records) - 1)
+    assert qc.vertebra_label(records[0]) == ("T12  incomplete · cut by FOV", "")
+    assert _names_crossed_by_lines(figure, LEVELS) == []
+
+
+def test_a_scan_shorter_than_two_bodies_is_shown_on_its_own_sagittal_plane(lordotic):
+    """20 slices (30 mm) of the lordotic phantom: no body lies whole in them; the centre line through
+    the cut bodies' centres would tilt the picture into a diagonal band. The scan's own sagittal
+    plane shows it as a horizontal band, and the heading says so."""
+    from VertebralFractureScreenLib.measure.morphometry import measure_heights
+
+    k0 = lordotic.ct.shape[0] // 2 - 10
+    crop = np.asarray(lordotic.ijk_to_ras, float).copy()
+    crop[:3, 3] += k0 * crop[:3, 2]
+    ct, total = lordotic.ct[k0:k0 + 20], lordotic.total[k0:k0 + 20]
+    heights = measure_heights(total, crop, ct=ct)
+    assert sum(not qc.ENDPLATE_CUT_FLAGS.intersection(h.flags) for h in heights) < 2
+    figure = qc.qc_figure(ct, crop, heights)
+    top = _scan_top_edge_rows(figure)
+    assert len(top) > 100 and np.ptp(top) <= 2  # horizontal, to a pixel or two
+    assert "The scan covers 28 mm cranio-caudally" in _heading(figure)
+    assert "sagittal plane of the scan" in _heading(figure).lower()
+    # A scan with two whole bodies keeps the view along the spine.
+    assert "The scan covers" not in _heading(qc.qc_figure(lordotic.ct, lordotic.ijk_to_ras,
+                                                          _qc_from_truth(lordotic, {})))
+
+
+def test_the_example_ct_pictures_have_no_first_day_defects(example_data):
+    """The shared example CT (T11 and T12 cut at the top): no lines for the cut bodies and no name
+    crossed by a line; its 20-slice DICOM series: a horizontal band and the heading's note."""
+    from VertebralFractureScreenLib.exam.screening import screen_exam
+
+    full = screen_exam(example_data / "example_ct.nii.gz", seg=example_data / "example_seg_fast_force_split.nii.gz")
+    figure = qc.qc_figure(full.inputs.ct.array, full.inputs.ct.ijk_to_ras, full.heights, grades=full.grades)
+    graded = [h.level for h, g in zip(full.heights, full.grades) if g.genant_grade is not None]
+    assert {"T11", "T12"}.isdisjoint(graded) and len(_height_lines(figure)) == 3 * len(graded)
+    assert _names_crossed_by_lines(figure, [h.level for h in full.heights]) == []
+    assert "The scan covers" not in _heading(figure)
+
+    short = screen_exam(example_data / "example_ct_dicom", seg=example_data / "example_seg_dicom.nii.gz")
+    figure = qc.qc_figure(short.inputs.ct.array, short.inputs.ct.ijk_to_ras, short.heights, grades=short.grades)
+    assert np.ptp(_scan_top_edge_rows(figure)) <= 2
+    assert "The scan covers 38 mm cranio-caudally" in _heading(figure)

@@ -324,7 +324,7 @@ def test_example_ct_with_a_vertebrae_only_segmentation(example_data, tmp_path):
 
 def test_the_terminal_table_says_why_a_row_has_no_grade():
     """No "–%" for ungraded rows, no heights for an implausible body (the first-day T11 read
-    "3.6/4.1/4.6 mm"), the reason instead of the shape, and imprecise heights said."""
+    "3.6/4.1/4.6 mm") or a body cut by the scan, the reason instead of the shape, and imprecise heights said."""
     from VertebralFractureScreenLib.exam.screening import ScreeningResult, vertebra_cells
 
     def row(level, grade, flags, complete=True, loss=0.02, heights=(25.0, 24.0, 25.5)):
@@ -336,6 +336,8 @@ def test_the_terminal_table_says_why_a_row_has_no_grade():
             row("T12", None, ["body_cut", "touches_field_of_view_edge"], False, float("nan")),
             row("L1", 0, ["imprecise_heights"]), row("S1", None, ["not_graded"], loss=float("nan"))]
     assert vertebra_cells(rows[0]) == ["T11", "–", "–", "–", "–", "–", "not measurable", "101"]
+    # a body cut by the scan: its heights are those of the part inside it
+    assert vertebra_cells(rows[1]) == ["T12", "–", "–", "–", "–", "–", "cut by FOV", "101"]
     result = ScreeningResult.__new__(ScreeningResult)
     result.vertebrae = rows
     lines = result.table().splitlines()

@@ -47,7 +47,7 @@ from ..model.fracture_model import resolve_model
 from ..measure.morphometry import measure_heights
 from ..measure.muscles import lumbar_length_mm, measure_muscles, muscle_summary
 from ..io.serialization import csv_text, jsonable
-from ..report.measurements import HEIGHTS_MEANINGLESS_FLAGS, MUSCLE_TABLE, VERTEBRA_TABLE, keys
+from ..report.measurements import HEIGHTS_CUT_FLAGS, HEIGHTS_MEANINGLESS_FLAGS, MUSCLE_TABLE, VERTEBRA_TABLE, keys
 
 VERTEBRA_COLUMNS = keys(VERTEBRA_TABLE)
 """Columns of ``vertebrae.csv`` as the measurement registry declares them (units, codes and
@@ -192,10 +192,10 @@ def why_not_graded(row: dict) -> str:
     flags = set(row["flags"])
     if "mask_off_bone" in flags:
         return "mask off bone"
+    if flags & HEIGHTS_CUT_FLAGS:
+        return "cut by FOV"
     if flags & HEIGHTS_MEANINGLESS_FLAGS:
         return "not measurable"
-    if "touches_field_of_view_edge" in flags or flags & {"body_cut", "endplate_cut_superior", "endplate_cut_inferior"}:
-        return "cut by FOV"
     if "not_graded" in flags:
         return "not graded"
     return "incomplete"
@@ -203,12 +203,13 @@ def why_not_graded(row: dict) -> str:
 
 def vertebra_cells(row: dict) -> list[str]:
     """A ``vertebrae.csv`` row as the texts of a results table: level, Ha, Hm, Hp (mm; ``–`` when
-    the vertebra is not measurable, :data:`.measurements.HEIGHTS_MEANINGLESS_FLAGS`), the grade's loss (%,
+    the vertebra is not measurable or cut by the scan, :data:`.measurements.HEIGHTS_MEANINGLESS_FLAGS`
+    and :data:`.measurements.HEIGHTS_CUT_FLAGS`), the grade's loss (%,
     ``grade_loss``; ``–`` without a grade), grade (``?`` when borderline or ``grade_uncertain``,
     ``–`` when not graded), shape (or :func:`why_not_graded`) and HU."""
     open_grade = row["borderline"] or "grade_uncertain" in row["flags"]
     grade = "–" if row["genant_grade"] is None else str(row["genant_grade"]) + ("?" if open_grade else "")
-    measurable = not (set(row["flags"]) & HEIGHTS_MEANINGLESS_FLAGS)
+    measurable = not (set(row["flags"]) & (HEIGHTS_MEANINGLESS_FLAGS | HEIGHTS_CUT_FLAGS))
     heights = [_cell_number(row[key]) if measurable else "–" for key in ("ha_mm", "hm_mm", "hp_mm")]
     loss = _cell_number(row["grade_loss"], 100, 0) if row["genant_grade"] is not None else "–"
     return [row["level"], *heights, loss, grade, why_not_graded(row) or row["shape"],

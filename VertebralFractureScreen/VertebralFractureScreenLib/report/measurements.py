@@ -322,6 +322,12 @@ HEIGHTS_MEANINGLESS_FLAGS = frozenset({"implausible_height", "implausible_depth"
 """Flags after which a vertebra's heights mean nothing (no plausible body, or a mask off its bone):
 the terminal table and the QC picture's label print no number for them."""
 
+HEIGHTS_CUT_FLAGS = frozenset({"touches_field_of_view_edge", "body_cut", "endplate_cut_superior",
+                               "endplate_cut_inferior"})
+"""Flags of a body cut by the scan's edge: its heights are those of the part inside the scan, not the
+vertebra's (``vertebrae.csv`` keeps them, flagged): the terminal table and the QC picture print no
+number for them and draw no height line, which would end on the scan's edge."""
+
 TABLES = {"vertebrae.csv": VERTEBRA_TABLE, "muscles.csv": MUSCLE_TABLE, "exam.json": EXAM_FIELDS,
           "features.csv": FEATURE_TABLE}
 
