@@ -35,7 +35,6 @@ NO_SIMPLEITK = {"base", "measure", "report", "model"}
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 80
 OVERSIZED_MODULES: dict[str, int] = {
-    "cohort.py": 1276,
     "measure/attenuation.py": 693,
     "measure/grading.py": 621,
     "measure/morphometry.py": 1499,
@@ -139,7 +138,6 @@ def test_module_sizes():
 
 
 LONG_FUNCTIONS: dict[str, int] = {
-    "cohort.py:run_cohort": 126,
     "exam/screening.py:screen_exam": 166,
     "io/nrrd.py:read_nrrd": 99,
     "io/seg_nrrd.py:write_segmentation_nrrd": 85,

@@ -4,7 +4,7 @@ input and retried by a plain re-run, no traceback when the disk is full, repeate
 columns in a manifest, non-ASCII or unusable file names in a folder cohort, an input file that
 may not be read, and Ctrl-C during a run with local Dask workers.
 
-The environment's failures are acted out through ``cohort.fault_hook`` (the engine's documented
+The environment's failures are acted out through ``cohort.writes.fault_hook`` (the engine's documented
 test seam: it raises ``OSError(ENOSPC)`` and friends at the write points), by making ``os.fsync``
 fail with ENOSPC (so every atomic write of the real writer fails as on a full disk), and, where
 this process may mount one (root with CAP_SYS_ADMIN), on a genuinely full tmpfs."""
@@ -67,7 +67,7 @@ def errors_of(out: Path) -> dict[str, dict]:
 
 @pytest.fixture
 def hook(monkeypatch):
-    """``cohort.fault_hook`` raising ``faults[(point, exam_id)]`` (or ``faults[point]``)."""
+    """``cohort.writes.fault_hook`` raising ``faults[(point, exam_id)]`` (or ``faults[point]``)."""
     faults: dict = {}
 
     def fault(point, exam_id):
@@ -75,7 +75,7 @@ def hook(monkeypatch):
         if error is not None:
             raise error
 
-    monkeypatch.setattr(cohort, "fault_hook", fault)
+    monkeypatch.setattr(cohort.writes, "fault_hook", fault)
     return faults
 
 
@@ -222,7 +222,7 @@ def test_zero_bytes_free_ends_with_one_sentence(small, tmp_path, hook, monkeypat
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
     assert not cohort.log.handlers  # the log file is let go even when the run ends in an error
     monkeypatch.undo()
-    cohort.fault_hook = None
+    cohort.writes.fault_hook = None
     assert main(["cohort", str(inputs), "--out", str(out), *LEVELS, "--allow-failures"]) == 0  # space again
     assert sorted(errors_of(out)) == ["broken"]
 
