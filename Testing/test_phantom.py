@@ -705,7 +705,7 @@ def test_coarse_to_fine_sub_samples_match_every_sub_sample(monkeypatch, spacing,
     spheres) in a generic pose on an oblique grid, the CT may differ only where a sliver thinner
     than the coarse spacing hides between coarse samples (edges and corners of the posterior
     elements' boxes): in few voxels, by little."""
-    import VertebralFractureScreenLib.phantom.render as phantom_module
+    import VertebralFractureScreenLib.phantom.raster as phantom_module
 
     spec = PhantomSpec(levels=("L1", "L2"), spacing=spacing, size_ijk=size, grid_orientation="oblique",
                        rotation_deg=(7.0, -5.0, 11.0), fractures=(Fracture("L1", "biconcave", 0.35),),

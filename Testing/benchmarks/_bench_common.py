@@ -47,14 +47,11 @@ def spec_key(spec: ph.PhantomSpec) -> str:
 
 
 def renderer_fingerprint() -> str:
-    """Hash of the phantom renderer's source (phantom.py + phantom_anatomy.py). Stored with each
+    """Hash of the phantom renderer's source (every module of ``phantom/``). Stored with each
     cached phantom so a run can warn when the renderer changed since (use ``--rerender``)."""
     digest = hashlib.sha256()
-    here = Path(ph.__file__).resolve().parent
-    for name in ("phantom.py", "phantom_anatomy.py"):
-        path = here / name
-        if path.exists():
-            digest.update(path.read_bytes())
+    for path in sorted(Path(ph.__file__).resolve().parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 

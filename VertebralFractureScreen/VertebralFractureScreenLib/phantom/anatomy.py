@@ -19,12 +19,12 @@ typical lumbar or thoracic values (they only need to be plausible).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 import numpy as np
 
-from ..anatomy import normal_body
+from ..anatomy import NormalBody, normal_body
 from ..levels import LEVELS, level_position
 
 # Physiological anterior/posterior height ratio Ha/Hp of normal vertebrae: mild wedging at the
@@ -38,14 +38,11 @@ PHYSIOLOGICAL_HA_HP = {
 
 
 @dataclass(frozen=True)
-class LevelDimensions:
-    """Nominal size of one vertebra (mm)."""
+class LevelDimensions(NormalBody):
+    """Nominal size of one vertebra (mm): its body's, inherited from :class:`..anatomy.NormalBody`
+    (the base module declares the normal body dimensions once), its posterior elements' and its
+    normal anterior/posterior height ratio."""
 
-    level: str
-    height_mm: float  # mean of anterior and posterior height of the normal body
-    width_mm: float  # left-right
-    depth_mm: float  # antero-posterior
-    disc_below_mm: float
     canal_half_width_mm: float
     canal_half_depth_mm: float
     pedicle_width_mm: float
@@ -57,16 +54,11 @@ class LevelDimensions:
 
 @lru_cache(maxsize=None)
 def level_dimensions(level: str) -> LevelDimensions:
-    """Nominal dimensions of ``level``: the body's from :func:`.anatomy.normal_body`, the posterior
-    elements' lumbar or thoracic."""
-    body = normal_body(level)
+    """Nominal dimensions of ``level``: the body's from :func:`..anatomy.normal_body`, the
+    posterior elements' lumbar or thoracic."""
     lumbar = level.startswith(("L", "S"))
     return LevelDimensions(
-        level=level,
-        height_mm=body.height_mm,
-        width_mm=body.width_mm,
-        depth_mm=body.depth_mm,
-        disc_below_mm=body.disc_below_mm,
+        **asdict(normal_body(level)),
         canal_half_width_mm=11.0 if lumbar else 8.0,
         canal_half_depth_mm=8.0 if lumbar else 7.5,
         pedicle_width_mm=9.0 if lumbar else 7.0,
