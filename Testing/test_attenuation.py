@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 from VertebralFractureScreenLib.measure import attenuation as at
+from VertebralFractureScreenLib.measure import trabecular_roi as tr
+from VertebralFractureScreenLib.measure.contrast import measure_contrast
 from VertebralFractureScreenLib import levels as lv
 from VertebralFractureScreenLib.measure.grading import grade_spine
 from VertebralFractureScreenLib.io.images import read_ct, read_labelmap
@@ -115,7 +117,7 @@ def test_roi_is_pure_trabecular_bone(rotated):
         assert roi.mean_hu == pytest.approx(truth, abs=1e-9), roi.level
         assert roi.median_hu == truth and roi.sd_hu == 0.0, roi.level
         assert roi.volume_ml == pytest.approx(roi.voxels * 2.5 ** 3 / 1000.0)
-        slices, mask, _ = at.trabecular_roi_mask(next(h for h in rotated.heights if h.level == roi.level),
+        slices, mask, _ = tr.trabecular_roi_mask(next(h for h in rotated.heights if h.level == roi.level),
                                                  rotated.phantom.total, rotated.phantom.ijk_to_ras,
                                                  body_labels=rotated.phantom.vertebrae_body)
         assert mask.sum() == roi.voxels
@@ -133,7 +135,7 @@ def test_focal_lesions_are_left_out_of_the_roi(rotated):
     clean = {r.level: r for r in rotated.rois()}
     ct = p.ct.copy()
     for level, value in (("L2", 1000), ("T12", -50)):
-        slices, mask, _ = at.trabecular_roi_mask(next(h for h in rotated.heights if h.level == level), p.total,
+        slices, mask, _ = tr.trabecular_roi_mask(next(h for h in rotated.heights if h.level == level), p.total,
                                                  p.ijk_to_ras, body_labels=p.vertebrae_body)
         k, j, i = np.argwhere(mask)[len(np.argwhere(mask)) // 2] + [s.start for s in slices]
         ct[k - 1:k + 1, j - 1:j + 1, i - 1:i + 1] = value  # 2x2x2 voxels, 5 mm across
@@ -157,16 +159,16 @@ def test_roi_obeys_its_definition_in_true_geometry(rotated):
     definition exactly (corners >= 3 mm inside) are in it."""
     p = rotated.phantom
     for h in rotated.heights:
-        slices, roi, _ = at.trabecular_roi_mask(h, p.total, p.ijk_to_ras, body_labels=p.vertebrae_body)
+        slices, roi, _ = tr.trabecular_roi_mask(h, p.total, p.ijk_to_ras, body_labels=p.vertebrae_body)
         ijk = roi_voxels_ijk(slices, roi)
-        assert corner_distance(rotated, h.level, ijk).min() >= at.ROI_MARGIN_MM, h.level
+        assert corner_distance(rotated, h.level, ijk).min() >= tr.ROI_MARGIN_MM, h.level
         model, (u, v, w) = true_local(rotated, h.level, ijk)
         top, bottom = model.endplates(np.zeros_like(v), v)
         quarter = 0.25 * (top - bottom)
         tolerance = 0.5  # mm: how far the measured walls and endplates may be off at 2.5 mm voxels
         assert np.all(w <= top - quarter + tolerance) and np.all(w >= bottom + quarter - tolerance), h.level
         depth = 2.0 * model.half_depth
-        assert np.all(v >= -model.half_depth + at.POSTERIOR_EXCLUDED * depth - tolerance), h.level
+        assert np.all(v >= -model.half_depth + tr.POSTERIOR_EXCLUDED * depth - tolerance), h.level
 
         # The same definition on every body voxel, with the true geometry.
         body = (p.total == h.label) & (p.vertebrae_body == lv.BODY_LABEL)
@@ -174,9 +176,9 @@ def test_roi_obeys_its_definition_in_true_geometry(rotated):
         model, (u, v, w) = true_local(rotated, h.level, candidates)
         top, bottom = model.endplates(np.zeros_like(v), v)
         quarter = 0.25 * (top - bottom)
-        ideal = ((v >= -model.half_depth + at.POSTERIOR_EXCLUDED * depth) & (w <= top - quarter)
+        ideal = ((v >= -model.half_depth + tr.POSTERIOR_EXCLUDED * depth) & (w <= top - quarter)
                  & (w >= bottom + quarter))
-        ideal[ideal] = corner_distance(rotated, h.level, candidates[ideal]) >= at.ROI_MARGIN_MM
+        ideal[ideal] = corner_distance(rotated, h.level, candidates[ideal]) >= tr.ROI_MARGIN_MM
         assert roi.sum() >= 0.5 * ideal.sum(), (h.level, int(roi.sum()), int(ideal.sum()))
 
 
@@ -184,10 +186,10 @@ def test_small_thoracic_bodies_at_3mm_shrink_and_say_so(thoracic):
     rois = thoracic.rois()
     p = thoracic.phantom
     for roi, h in zip(rois, thoracic.heights):
-        slices, mask, _ = at.trabecular_roi_mask(h, p.total, p.ijk_to_ras, body_labels=p.vertebrae_body)
+        slices, mask, _ = tr.trabecular_roi_mask(h, p.total, p.ijk_to_ras, body_labels=p.vertebrae_body)
         if roi.voxels:
             assert np.all(p.tissue[slices][mask] == TISSUES["trabecular_bone"]), roi.level
-            assert corner_distance(thoracic, roi.level, roi_voxels_ijk(slices, mask)).min() >= at.ROI_MARGIN_MM
+            assert corner_distance(thoracic, roi.level, roi_voxels_ijk(slices, mask)).min() >= tr.ROI_MARGIN_MM
             assert roi.mean_hu == 120.0 and roi.sd_hu == 0.0
         small = roi.voxels < at.ROI_MIN_VOXELS or roi.volume_ml < at.ROI_MIN_ML
         assert ("roi_small" in roi.flags or "roi_empty" in roi.flags) == small, roi.level
@@ -211,7 +213,7 @@ def test_roi_without_body_map_and_in_a_cut_vertebra(rotated):
     assert not rois["T12"].complete and "incomplete_vertebra" in rois["T12"].flags
     assert not rois["T12"].usable
     for h in heights:
-        slices, mask, _ = at.trabecular_roi_mask(h, total, p.ijk_to_ras, body_labels=body)
+        slices, mask, _ = tr.trabecular_roi_mask(h, total, p.ijk_to_ras, body_labels=body)
         if mask is not None:
             assert np.all(tissue[slices][mask] == TISSUES["trabecular_bone"]), h.level
 
@@ -235,7 +237,7 @@ def test_category_of_nan_is_an_error():
 
 def test_bone_summary_falls_back_from_a_fractured_l1(rotated):
     rois = rotated.rois()
-    contrast = at.measure_contrast(rotated.phantom.ct, rotated.phantom.total, rotated.phantom.ijk_to_ras)
+    contrast = measure_contrast(rotated.phantom.ct, rotated.phantom.total, rotated.phantom.ijk_to_ras)
     summary = at.bone_summary(rois, contrast)
     assert summary.l1_level == "L2"
     assert summary.l1_hu == pytest.approx(TRABECULAR["L2"])
@@ -315,13 +317,13 @@ def test_bone_summary_without_lumbar_vertebrae(thoracic):
 
 def test_contrast_from_the_aortas_central_lumen(rotated, thoracic):
     p = rotated.phantom
-    result = at.measure_contrast(p.ct, p.total, p.ijk_to_ras)
+    result = measure_contrast(p.ct, p.total, p.ijk_to_ras)
     assert p.truth["aorta"]["contrast_enhanced"] and result.contrast_enhanced is True
     assert result.aorta_hu == pytest.approx(p.truth["aorta"]["hu"], abs=1.0)
     # The whole mask is biased by partial volume with the tissue around the aorta; the core is not.
     whole = float(p.ct[p.total == lv.TOTAL_AORTA].mean())
     assert abs(whole - p.truth["aorta"]["hu"]) > 3.0
-    native = at.measure_contrast(thoracic.phantom.ct, thoracic.phantom.total, thoracic.phantom.ijk_to_ras)
+    native = measure_contrast(thoracic.phantom.ct, thoracic.phantom.total, thoracic.phantom.ijk_to_ras)
     assert native.contrast_enhanced is False
     assert native.aorta_hu == pytest.approx(thoracic.phantom.truth["aorta"]["hu"], abs=1.0)
     assert result.aorta_voxels > 0 and not result.warnings
@@ -329,7 +331,7 @@ def test_contrast_from_the_aortas_central_lumen(rotated, thoracic):
 
 def test_no_aorta_label_says_so(rotated):
     p = rotated.phantom
-    result = at.measure_contrast(p.ct, p.verse, p.ijk_to_ras)
+    result = measure_contrast(p.ct, p.verse, p.ijk_to_ras)
     assert result.aorta_hu is None and result.contrast_enhanced is None
     assert result.warnings and "aorta" in result.warnings[0]
 
@@ -361,5 +363,5 @@ def test_example_ct_trabecular_hu_is_plausible(example_data):
     summary = at.bone_summary(list(rois.values()))
     assert summary.category == "osteoporosis-likely" and summary.lumbar_mean_hu is not None
     seg = read_labelmap(example_data / "example_seg_fast_force_split.nii.gz", reference=ct)
-    contrast = at.measure_contrast(ct.array, seg.array, ct.ijk_to_ras)
+    contrast = measure_contrast(ct.array, seg.array, ct.ijk_to_ras)
     assert contrast.aorta_hu is not None and -50.0 < contrast.aorta_hu < 500.0

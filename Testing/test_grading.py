@@ -449,7 +449,7 @@ def sized(level, scale=1.0, ratio=None, concavity=0.0, profile=None):
     hm_min, where = min(middle)
     return SimpleNamespace(level=level, complete=True, ha_mm=profile[0], hm_mm=profile[fractions.index(0.5)],
                            hp_mm=profile[-1], height_profile_mm=profile, hm_min_mm=hm_min, hm_min_fraction=where,
-                           depth_mm=30.0, sagittal_area_mm2=30.0 * 0.70 * grading._mean_profile(profile), flags=[])
+                           depth_mm=30.0, sagittal_area_mm2=30.0 * 0.70 * grading.mean_profile(profile), flags=[])
 
 
 def test_a_body_short_against_its_neighbours_is_graded_by_size_and_area():

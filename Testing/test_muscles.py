@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from VertebralFractureScreenLib import levels as lv
+from VertebralFractureScreenLib.measure import level_slabs as sl
 from VertebralFractureScreenLib.measure import muscles as mu
 from VertebralFractureScreenLib.geometry import make_ijk_to_ras, rotation_matrix
 from VertebralFractureScreenLib.io.images import read_ct, read_labelmap
@@ -62,7 +63,7 @@ def partial_volume():
 
 
 def test_slab_planes_follow_the_phantoms(full):
-    slabs = {s.level: s for s in mu.level_slabs(full.heights)}
+    slabs = {s.level: s for s in sl.level_slabs(full.heights)}
     assert list(slabs) == ["T12", "L1", "L2", "L3", "L4", "L5"]
     assert slabs["T12"].flags == ["no_vertebra_above"] and not slabs["T12"].above.measured
     truth_v = {v["level"]: v for v in full.phantom.truth["vertebrae"]}
@@ -110,7 +111,7 @@ def test_thick_slab_normal_averages_the_masks_and_the_cts_middles():
     spine_axis = np.array([0.0, 0.0, 1.0])
 
     def tilt_deg(heights) -> float:
-        plane = mu.level_slabs(heights)[0].below
+        plane = sl.level_slabs(heights)[0].below
         return float(np.degrees(np.arctan2(plane.normal[1], plane.normal[2])))
 
     def expected(ap_offset: float) -> float:  # the middles ap_offset mm off, either way
@@ -160,8 +161,8 @@ def test_slab_volume_is_exact_between_arbitrary_planes(rotated):
     tilt = np.radians(10.0)
     normal = np.array([0.0, -np.sin(tilt), np.cos(tilt)])
     centre = np.array([40.0, -10.0, 5.0])
-    given = [mu.LevelSlab("L2", mu.SlabPlane(centre - 10.0 * normal, normal, ("L2", "L3")),
-                          mu.SlabPlane(centre + 10.0 * normal, normal, ("L1", "L2")))]
+    given = [sl.LevelSlab("L2", sl.SlabPlane(centre - 10.0 * normal, normal, ("L2", "L3")),
+                          sl.SlabPlane(centre + 10.0 * normal, normal, ("L1", "L2")))]
     row = mu.measure_muscles(ct, labels, m, heights, muscles={"autochthon_left": 86}, lumbar_total=False,
                              slabs=given)[0]
     assert row.level == "L2"
@@ -214,15 +215,15 @@ def test_standard_error_of_a_weighted_mean():
     rng = np.random.default_rng(5)
     hu = rng.normal(50.0, 20.0, 200)
     ones = np.ones_like(hu)
-    se = mu._standard_error(ones.sum(), hu.sum(), (hu * hu).sum(), ones.sum())
+    se = mu.standard_error(ones.sum(), hu.sum(), (hu * hu).sum(), ones.sum())
     assert se == pytest.approx(hu.std(ddof=1) / np.sqrt(len(hu)), rel=1e-9)
     half = np.where(np.arange(len(hu)) < 100, 1.0, 0.5)
     n_effective = half.sum() ** 2 / (half ** 2).sum()
     mean = (half * hu).sum() / half.sum()
     sd = np.sqrt((half * (hu - mean) ** 2).sum() / half.sum() * n_effective / (n_effective - 1))
-    assert mu._standard_error(half.sum(), (half * hu).sum(), (half * hu * hu).sum(), (half ** 2).sum()) == \
+    assert mu.standard_error(half.sum(), (half * hu).sum(), (half * hu * hu).sum(), (half ** 2).sum()) == \
         pytest.approx(sd / np.sqrt(n_effective), rel=1e-9)
-    assert np.isnan(mu._standard_error(1.0, 50.0, 2500.0, 1.0))  # one voxel: no spread to measure
+    assert np.isnan(mu.standard_error(1.0, 50.0, 2500.0, 1.0))  # one voxel: no spread to measure
 
 
 def test_hu_standard_errors_match_the_spread_over_noise_draws(full):
@@ -233,7 +234,7 @@ def test_hu_standard_errors_match_the_spread_over_noise_draws(full):
     p = full.phantom
     complete = [r for r in full.rows if r.complete and r.voxels > 100]
     assert complete and all(r.lean_hu_se < 1e-3 and r.mean_hu_se < 1e-3 for r in complete)  # rounding only
-    slabs = mu.level_slabs(full.heights)
+    slabs = sl.level_slabs(full.heights)
     rng = np.random.default_rng(11)
     draws = {(r.muscle, r.level): [] for r in complete}
     for _ in range(40):
@@ -263,8 +264,8 @@ def test_fat_at_the_muscles_edge_counts_where_its_neighbour_is_close(voxel_mm):
     ct = np.where(labels > 0, 50, 0).astype(np.int16)
     ct[2:-2, 2:-2, 2:2 + band] = -100
     up = np.array([0.0, 0.0, 1.0])
-    slab = mu.LevelSlab("L2", mu.SlabPlane(np.array([0.0, 0.0, -1e3]), up, ("L2", "L3")),
-                        mu.SlabPlane(np.array([0.0, 0.0, 1e3]), up, ("L1", "L2")))
+    slab = sl.LevelSlab("L2", sl.SlabPlane(np.array([0.0, 0.0, -1e3]), up, ("L2", "L3")),
+                        sl.SlabPlane(np.array([0.0, 0.0, 1e3]), up, ("L1", "L2")))
     row = mu.measure_muscles(ct, labels, m, [], muscles={"autochthon_left": lv.TOTAL_AUTOCHTHON_LEFT},
                              lumbar_total=False, slabs=[slab])[0]
     assert row.voxels == n ** 3 and row.lean_hu == pytest.approx(50.0) and row.fat_reference_hu == pytest.approx(-100.0)
@@ -290,8 +291,8 @@ def test_voxel_offsets_do_not_overflow_the_index_type():
     ct[1:6, 450:510, 300:500] = -100
     m = make_ijk_to_ras((0.8, 0.8, 1.0), (0.0, 0.0, 0.0))
     up, centre = np.array([0.0, 0.0, 1.0]), np.array([320.0, 384.0, 0.0])  # the block's centre line
-    slab = mu.LevelSlab("L2", mu.SlabPlane(centre - 1e3 * up, up, ("L2", "L3")),
-                        mu.SlabPlane(centre + 1e3 * up, up, ("L1", "L2")))
+    slab = sl.LevelSlab("L2", sl.SlabPlane(centre - 1e3 * up, up, ("L2", "L3")),
+                        sl.SlabPlane(centre + 1e3 * up, up, ("L1", "L2")))
     row = mu.measure_muscles(ct, labels, m, [], muscles={"autochthon_left": lv.TOTAL_AUTOCHTHON_LEFT},
                              lumbar_total=False, slabs=[slab])[0]
     assert row.voxels == 10 * 60 * 200 and row.mean_hu == 50.0 and row.imat_fraction == 0.5
@@ -299,7 +300,7 @@ def test_voxel_offsets_do_not_overflow_the_index_type():
     # Guarded lean and pure fat voxels: the interiors of the two halves, three slices each.
     kji = tuple(a.astype(np.int16) for a in np.nonzero(labels))
     values = labels[labels > 0]
-    guard, _, pure_fat = mu._voxel_classes(ct, labels, kji, values, values[:1], (1.0, 0.8, 0.8))
+    guard, _, pure_fat = mu.voxel_classes(ct, labels, kji, values, values[:1], (1.0, 0.8, 0.8))
     assert np.count_nonzero(guard) == np.count_nonzero(pure_fat) == 3 * 58 * 198
 
 

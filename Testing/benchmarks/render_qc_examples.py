@@ -50,7 +50,8 @@ def _bone_and_contrast(ct, labels, ijk_to_ras, heights, grades, body_labels):
     """Trabecular ROIs and the contrast phase from the attenuation module; (None, None) with a
     note when that module is not available (the picture then shows no HU)."""
     try:
-        from VertebralFractureScreenLib.measure.attenuation import measure_contrast, measure_trabecular
+        from VertebralFractureScreenLib.measure.attenuation import measure_trabecular
+        from VertebralFractureScreenLib.measure.contrast import measure_contrast
     except ImportError as error:
         print(f"  (no trabecular HU: {error})")
         return None, None

@@ -36,7 +36,8 @@ import numpy as np
 
 from .. import __version__
 from .. import levels as lv
-from ..measure.attenuation import CATEGORY_UNCERTAIN_SES, bone_summary, measure_contrast, measure_trabecular
+from ..measure.attenuation import CATEGORY_UNCERTAIN_SES, bone_summary, measure_trabecular
+from ..measure.contrast import measure_contrast
 from ..errors import InputError
 from ..io.exam_inputs import ExamInputs, load_exam, read_ct_checked
 from ..model.features import exam_features
@@ -45,7 +46,8 @@ from ..io.files import split_image_suffix
 from ..measure.grading import GRADING_BASIS, exam_fracture_summary, grade_spine
 from ..model.fracture_model import resolve_model
 from ..measure.morphometry import measure_heights
-from ..measure.muscles import lumbar_length_mm, measure_muscles, muscle_summary
+from ..measure.level_slabs import lumbar_length_mm
+from ..measure.muscles import measure_muscles, muscle_summary
 from ..io.serialization import csv_text, jsonable
 from ..report.measurements import HEIGHTS_CUT_FLAGS, HEIGHTS_MEANINGLESS_FLAGS, MUSCLE_TABLE, VERTEBRA_TABLE, keys
 
@@ -323,7 +325,7 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
             warnings_.append(f"no {', '.join(absent)} label{'s' if len(absent) > 1 else ''} in the segmentation: "
                              "not measured (volume left empty, not 0 ml)")
     else:
-        from ..measure.attenuation import ContrastResult
+        from ..measure.contrast import ContrastResult
 
         contrast = ContrastResult(warnings=["no aorta label in a VerSe segmentation: contrast not assessed"])
         muscle_rows = []

@@ -14,7 +14,7 @@ object with those attributes, or a mapping with those keys such as the phantom's
 ``truth["vertebrae"]`` rows). Output: one :class:`VertebraGrade` per input record, same order.
 
 Definitions (Ha, Hm, Hp: anterior, middle and posterior heights; ``r`` the level's expected
-normal Ha/Hp from :data:`NORMAL_HA_HP`):
+normal Ha/Hp from :data:`NORMAL_HA_HP`, in :mod:`.genant` with Genant's scales):
 
 * ``ha_hp = Ha/Hp`` and ``hm_hp = Hm/Hp`` as measured;
 * **wedge loss** ``1 - (Ha/Hp) / r``;
@@ -52,16 +52,12 @@ import numpy as np
 from .. import levels as lv
 from ..anatomy import normal_body
 from . import morphometry
+from .genant import (AP_SPAN_END, AP_SPAN_START, AREA_BOUNDARIES, BORDERLINE_MARGIN, GRADE_BOUNDARIES, NORMAL_HA_HP,
+                     genant_grade, is_borderline, normal_ha_hp, normal_hm_hp, normal_shape_at, reader_grade)
 
 # ------------------------------------------------------------------------------------------------
-# Genant grade
+# Grading
 # ------------------------------------------------------------------------------------------------
-
-GRADE_BOUNDARIES = (0.20, 0.25, 0.40)
-"""Height-loss fractions where the Genant grade steps 0→1, 1→2 and 2→3 (Genant et al., JBMR 1993)."""
-
-BORDERLINE_MARGIN = 0.03
-"""A loss within this distance (3 percentage points) of a grade boundary is ``borderline``."""
 
 CRUSH_SUSPECT_RATIO = 0.80
 """A vertebra whose Hp is below this fraction of what a neighbour predicts is not used as a
@@ -77,56 +73,6 @@ and up) give different grades: about a 95 % interval for each loss."""
 
 SHAPES = ("wedge", "biconcave", "crush")
 """Fracture shapes, in the order used to break a tie of equal losses."""
-
-
-def genant_grade(height_loss: float) -> int:
-    """Genant semi-quantitative grade of a height-loss fraction (Genant et al., JBMR 1993):
-    0 below 0.20, 1 for [0.20, 0.25), 2 for [0.25, 0.40], 3 above 0.40.
-
-    Raises ``ValueError`` for NaN (an unmeasured vertebra has no grade)."""
-    if math.isnan(height_loss):
-        raise ValueError("a NaN height loss has no Genant grade")
-    return _band_grade(height_loss, GRADE_BOUNDARIES)
-
-
-def is_borderline(height_loss: float, margin: float = BORDERLINE_MARGIN) -> bool:
-    """True when the loss lies strictly within ``margin`` of a Genant grade boundary (20, 25, 40 %)."""
-    return any(abs(height_loss - boundary) < margin for boundary in GRADE_BOUNDARIES)
-
-
-# ------------------------------------------------------------------------------------------------
-# Normal shape
-# ------------------------------------------------------------------------------------------------
-
-NORMAL_HA_HP: dict[str, float] = {
-    "T6": 0.95, "T7": 0.94, "T8": 0.94, "T9": 0.95,
-    "T11": 0.93, "T12": 0.91, "L1": 0.93,
-    "L5": 1.14,
-}
-"""Expected Ha/Hp of a normal (unfractured) vertebra per level; 1.0 for levels not listed.
-
-Mild physiological anterior wedging in the mid-thoracic kyphosis (T6–T9) and at the
-thoraco-lumbar junction (T11–L1), and L5's short posterior wall (anterior taller than posterior).
-The values approximate published normal values for adult vertebrae; they are round numbers
-chosen for this product, not taken from one specific study. They are the same table the
-synthetic phantom uses for its normal vertebrae (``phantom_anatomy.PHYSIOLOGICAL_HA_HP``; a test
-checks that the two agree)."""
-
-
-def normal_ha_hp(level: str, normal_shape: Mapping[str, float] = NORMAL_HA_HP) -> float:
-    """Expected normal Ha/Hp of ``level`` (1.0 when the table does not list it)."""
-    return float(normal_shape.get(str(level).upper(), 1.0))
-
-
-def normal_hm_hp(level: str, normal_shape: Mapping[str, float] = NORMAL_HA_HP) -> float:
-    """Expected normal Hm/Hp of ``level``: ``(1 + Ha/Hp) / 2``, the middle height of a normal body
-    lying halfway between its anterior and posterior heights."""
-    return 0.5 * (1.0 + normal_ha_hp(level, normal_shape))
-
-
-# ------------------------------------------------------------------------------------------------
-# Grading
-# ------------------------------------------------------------------------------------------------
 
 NAN = float("nan")
 
@@ -261,7 +207,6 @@ def _position(level: str) -> int | None:
     except ValueError:
         return None
 
-
 def grade_spine(heights: Iterable, normal_shape: Mapping[str, float] = NORMAL_HA_HP) -> list[VertebraGrade]:
     """Grade every vertebra of one spine (SPEC §4). Returns one :class:`VertebraGrade` per input
     record, in input order.
@@ -304,11 +249,36 @@ def grade_spine(heights: Iterable, normal_shape: Mapping[str, float] = NORMAL_HA
         if name in seen:
             raise ValueError(f"level {name} occurs twice in the heights to grade")
         seen.add(name)
-
     positions = [_position(name) for name in levels]
-    by_position = {p: i for i, p in enumerate(positions) if p is not None}
-    s1 = lv.level_position("S1")
+    grades, gradeable, hp, sds = _start_grades(records, levels, positions)
+    neighbours = _adjacent_gradeable(positions, gradeable, grades)
+    m_norm = [normal_hm_hp(name, normal_shape) for name in levels]
 
+    def prediction(i: int, j: int) -> float:
+        """Hp that neighbour ``j`` predicts for vertebra ``i``."""
+        return hp[j] * m_norm[j] / m_norm[i]
+
+    suspect = [gradeable[i] and any(hp[i] < CRUSH_SUSPECT_RATIO * prediction(i, j) for j in neighbours[i])
+               for i in range(len(records))]
+
+    for i, grade in enumerate(grades):
+        if not gradeable[i]:
+            continue
+        used = [j for j in neighbours[i] if not suspect[j]]
+        if len(used) < len(neighbours[i]):
+            grade.flags.append("crushed_neighbour_excluded")
+        _grade_by_ratios(grade, hp[i], sds[i], [prediction(i, j) for j in used],
+                         [sds[j][2] * m_norm[j] / m_norm[i] for j in used],
+                         normal_ha_hp(levels[i], normal_shape), m_norm[i])
+    _read_like_a_reader(records, levels, positions, grades, gradeable, normal_shape)
+    return grades
+
+
+def _start_grades(records: list, levels: list[str], positions: list[int | None]):
+    """One :class:`VertebraGrade` per record with its measured ratios and flags, whether it is
+    gradeable (complete, measured, a level from C1 to L5), its Hp (mm) and its heights' SDs
+    ``(Ha, Hm, Hp)`` (mm, 0 when not given)."""
+    s1 = lv.level_position("S1")
     grades: list[VertebraGrade] = []
     gradeable: list[bool] = []
     hp: list[float] = []
@@ -329,8 +299,14 @@ def grade_spine(heights: Iterable, normal_shape: Mapping[str, float] = NORMAL_HA
             grade.flags.append("not_graded")
         gradeable.append(ok)
         grades.append(grade)
+    return grades, gradeable, hp, sds
 
-    # Neighbours one level above and below, and gaps in the level sequence.
+
+def _adjacent_gradeable(positions: list[int | None], gradeable: list[bool],
+                        grades: list[VertebraGrade]) -> list[list[int]]:
+    """Indices of each vertebra's gradeable neighbours one level above and below; a level missing
+    inside the sequence's span flags ``level_gap``."""
+    by_position = {p: i for i, p in enumerate(positions) if p is not None}
     present = sorted(by_position)
     first, last = (present[0], present[-1]) if present else (0, -1)
     neighbours: list[list[int]] = []
@@ -345,54 +321,44 @@ def grade_spine(heights: Iterable, normal_shape: Mapping[str, float] = NORMAL_HA
                 elif gradeable[j]:
                     found.append(j)
         neighbours.append(found)
+    return neighbours
 
-    m_norm = [normal_hm_hp(name, normal_shape) for name in levels]
 
-    def prediction(i: int, j: int) -> float:
-        """Hp that neighbour ``j`` predicts for vertebra ``i``."""
-        return hp[j] * m_norm[j] / m_norm[i]
+def _grade_by_ratios(grade: VertebraGrade, hp: float, sds: tuple[float, float, float], predictions: list[float],
+                     prediction_sds: list[float], r: float, m: float) -> None:
+    """Set SPEC §4's grade of a gradeable vertebra (also kept as ``quantitative_grade`` and
+    ``quantitative_shape``): ``Hp_ref`` the mean of its neighbours' ``predictions`` of its Hp
+    (SDs ``prediction_sds``), the wedge, biconcave and crush losses against the level's normal
+    Ha/Hp ``r`` and Hm/Hp ``m``, and the grade's uncertainty from the heights' ``sds``."""
+    sd_a, sd_m, sd_p = sds
+    crush_sd = NAN
+    if predictions:
+        grade.hp_ref_mm = sum(predictions) / len(predictions)
+        grade.hp_ref_ratio = hp / grade.hp_ref_mm
+        ref_sd = math.hypot(*prediction_sds) / len(predictions)
+        crush_sd = _ratio_sd(hp, sd_p, grade.hp_ref_mm, ref_sd)
+        if len(predictions) == 1:
+            grade.flags.append("one_sided_reference")
+    else:
+        grade.flags.append("no_reference")
 
-    suspect = [gradeable[i] and any(hp[i] < CRUSH_SUSPECT_RATIO * prediction(i, j) for j in neighbours[i])
-               for i in range(len(records))]
-
-    for i, grade in enumerate(grades):
-        if not gradeable[i]:
-            continue
-        used = [j for j in neighbours[i] if not suspect[j]]
-        if len(used) < len(neighbours[i]):
-            grade.flags.append("crushed_neighbour_excluded")
-        sd_a, sd_m, sd_p = sds[i]
-        crush_sd = NAN
-        if used:
-            grade.hp_ref_mm = sum(prediction(i, j) for j in used) / len(used)
-            grade.hp_ref_ratio = hp[i] / grade.hp_ref_mm
-            ref_sd = math.hypot(*(sds[j][2] * m_norm[j] / m_norm[i] for j in used)) / len(used)
-            crush_sd = _ratio_sd(hp[i], sd_p, grade.hp_ref_mm, ref_sd)
-            if len(used) == 1:
-                grade.flags.append("one_sided_reference")
-        else:
-            grade.flags.append("no_reference")
-
-        r = normal_ha_hp(levels[i], normal_shape)
-        grade.wedge_loss = _round(1.0 - grade.ha_hp / r)
-        grade.biconcave_loss = _round(1.0 - grade.hm_hp / m_norm[i])
-        grade.crush_loss = _round(1.0 - grade.hp_ref_ratio)
-        losses = {"wedge": grade.wedge_loss, "biconcave": grade.biconcave_loss, "crush": grade.crush_loss}
-        loss_sds = {"wedge": _ratio_sd(hp[i] * grade.ha_hp, sd_a, hp[i], sd_p) / r,
-                    "biconcave": _ratio_sd(hp[i] * grade.hm_hp, sd_m, hp[i], sd_p) / m_norm[i], "crush": crush_sd}
-        finite = {shape: loss for shape, loss in losses.items() if math.isfinite(loss)}
-        worst = max(SHAPES, key=lambda s: finite.get(s, -math.inf))  # first of equal maxima
-        grade.height_loss = min(1.0, max(0.0, finite[worst]))
-        grade.genant_grade = genant_grade(grade.height_loss)
-        grade.shape = worst if grade.genant_grade >= 1 else "normal"
-        grade.borderline = is_borderline(grade.height_loss)
-        if any(x > 0.0 for x in (sd_a, sd_m, sd_p)):
-            grade.height_loss_sd = loss_sds[worst]
-            if _uncertain(finite, loss_sds):
-                grade.flags.append("grade_uncertain")
-        grade.quantitative_grade, grade.quantitative_shape = grade.genant_grade, grade.shape
-    _read_like_a_reader(records, levels, positions, grades, gradeable, normal_shape)
-    return grades
+    grade.wedge_loss = _round(1.0 - grade.ha_hp / r)
+    grade.biconcave_loss = _round(1.0 - grade.hm_hp / m)
+    grade.crush_loss = _round(1.0 - grade.hp_ref_ratio)
+    losses = {"wedge": grade.wedge_loss, "biconcave": grade.biconcave_loss, "crush": grade.crush_loss}
+    loss_sds = {"wedge": _ratio_sd(hp * grade.ha_hp, sd_a, hp, sd_p) / r,
+                "biconcave": _ratio_sd(hp * grade.hm_hp, sd_m, hp, sd_p) / m, "crush": crush_sd}
+    finite = {shape: loss for shape, loss in losses.items() if math.isfinite(loss)}
+    worst = max(SHAPES, key=lambda s: finite.get(s, -math.inf))  # first of equal maxima
+    grade.height_loss = min(1.0, max(0.0, finite[worst]))
+    grade.genant_grade = genant_grade(grade.height_loss)
+    grade.shape = worst if grade.genant_grade >= 1 else "normal"
+    grade.borderline = is_borderline(grade.height_loss)
+    if any(x > 0.0 for x in (sd_a, sd_m, sd_p)):
+        grade.height_loss_sd = loss_sds[worst]
+        if _uncertain(finite, loss_sds):
+            grade.flags.append("grade_uncertain")
+    grade.quantitative_grade, grade.quantitative_shape = grade.genant_grade, grade.shape
 
 
 def exam_fracture_summary(grades: Sequence[VertebraGrade]) -> dict:
@@ -419,11 +385,6 @@ def exam_fracture_summary(grades: Sequence[VertebraGrade]) -> dict:
 # The reader's grade: expected normal shape from the neighbours, height and area together
 # ------------------------------------------------------------------------------------------------
 
-AREA_BOUNDARIES = (0.10, 0.20, 0.40)
-"""Area-loss fractions where Genant's grade steps 0→1, 1→2 and 2→3: a reduction of the projected
-vertebral area of about 10–20 % (grade 1), 20–40 % (grade 2) and over 40 % (grade 3) (Genant et
-al., JBMR 1993)."""
-
 REFERENCE_REACH = 2
 """How many levels away an unfractured neighbour may be taken from, on each side, when the
 adjacent one is fractured or not measured."""
@@ -431,26 +392,6 @@ adjacent one is fractured or not measured."""
 PROFILE_FRACTIONS = tuple(float(f) for f in morphometry.PROFILE_FRACTIONS)
 """Depth fractions of a height profile (``morphometry.PROFILE_FRACTIONS``: every 5 % from 15 % to
 85 % of the depth, from the anterior wall)."""
-AP_SPAN_START, AP_SPAN_END = morphometry.AP_FRACTIONS["ha"], morphometry.AP_FRACTIONS["hp"]
-
-
-def _band_grade(loss: float, boundaries: Sequence[float]) -> int:
-    """Grade of a loss against three boundaries (grade 1 from the first, 2 from the second, 3 above
-    the third), 0 for NaN."""
-    if not math.isfinite(loss):
-        return 0
-    if loss < boundaries[0]:
-        return 0
-    if loss < boundaries[1]:
-        return 1
-    return 2 if loss <= boundaries[2] else 3
-
-
-def normal_shape_at(level: str, fraction, normal_shape: Mapping[str, float] = NORMAL_HA_HP):
-    """The level's normal height at a depth fraction relative to its posterior height: ``Ha/Hp``
-    at 15 %, 1 at 85 %, linear in between (and beyond)."""
-    r = normal_ha_hp(level, normal_shape)
-    return 1.0 + (r - 1.0) * (AP_SPAN_END - fraction) / (AP_SPAN_END - AP_SPAN_START)
 
 
 def _profile(record) -> list[float] | None:
@@ -564,9 +505,9 @@ def _read_like_a_reader(records, levels, positions, grades, gradeable, normal_sh
         # The measured area over the expected outline's on the vertebra's own depth; the profile's
         # mean height over the expected one where the record carries no area (NaN from _height).
         area_ratio = (_height(records[i], "sagittal_area_mm2")
-                      / (_height(records[i], "depth_mm") * (AP_SPAN_END - AP_SPAN_START) * _mean_profile(expected)))
+                      / (_height(records[i], "depth_mm") * (AP_SPAN_END - AP_SPAN_START) * mean_profile(expected)))
         if not math.isfinite(area_ratio):
-            area_ratio = _mean_profile(profile) / _mean_profile(expected)
+            area_ratio = mean_profile(profile) / mean_profile(expected)
         grade.area_loss = _round(1.0 - area_ratio) if references else NAN
         depression = _field(records[i], "endplate_depression_mm")
         try:
@@ -584,24 +525,7 @@ def _read_like_a_reader(records, levels, positions, grades, gradeable, normal_sh
         grade.borderline = lower != upper
 
 
-def reader_grade(shape_loss: float, size_loss: float, area_loss: float,
-                 height_boundaries: Sequence[float] = GRADE_BOUNDARIES,
-                 area_boundaries: Sequence[float] = AREA_BOUNDARIES) -> tuple[int, str]:
-    """Genant grade from a vertebra's losses, and its basis (``shape``, ``size``, ``shape+size``
-    or ``normal``): the larger of the *shape grade* (the largest shape loss against the height
-    boundaries) and the *size grade* (the size loss against the height boundaries, but no higher
-    than the area loss's grade against the area boundaries: a body that is short against its
-    neighbours is fractured when its area is lost too, as Genant grades height and area
-    together). NaN size or area losses give no size grade."""
-    shape_grade = _band_grade(shape_loss, height_boundaries)
-    size_grade = min(_band_grade(size_loss, height_boundaries), _band_grade(area_loss, area_boundaries))
-    grade = max(shape_grade, size_grade)
-    if grade == 0:
-        return 0, "normal"
-    return grade, ("shape+size" if shape_grade == size_grade else "shape" if shape_grade > size_grade else "size")
-
-
-def _mean_profile(profile: Sequence[float]) -> float:
+def mean_profile(profile: Sequence[float]) -> float:
     """Mean height of a profile at equally spaced fractions (trapezoid rule)."""
     return (sum(profile) - 0.5 * (profile[0] + profile[-1])) / (len(profile) - 1)
 
