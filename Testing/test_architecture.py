@@ -35,7 +35,6 @@ NO_SIMPLEITK = {"base", "measure", "report", "model"}
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 80
 OVERSIZED_MODULES: dict[str, int] = {
-    "measure/morphometry.py": 1499,
     "report/qc.py": 696,
 }
 """Modules still above :data:`MAX_MODULE_LINES` (path → their line count when listed): each may
@@ -137,8 +136,6 @@ LONG_FUNCTIONS: dict[str, int] = {
     "exam/screening.py:screen_exam": 166,
     "io/nrrd.py:read_nrrd": 99,
     "io/seg_nrrd.py:write_segmentation_nrrd": 85,
-    "measure/morphometry.py:measure_heights": 129,
-    "measure/morphometry.py:_fit_endplate_profile": 281,
     "report/reformat.py:spine_reformat": 87,
     "segment/totalsegmentator.py:segment_ct": 142,
 }

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from VertebralFractureScreenLib.measure import muscles as mu
-from VertebralFractureScreenLib.measure.morphometry import VertebraFrame, measure_heights, spine_tangents
+from VertebralFractureScreenLib.measure.frames import VertebraFrame, spine_tangents
+from VertebralFractureScreenLib.measure.morphometry import measure_heights
 from VertebralFractureScreenLib.phantom.render import Fracture, PhantomSpec, make_phantom
 
 LOCAL_IS_RAS = VertebraFrame(np.zeros(3), np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.array([0, 0, 1.0]))
@@ -221,7 +222,8 @@ def test_plate_hu_is_fitted_jointly_over_endplates():
     """An endplate whose plate lies inside one slice cannot tell its plate's HU from its
     position; summed over endplates at several offsets to the slices, the residual is smallest
     at the true cortical HU (700), whatever the trabecular bone beside it."""
-    from VertebralFractureScreenLib.measure.morphometry import PLATE_HUS, _plate_hu_residuals
+    from VertebralFractureScreenLib.measure.endplate_model import plate_hu_residuals
+    from VertebralFractureScreenLib.measure.morphometry import PLATE_HUS
 
     frame = LOCAL_IS_RAS
     knots_v = np.array([10.0, 0.0, -10.0])
@@ -229,24 +231,24 @@ def test_plate_hu_is_fitted_jointly_over_endplates():
     for offset, trabecular in zip(np.linspace(-1.4, 1.4, 8), np.linspace(90.0, 200.0, 8)):  # position in the slice, mm
         values, local, ijk_to_ras = _upright_endplate_voxels(offset, trabecular=trabecular)
         start = np.full(3, offset + 0.6)  # a guess off by a fifth of a voxel
-        total += _plate_hu_residuals(values, local, +1, knots_v, start, frame, ijk_to_ras, 1.0, 2.0, PLATE_HUS)
+        total += plate_hu_residuals(values, local, +1, knots_v, start, frame, ijk_to_ras, 1.0, 2.0, PLATE_HUS)
     best = PLATE_HUS[int(np.argmin(total))]
     assert best == pytest.approx(700.0, abs=20.0)
     # one endplate with its plate well inside a slice is (nearly) blind to the plate's HU
     values, local, ijk_to_ras = _upright_endplate_voxels(2.0)  # the plate 1 mm from either slice border
-    alone = _plate_hu_residuals(values, local, +1, knots_v, np.full(3, 2.0), frame, ijk_to_ras, 1.0, 2.0, PLATE_HUS)
+    alone = plate_hu_residuals(values, local, +1, knots_v, np.full(3, 2.0), frame, ijk_to_ras, 1.0, 2.0, PLATE_HUS)
     near = np.abs(PLATE_HUS - 700.0) <= 50.0
     assert np.ptp(alone[near]) < 0.01 * np.ptp(total[near])
 
 
 def test_natural_spline_basis_interpolates_and_keeps_lines():
-    from VertebralFractureScreenLib.measure.morphometry import _natural_spline_basis
+    from VertebralFractureScreenLib.measure.endplate_model import natural_spline_basis
 
     knots_v = np.array([-11.0, -5.5, 0.0, 5.5, 11.0])
     v = np.linspace(-15.0, 15.0, 61)
-    assert _natural_spline_basis(knots_v, knots_v) == pytest.approx(np.eye(5), abs=1e-12)
+    assert natural_spline_basis(knots_v, knots_v) == pytest.approx(np.eye(5), abs=1e-12)
     line = 2.0 - 0.3 * knots_v
-    assert _natural_spline_basis(knots_v, v) @ line == pytest.approx(2.0 - 0.3 * v, abs=1e-9)  # beyond the ends too
+    assert natural_spline_basis(knots_v, v) @ line == pytest.approx(2.0 - 0.3 * v, abs=1e-9)  # beyond the ends too
 
 
 def test_thin_thoracic_discs_at_thick_slices():
@@ -273,7 +275,7 @@ def test_height_sd_matches_the_spread_over_noise_draws():
     spread of the fitted surface over independent noise draws: an upright endplate at 3 mm
     slices, 40 draws of 20 HU noise, reported and observed spread within 30 % of each other; and
     the spread grows with the noise."""
-    from VertebralFractureScreenLib.measure.morphometry import _fit_endplate_profile
+    from VertebralFractureScreenLib.measure.endplate_fit import EndplateProfileFit
 
     frame = LOCAL_IS_RAS
     knots_v = np.array([10.0, 0.0, -10.0])
@@ -285,8 +287,8 @@ def test_height_sd_matches_the_spread_over_noise_draws():
         fitted, reported = [], []
         for _ in range(40):
             noisy = values + rng.normal(0.0, sigma, values.shape)
-            fit = _fit_endplate_profile(noisy, local, +1, knots_v, np.full(3, surface + 0.5), frame, ijk_to_ras, 1.0,
-                                        2.3, 700.0, 90.0, straight_only=True, thorough=True)
+            fit = EndplateProfileFit(noisy, local, +1, knots_v, frame, ijk_to_ras, 1.0, 2.3, 700.0, 90.0,
+                                     thorough=True).fit(np.full(3, surface + 0.5), straight_only=True)
             fitted.append(fit[0])
             reported.append(fit[2])
         observed, reported = np.std(fitted, axis=0, ddof=1), np.median(reported, axis=0)
@@ -303,7 +305,7 @@ def test_height_sd_sees_a_residual_made_bumpy_by_the_noise():
     residual's likelihood along shifts and tilts of the endplate, within the fit's window) comes
     within a factor 3.4 of it without overshooting. (The profiles are conditional, one move at a
     time, so they still miss the tilt's share of a knot's spread.)"""
-    from VertebralFractureScreenLib.measure.morphometry import _fit_endplate_profile
+    from VertebralFractureScreenLib.measure.endplate_fit import EndplateProfileFit
 
     frame = LOCAL_IS_RAS
     knots_v = np.array([10.0, 0.0, -10.0])
@@ -313,8 +315,8 @@ def test_height_sd_sees_a_residual_made_bumpy_by_the_noise():
     fitted, reported = [], []
     for _ in range(40):
         noisy = values + rng.normal(0.0, 300.0, values.shape)
-        fit = _fit_endplate_profile(noisy, local, +1, knots_v, np.full(3, surface + 0.5), frame, ijk_to_ras, 1.0,
-                                    2.3, 700.0, 90.0, straight_only=True, thorough=True)
+        fit = EndplateProfileFit(noisy, local, +1, knots_v, frame, ijk_to_ras, 1.0, 2.3, 700.0, 90.0,
+                                 thorough=True).fit(np.full(3, surface + 0.5), straight_only=True)
         fitted.append(fit[0])
         reported.append(fit[2])
     observed, reported = np.std(fitted, axis=0, ddof=1), np.median(reported, axis=0)
@@ -330,7 +332,7 @@ def test_thick_slice_endplate_fit_stays_in_its_window():
     its SD was skipped: 0.08 mm reported.) Endplates tilted against the mask's flat one by up to
     0.3 mm per mm, 3 mm voxels, noise-free and at 20 HU: every fitted knot lies within the reach,
     and where the endplate lies within it the fit finds it."""
-    from VertebralFractureScreenLib.measure.morphometry import _fit_endplate_profile
+    from VertebralFractureScreenLib.measure.endplate_fit import EndplateProfileFit
 
     frame = LOCAL_IS_RAS
     knots_v = np.array([10.0, 0.0, -10.0])
@@ -341,8 +343,8 @@ def test_thick_slice_endplate_fit_stays_in_its_window():
         truth = 0.4 + slope * knots_v
         for sigma in (0.0, 20.0):
             noisy = values + rng.normal(0.0, sigma, values.shape)
-            fitted, _, sd = _fit_endplate_profile(noisy, local, +1, knots_v, mask, frame, ijk_to_ras, 1.0, search,
-                                                  700.0, 90.0, straight_only=True, thorough=True)
+            fitted, _, sd = EndplateProfileFit(noisy, local, +1, knots_v, frame, ijk_to_ras, 1.0, search, 700.0, 90.0,
+                                               thorough=True).fit(mask, straight_only=True)
             assert np.max(np.abs(fitted - mask)) <= search + 1e-9, (slope, sigma, fitted)
             assert np.all(np.isfinite(sd)), (slope, sigma, sd)
             if np.max(np.abs(truth - mask)) <= search:
@@ -354,7 +356,7 @@ def test_endplate_fit_leans_on_the_mask_only_where_the_noise_hides_the_endplate(
     a voxel): at 10 HU noise the fit decides (the mask's endplate, 1 mm off, moves it by less than
     0.05 mm); at 300 HU noise the combination lies between the fit and the mask, and its reported
     SD never exceeds either's. An undetermined fit (inf SD) takes the mask's endplate and SD."""
-    from VertebralFractureScreenLib.measure.morphometry import MASK_ENDPLATE_SD_VOXELS, _fit_endplate_profile, _with_mask_endplate
+    from VertebralFractureScreenLib.measure.endplate_fit import MASK_ENDPLATE_SD_VOXELS, EndplateProfileFit, with_mask_endplate
 
     frame = LOCAL_IS_RAS
     knots_v = np.array([10.0, 0.0, -10.0])
@@ -366,21 +368,21 @@ def test_endplate_fit_leans_on_the_mask_only_where_the_noise_hides_the_endplate(
     for sigma in (10.0, 300.0):
         for _ in range(10):
             noisy = values + rng.normal(0.0, sigma, values.shape)
-            fitted, _, sd = _fit_endplate_profile(noisy, local, +1, knots_v, mask, frame, ijk_to_ras, 1.0, 2.3,
-                                                  700.0, 90.0, straight_only=True, thorough=True)
-            combined, combined_sd = _with_mask_endplate(fitted, sd, mask, mask_sd)
+            fitted, _, sd = EndplateProfileFit(noisy, local, +1, knots_v, frame, ijk_to_ras, 1.0, 2.3, 700.0, 90.0,
+                                               thorough=True).fit(mask, straight_only=True)
+            combined, combined_sd = with_mask_endplate(fitted, sd, mask, mask_sd)
             assert np.all(combined_sd <= np.minimum(sd, mask_sd) + 1e-12)
             assert np.all((combined - fitted) * (combined - mask) <= 1e-12)  # between the two
             if sigma == 10.0:
                 assert np.max(np.abs(combined - fitted)) < 0.05
-    combined, combined_sd = _with_mask_endplate(np.array([2.0, 3.0]), np.array([np.inf, 0.5]), np.array([1.0, 1.0]), 0.5)
+    combined, combined_sd = with_mask_endplate(np.array([2.0, 3.0]), np.array([np.inf, 0.5]), np.array([1.0, 1.0]), 0.5)
     assert combined == pytest.approx([1.0, 2.0]) and combined_sd == pytest.approx([0.5, 0.5 / np.sqrt(2.0)])
 
 
 def test_crossings_walk_out_from_each_start():
     """Where each profile first falls below one half walking out from its start, interpolated
     between samples; NaN where it never does (the profile runs off the grid)."""
-    from VertebralFractureScreenLib.measure.morphometry import _crossings
+    from VertebralFractureScreenLib.measure.body import crossings
 
     coords = np.arange(8) * 0.5  # mm
     profiles = np.array([
@@ -389,8 +391,8 @@ def test_crossings_walk_out_from_each_start():
         [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0],  # started at its last inside sample
     ])
     starts = np.array([3, 4, 3])
-    up = _crossings(profiles, coords, starts, +1)
-    down = _crossings(profiles, coords, starts, -1)
+    up = crossings(profiles, coords, starts, +1)
+    down = crossings(profiles, coords, starts, -1)
     assert up[0] == pytest.approx(2.5 + 0.5 * (0.6 - 0.5) / 0.6)
     assert np.isnan(up[1]) and up[2] == pytest.approx(1.5 + 0.5 * 0.5)
     assert down[0] == pytest.approx(1.0 - 0.5 * (1.0 - 0.5) / 0.8)
