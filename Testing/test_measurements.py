@@ -39,7 +39,8 @@ def header(path: Path) -> list[str]:
 def leaf_paths(value, prefix: str = "") -> set[str]:
     """Dotted paths of an exam.json's fields; a dict keyed by levels, muscles or stages is one
     field with a placeholder, and the free-form objects (``grading``, provenance...) are leaves."""
-    if prefix in ("grading", "model.provenance", "bone.excluded_lumbar") or not isinstance(value, dict) or not value:
+    if prefix in ("grading", "model.provenance", "bone.excluded_lumbar", "level_check.not_checked",
+                  "level_check.rib_levels") or not isinstance(value, dict) or not value:
         return {prefix}
     paths = set()
     for key, item in value.items():

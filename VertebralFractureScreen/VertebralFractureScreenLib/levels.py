@@ -40,6 +40,11 @@ TOTAL_VERTEBRA_IDS.update({f"L{n}": 32 - n for n in range(1, 6)})  # L1 31 … L
 TOTAL_VERTEBRA_IDS.update({f"T{n}": 44 - n for n in range(1, 13)})  # T1 43 … T12 32
 TOTAL_VERTEBRA_IDS.update({f"C{n}": 51 - n for n in range(1, 8)})  # C1 50 … C7 44
 
+TOTAL_RIB_IDS: dict[tuple[str, int], int] = {("left", n): 91 + n for n in range(1, 13)}
+TOTAL_RIB_IDS.update({("right", n): 103 + n for n in range(1, 13)})
+"""(side, rib number) → TotalSegmentator v2 ``total`` id: rib_left_1 92 … rib_left_12 103, rib_right_1
+104 … rib_right_12 115 (TotalSegmentator's ``map_to_binary.class_map["total"]``)."""
+
 TOTAL_CLASS_NAMES: dict[int, str] = {
     TOTAL_SACRUM: "sacrum",
     TOTAL_AORTA: "aorta",
@@ -50,6 +55,7 @@ TOTAL_CLASS_NAMES: dict[int, str] = {
     TOTAL_ILIOPSOAS_RIGHT: "iliopsoas_right",
 }
 TOTAL_CLASS_NAMES.update({label: f"vertebrae_{level}" for level, label in TOTAL_VERTEBRA_IDS.items()})
+TOTAL_CLASS_NAMES.update({label: f"rib_{side}_{n}" for (side, n), label in TOTAL_RIB_IDS.items()})
 """TotalSegmentator class names (= Slicer segment IDs) of the ids this product uses."""
 
 MUSCLE_NAMES: tuple[str, ...] = ("autochthon_left", "autochthon_right", "iliopsoas_left", "iliopsoas_right")

@@ -206,15 +206,11 @@ def screen_nodes(volume_node, segmentation_node, *, body_segmentation_node=None,
     if body_segmentation_node is not None:
         body, body_match = labels_from_segmentation(body_segmentation_node, volume_node, "vertebrae_body")
         notes += _dropped_note(body_segmentation_node, body_match)
-    result = screen_exam(ct, seg=seg, body_seg=body, convention=convention,
-                         exam_id=exam_id or volume_node.GetName(), levels=levels, model=model)
-    result.exam["inputs"].update({"ct": f"Slicer node {volume_node.GetName()}",
-                                  "segmentation": f"Slicer node {segmentation_node.GetName()}"})
+    sources = {"ct": f"Slicer node {volume_node.GetName()}", "segmentation": f"Slicer node {segmentation_node.GetName()}"}
     if body_segmentation_node is not None:
-        result.exam["inputs"]["vertebrae_body"] = f"Slicer node {body_segmentation_node.GetName()}"
-    if notes:
-        result.exam["warnings"] = notes + [w for w in result.exam["warnings"] if w not in notes]
-    return result
+        sources["vertebrae_body"] = f"Slicer node {body_segmentation_node.GetName()}"
+    return screen_exam(ct, seg=seg, body_seg=body, convention=convention, exam_id=exam_id or volume_node.GetName(),
+                       levels=levels, model=model, sources=sources, notes=tuple(notes))
 
 
 def _dropped_note(node, match: SegmentMatch) -> list[str]:

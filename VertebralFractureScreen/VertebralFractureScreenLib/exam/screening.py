@@ -28,7 +28,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,7 +37,9 @@ import numpy as np
 from .. import __version__
 from .. import levels as lv
 from ..measure.attenuation import CATEGORY_UNCERTAIN_SES, bone_summary, measure_trabecular
-from ..measure.contrast import measure_contrast
+from ..measure.contrast import ContrastResult, measure_contrast
+from ..measure.level_check import check_levels
+from ..measure.spine_shape import spine_curvature
 from ..errors import InputError
 from ..io.exam_inputs import ExamInputs, load_exam, read_ct_checked
 from ..model.features import exam_features
@@ -152,7 +154,9 @@ class ScreeningResult:
                          "(heights' SDs span a grade boundary)")
         if bone.get("l1_hu") is not None:
             lines.append(f"bone: {bone.get('l1_level') or 'L1'} {bone['l1_hu']:.0f} HU → {bone.get('category')}"
-                         + (f" (uncertain: {bone['l1_hu']:.1f} ± {CATEGORY_UNCERTAIN_SES * bone['l1_hu_se']:.1f} HU, "
+                         + (" (uncertain: the levels are doubtful)" if bone.get("category_uncertain")
+                            and (self.exam.get("level_check") or {}).get("doubtful")
+                            else f" (uncertain: {bone['l1_hu']:.1f} ± {CATEGORY_UNCERTAIN_SES * bone['l1_hu_se']:.1f} HU, "
                             f"{CATEGORY_UNCERTAIN_SES:g} standard errors, spans a threshold)"
                             if bone.get("category_uncertain") else "")
                          + (f"; mean of non-fractured lumbar vertebrae {bone['lumbar_mean_hu']:.0f} HU"
@@ -167,6 +171,12 @@ class ScreeningResult:
                 g = lumbar[group]
                 lines.append(f"{group} L1–L5: {g['volume_ml']:.0f} ml, {g['mean_hu']:.0f} HU, "
                              f"fat {100 * g['imat_fraction']:.1f} %" + ("" if g["complete"] else " (incomplete)"))
+        spine = self.exam.get("spine") or {}
+        angles = [f"{name} {spine[key]:.0f}° ({'–'.join(spine[key.replace('_deg', '_levels')])})"
+                  for name, key in (("coronal Cobb", "coronal_cobb_deg"), ("kyphosis", "kyphosis_deg"),
+                                    ("lordosis", "lordosis_deg")) if spine.get(key) is not None]
+        if angles:
+            lines.append("spine: " + ", ".join(angles))
         model = self.exam.get("model") or {}
         if model.get("probability") is not None:
             lines.append(f"model {model['name']}: fracture probability {model['probability']:.2f} "
@@ -234,20 +244,21 @@ def exam_id_of(ct) -> str:
 def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmentator", exam_id: str | None = None,
                 levels=lv.SCREENING_LEVELS, series_uid: str | None = None, out_dir=None,
                 quality: str = "normal", device: str = "cpu", segment_body: bool = False,
-                keep_label_maps: bool = True, model=None) -> ScreeningResult:
+                keep_label_maps: bool = True, model=None, sources: dict | None = None,
+                notes: tuple[str, ...] = ()) -> ScreeningResult:
     """Screen one exam.
 
     Args:
         ct: CT path (NIfTI, NRRD, MetaImage, DICOM folder) or :class:`.io.volume.Volume` in HU.
         seg: segmentation with vertebra labels (``convention`` ids; TotalSegmentator ``total`` ids
-            also give muscles, aorta and cord): a path, a Volume or an integer array on the CT
-            grid. None: TotalSegmentator segments the CT (needs ``out_dir``, where its label maps
-            are kept under ``segmentation/`` so a re-run does not segment again).
+            also give muscles, aorta, cord and ribs): a path, a Volume or an integer array on the
+            CT grid. None: TotalSegmentator segments the CT (needs ``out_dir``, where its label
+            maps are kept under ``segmentation/`` so a re-run does not segment again).
         body_seg: optional ``vertebrae_body`` map (1 = bodies, 2 = discs), same forms as ``seg``.
         convention: ``totalsegmentator`` or ``verse``; muscles and aorta need the former.
         exam_id: name of the exam in the outputs (default: the CT file's name without suffix).
         levels: levels to report (SPEC §3: T4–L5 by default); all vertebrae present still shape
-            the spine's centre line and the reference heights.
+            the spine's centre line, the reference heights and the level check.
         series_uid: DICOM series to read when the CT folder holds several.
         out_dir: only used for TotalSegmentator's label maps; :meth:`ScreeningResult.write`
             writes the results.
@@ -258,6 +269,10 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
             they were read from files; the result's ``inputs`` then lack them.
         model: a fracture model to apply (:class:`.model.FractureModel`, a model file, or
             ``"demo"`` for the shipped demonstration model); its output goes to ``exam["model"]``.
+        sources: how ``exam.json``'s ``inputs`` names the inputs (``ct``, ``segmentation``,
+            ``vertebrae_body``) when they are not files, e.g. Slicer nodes.
+        notes: warnings the caller found before screening (e.g. segments it left out), listed
+            first among the exam's warnings.
 
     Raises:
         InputError: bad input (one sentence); DependencyError / SegmentationError: segmentation
@@ -267,82 +282,126 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
     started = time.perf_counter()
     model = resolve_model(model)  # a bad model file is refused before any work
     exam_id = exam_id or exam_id_of(ct)
-    segmented_by = "given"
-    if seg is None:
-        if out_dir is None:
-            raise ValueError("segmentation by TotalSegmentator needs out_dir to keep its label maps")
-        from ..segment.totalsegmentator import segment_ct
-
-        volume = read_ct_checked(ct, series_uid)
-        result = segment_ct(volume, Path(out_dir) / SEGMENTATION_FOLDER, quality=quality, device=device,
-                            body=segment_body)
-        seg, ct = result.total_path, volume
-        if result.body_path is not None and body_seg is None:
-            body_seg = result.body_path
-        convention = "totalsegmentator"
-        segmented_by = (f"TotalSegmentator {result.totalsegmentator_version} ({result.quality}"
-                        f"{', reused' if result.reused else ''})")
-        timings["segmentation"] = round(result.seconds, 3)
+    segmented = _segmented(ct, seg, body_seg, convention, series_uid, out_dir, quality, device, segment_body)
+    ct, seg, body_seg, convention, segmented_by = segmented[:5]
+    if segmented[5] is not None:
+        timings["segmentation"] = segmented[5]
     inputs = load_exam(ct, seg, body_seg, convention=convention, series_uid=series_uid)
     timings["read"] = round(time.perf_counter() - started - timings.get("segmentation", 0.0), 3)
-    ct_array, labels, ijk_to_ras = inputs.ct.array, inputs.labels.array, inputs.ct.ijk_to_ras
-    body = inputs.body_labels  # the whole grid's map, held as the box of its labels
-    warnings_ = list(inputs.warnings)
+    warnings_ = list(notes) + [w for w in inputs.warnings if w not in notes]
 
     t = time.perf_counter()
-    boxes = inputs.label_boxes
-    heights = measure_heights(labels, ijk_to_ras, convention=convention, body_labels=body, ct=ct_array,
-                              label_boxes=boxes, label_grid=inputs.label_grid)
-    off_bone = [h.level for h in heights if "mask_off_bone" in h.flags]
-    if heights and 2 * len(off_bone) >= len(heights):
-        raise InputError(f"the segmentation does not lie on the CT's bone ({len(off_bone)} of {len(heights)} "
-                         "vertebrae show no bone edge under their outline): is it this CT's segmentation, on its grid?")
-    # Grading uses every vertebra present (neighbours give the reference heights); reporting
-    # keeps the requested levels.
-    grades_all = {g.level: g for g in grade_spine(heights)}
-    found = [h.level for h in heights]
-    all_heights = heights  # every vertebra present: the muscle slabs need the neighbours' endplates
-    heights = [h for h in heights if h.level in levels]
-    if not heights:
-        other = "verse" if convention == "totalsegmentator" else "totalsegmentator"
-        raise InputError(f"the segmentation has no vertebra in the screened levels {levels[0]}–{levels[-1]} "
-                         f"(only {', '.join(found)} in the {convention} convention); check --levels, "
-                         f"or try --labels {other}")
-    grades = [grades_all[h.level] for h in heights]
+    all_heights, heights, grades = _vertebrae(inputs, convention, levels)
+    spine = spine_curvature(all_heights)
+    level_check = check_levels(inputs.labels.array, inputs.ct.ijk_to_ras, convention=convention,
+                               label_boxes=inputs.label_boxes)
     timings["morphometry"] = round(time.perf_counter() - t, 3)
 
     t = time.perf_counter()
-    rois = measure_trabecular(ct_array, labels, ijk_to_ras, heights, body_labels=body, grades=grades)
+    rois, contrast, muscle_rows, bone = _bone_and_muscles(inputs, convention, all_heights, heights, grades,
+                                                          keep_label_maps, warnings_)
+    timings["attenuation_and_muscles"] = round(time.perf_counter() - t, 3)
+    warnings_ += list(bone.warnings) + [w for w in contrast.warnings if w not in bone.warnings]
+    warnings_ += [f"{h.level} incomplete ({', '.join(h.flags) or 'not measurable'}): not graded"
+                  for h in heights if not h.complete]
+    if level_check.doubtful:
+        warnings_ += [f"levels doubtful: {finding}" for finding in level_check.disagreements]
+        if bone.l1_hu is not None:  # the category rests on L1 being L1
+            bone = replace(bone, category_uncertain=True)
+            warnings_.append("levels doubtful: the bone category, read at the vertebra labelled "
+                             f"{bone.l1_level or 'L1'}, may belong to another level (category marked uncertain)")
+
+    vertebra_rows = _vertebra_rows(exam_id, heights, grades, rois)
+    # Every muscles.csv column but the exam's id is the row's attribute of the same name.
+    muscle_table = [{"exam_id": exam_id} | {column: getattr(m, column) for column in MUSCLE_COLUMNS[1:]}
+                    | {"flags": list(m.flags)} for m in muscle_rows]
+    timings["total"] = round(time.perf_counter() - started, 3)
+    exam = _exam_record(exam_id, inputs, {**inputs.sources, **(sources or {}), "labels": convention,
+                                          "segmented_by": segmented_by},
+                        all_heights, heights, grades, bone, contrast, muscle_rows, spine, level_check,
+                        warnings_, timings)
+    if model is not None:
+        exam["model"] = model.apply(exam_features(exam, vertebra_rows))
+        if exam["model"]["imputed_features"]:
+            exam["warnings"].append(f"model {model.name!r}: {len(exam['model']['imputed_features'])} missing features "
+                                    f"imputed with the training cohort's medians "
+                                    f"({', '.join(exam['model']['imputed_features'])})")
+    return ScreeningResult(exam_id, vertebra_rows, muscle_table, exam, heights, grades, rois, muscle_rows, contrast,
+                           bone, inputs)
+
+
+def _segmented(ct, seg, body_seg, convention, series_uid, out_dir, quality, device, segment_body):
+    """The exam's CT and segmentations, segmenting with TotalSegmentator when ``seg`` is None:
+    ``(ct, seg, body_seg, convention, segmented_by, seconds)`` (seconds None when given)."""
+    if seg is not None:
+        return ct, seg, body_seg, convention, "given", None
+    if out_dir is None:
+        raise ValueError("segmentation by TotalSegmentator needs out_dir to keep its label maps")
+    from ..segment.totalsegmentator import segment_ct
+
+    volume = read_ct_checked(ct, series_uid)
+    result = segment_ct(volume, Path(out_dir) / SEGMENTATION_FOLDER, quality=quality, device=device, body=segment_body)
+    if result.body_path is not None and body_seg is None:
+        body_seg = result.body_path
+    segmented_by = (f"TotalSegmentator {result.totalsegmentator_version} ({result.quality}"
+                    f"{', reused' if result.reused else ''})")
+    return volume, result.total_path, body_seg, "totalsegmentator", segmented_by, round(result.seconds, 3)
+
+
+def _vertebrae(inputs: ExamInputs, convention: str, levels) -> tuple[list, list, list]:
+    """Every vertebra's heights (all present: neighbours give the reference heights and the muscle
+    slabs their endplates), the reported levels' heights and their grades. Refuses a
+    segmentation that does not lie on the CT's bone, or that has none of ``levels``."""
+    labels, ijk_to_ras = inputs.labels.array, inputs.ct.ijk_to_ras
+    all_heights = measure_heights(labels, ijk_to_ras, convention=convention, body_labels=inputs.body_labels,
+                                  ct=inputs.ct.array, label_boxes=inputs.label_boxes, label_grid=inputs.label_grid)
+    off_bone = [h.level for h in all_heights if "mask_off_bone" in h.flags]
+    if all_heights and 2 * len(off_bone) >= len(all_heights):
+        raise InputError(f"the segmentation does not lie on the CT's bone ({len(off_bone)} of {len(all_heights)} "
+                         "vertebrae show no bone edge under their outline): is it this CT's segmentation, on its grid?")
+    grades_all = {g.level: g for g in grade_spine(all_heights)}
+    heights = [h for h in all_heights if h.level in levels]
+    if not heights:
+        other = "verse" if convention == "totalsegmentator" else "totalsegmentator"
+        found = [h.level for h in all_heights]
+        raise InputError(f"the segmentation has no vertebra in the screened levels {levels[0]}–{levels[-1]} "
+                         f"(only {', '.join(found)} in the {convention} convention); check --levels, "
+                         f"or try --labels {other}")
+    return all_heights, heights, [grades_all[h.level] for h in heights]
+
+
+def _bone_and_muscles(inputs: ExamInputs, convention: str, all_heights, heights, grades, keep_label_maps: bool,
+                      warnings_: list[str]):
+    """The trabecular ROIs, the aorta's contrast, the muscle rows and the bone summary; appends
+    what limits them to ``warnings_``."""
+    ct_array, labels, ijk_to_ras = inputs.ct.array, inputs.labels.array, inputs.ct.ijk_to_ras
+    rois = measure_trabecular(ct_array, labels, ijk_to_ras, heights, body_labels=inputs.body_labels, grades=grades)
     if not keep_label_maps:
-        body = inputs.body_labels = None
+        inputs.body_labels = None
     if convention == "totalsegmentator":
-        contrast = measure_contrast(ct_array, labels, ijk_to_ras, label_boxes=boxes)
+        contrast = measure_contrast(ct_array, labels, ijk_to_ras, label_boxes=inputs.label_boxes)
         muscle_rows = measure_muscles(ct_array, labels, ijk_to_ras, all_heights,
-                                      levels=[h.level for h in heights if h.level != "S1"], label_boxes=boxes,
-                                      label_grid=inputs.label_grid)
+                                      levels=[h.level for h in heights if h.level != "S1"],
+                                      label_boxes=inputs.label_boxes, label_grid=inputs.label_grid)
         absent = sorted({m.muscle for m in muscle_rows if "not_segmented" in m.flags})
         if absent:
             warnings_.append(f"no {', '.join(absent)} label{'s' if len(absent) > 1 else ''} in the segmentation: "
                              "not measured (volume left empty, not 0 ml)")
     else:
-        from ..measure.contrast import ContrastResult
-
         contrast = ContrastResult(warnings=["no aorta label in a VerSe segmentation: contrast not assessed"])
         muscle_rows = []
         warnings_.append("VerSe labels carry no muscles: muscle metrics not measured")
-    bone = bone_summary(rois, contrast)
-    timings["attenuation_and_muscles"] = round(time.perf_counter() - t, 3)
-    warnings_ += list(bone.warnings) + [w for w in contrast.warnings if w not in bone.warnings]
-    for h in heights:
-        if not h.complete:
-            warnings_.append(f"{h.level} incomplete ({', '.join(h.flags) or 'not measurable'}): not graded")
+    return rois, contrast, muscle_rows, bone_summary(rois, contrast)
 
-    vertebra_rows = []
+
+def _vertebra_rows(exam_id: str, heights, grades, rois) -> list[dict]:
+    """The rows of ``vertebrae.csv`` (keys of :data:`VERTEBRA_COLUMNS`)."""
+    rows = []
     roi_by_level = {r.level: r for r in rois}
     for h, g in zip(heights, grades):
         roi = roi_by_level.get(h.level)
         flags = list(dict.fromkeys(list(h.flags) + list(g.flags) + (list(roi.flags) if roi else [])))
-        vertebra_rows.append({
+        rows.append({
             "exam_id": exam_id, "level": h.level, "complete": bool(g.complete),
             "ha_mm": h.ha_mm, "hm_mm": h.hm_mm, "hp_mm": h.hp_mm,
             "ha_hp": g.ha_hp, "hm_hp": g.hm_hp, "hp_ref_ratio": g.hp_ref_ratio, "height_loss": g.height_loss,
@@ -358,20 +417,23 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
             "middle_loss": g.middle_loss, "size_loss": g.size_loss, "area_loss": g.area_loss,
             "endplate_depression": g.endplate_depression, "reference_levels": list(g.reference_levels),
         })
-    # Every muscles.csv column but the exam's id is the row's attribute of the same name.
-    muscle_table = [{"exam_id": exam_id} | {column: getattr(m, column) for column in MUSCLE_COLUMNS[1:]}
-                    | {"flags": list(m.flags)} for m in muscle_rows]
-    timings["total"] = round(time.perf_counter() - started, 3)
+    return rows
 
-    present = [h.level for h in heights]
-    exam = {
+
+def _exam_record(exam_id, inputs: ExamInputs, sources: dict, all_heights, heights, grades, bone, contrast,
+                 muscle_rows, spine, level_check, warnings_: list[str], timings: dict) -> dict:
+    """The content of ``exam.json`` without the model's part (fields as
+    :data:`.measurements.EXAM_FIELDS` declares them)."""
+    ct_array, ijk_to_ras = inputs.ct.array, inputs.ct.ijk_to_ras
+    return {
         "exam_id": exam_id,
         "software": {"name": "VertebralFractureScreen", "version": __version__},
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "inputs": {**inputs.sources, "labels": convention, "segmented_by": segmented_by},
-        "geometry": {"shape_kji": list(ct_array.shape), "spacing_mm": [round(float(s), 4) for s in voxel_spacing(ijk_to_ras)],
+        "inputs": sources,
+        "geometry": {"shape_kji": list(ct_array.shape),
+                     "spacing_mm": [round(float(s), 4) for s in voxel_spacing(ijk_to_ras)],
                      "ijk_to_ras": np.round(ijk_to_ras, 6).tolist()},
-        "levels_present": present,
+        "levels_present": [h.level for h in heights],
         "levels_complete": [h.level for h in heights if h.complete],
         "fracture": exam_fracture_summary(grades),
         "grading": GRADING_BASIS,
@@ -384,19 +446,22 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
         "contrast": asdict(contrast),
         "muscle": ({**muscle_summary(muscle_rows), "lumbar_length_mm": lumbar_length_mm(all_heights)} if muscle_rows
                    else {"lumbar": {}, "levels": [], "incomplete_levels": [], "lumbar_length_mm": None}),
+        "spine": _spine_json(spine),
+        "level_check": level_check.as_dict(),
         "model": {"name": None, "probability": None, "threshold": None, "positive": None, "provenance": None,
                   "note": "no model applied"},
         "warnings": list(dict.fromkeys(warnings_)),
         "timings_s": timings,
     }
-    if model is not None:
-        exam["model"] = model.apply(exam_features(exam, vertebra_rows))
-        if exam["model"]["imputed_features"]:
-            exam["warnings"].append(f"model {model.name!r}: {len(exam['model']['imputed_features'])} missing features "
-                                    f"imputed with the training cohort's medians "
-                                    f"({', '.join(exam['model']['imputed_features'])})")
-    return ScreeningResult(exam_id, vertebra_rows, muscle_table, exam, heights, grades, rois, muscle_rows, contrast,
-                           bone, inputs)
+
+
+def _spine_json(spine) -> dict:
+    """``exam.json``'s ``spine`` block: angles in degrees (null when not measurable)."""
+    return {"coronal_cobb_deg": _number(spine.coronal_cobb_deg),
+            "coronal_cobb_levels": list(spine.coronal_cobb_levels or []),
+            "kyphosis_deg": _number(spine.kyphosis_deg), "kyphosis_levels": list(spine.kyphosis_levels or []),
+            "lordosis_deg": _number(spine.lordosis_deg), "lordosis_levels": list(spine.lordosis_levels or []),
+            "levels": list(spine.levels)}
 
 
 def _bone_json(bone) -> dict:

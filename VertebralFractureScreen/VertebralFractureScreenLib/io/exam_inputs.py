@@ -225,9 +225,11 @@ def load_exam(ct, seg, body_seg=None, *, convention: str = "totalsegmentator",
     return ExamInputs(volume, labels, body, convention, sources, messages, boxes, label_grid)
 
 
-_BOX_LABELS = {"totalsegmentator": max(lv.TOTAL_ILIOPSOAS_RIGHT, lv.TOTAL_AORTA, max(lv.vertebra_ids("totalsegmentator").values())),
-               "verse": max(lv.vertebra_ids("verse").values())}
-"""Largest label whose bounding box a screening uses, per convention."""
+_BOX_LABELS = {"totalsegmentator": max(lv.TOTAL_ILIOPSOAS_RIGHT, lv.TOTAL_AORTA, *lv.TOTAL_RIB_IDS.values(),
+                                       *lv.vertebra_ids("totalsegmentator").values()),
+               "verse": max(*lv.vertebra_ids("verse").values(), *lv.VERSE_EXTRA_IDS)}
+"""Largest label whose bounding box a screening uses, per convention (the ribs and VerSe's
+transitional vertebrae for the level check)."""
 
 
 def _contains(array: np.ndarray, label: int) -> bool:

@@ -52,7 +52,7 @@ KINDS = ("number", "integer", "boolean", "text", "list", "object")
 UNITS = {
     "mm": "millimetre", "mL": "millilitre", "mL/cm": "millilitre per centimetre", "[hnsf'U]": "Hounsfield unit",
     "1": "ratio or fraction (no unit)", "{vertebrae}": "number of vertebrae", "{voxels}": "number of voxels",
-    "{grade}": "Genant grade 0–3", "s": "second", "": "none (text, flags, booleans)",
+    "{grade}": "Genant grade 0–3", "s": "second", "deg": "degree (plane angle)", "": "none (text, flags, booleans)",
 }
 """The UCUM units used, with their meaning (``{...}`` are UCUM annotations of a count)."""
 
@@ -203,7 +203,8 @@ EXAM_FIELDS: tuple[Quantity, ...] = (
        " (110–160 HU) or normal (> 160 HU) from l1_hu (Pickhardt et al., Ann Intern Med 2013; unenhanced"
        " thresholds)", "text",
        _private("bone_category", "Opportunistic bone category")),
-    _q("bone.category_uncertain", "Category uncertain", "", "l1_hu ± 2 standard errors spans a threshold", "boolean"),
+    _q("bone.category_uncertain", "Category uncertain", "", "l1_hu ± 2 standard errors spans a threshold, or the"
+       " levels are doubtful (level_check)", "boolean"),
     _hu("bone.lumbar_mean_hu", "Lumbar mean HU", "mean trabecular HU of the complete non-fractured lumbar"
         " vertebrae", MEAN),
     _q("bone.lumbar_levels", "Lumbar levels", "", "the levels in lumbar_mean_hu", "list"),
@@ -212,6 +213,22 @@ EXAM_FIELDS: tuple[Quantity, ...] = (
     _q("bone.contrast_enhanced", "Contrast (bone)", "", "the contrast flag the bone summary was read under",
        "boolean"),
     _q("bone.warnings", "Bone warnings", "", "what limits the bone summary", "list"),
+    _q("spine.coronal_cobb_deg", "Coronal Cobb angle", "deg", "the largest coronal curve's Cobb angle from the"
+       " centre line's tangents at the body centres (null with fewer than 3 usable vertebrae)"),
+    _q("spine.coronal_cobb_levels", "Cobb end vertebrae", "", "upper and lower end vertebra of that curve (empty"
+       " below 3°: no curve)", "list"),
+    _q("spine.kyphosis_deg", "Thoracic kyphosis", "deg", "sagittal angle T4 to T12 (null without both)"),
+    _q("spine.kyphosis_levels", "Kyphosis levels", "", "the end levels of kyphosis_deg", "list"),
+    _q("spine.lordosis_deg", "Lumbar lordosis", "deg", "sagittal angle L1 to L5 (null without both)"),
+    _q("spine.lordosis_levels", "Lordosis levels", "", "the end levels of lordosis_deg", "list"),
+    _q("spine.levels", "Curvature levels", "", "the vertebrae whose centres are trusted for the curvature", "list"),
+    _q("level_check.doubtful", "Levels doubtful", "", "the label map's own evidence disagrees with its level labels",
+       "boolean"),
+    _q("level_check.checked", "Level checks run", "", "order, spacing, ribs, sacrum: the checks with evidence", "list"),
+    _q("level_check.not_checked", "Level checks not run", "", "check → why it had no evidence", "object"),
+    _q("level_check.disagreements", "Level disagreements", "", "one sentence per finding", "list"),
+    _q("level_check.rib_levels", "Rib levels", "", "rib number → the level its medial end touches most", "object"),
+    _q("level_check.transitional", "Transitional vertebrae", "", "VerSe's L6 or T13 labels present", "list"),
     _hu("contrast.aorta_hu", "Aorta HU", "mean HU of the aorta's central lumen", MEAN),
     _q("contrast.aorta_voxels", "Aorta voxels", "{voxels}", "voxels behind aorta_hu", "integer"),
     _q("contrast.contrast_enhanced", "Contrast-enhanced", "", "aorta_hu above threshold_hu", "boolean"),

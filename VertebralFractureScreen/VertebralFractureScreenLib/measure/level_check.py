@@ -1,0 +1,229 @@
+"""Are the vertebral levels labelled right? Evidence from the label map itself.
+
+A level label decides which vertebra is L1, and so the bone category; segmentation models mislabel
+levels in about 1–2 % of scans and at transitional vertebrae. Four checks, each run only when its
+evidence is in the label map (the rest are named in ``not_checked``):
+
+* **order**: the labelled vertebrae lie cranial to caudal along the spine in their level order
+  (two swapped labels break it);
+* **spacing**: consecutive labels are one level apart (body centres about half a body, a disc and
+  half a body apart, from the normal dimensions of :mod:`..anatomy` scaled to this patient by the
+  median of all gaps): a gap of about two levels between consecutive labels means a vertebra
+  without a label, a gap of about one level between labels two apart a skipped label;
+* **ribs** (TotalSegmentator's rib labels, :data:`..levels.TOTAL_RIB_IDS`): rib *n* articulates with
+  vertebra T\\ *n* (its head with the bodies of T\\ *n*-1 and T\\ *n*, its tubercle with the
+  transverse process of T\\ *n*; ribs 11 and 12 with T11 and T12 alone), so the vertebra touching
+  most of a rib's medial end should be T\\ *n*. Twelve rib pairs end at T12: a rib on a vertebra
+  labelled L1 means 13 pairs or labels one level off, and so does T12 without a rib while T11 has
+  one (11 pairs);
+* **sacrum**: the sacrum lies directly below L5 (or S1); a lowest lumbar label other than L5 next
+  to it means four or six lumbar-type vertebrae (a lumbosacral transition) or shifted labels.
+
+VerSe's transitional labels (L6, T13) are reported as such. The result says what disagreed in one
+sentence each; any disagreement makes the levels *doubtful*. Nothing is relabelled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import levels as lv
+from ..anatomy import normal_body
+from ..geometry import distance_transform_edt, ijk_to_ras_points, voxel_spacing
+
+RIB_CONTACT_MM = 3.0
+"""A vertebra voxel within this distance of a rib's medial end touches the rib."""
+
+RIB_MEDIAL_MM = 30.0
+"""A rib's medial end: its voxels within this distance of its point nearest a vertebral centre."""
+
+GAP_MISSING = 1.6
+"""Consecutive labels this many expected gaps apart or more: a vertebra between them has no label."""
+
+GAP_SKIPPED = 0.7
+"""Labels two or more levels apart that lie less than this fraction of their expected gap apart: a
+label was skipped."""
+
+
+@dataclass(frozen=True)
+class LevelCheck:
+    """What the label map says about its own levels.
+
+    ``checked`` / ``not_checked``: the checks run, and those without evidence (with why);
+    ``disagreements``: one sentence per finding; ``rib_levels``: rib number → the level of the
+    vertebra its medial end touches most (both sides merged); ``transitional``: VerSe's L6/T13
+    labels present. ``doubtful``: any disagreement."""
+
+    checked: tuple[str, ...] = ()
+    not_checked: dict = field(default_factory=dict)
+    disagreements: tuple[str, ...] = ()
+    rib_levels: dict = field(default_factory=dict)
+    transitional: tuple[str, ...] = ()
+
+    @property
+    def doubtful(self) -> bool:
+        return bool(self.disagreements)
+
+    def as_dict(self) -> dict:
+        """The ``level_check`` block of ``exam.json``."""
+        return {"doubtful": self.doubtful, "checked": list(self.checked), "not_checked": dict(self.not_checked),
+                "disagreements": list(self.disagreements), "rib_levels": dict(self.rib_levels),
+                "transitional": list(self.transitional)}
+
+
+def _centroids(labels: np.ndarray, boxes: list, ijk_to_ras: np.ndarray, ids: Mapping[str, int]) -> dict:
+    """Level → body-and-arch centroid (RAS mm) of every vertebra label present, cranial first."""
+    out = {}
+    for level, label in ids.items():
+        box = boxes[label - 1] if label - 1 < len(boxes) else None
+        if box is None:
+            continue
+        kji = np.argwhere(labels[box] == label)
+        if len(kji):
+            origin = np.array([s.start for s in box], dtype=np.int64)
+            out[level] = ijk_to_ras_points(ijk_to_ras, (kji + origin)[:, ::-1]).mean(axis=0)
+    return dict(sorted(out.items(), key=lambda item: lv.level_position(item[0])))
+
+
+def _expected_gap(upper: str, lower: str) -> float:
+    """Nominal distance (mm) between the body centres of two levels, ``upper`` cranial."""
+    a, b = lv.level_position(upper), lv.level_position(lower)
+    span = [normal_body(lv.LEVELS[i]) for i in range(a, b + 1)]
+    return (0.5 * span[0].height_mm + sum(n.disc_below_mm for n in span[:-1])
+            + sum(n.height_mm for n in span[1:-1]) + 0.5 * span[-1].height_mm)
+
+
+def _order_and_spacing(centres: dict) -> list[str]:
+    """The order and spacing checks' findings (``centres`` in level order)."""
+    names = list(centres)
+    points = np.array([centres[n] for n in names])
+    cranial = points[0] - points[-1]
+    cranial = cranial / np.linalg.norm(cranial)
+    height = points @ cranial
+    findings, misplaced = [], set()
+    for upper, lower, h_up, h_low in zip(names[:-1], names[1:], height[:-1], height[1:]):
+        if h_up <= h_low:
+            findings.append(f"{upper} lies below {lower}: their labels are swapped or wrong.")
+            misplaced |= {upper, lower}
+    gaps = np.linalg.norm(np.diff(points, axis=0), axis=1)
+    expected = np.array([_expected_gap(a, b) for a, b in zip(names[:-1], names[1:])])
+    scale = float(np.median(gaps / expected))
+    for (upper, lower), gap, nominal in zip(zip(names[:-1], names[1:]), gaps, expected * scale):
+        if misplaced & {upper, lower}:
+            continue  # out of order: their gaps say nothing more
+        apart = lv.level_position(lower) - lv.level_position(upper)
+        if apart == 1 and gap >= GAP_MISSING * nominal:
+            findings.append(f"{upper} and {lower} are {gap:.0f} mm apart, about two levels: a vertebra between "
+                            "them has no label.")
+        elif apart > 1 and gap < GAP_SKIPPED * nominal:
+            one_level = _expected_gap(upper, lv.adjacent_level(upper, cranial=False)) * scale
+            if abs(gap - one_level) < 0.35 * one_level:
+                findings.append(f"{upper} and {lower} are {gap:.0f} mm apart, one level: a level label was "
+                                "skipped.")
+    return findings
+
+
+def _rib_levels(labels: np.ndarray, boxes: list, ijk_to_ras: np.ndarray, ids: Mapping[str, int],
+                centres: dict) -> dict[int, str]:
+    """Rib number → the level whose label touches most of the rib's medial end (left and right
+    counted together)."""
+    by_label = {label: level for level, label in ids.items()}
+    centre_points = np.array(list(centres.values()))
+    spacing = voxel_spacing(ijk_to_ras)[::-1]  # k, j, i
+    contacts: dict[int, dict[str, int]] = {}
+    for (side, number), rib in lv.TOTAL_RIB_IDS.items():
+        box = boxes[rib - 1] if rib - 1 < len(boxes) else None
+        if box is None:
+            continue
+        origin = np.array([s.start for s in box], dtype=np.int64)
+        kji = np.argwhere(labels[box] == rib) + origin
+        if not len(kji):
+            continue
+        ras = ijk_to_ras_points(ijk_to_ras, kji[:, ::-1])
+        distance = np.min(np.linalg.norm(ras[:, None, :] - centre_points[None, :, :], axis=2), axis=1)
+        medial = kji[distance <= distance.min() + RIB_MEDIAL_MM]
+        reach = np.ceil(RIB_CONTACT_MM / spacing).astype(np.int64) + 1
+        lo = np.maximum(medial.min(axis=0) - reach, 0)
+        hi = np.minimum(medial.max(axis=0) + reach + 1, np.asarray(labels.shape, dtype=np.int64))
+        crop = labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        rib_end = np.zeros(crop.shape, dtype=bool)
+        rib_end[tuple((medial - lo).T)] = True
+        near = distance_transform_edt(~rib_end, sampling=spacing) <= RIB_CONTACT_MM
+        touched, counts = np.unique(crop[near], return_counts=True)
+        tally = contacts.setdefault(number, {})
+        for label, count in zip(touched.tolist(), counts.tolist()):
+            if label in by_label:
+                tally[by_label[label]] = tally.get(by_label[label], 0) + count
+    return {number: max(tally, key=tally.get) for number, tally in sorted(contacts.items()) if tally}
+
+
+def _rib_findings(rib_levels: dict[int, str], centres: dict) -> list[str]:
+    findings = [f"rib {number} meets the vertebra labelled {level}, not T{number}."
+                for number, level in rib_levels.items() if level != f"T{number}"]
+    bearing = set(rib_levels.values())
+    if "L1" in bearing:
+        findings.append("the vertebra labelled L1 bears a rib: 13 rib pairs, or labels one level off.")
+    if "T11" in bearing and "T12" in centres and "T12" not in bearing and 12 not in rib_levels:
+        findings.append("T12 bears no rib while T11 does: 11 rib pairs, or labels one level off.")
+    return findings
+
+
+def _sacrum_finding(labels: np.ndarray, boxes: list, ijk_to_ras: np.ndarray, centres: dict) -> str | None:
+    """The sacrum check: the labelled vertebra nearest the sacrum's cranial end should be L5 or S1."""
+    box = boxes[lv.TOTAL_SACRUM - 1] if lv.TOTAL_SACRUM - 1 < len(boxes) else None
+    origin = np.array([s.start for s in box], dtype=np.int64)
+    ras = ijk_to_ras_points(ijk_to_ras, (np.argwhere(labels[box] == lv.TOTAL_SACRUM) + origin)[:, ::-1])
+    names = list(centres)
+    points = np.array([centres[n] for n in names])
+    nearest = names[int(np.argmin(np.min(np.linalg.norm(points[:, None, :] - ras[None, ::max(1, len(ras) // 4000)],
+                                                        axis=2), axis=1)))]
+    if nearest in ("L5", "S1"):
+        return None
+    return (f"the vertebra next to the sacrum is labelled {nearest}, not L5: a lumbosacral transition (four or six "
+            "lumbar-type vertebrae) or labels shifted.")
+
+
+def check_levels(labels: np.ndarray, ijk_to_ras: np.ndarray, *, convention: str = "totalsegmentator",
+                 label_boxes: list | None = None) -> LevelCheck:
+    """Check the level labels of a vertebra label map ``[k, j, i]`` (grid matrix ``ijk_to_ras``,
+    mm) against its own evidence (see the module docstring). ``label_boxes``:
+    ``geometry.find_label_boxes(labels)`` when the caller has it."""
+    from ..geometry import find_label_boxes
+
+    boxes = find_label_boxes(labels) if label_boxes is None else label_boxes
+    ids = lv.vertebra_ids(convention)
+    centres = _centroids(labels, boxes, ijk_to_ras, ids)
+    checked, not_checked, findings = [], {}, []
+    transitional = tuple(name for label, name in lv.VERSE_EXTRA_IDS.items()
+                         if convention == "verse" and label - 1 < len(boxes) and boxes[label - 1] is not None)
+    for name in transitional:
+        findings.append(f"a transitional vertebra is labelled {name}.")
+    if len(centres) >= 3:
+        checked += ["order", "spacing"]
+        findings += _order_and_spacing(centres)
+    else:
+        not_checked.update(order="fewer than 3 vertebrae", spacing="fewer than 3 vertebrae")
+    rib_levels = {}
+    has = [convention == "totalsegmentator" and label - 1 < len(boxes) and boxes[label - 1] is not None
+           for label in lv.TOTAL_RIB_IDS.values()]
+    if any(has) and centres:
+        rib_levels = _rib_levels(labels, boxes, ijk_to_ras, ids, centres)
+    if rib_levels:
+        checked.append("ribs")
+        findings += _rib_findings(rib_levels, centres)
+    else:
+        not_checked["ribs"] = ("no rib labels in the segmentation" if not any(has)
+                               else "no rib reaches a labelled vertebra in the scan")
+    sacrum = (convention == "totalsegmentator" and lv.TOTAL_SACRUM - 1 < len(boxes)
+              and boxes[lv.TOTAL_SACRUM - 1] is not None)
+    if sacrum and any(level.startswith("L") for level in centres):
+        checked.append("sacrum")
+        finding = _sacrum_finding(labels, boxes, ijk_to_ras, centres)
+        if finding:
+            findings.append(finding)
+    else:
+        not_checked["sacrum"] = "no sacrum or no lumbar vertebra in the segmentation"
+    return LevelCheck(tuple(checked), not_checked, tuple(findings), rib_levels, transitional)
