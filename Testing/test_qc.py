@@ -402,16 +402,16 @@ def _heading(figure) -> str:
 def test_a_name_moves_forward_until_no_line_crosses_it():
     # A vertical line through the name's box: the name ends 1.5 mm in front of it.
     vertical = np.array([[20.0, 0.0], [20.0, 30.0]])
-    assert qc._clear_of_lines(22.0, 15.0, 6.0, 3.0, [vertical], 0.0) == pytest.approx(18.5)
+    assert qc.clear_of_lines(22.0, 15.0, 6.0, 3.0, [vertical], 0.0) == pytest.approx(18.5)
     # A line above or below the box, or behind it, does not move it.
-    assert qc._clear_of_lines(22.0, 40.0, 6.0, 3.0, [vertical], 0.0) == 22.0
-    assert qc._clear_of_lines(12.0, 15.0, 6.0, 3.0, [vertical], 0.0) == 12.0
+    assert qc.clear_of_lines(22.0, 40.0, 6.0, 3.0, [vertical], 0.0) == 22.0
+    assert qc.clear_of_lines(12.0, 15.0, 6.0, 3.0, [vertical], 0.0) == 12.0
     # A tilted line is avoided where it crosses the box's height; two lines in a row push it on.
     tilted = np.array([[10.0, 0.0], [30.0, 40.0]])  # x = 17.5 … 20.5 over the band y = 18 ± (1.5 + 1.5)
-    assert qc._clear_of_lines(25.0, 18.0, 4.0, 3.0, [tilted], 0.0) == pytest.approx(16.0)
-    assert qc._clear_of_lines(25.0, 15.0, 4.0, 3.0, [vertical, vertical - [4.0, 0.0]], 0.0) == pytest.approx(14.5)
+    assert qc.clear_of_lines(25.0, 18.0, 4.0, 3.0, [tilted], 0.0) == pytest.approx(16.0)
+    assert qc.clear_of_lines(25.0, 15.0, 4.0, 3.0, [vertical, vertical - [4.0, 0.0]], 0.0) == pytest.approx(14.5)
     # Never out of the image.
-    assert qc._clear_of_lines(22.0, 15.0, 6.0, 3.0, [vertical], 16.0) == 22.0
+    assert qc.clear_of_lines(22.0, 15.0, 6.0, 3.0, [vertical], 16.0) == 22.0
 
 
 def test_a_cut_vertebra_gets_no_lines_and_no_heights(lordotic):

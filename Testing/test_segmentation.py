@@ -350,11 +350,11 @@ def test_totalsegmentator_runs_off_the_main_thread_use_spawn():
 
     seen = {}
     before = multiprocessing.get_start_method(allow_none=True)
-    with segmentation._no_fork_off_the_main_thread():
+    with segmentation.no_fork_off_the_main_thread():
         seen["main"] = multiprocessing.get_start_method(allow_none=True)
 
     def in_thread():
-        with segmentation._no_fork_off_the_main_thread():
+        with segmentation.no_fork_off_the_main_thread():
             seen["thread"] = multiprocessing.get_start_method()
         seen["after"] = multiprocessing.get_start_method(allow_none=True)
 

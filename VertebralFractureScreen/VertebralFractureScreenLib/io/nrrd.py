@@ -195,69 +195,106 @@ def _parse_vector(text: str) -> np.ndarray:
     return np.array([float(v) for v in text.strip().strip("()").split(",")], dtype=float)
 
 
+def _unreadable(path: Path, reason: str) -> InputError:
+    """The one sentence :func:`read_nrrd` raises for a file it cannot read."""
+    return InputError(f"cannot read segmentation file {path}: {reason}")
+
+
 def read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
     """Read a NRRD file with up to one non-spatial axis (messages name it a segmentation).
 
     Returns ``(array, ijk_to_ras, pairs)``; ``array`` is indexed ``[layer, k, j, i]`` (one layer
-    for a 3-D file), ``ijk_to_ras`` is in mm, ``pairs`` holds the ``key:=value`` header lines."""
+    for a 3-D file), ``ijk_to_ras`` is in mm, ``pairs`` holds the ``key:=value`` header lines.
+    The header is checked in full (type, sizes, geometry, declared size) before any voxel is
+    read, so a hostile file is refused before it costs memory or time."""
     try:
         fields, pairs, offset = read_nrrd_header(path)
     except OSError as error:
-        raise InputError(f"cannot read segmentation file {path}: {error.strerror or error}") from None
+        raise _unreadable(path, f"{error.strerror or error}") from None
+    dtype, sizes = _nrrd_voxel_layout(fields, path)
+    _check_nrrd_geometry(fields, path, "segmentation")
+    ijk_to_ras, spatial = _nrrd_ijk_to_ras(fields, path, len(sizes))
+    check_grid(ijk_to_ras, path, "segmentation")
+    count = math.prod(sizes)  # Python ints: np.prod would count in a 32-bit int on Windows with numpy 1.x
+    nbytes = check_declared_size(path, "segmentation", sizes, dtype.itemsize)
+    payload = _nrrd_payload(fields, path, offset, dtype, count, nbytes)
+    # NRRD's first axis varies fastest, so numpy's axis order is the reverse of NRRD's
+    array = np.frombuffer(payload, dtype=dtype, count=count).reshape(sizes[::-1])
+    if len(sizes) == 4:
+        layer_axis = next(axis for axis in range(4) if axis not in spatial)
+        array = np.moveaxis(array, 3 - layer_axis, 0)
+    else:
+        array = array[None]
+    return array, ijk_to_ras, pairs
 
-    def bad(reason: str) -> InputError:
-        return InputError(f"cannot read segmentation file {path}: {reason}")
 
+def _nrrd_voxel_layout(fields: dict[str, str], path: Path) -> tuple[np.dtype, list[int]]:
+    """The voxel type (with the header's byte order) and the ``sizes`` (NRRD axis order, fastest
+    first, one per dimension, each at least 1) of a NRRD header."""
     try:
         dtype = _NRRD_DTYPE[fields["type"].lower()]
         dimension = int(fields["dimension"])
         sizes = [int(v) for v in fields["sizes"].split()]
     except (KeyError, ValueError):
-        raise bad("the NRRD header lacks a valid type, dimension or sizes field") from None
+        raise _unreadable(path, "the NRRD header lacks a valid type, dimension or sizes field") from None
     if len(sizes) != dimension or any(n < 1 for n in sizes):
-        raise bad("the NRRD sizes do not match its dimension")
+        raise _unreadable(path, "the NRRD sizes do not match its dimension")
     if dtype.itemsize > 1:
         dtype = dtype.newbyteorder(">" if fields.get("endian", "little").lower() == "big" else "<")
-    _check_nrrd_geometry(fields, path, "segmentation")
+    return dtype, sizes
 
-    # geometry: which axes are spatial, their steps and the origin
+
+def _nrrd_ijk_to_ras(fields: dict[str, str], path: Path, dimension: int) -> tuple[np.ndarray, list[int]]:
+    """The IJK→RAS matrix (mm) of a NRRD header whose ``space directions`` were checked, and its
+    spatial axes (NRRD order): exactly three, plus at most one ``none`` axis (the layers). The
+    header's ``space`` (LPS, RAS or LAS) is turned into RAS, the frame of the whole library."""
     space = fields.get("space", "left-posterior-superior").lower()
     if space not in _NRRD_SPACE_TO_RAS:
-        raise bad(f"NRRD space {fields.get('space')!r} is not supported (use left-posterior-superior)")
+        raise _unreadable(path, f"NRRD space {fields.get('space')!r} is not supported (use left-posterior-superior)")
     try:
-        tokens = re.findall(r"none|\([^)]*\)", fields["space directions"])  # present: checked above
+        tokens = re.findall(r"none|\([^)]*\)", fields["space directions"])  # present: checked before
         if len(tokens) != dimension:
-            raise bad("the NRRD space directions do not match its dimension")
+            raise _unreadable(path, "the NRRD space directions do not match its dimension")
         spatial = [axis for axis, token in enumerate(tokens) if token != "none"]
         vectors = [_parse_vector(tokens[axis]) for axis in spatial]
         if len(spatial) != 3 or dimension - len(spatial) > 1 or any(v.size != 3 for v in vectors):
-            raise bad("a segmentation must have three spatial axes and at most one layer axis")
+            raise _unreadable(path, "a segmentation must have three spatial axes and at most one layer axis")
         origin = _parse_vector(fields["space origin"]) if "space origin" in fields else np.zeros(3)
     except ValueError:
-        raise bad("the NRRD space directions, spacings or space origin are not numbers") from None
+        raise _unreadable(path, "the NRRD space directions, spacings or space origin are not numbers") from None
     if origin.size != 3:
-        raise bad("the NRRD space origin is not a point in 3-D space")
+        raise _unreadable(path, "the NRRD space origin is not a point in 3-D space")
     to_ras = _NRRD_SPACE_TO_RAS[space]
     ijk_to_ras = np.eye(4)
     ijk_to_ras[:3, :3] = to_ras @ np.stack(vectors, axis=1)
     ijk_to_ras[:3, 3] = to_ras @ origin
-    check_grid(ijk_to_ras, path, "segmentation")
+    return ijk_to_ras, spatial
 
-    # data: the declared size is checked first, and no more than it is read or inflated
-    count = math.prod(sizes)  # Python ints: np.prod would count in a 32-bit int on Windows with numpy 1.x
-    nbytes = check_declared_size(path, "segmentation", sizes, dtype.itemsize)
-    data_file = fields.get("data file", fields.get("datafile"))
-    data_path = _checked_data_file(path, data_file, "segmentation", "NRRD") if data_file else None
-    encoding = fields.get("encoding", "raw").lower()
+
+def _nrrd_skips(fields: dict[str, str], path: Path, encoding: str) -> tuple[int, int]:
+    """The header's ``line skip`` and ``byte skip`` (-1: the data are the file's last bytes, raw
+    encoding only), checked."""
     try:
         line_skip = int(fields.get("line skip", fields.get("lineskip", 0)))
         byte_skip = int(fields.get("byte skip", fields.get("byteskip", 0)))
     except ValueError:
-        raise bad("the NRRD line skip or byte skip is not a whole number") from None
+        raise _unreadable(path, "the NRRD line skip or byte skip is not a whole number") from None
     if line_skip < 0 or byte_skip < -1:
-        raise bad("the NRRD line skip or byte skip is negative")
+        raise _unreadable(path, "the NRRD line skip or byte skip is negative")
     if byte_skip == -1 and encoding != "raw":
-        raise bad("NRRD byte skip -1 is only valid with raw encoding")
+        raise _unreadable(path, "NRRD byte skip -1 is only valid with raw encoding")
+    return line_skip, byte_skip
+
+
+def _nrrd_payload(fields: dict[str, str], path: Path, offset: int, dtype: np.dtype, count: int,
+                  nbytes: int) -> bytes:
+    """The ``nbytes`` bytes of voxel data (``count`` voxels of ``dtype``), from the attached data at
+    ``offset`` or the detached data file, decoded; no more than ``nbytes`` is read or inflated, so
+    a small file that claims or inflates to a huge one costs neither memory nor time."""
+    data_file = fields.get("data file", fields.get("datafile"))
+    data_path = _checked_data_file(path, data_file, "segmentation", "NRRD") if data_file else None
+    encoding = fields.get("encoding", "raw").lower()
+    line_skip, byte_skip = _nrrd_skips(fields, path, encoding)
     try:
         with open(data_path or path, "rb") as f:
             if data_path is None:
@@ -274,23 +311,22 @@ def read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
             elif encoding in ("gzip", "gz", "bzip2", "bz2"):
                 payload = inflate(f, "bz2" if encoding.startswith("bz") else "gzip", byte_skip + nbytes)[byte_skip:]
             elif encoding in ("ascii", "text", "txt"):
-                text = f.read(max_volume_bytes() + 1)
-                if len(text) > max_volume_bytes():
-                    raise bad(f"its ASCII voxel data is larger than {gib(max_volume_bytes())} (set"
-                              f" {MAX_VOLUME_BYTES_VARIABLE} to read it)")
-                values = np.array(text.split(), dtype=float)
-                payload = values.astype(dtype).tobytes() if values.size == count else b""
+                payload = _ascii_payload(f, path, dtype, count)
             else:
-                raise bad(f"NRRD encoding {encoding!r} is not supported")
+                raise _unreadable(path, f"NRRD encoding {encoding!r} is not supported")
     except (OSError, zlib.error, EOFError, ValueError) as error:
-        raise bad(f"the voxel data is corrupt or missing ({error})") from None
+        raise _unreadable(path, f"the voxel data is corrupt or missing ({error})") from None
     if len(payload) < nbytes:
-        raise bad(f"the voxel data is truncated ({len(payload)} of {nbytes} bytes)")
-    # NRRD's first axis varies fastest, so numpy's axis order is the reverse of NRRD's
-    array = np.frombuffer(payload, dtype=dtype, count=count).reshape(sizes[::-1])
-    if dimension == 4:
-        layer_axis = next(axis for axis in range(4) if axis not in spatial)
-        array = np.moveaxis(array, 3 - layer_axis, 0)
-    else:
-        array = array[None]
-    return array, ijk_to_ras, pairs
+        raise _unreadable(path, f"the voxel data is truncated ({len(payload)} of {nbytes} bytes)")
+    return payload
+
+
+def _ascii_payload(f, path: Path, dtype: np.dtype, count: int) -> bytes:
+    """ASCII voxel values read from ``f`` as the bytes of ``count`` voxels of ``dtype`` (empty when
+    the count differs); text over :func:`~.files.max_volume_bytes` is refused unread."""
+    text = f.read(max_volume_bytes() + 1)
+    if len(text) > max_volume_bytes():
+        raise _unreadable(path, f"its ASCII voxel data is larger than {gib(max_volume_bytes())} (set"
+                                f" {MAX_VOLUME_BYTES_VARIABLE} to read it)")
+    values = np.array(text.split(), dtype=float)
+    return values.astype(dtype).tobytes() if values.size == count else b""

@@ -253,48 +253,64 @@ def spine_reformat(
         raise ValueError("ct must be a 3-D array [k, j, i]")
     if not pixel_mm > 0:
         raise ValueError("pixel_mm must be positive")
+    centres, ap = _distinct_centres(centres_ras, ap_ras)
+    if extend_mm is None:
+        gaps = np.linalg.norm(np.diff(centres, axis=0), axis=1)
+        extend_mm = max(15.0, 0.75 * float(np.median(gaps))) if len(gaps) else 25.0
+    cc0 = None if cc_ras is None else np.asarray(cc_ras, float).reshape(-1, 3)[0]
+    curve = _centre_line(centres, ap, cc0, float(extend_mm), float(pixel_mm))
+    result = _empty_reformat(curve, centres, mode, float(pixel_mm), float(anterior_mm), float(posterior_mm),
+                             float(slab_mm))
+    result.image = _sample_surfaces(ct, ijk_to_ras, result, _slab_offsets(slab_mm, float(pixel_mm)))
+    return result
+
+
+def _distinct_centres(centres_ras, ap_ras) -> tuple[np.ndarray, np.ndarray]:
+    """The centres (n, 3) and unit AP axes, checked, without repeated centres (closer than 1 µm to
+    the previous one kept): a zero-length chord would break the spline's parameter."""
     centres = np.asarray(centres_ras, float).reshape(-1, 3)
     ap = np.asarray(ap_ras, float).reshape(-1, 3)
     if len(centres) == 0 or len(ap) != len(centres):
         raise ValueError("one antero-posterior axis per centre is needed, and at least one centre")
     if not (np.all(np.isfinite(centres)) and np.all(np.isfinite(ap))):
         raise ValueError("centres and axes must be finite")
-    # Drop repeated centres (a zero-length chord).
     keep = [0]
     for i in range(1, len(centres)):
         if np.linalg.norm(centres[i] - centres[keep[-1]]) > 1e-3:
             keep.append(i)
-    centres, ap = centres[keep], _unit_rows(ap[keep])
-    if extend_mm is None:
-        gaps = np.linalg.norm(np.diff(centres, axis=0), axis=1)
-        extend_mm = max(15.0, 0.75 * float(np.median(gaps))) if len(gaps) else 25.0
-    cc0 = None if cc_ras is None else np.asarray(cc_ras, float).reshape(-1, 3)[0]
-    curve = _centre_line(centres, ap, cc0, float(extend_mm), float(pixel_mm))
-    px = float(pixel_mm)
-    offsets = _slab_offsets(slab_mm, px)
+    return centres[keep], _unit_rows(ap[keep])
 
-    plane = None
-    if mode == "curved":
-        plane = _projection_plane(curve, centres)
-        if plane is None:
-            mode = "straightened"
+
+def _empty_reformat(curve: _CentreLine, centres: np.ndarray, mode: str, px: float, anterior_mm: float,
+                    posterior_mm: float, slab_mm: float) -> SpineReformat:
+    """The reformat's geometry with an image of the right shape still to fill (all NaN): curved
+    when asked for and the centre line progresses along its chord, straightened otherwise. Rows
+    span the centre line (extended), columns ``anterior_mm`` in front of it to ``posterior_mm``
+    behind it, in ``px`` mm pixels."""
+    plane = _projection_plane(curve, centres) if mode == "curved" else None
     if plane is None:
-        a_left = float(anterior_mm)
         cols = int(math.floor((anterior_mm + posterior_mm) / px)) + 1
-        result = SpineReformat(np.empty((0, 0), np.float32), px, mode, float(slab_mm), curve, None, a_left)
-        rows = len(curve.s)
-    else:
-        x_curve = (curve.points - plane["origin"]) @ plane["ap"]
-        plane["x_left"] = float(x_curve.max() + anterior_mm)
-        x_right = float(x_curve.min() - posterior_mm)
-        cols = int(math.floor((plane["x_left"] - x_right) / px)) + 1
-        rows = int(math.floor((plane["y_top"] - plane["y_bottom"]) / px)) + 1
-        result = SpineReformat(np.empty((0, 0), np.float32), px, mode, float(slab_mm), curve, plane, 0.0)
+        image = np.full((len(curve.s), cols), np.nan, np.float32)
+        return SpineReformat(image, px, "straightened", slab_mm, curve, None, anterior_mm)
+    x_curve = (curve.points - plane["origin"]) @ plane["ap"]
+    plane["x_left"] = float(x_curve.max() + anterior_mm)
+    x_right = float(x_curve.min() - posterior_mm)
+    cols = int(math.floor((plane["x_left"] - x_right) / px)) + 1
+    rows = int(math.floor((plane["y_top"] - plane["y_bottom"]) / px)) + 1
+    return SpineReformat(np.full((rows, cols), np.nan, np.float32), px, mode, slab_mm, curve, plane, 0.0)
+
+
+def _sample_surfaces(ct: np.ndarray, ijk_to_ras: np.ndarray, reformat: SpineReformat,
+                     offsets: np.ndarray) -> np.ndarray:
+    """The reformat's image (float32 HU, NaN outside the CT): the mean of the CT sampled on its
+    surface moved by each of ``offsets`` (mm) along the left-right axis, per row in the
+    straightened geometry, of finite samples only."""
+    rows, cols = reformat.shape
     rr, cc = np.meshgrid(np.arange(rows, dtype=float), np.arange(cols, dtype=float), indexing="ij")
     ras_to_ijk = np.linalg.inv(np.asarray(ijk_to_ras, float))[:3]
-    kji = (result.image_to_ras(rr, cc).reshape(-1, 3) @ ras_to_ijk[:, :3].T + ras_to_ijk[:, 3])[:, ::-1]
-    # The slab's surfaces are the centre surface moved along the left-right axis (per row).
-    lr = plane["lr"][None, :] if plane is not None else np.repeat(curve.lr, cols, axis=0)
+    kji = (reformat.image_to_ras(rr, cc).reshape(-1, 3) @ ras_to_ijk[:, :3].T + ras_to_ijk[:, 3])[:, ::-1]
+    plane = reformat._plane
+    lr = plane["lr"][None, :] if plane is not None else np.repeat(reformat._curve.lr, cols, axis=0)
     step_kji = (lr @ ras_to_ijk[:, :3].T)[:, ::-1]
     total = np.zeros(rows * cols, np.float32)
     count = np.zeros(rows * cols, np.float32)
@@ -305,8 +321,7 @@ def spine_reformat(
         count[finite] += 1.0
     with np.errstate(invalid="ignore", divide="ignore"):
         image = np.where(count > 0, total / np.maximum(count, 1.0), np.nan).astype(np.float32)
-    result.image = image.reshape(rows, cols)
-    return result
+    return image.reshape(rows, cols)
 
 
 def _slab_offsets(slab_mm: float, px: float) -> np.ndarray:

@@ -259,7 +259,7 @@ def _check_nnunet_paths(ts) -> None:
 
 
 @contextlib.contextmanager
-def _no_fork_off_the_main_thread():
+def no_fork_off_the_main_thread():
     """nnU-Net starts some multiprocessing pools with the default start method, which is ``fork``
     on Linux. Forked from a thread other than the main thread (a Dask worker runs its tasks in
     one), a child can inherit a lock that another thread held and wait on it for ever: a cluster
@@ -284,7 +284,7 @@ def _predict(ts, image, task: str, *, fast: bool, roi_subset, device: str, downl
     options = dict(ml=True, task=task, fast=fast, roi_subset=list(roi_subset) if roi_subset else None,
                    device=device, quiet=True, nr_thr_resamp=1, nr_thr_saving=1)
     try:
-        with contextlib.redirect_stdout(sys.stderr), _no_fork_off_the_main_thread():  # keep stdout for results
+        with contextlib.redirect_stdout(sys.stderr), no_fork_off_the_main_thread():  # keep stdout for results
             result = ts.run(image, None, **options)
     except SystemExit as stop:
         raise SegmentationError(f"TotalSegmentator stopped ({stop.code}) while running its {task} task.") from None
@@ -396,60 +396,24 @@ def segment_ct(ct, out_dir, *, quality: str = "normal", device: str = "cpu", bod
             stopped) or returned a label map that does not fit the CT.
         ValueError: ``classes`` is empty or names a class that the ``total`` task does not have.
     """
-    if quality not in QUALITIES:
-        raise InputError(f"unknown segmentation quality {quality!r}; use one of {', '.join(QUALITIES)}.")
-    if not isinstance(device, str) or not _DEVICE_PATTERN.fullmatch(device):
-        raise InputError(f"unknown device {device!r}; use cpu, gpu, gpu:N or mps.")
-    classes = tuple(dict.fromkeys((classes,) if isinstance(classes, str) else classes))
-    if not classes:
-        raise ValueError("classes must name at least one TotalSegmentator class")
-    out_dir = Path(out_dir).expanduser()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"cannot write the segmentation into {out_dir}: it is a file, not a folder.")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InputError(f"cannot create the folder {out_dir}: {error.strerror or error}.") from None
-
+    classes = _checked_request(quality, device, classes)
+    out_dir = _output_folder(out_dir)
     volume = ct if isinstance(ct, Volume) else read_ct(ct, series_uid=series_uid)
     source = None if isinstance(ct, Volume) else str(Path(ct).expanduser().resolve())
     fingerprint = _fingerprint(volume)
-    manifest_path, total_path, body_path = out_dir / MANIFEST_FILE, out_dir / TOTAL_FILE, out_dir / BODY_FILE
-
-    previous = _read_manifest(manifest_path) if reuse else None
-    if previous is not None and (previous.get("ct") or {}).get("fingerprint") != fingerprint:
-        previous = None
-    total_entry = (previous or {}).get("total")
-    body_entry = (previous or {}).get("vertebrae_body")
-    if not _entry_usable(total_entry, out_dir, task="total", quality=quality):
-        total_entry = None
-    if not _entry_usable(body_entry, out_dir, task="vertebrae_body"):
-        body_entry = None
-
-    if total_entry is not None:  # same CT and quality: the roi_subset must match too
-        if sorted(total_entry.get("roi_subset") or []) != sorted(classes):
-            total_entry = None
+    previous, total_entry, body_entry = _reusable_entries(out_dir, fingerprint, quality, classes, reuse)
     if total_entry is not None and (body_entry is not None or not body):
         return _result(total_entry, body_entry if body else None, out_dir, reused=True, seconds=0.0)
 
     ts = _load_totalsegmentator()
-    total_names = ts.class_map["total"]
-    unknown = sorted(set(classes) - set(total_names.values()))
-    if unknown:
-        raise ValueError(f"not TotalSegmentator 'total' classes: {', '.join(unknown)}")
-    order = {name: label for label, name in total_names.items()}
-    classes = tuple(sorted(classes, key=order.__getitem__))
+    classes = _in_label_order(ts, classes)
     _check_device(device, ts.torch)
-
     plan = []
     if total_entry is None:
         plan.append(("total", _datasets(ts, "total", quality, classes)))
     if body and body_entry is None:
         plan.append(("vertebrae_body", _datasets(ts, "vertebrae_body", quality, classes)))
-    missing, commands = _missing_weights(ts, plan, quality)
-    if missing and not download:
-        raise WeightsMissingError(_weights_sentence(ts, missing, commands, download_failed=False))
-    download_hint = _weights_sentence(ts, missing, commands, download_failed=True) if missing else ""
+    download_hint = _download_hint(ts, plan, quality, download)
     _configure_usage_statistics(ts, usage_statistics)
     _check_nnunet_paths(ts)
 
@@ -460,53 +424,143 @@ def segment_ct(ct, out_dir, *, quality: str = "normal", device: str = "cpu", bod
         "total": total_entry,
         "vertebrae_body": body_entry,
     }
-    if previous is None:  # nothing here belongs to this CT any more
-        for stale in (manifest_path, total_path, body_path):
-            _remove(stale)
-    elif total_entry is None:  # the old total map is about to be replaced: stop describing it
-        _write_json_atomically(manifest_path, manifest)
+    _retire_previous(out_dir, previous, manifest)
     image = ts.nibabel.Nifti1Image(volume.array.transpose(2, 1, 0), np.array(volume.ijk_to_ras))
     started = time.perf_counter()
+    run = dict(quality=quality, classes=classes, device=device, usage_statistics=usage_statistics,
+               download_hint=download_hint)
     for task, _ in plan:
-        step_start = time.perf_counter()
-        if task == "total":
-            labels = _predict(ts, image, "total", fast=quality == "fast", roi_subset=classes, device=device,
-                              download_hint=download_hint)
-            names, path = {order[name]: name for name in classes}, total_path
-        else:
-            labels = _predict(ts, image, "vertebrae_body", fast=False, roi_subset=None, device=device,
-                              download_hint=download_hint)
-            names, path = dict(ts.class_map["vertebrae_body"]), body_path
-        if labels.shape != volume.shape:
-            raise SegmentationError(f"TotalSegmentator's {task} output has the shape {labels.shape[::-1]} (i, j, k), "
-                                    f"not the CT's {volume.shape[::-1]}.")
-        counts = _label_counts(labels)
-        extra = [label for label in np.flatnonzero(counts).tolist() if label and label not in names]
-        if extra:
-            raise SegmentationError(f"TotalSegmentator's {task} output holds labels it was not asked for: {extra}.")
-        write_volume(path, Volume(labels, volume.ijk_to_ras))
-        entry = {
-            "file": path.name,
-            "task": task,
-            "quality": quality if task == "total" else "normal",  # vertebrae_body has one model (1.5 mm)
-            "roi_subset": list(classes) if task == "total" else None,
-            "labels": {str(label): name for label, name in sorted(names.items())},
-            "present": [names[label] for label in sorted(names) if counts[label] > 0],
-            "datasets": [_weights_folder(ts, dataset_id)[0]
-                         for dataset_id in _datasets(ts, task, quality, classes, loaded_only=True)],
-            "device": device,
-            "seconds": round(time.perf_counter() - step_start, 2),
-            "totalsegmentator_version": ts.versions["TotalSegmentator"],
-            "nnunetv2_version": ts.versions["nnunetv2"],
-            "torch_version": ts.versions["torch"],
-            "usage_statistics": bool(usage_statistics),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        manifest["total" if task == "total" else "vertebrae_body"] = entry
-        del labels
-        _write_json_atomically(manifest_path, manifest)
+        manifest["total" if task == "total" else "vertebrae_body"] = _segment_task(ts, image, volume, task,
+                                                                                   out_dir, **run)
+        _write_json_atomically(out_dir / MANIFEST_FILE, manifest)
     return _result(manifest["total"], manifest["vertebrae_body"] if body else None, out_dir, reused=False,
                    seconds=time.perf_counter() - started)
+
+
+def _checked_request(quality: str, device: str, classes) -> tuple[str, ...]:
+    """The requested classes, without repeats (one class name alone allowed), after refusing an
+    unknown quality or device and an empty class list: before the CT is read, so a typo costs
+    nothing."""
+    if quality not in QUALITIES:
+        raise InputError(f"unknown segmentation quality {quality!r}; use one of {', '.join(QUALITIES)}.")
+    if not isinstance(device, str) or not _DEVICE_PATTERN.fullmatch(device):
+        raise InputError(f"unknown device {device!r}; use cpu, gpu, gpu:N or mps.")
+    classes = tuple(dict.fromkeys((classes,) if isinstance(classes, str) else classes))
+    if not classes:
+        raise ValueError("classes must name at least one TotalSegmentator class")
+    return classes
+
+
+def _output_folder(out_dir) -> Path:
+    """``out_dir`` as a folder that exists (created with its parents); one sentence when it is a
+    file or cannot be created."""
+    out_dir = Path(out_dir).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"cannot write the segmentation into {out_dir}: it is a file, not a folder.")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"cannot create the folder {out_dir}: {error.strerror or error}.") from None
+    return out_dir
+
+
+def _reusable_entries(out_dir: Path, fingerprint: str, quality: str, classes: tuple[str, ...],
+                      reuse: bool) -> tuple[dict | None, dict | None, dict | None]:
+    """(the manifest of an earlier run for this CT, its ``total`` entry, its ``vertebrae_body``
+    entry): each None unless ``reuse`` is on and, for an entry, its file exists and it was made
+    with the same settings (quality and ``roi_subset`` for ``total``). The manifest names the CT by
+    its :func:`_fingerprint`, so a changed CT is segmented again."""
+    previous = _read_manifest(out_dir / MANIFEST_FILE) if reuse else None
+    if previous is not None and (previous.get("ct") or {}).get("fingerprint") != fingerprint:
+        previous = None
+    total_entry = (previous or {}).get("total")
+    body_entry = (previous or {}).get("vertebrae_body")
+    if not _entry_usable(total_entry, out_dir, task="total", quality=quality):
+        total_entry = None
+    if not _entry_usable(body_entry, out_dir, task="vertebrae_body"):
+        body_entry = None
+    if total_entry is not None:  # same CT and quality: the roi_subset must match too
+        if sorted(total_entry.get("roi_subset") or []) != sorted(classes):
+            total_entry = None
+    return previous, total_entry, body_entry
+
+
+def _in_label_order(ts, classes: tuple[str, ...]) -> tuple[str, ...]:
+    """The classes sorted by their ``total`` label id; ValueError naming those the ``total`` task
+    does not have."""
+    order = _total_label_ids(ts)
+    unknown = sorted(set(classes) - set(order))
+    if unknown:
+        raise ValueError(f"not TotalSegmentator 'total' classes: {', '.join(unknown)}")
+    return tuple(sorted(classes, key=order.__getitem__))
+
+
+def _total_label_ids(ts) -> dict[str, int]:
+    """Class name → label id of TotalSegmentator's ``total`` task (the ids its output holds)."""
+    return {name: label for label, name in ts.class_map["total"].items()}
+
+
+def _download_hint(ts, plan: list[tuple[str, list[int]]], quality: str, download: bool) -> str:
+    """The sentence to raise if downloading the missing weights of ``plan`` fails ("" when none is
+    missing); without ``download``, missing weights raise :class:`WeightsMissingError` now,
+    before anything runs (TotalSegmentator would fetch them from the internet)."""
+    missing, commands = _missing_weights(ts, plan, quality)
+    if missing and not download:
+        raise WeightsMissingError(_weights_sentence(ts, missing, commands, download_failed=False))
+    return _weights_sentence(ts, missing, commands, download_failed=True) if missing else ""
+
+
+def _retire_previous(out_dir: Path, previous: dict | None, manifest: dict) -> None:
+    """Before segmenting: remove the files of another CT, or, when the ``total`` map is about to be
+    replaced, write ``manifest`` (which no longer describes it), so that the manifest never names
+    a file being rewritten."""
+    if previous is None:  # nothing here belongs to this CT any more
+        for stale in (out_dir / MANIFEST_FILE, out_dir / TOTAL_FILE, out_dir / BODY_FILE):
+            _remove(stale)
+    elif manifest["total"] is None:  # the old total map is about to be replaced: stop describing it
+        _write_json_atomically(out_dir / MANIFEST_FILE, manifest)
+
+
+def _segment_task(ts, image, volume: Volume, task: str, out_dir: Path, *, quality: str, classes: tuple[str, ...],
+                  device: str, usage_statistics: bool, download_hint: str) -> dict:
+    """Run one task (``total`` or ``vertebrae_body``) on the CT's NIfTI ``image``, check its label
+    map (the CT's shape, only the labels asked for), write it on the CT's grid and return its
+    manifest entry."""
+    step_start = time.perf_counter()
+    if task == "total":
+        labels = _predict(ts, image, "total", fast=quality == "fast", roi_subset=classes, device=device,
+                          download_hint=download_hint)
+        order = _total_label_ids(ts)
+        names, path = {order[name]: name for name in classes}, out_dir / TOTAL_FILE
+    else:
+        labels = _predict(ts, image, "vertebrae_body", fast=False, roi_subset=None, device=device,
+                          download_hint=download_hint)
+        names, path = dict(ts.class_map["vertebrae_body"]), out_dir / BODY_FILE
+    if labels.shape != volume.shape:
+        raise SegmentationError(f"TotalSegmentator's {task} output has the shape {labels.shape[::-1]} (i, j, k), "
+                                f"not the CT's {volume.shape[::-1]}.")
+    counts = _label_counts(labels)
+    extra = [label for label in np.flatnonzero(counts).tolist() if label and label not in names]
+    if extra:
+        raise SegmentationError(f"TotalSegmentator's {task} output holds labels it was not asked for: {extra}.")
+    write_volume(path, Volume(labels, volume.ijk_to_ras))
+    return {
+        "file": path.name,
+        "task": task,
+        "quality": quality if task == "total" else "normal",  # vertebrae_body has one model (1.5 mm)
+        "roi_subset": list(classes) if task == "total" else None,
+        "labels": {str(label): name for label, name in sorted(names.items())},
+        "present": [names[label] for label in sorted(names) if counts[label] > 0],
+        "datasets": [_weights_folder(ts, dataset_id)[0]
+                     for dataset_id in _datasets(ts, task, quality, classes, loaded_only=True)],
+        "device": device,
+        "seconds": round(time.perf_counter() - step_start, 2),
+        "totalsegmentator_version": ts.versions["TotalSegmentator"],
+        "nnunetv2_version": ts.versions["nnunetv2"],
+        "torch_version": ts.versions["torch"],
+        "usage_statistics": bool(usage_statistics),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def _result(total: dict, body: dict | None, out_dir: Path, *, reused: bool, seconds: float) -> SegmentationResult:
