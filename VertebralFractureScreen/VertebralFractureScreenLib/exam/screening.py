@@ -304,12 +304,7 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
     warnings_ += list(bone.warnings) + [w for w in contrast.warnings if w not in bone.warnings]
     warnings_ += [f"{h.level} incomplete ({', '.join(h.flags) or 'not measurable'}): not graded"
                   for h in heights if not h.complete]
-    if level_check.doubtful:
-        warnings_ += [f"levels doubtful: {finding}" for finding in level_check.disagreements]
-        if bone.l1_hu is not None:  # the category rests on L1 being L1
-            bone = replace(bone, category_uncertain=True)
-            warnings_.append("levels doubtful: the bone category, read at the vertebra labelled "
-                             f"{bone.l1_level or 'L1'}, may belong to another level (category marked uncertain)")
+    bone = _with_level_doubts(bone, level_check, warnings_)
 
     vertebra_rows = _vertebra_rows(exam_id, heights, grades, rois)
     # Every muscles.csv column but the exam's id is the row's attribute of the same name.
@@ -321,13 +316,31 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
                         all_heights, heights, grades, bone, contrast, muscle_rows, spine, level_check,
                         warnings_, timings)
     if model is not None:
-        exam["model"] = model.apply(exam_features(exam, vertebra_rows))
-        if exam["model"]["imputed_features"]:
-            exam["warnings"].append(f"model {model.name!r}: {len(exam['model']['imputed_features'])} missing features "
-                                    f"imputed with the training cohort's medians "
-                                    f"({', '.join(exam['model']['imputed_features'])})")
+        _apply_model(model, exam, vertebra_rows)
     return ScreeningResult(exam_id, vertebra_rows, muscle_table, exam, heights, grades, rois, muscle_rows, contrast,
                            bone, inputs)
+
+
+def _with_level_doubts(bone, level_check, warnings_: list[str]):
+    """The bone summary, its category marked uncertain when the levels are doubtful (it rests on L1
+    being L1); appends one warning per finding of the level check to ``warnings_``."""
+    if not level_check.doubtful:
+        return bone
+    warnings_ += [f"levels doubtful: {finding}" for finding in level_check.disagreements]
+    if bone.l1_hu is None:
+        return bone
+    warnings_.append(f"levels doubtful: the bone category, read at the vertebra labelled {bone.l1_level or 'L1'}, "
+                     "may belong to another level (category marked uncertain)")
+    return replace(bone, category_uncertain=True)
+
+
+def _apply_model(model, exam: dict, vertebra_rows: list[dict]) -> None:
+    """Put ``model``'s output into ``exam["model"]`` (and a warning when it imputed features)."""
+    exam["model"] = model.apply(exam_features(exam, vertebra_rows))
+    imputed = exam["model"]["imputed_features"]
+    if imputed:
+        exam["warnings"].append(f"model {model.name!r}: {len(imputed)} missing features imputed with the training "
+                                f"cohort's medians ({', '.join(imputed)})")
 
 
 def _segmented(ct, seg, body_seg, convention, series_uid, out_dir, quality, device, segment_body):
