@@ -510,3 +510,38 @@ def test_reader_grade_needs_the_area_for_a_size_call():
     assert grading.reader_grade(0.05, 0.30, 0.25) == (2, "size")
     assert grading.reader_grade(0.30, 0.05, 0.0) == (2, "shape")
     assert grading.reader_grade(0.45, 0.45, 0.45) == (3, "shape+size")
+
+
+@pytest.mark.parametrize("fractures", [
+    ("T12:crush:0.3", "L1:crush:0.3"),
+    ("T12:crush:0.3", "L1:crush:0.3", "L2:crush:0.3"),
+    ("L1:crush:0.22", "L2:crush:0.22", "L3:crush:0.22"),
+    ("L1:wedge:0.3", "L2:wedge:0.3"),
+    ("T11:wedge:0.45", "T12:wedge:0.45", "L1:wedge:0.45"),
+    ("L2:biconcave:0.3", "L3:biconcave:0.3"),
+    ("T12:wedge:0.3", "L1:crush:0.45", "L2:biconcave:0.3"),
+], ids=lambda fractures: "+".join(fractures))
+def test_consecutive_fractures_do_not_hide_each_other(fractures):
+    """Two or three fractured vertebrae in a row, of one or mixed shapes and grades 1–3 (issue 28,
+    point 3): each is graded as drawn, with references from the nearest unfractured vertebrae
+    (a run of crushes once read grade 0 throughout, each against its crushed neighbours), and the
+    normal vertebrae around them stay grade 0."""
+    from VertebralFractureScreenLib.measure.morphometry import measure_heights
+
+    levels = ("T9", "T10", "T11", "T12", "L1", "L2", "L3", "L4", "L5", "S1")
+    drawn = make_phantom_for_grading(levels, fractures)
+    heights = measure_heights(drawn.total, drawn.ijk_to_ras, body_labels=drawn.vertebrae_body, ct=drawn.ct)
+    grades = by_level(grade_spine(heights))
+    fractured = {f.split(":")[0] for f in fractures}
+    for truth in drawn.truth["vertebrae"]:
+        level = truth["level"]
+        if level == "S1":
+            continue
+        assert grades[level].genant_grade == truth["genant_grade"], (level, grades[level].grade_loss)
+        if level in fractured:
+            assert fractured.isdisjoint(grades[level].reference_levels)
+
+
+def make_phantom_for_grading(levels, fractures):
+    return phantom.make_phantom(PhantomSpec(levels=levels, spacing=(1.0, 1.0, 1.0), supersampling=1,
+                                            fractures=tuple(Fracture.parse(f) for f in fractures)))

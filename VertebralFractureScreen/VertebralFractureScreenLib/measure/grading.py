@@ -385,9 +385,16 @@ def exam_fracture_summary(grades: Sequence[VertebraGrade]) -> dict:
 # The reader's grade: expected normal shape from the neighbours, height and area together
 # ------------------------------------------------------------------------------------------------
 
-REFERENCE_REACH = 2
+REFERENCE_REACH = 3
 """How many levels away an unfractured neighbour may be taken from, on each side, when the
-adjacent one is fractured or not measured."""
+adjacent one is fractured or not measured (a run of up to five fractured vertebrae still has a
+reference on each side)."""
+
+SIZE_SUSPECT_RATIO = 0.85
+"""A vertebra whose mean chord height, per its level's nominal height, is below this fraction of
+the spine's median is not a reference: a run of crushed vertebrae would otherwise make each other
+look normal. A normal body rarely lies 15 % below its spine's median size, and one that does only
+hands the reference to the next vertebra."""
 
 PROFILE_FRACTIONS = tuple(float(f) for f in morphometry.PROFILE_FRACTIONS)
 """Depth fractions of a height profile (``morphometry.PROFILE_FRACTIONS``: every 5 % from 15 % to
@@ -464,9 +471,10 @@ def _read_like_a_reader(records, levels, positions, grades, gradeable, normal_sh
     by_position = {p: i for i, p in enumerate(positions) if p is not None}
     # Unfractured: quantitative grade 0 (so no crush against its neighbours either) and its own
     # deepest point less than a grade-1 loss below its level's normal shape.
+    small = _smaller_than_the_spine(levels, profiles)
     unfractured = []
     for i, grade in enumerate(grades):
-        ok = gradeable[i] and profiles[i] is not None and grade.quantitative_grade == 0
+        ok = gradeable[i] and profiles[i] is not None and grade.quantitative_grade == 0 and not small[i]
         if ok:
             hm_min, where = _middle_minimum(records[i], profiles[i])
             shape_m = normal_shape_at(levels[i], where, normal_shape)
@@ -523,6 +531,20 @@ def _read_like_a_reader(records, levels, positions, grades, gradeable, normal_sh
         lower, upper = (reader_grade(finite[worst] + d, grade.size_loss + d, grade.area_loss + d)[0]
                         for d in (-BORDERLINE_MARGIN, BORDERLINE_MARGIN))
         grade.borderline = lower != upper
+
+
+def _smaller_than_the_spine(levels: Sequence[str], profiles: Sequence) -> list[bool]:
+    """Per vertebra, whether its mean chord height (mm) over its level's nominal height
+    (:func:`..anatomy.normal_body`) lies below :data:`SIZE_SUSPECT_RATIO` of the median of the
+    measured vertebrae: a size its neighbours cannot vouch for when they are crushed too."""
+    last = len(PROFILE_FRACTIONS) - 1
+    size = [0.5 * (p[0] + p[last]) / normal_body(level).height_mm if p is not None else NAN
+            for level, p in zip(levels, profiles)]
+    measured = sorted(x for x in size if math.isfinite(x))
+    if not measured:
+        return [False] * len(levels)
+    median = 0.5 * (measured[(len(measured) - 1) // 2] + measured[len(measured) // 2])
+    return [math.isfinite(x) and x < SIZE_SUSPECT_RATIO * median for x in size]
 
 
 def mean_profile(profile: Sequence[float]) -> float:
