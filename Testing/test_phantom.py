@@ -23,7 +23,8 @@ from scipy import ndimage
 from VertebralFractureScreenLib import levels as lv
 from VertebralFractureScreenLib.geometry import rotation_matrix
 from VertebralFractureScreenLib.io.images import read_ct, read_labelmap
-from VertebralFractureScreenLib.phantom.render import TISSUES, Fracture, PhantomSpec, genant_grade, is_borderline, make_phantom, write_phantom
+from VertebralFractureScreenLib.phantom.render import (TISSUES, Fracture, Hardware, Lesion, PhantomSpec, genant_grade,
+                                                       is_borderline, make_phantom, write_phantom)
 from VertebralFractureScreenLib.phantom.anatomy import PHYSIOLOGICAL_HA_HP, level_dimensions
 
 LEVELS3 = ("L1", "L2", "L3")
@@ -733,3 +734,187 @@ def test_threads_do_not_change_the_image():
     for name in ("ct", "total", "vertebrae_body", "verse", "tissue"):
         np.testing.assert_array_equal(getattr(one, name), getattr(three, name), err_msg=name)
     assert one.truth == three.truth
+
+
+# ------------------------------------------------------------------------------------------------
+# 10. optional cases: ribs, lesions, hardware, lumbosacral transition, mislabelled segmentations
+# ------------------------------------------------------------------------------------------------
+
+COARSE = {"spacing": (3.0, 3.0, 3.0), "supersampling": 1}
+
+
+def components(mask: np.ndarray) -> list[np.ndarray]:
+    """The 26-connected components of a mask, as masks."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    return [labels == n for n in range(1, count + 1)]
+
+
+def touched_vertebrae(phantom, mask: np.ndarray) -> set[str]:
+    """Levels (truth names) of the vertebrae whose voxels touch ``mask`` (26-neighbours)."""
+    around = ndimage.binary_dilation(mask, structure=np.ones((3, 3, 3))) & ~mask
+    labels = set(np.unique(phantom.total[around]).tolist())
+    return {vt["level"] for vt in phantom.truth["vertebrae"] if vt["total_id"] in labels}
+
+
+@pytest.mark.parametrize("pairs, ribs", [(11, {"T11": 11}), (12, {"T11": 11, "T12": 12}),
+                                         (13, {"T11": 11, "T12": 12, "L1": 13})])
+def test_ribs_on_their_levels(pairs, ribs):
+    phantom = make_phantom(PhantomSpec(levels=("T11", "T12", "L1"), rib_pairs=pairs, **COARSE))
+    assert phantom.truth["ribs"] == ribs
+    rib_ids = set(lv.TOTAL_RIB_IDS.values())
+    present = {label for label in np.unique(phantom.total).tolist() if label in rib_ids}
+    assert present == {lv.TOTAL_RIB_IDS[(side, min(n, 12))] for n in ribs.values() for side in ("left", "right")}
+    for side in ("left", "right"):
+        for number in sorted(set(min(n, 12) for n in ribs.values())):
+            parts = components(phantom.total == lv.TOTAL_RIB_IDS[(side, number)])
+            bearing = {level for level, n in ribs.items() if min(n, 12) == number}  # the 13th takes rib 12's id
+            assert len(parts) == len(bearing)
+            touched = [touched_vertebrae(phantom, part) for part in parts]
+            assert set().union(*touched) == bearing and all(len(t) == 1 for t in touched)  # each touches its own
+            for part, (level,) in zip(parts, touched):
+                centre, lr, _, _ = frame_of(vertebra(phantom.truth, level))
+                offset = (voxel_centres_ras(phantom.ijk_to_ras, np.argwhere(part)) - centre) @ lr
+                assert np.all(offset * (1 if side == "right" else -1) > 5.0)  # on its own side
+                assert np.abs(offset).max() > 50.0  # its medial part is in the field of view
+                tissue = phantom.tissue[part]
+                assert set(np.unique(tissue).tolist()) == {TISSUES["cortical_bone"], TISSUES["rib_marrow"]}
+                assert np.all(phantom.ct[part & (phantom.tissue == TISSUES["rib_marrow"])] == 160)
+    assert not np.isin(phantom.verse, list(rib_ids)).any()  # VerSe: ribs unlabelled
+    assert "identity" in vertebra(phantom.truth, "L1")
+    if pairs == 13:  # the rib-bearing vertebra below T12 is a T13, labelled L1 in `total`
+        l1 = vertebra(phantom.truth, "L1")
+        assert (l1["identity"], l1["total_id"], l1["verse_id"]) == ("T13", 31, 28)
+        assert phantom.truth["anatomy"]["thoracic_vertebrae"] == 13
+        assert phantom.truth["anatomy"]["lumbar_vertebrae"] == 4
+        assert np.any(phantom.verse == 28)
+
+
+@pytest.fixture(scope="module")
+def cases():
+    """Lesions and hardware on T12–L4 at 2 mm, noise-free, sampled at voxel centres."""
+    spec = PhantomSpec(levels=lv.parse_level_range("T12-L4"), spacing=(2.0, 2.0, 2.0), supersampling=1,
+                       lesions=(Lesion.parse("T12:sclerotic:diffuse:600"), Lesion.parse("L2:sclerotic:12:900"),
+                                Lesion.parse("L3:lytic:10:20")),
+                       hardware=(Hardware.parse("L1:cement"), Hardware.parse("L4:screws")))
+    return make_phantom(spec)
+
+
+@pytest.mark.parametrize("level, kind, diameter, hu", [("L2", "sclerotic", 12.0, 900.0), ("L3", "lytic", 10.0, 20.0)])
+def test_lesion_hu_and_surrounding_bone(cases, level, kind, diameter, hu):
+    vt = vertebra(cases.truth, level)
+    assert vt["lesion"] == {"kind": kind, "diameter_mm": diameter, "hu": hu, "diffuse": False,
+                            "centre_ras": vt["lesion"]["centre_ras"]}
+    centre = np.asarray(vt["lesion"]["centre_ras"])
+    assert label_at(cases, cases.ct, centre) == hu
+    mine = cases.total == vt["total_id"]
+    lesion = mine & (cases.tissue == TISSUES["lesion"])
+    assert np.all(cases.ct[lesion] == hu)
+    volume = np.count_nonzero(lesion) * voxel_volume_mm3(cases.ijk_to_ras)
+    assert volume == pytest.approx(np.pi / 6.0 * diameter ** 3, rel=0.35)
+    distance = np.linalg.norm(voxel_centres_ras(cases.ijk_to_ras, np.argwhere(lesion)) - centre, axis=1)
+    assert distance.max() <= diameter / 2
+    trabecular = mine & (cases.tissue == TISSUES["trabecular_bone"])
+    assert np.count_nonzero(trabecular) > 5 * np.count_nonzero(lesion)  # the rest of the core keeps its bone
+    assert np.all(cases.ct[trabecular] == vt["trabecular_hu"])
+    assert vt["hardware"] is None and vertebra(cases.truth, "L4")["lesion"] is None
+
+
+def test_diffuse_lesion_fills_the_trabecular_bone(cases):
+    vt = vertebra(cases.truth, "T12")
+    assert vt["lesion"]["diffuse"] and vt["lesion"]["diameter_mm"] is None
+    mine = cases.total == vt["total_id"]
+    assert not np.any(mine & (cases.tissue == TISSUES["trabecular_bone"]))
+    core = mine & (cases.tissue == TISSUES["lesion"])
+    assert np.count_nonzero(core) * voxel_volume_mm3(cases.ijk_to_ras) > 0.5 * vt["body_volume_ml"] * 1000.0
+    assert np.all(cases.ct[core] == 600)
+
+
+def test_cement_fills_part_of_the_body(cases):
+    vt = vertebra(cases.truth, "L1")
+    assert vt["hardware"] == "cement" and 0.2 <= vt["cement_fraction"] <= 0.4
+    mine = (cases.total == vt["total_id"]) & (cases.vertebrae_body == lv.BODY_LABEL)
+    cement = mine & (cases.ct > 2000)
+    assert np.all(cases.tissue[cement] == TISSUES["cement"])
+    drawn = np.count_nonzero(cement) / np.count_nonzero(mine & np.isin(cases.tissue, [TISSUES["cement"],
+                                                                                     TISSUES["trabecular_bone"]]))
+    assert drawn == pytest.approx(vt["cement_fraction"], abs=0.08)
+
+
+def test_pedicle_screws_are_metal_in_and_behind_the_body(cases):
+    vt = vertebra(cases.truth, "L4")
+    assert vt["hardware"] == "screws" and vt["cement_fraction"] is None
+    metal = cases.tissue == TISSUES["metal"]
+    assert np.all(cases.ct[metal] == 3071)  # titanium, clipped as scanners do
+    in_body = metal & (cases.total == vt["total_id"]) & (cases.vertebrae_body == lv.BODY_LABEL)
+    assert np.count_nonzero(in_body) > 10
+    centre, lr, ap, _ = frame_of(vt)
+    points = voxel_centres_ras(cases.ijk_to_ras, np.argwhere(metal)) - centre
+    assert np.count_nonzero(points @ lr > 5) > 20 and np.count_nonzero(points @ lr < -5) > 20  # two screws
+    assert (points @ ap).min() < -40.0  # the heads stand behind the laminae
+    assert np.any(metal & (cases.total == 0))  # ... unlabelled outside the bone
+
+
+def test_lesion_and_hardware_parse_and_validation():
+    assert Lesion.parse("l2:Sclerotic:12:900") == Lesion("L2", "sclerotic", 12.0, 900.0)
+    assert Lesion.parse("T12:sclerotic:diffuse:600") == Lesion("T12", "sclerotic", 0.0, 600.0, diffuse=True)
+    assert Lesion.parse(Lesion("L3", "lytic", 8.0, 20.0).text) == Lesion("L3", "lytic", 8.0, 20.0)
+    assert Hardware.parse("L4:SCREWS") == Hardware("L4", "screws")
+    for text in ("L2:blastic:12:900", "L2:lytic:0:20", "L2:lytic:x:20", "L2:lytic:8", "L6:lytic:8:20",
+                 "L2:lytic:8:5000"):
+        with pytest.raises(ValueError):
+            Lesion.parse(text)
+    for text in ("L1:plate", "L1", "L1:cement:1"):
+        with pytest.raises(ValueError):
+            Hardware.parse(text)
+    for kwargs in ({"rib_pairs": 10}, {"lumbar_vertebrae": 7},
+                   {"lesions": (Lesion("L1", "lytic", 8.0, 20.0), Lesion("L1", "sclerotic", 8.0, 900.0))},
+                   {"hardware": (Hardware("L1", "cement"), Hardware("L1", "screws"))}):
+        with pytest.raises(ValueError):
+            PhantomSpec(**kwargs)
+    json_keys = set(PhantomSpec().to_json())
+    assert not json_keys & {"rib_pairs", "lesions", "hardware", "lumbar_vertebrae"}  # old truth files unchanged
+    assert PhantomSpec(hardware=(Hardware("L1", "cement"),)).to_json()["hardware"] == ["L1:cement"]
+
+
+def test_six_lumbar_vertebrae():
+    phantom = make_phantom(PhantomSpec(levels=("L4", "L5", "S1"), lumbar_vertebrae=6, **COARSE))
+    rows = [(vt["level"], vt["identity"], vt["total_id"], vt["verse_id"]) for vt in phantom.truth["vertebrae"]]
+    assert rows == [("L4", "L4", 28, 23), ("L5", "L5", 27, 24), ("L6", "L6", 27, 25), ("S1", "S1", 26, 26)]
+    assert phantom.truth["anatomy"]["lumbar_vertebrae"] == 6
+    assert len(components(phantom.total == 27)) == 2  # L5 and L6 both come out as L5 in `total`
+    assert set(np.unique(phantom.verse).tolist()) == {0, 23, 24, 25, 26}
+    with pytest.raises(ValueError, match="share"):  # L5 and L6 share a `total` label, hence their HU
+        make_phantom(PhantomSpec(levels=("L5",), lumbar_vertebrae=6, trabecular_hu={"L5": 100.0, "L6": 150.0},
+                                 **COARSE))
+
+
+def test_four_lumbar_vertebrae():
+    phantom = make_phantom(PhantomSpec(levels=lv.parse_level_range("L3-S1"), lumbar_vertebrae=4, **COARSE))
+    assert [vt["level"] for vt in phantom.truth["vertebrae"]] == ["L3", "L4", "S1"]
+    assert phantom.truth["anatomy"]["lumbar_vertebrae"] == 4
+    assert not np.any(phantom.total == lv.TOTAL_VERTEBRA_IDS["L5"])
+    # the sacrum lies directly below L4: one disc between them
+    l4, s1 = vertebra(phantom.truth, "L4"), vertebra(phantom.truth, "S1")
+    gap = np.linalg.norm(np.subtract(l4["centre_ras"], s1["centre_ras"]))
+    assert gap < 0.5 * (l4["hp_mm"] + s1["hp_mm"]) + 15.0
+
+
+def test_mislabel_helpers():
+    from VertebralFractureScreenLib.phantom.mislabel import shift_levels, swap_levels
+
+    ids = lv.TOTAL_VERTEBRA_IDS
+    total = np.array([[ids["T12"], ids["L1"], ids["L2"], 0], [lv.TOTAL_SACRUM, lv.TOTAL_RIB_IDS[("left", 12)],
+                                                                 ids["L5"], lv.TOTAL_AUTOCHTHON_LEFT]], dtype=np.uint8)
+    before = total.copy()
+    shifted = shift_levels(total, 1)
+    np.testing.assert_array_equal(total, before)  # input untouched
+    assert shifted.dtype == total.dtype
+    np.testing.assert_array_equal(shifted, [[ids["L1"], ids["L2"], ids["L3"], 0],
+                                            [lv.TOTAL_SACRUM, lv.TOTAL_RIB_IDS[("left", 12)], ids["S1"],
+                                             lv.TOTAL_AUTOCHTHON_LEFT]])
+    np.testing.assert_array_equal(shift_levels(shifted, -1), total)
+    swapped = swap_levels(total, "L1", "l5")
+    assert swapped[0, 1] == ids["L5"] and swapped[1, 2] == ids["L1"] and swapped[0, 0] == ids["T12"]
+    np.testing.assert_array_equal(swap_levels(swapped, "L5", "L1"), total)
+    with pytest.raises(ValueError):
+        shift_levels(np.array([ids["S1"]]), 1)

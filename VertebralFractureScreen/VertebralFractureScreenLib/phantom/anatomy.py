@@ -55,17 +55,18 @@ class LevelDimensions(NormalBody):
 @lru_cache(maxsize=None)
 def level_dimensions(level: str) -> LevelDimensions:
     """Nominal dimensions of ``level``: the body's from :func:`..anatomy.normal_body`, the
-    posterior elements' lumbar or thoracic."""
+    posterior elements' lumbar or thoracic. A sixth lumbar vertebra (``L6``) is shaped as L5."""
     lumbar = level.startswith(("L", "S"))
+    like = "L5" if level == "L6" else level
     return LevelDimensions(
-        **asdict(normal_body(level)),
+        **{**asdict(normal_body(like)), "level": level},
         canal_half_width_mm=11.0 if lumbar else 8.0,
         canal_half_depth_mm=8.0 if lumbar else 7.5,
         pedicle_width_mm=9.0 if lumbar else 7.0,
         lamina_thickness_mm=6.0 if lumbar else 5.0,
         spinous_length_mm=28.0 if lumbar else 30.0,
         transverse_length_mm=18.0 if lumbar else 20.0,
-        normal_ha_hp=PHYSIOLOGICAL_HA_HP.get(level, 1.0),
+        normal_ha_hp=PHYSIOLOGICAL_HA_HP.get(like, 1.0),
     )
 
 
@@ -238,13 +239,17 @@ def _cumulative_integral(values: np.ndarray, step: float) -> np.ndarray:
     return out
 
 
-def layout_levels(heights_top: dict[str, float], heights_bottom: dict[str, float]) -> dict[str, float]:
+def layout_levels(heights_top: dict[str, float], heights_bottom: dict[str, float],
+                  column: list[str] | None = None) -> dict[str, float]:
     """Arc length of every level's body centre, stacking bodies and discs from S1 upwards.
 
     ``heights_top[level]`` / ``heights_bottom[level]`` are the largest extents (mm) of the body's
-    superior / inferior endplate from its centre along the cranio-caudal axis. ``s = 0`` at L3.
+    superior / inferior endplate from its centre along the cranio-caudal axis; ``column``: the
+    levels C7 … S1, cranial first (default: the standard ones). ``s = 0`` at L3.
     """
-    order = [name for name in LEVELS if level_position(name) >= level_position("C7")][::-1]  # S1 … C7
+    if column is None:
+        column = [name for name in LEVELS if level_position(name) >= level_position("C7")]
+    order = list(column)[::-1]  # S1 … C7
     s = {order[0]: 0.0}
     for lower, upper in zip(order[:-1], order[1:]):
         disc = level_dimensions(upper).disc_below_mm

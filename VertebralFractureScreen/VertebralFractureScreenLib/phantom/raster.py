@@ -136,8 +136,8 @@ def _key(tissue, total) -> np.ndarray:
 
 
 _SHARP_TISSUES = tuple(TISSUES[name] for name in
-                       ("posterior_bone", "cortical_bone", "trabecular_bone", "disc", "sacrum"))
-"""Tissues of structures with edges and corners (boxes, rims of bodies and discs)."""
+                       ("posterior_bone", "cortical_bone", "trabecular_bone", "disc", "sacrum", "metal"))
+"""Tissues of structures with edges and corners (boxes, rims of bodies and discs, ends of screws)."""
 
 _ALWAYS_PAINTED = TISSUES["cortical_bone"]
 """Tissue whose cells are painted sample by sample even when all their corners agree: the

@@ -6,15 +6,19 @@ every measurement of this product is tested against; :func:`write_phantom` write
 
 The parts, each in its own module of :mod:`.phantom`:
 
-* :mod:`.spec`: :class:`PhantomSpec` and :class:`Fracture` (what defines a phantom), the tissue
-  codes and which HU each tissue gets;
+* :mod:`.spec`: :class:`PhantomSpec`, :class:`Fracture`, :class:`Lesion` and :class:`Hardware`
+  (what defines a phantom), the tissue codes and which HU each tissue gets;
+* :mod:`.column`: which vertebrae the column has (4 or 6 lumbar, a T13), their labels and true
+  identities;
 * :mod:`.anatomy`: level dimensions, the spine curve and the vertebra frames;
 * :mod:`.shapes`: the vertebral body with its endplate surfaces (and the fracture shapes), the
   fat lattice and point tests;
+* :mod:`.ribs`, :mod:`.inserts`: the ribs; lesions, cement and screws in a vertebra;
 * :mod:`.scene`: :class:`SpineScene`, all structures in the anatomy frame and their painting;
 * :mod:`.raster`: the voxel grid, the two passes (voxel centres, then partial volume) and the
   scanner's blur and noise;
-* :mod:`.truth`: heights, grades and muscle slabs as the measurements define them.
+* :mod:`.truth`: heights, grades and muscle slabs as the measurements define them;
+* :mod:`.mislabel`: mislabelled copies of a ``total`` map, for tests of a level checker.
 
 The names that other modules import from here (``from .phantom.render import X``) are re-exported.
 """
@@ -34,11 +38,12 @@ from ..measure.morphometry import AP_FRACTIONS  # noqa: F401  (re-exported)
 from .raster import _make_grid, _paint_centres, _Renderer, _scanner_ct, _supersample_voxels, default_workers
 from .scene import SpineScene, Tube  # noqa: F401  (re-exported)
 from .shapes import VertebraModel  # noqa: F401  (re-exported)
-from .spec import FRACTURE_SHAPES, TISSUES, VERSE_SACRUM, Fracture, PhantomSpec  # noqa: F401  (re-exported)
+from .spec import FRACTURE_SHAPES, TISSUES, VERSE_SACRUM, Fracture, Hardware, Lesion, PhantomSpec  # noqa: F401  (re-exported)
 from .truth import _truth
 
 __all__ = [
-    "AP_FRACTIONS", "FRACTURE_SHAPES", "TISSUES", "VERSE_SACRUM", "Fracture", "Phantom", "PhantomSpec",
+    "AP_FRACTIONS", "FRACTURE_SHAPES", "TISSUES", "VERSE_SACRUM", "Fracture", "Hardware", "Lesion", "Phantom",
+    "PhantomSpec",
     "SpineScene", "Tube", "VertebraModel", "default_workers", "genant_grade", "is_borderline", "make_phantom",
     "write_phantom",
 ]

@@ -11,7 +11,9 @@ Everything is in the anatomy frame (mm, see :mod:`.anatomy` for the frames and d
   (CSF) holding the spinal cord down to the L1/L2 disc;
 * autochthonous back muscles and iliopsoas as tubes that follow the spine curve, with
   intramuscular fat as a lattice of spheres occupying a chosen volume fraction;
-* the aorta (native or contrast-enhanced) down to L4, and a body envelope with subcutaneous fat.
+* the aorta (native or contrast-enhanced) down to L4, and a body envelope with subcutaneous fat;
+* the optional cases: ribs (:mod:`.ribs`), lesions, cement and screws in a vertebra
+  (:mod:`.inserts`), and a column with 4 or 6 lumbar vertebrae or a T13 (:mod:`.column`).
 
 Each structure is evaluated only on points whose box it can reach, from the top of the painter's
 order down, each point by the first structure that holds it. The HU of a painted tissue is the
@@ -26,6 +28,9 @@ import numpy as np
 
 from .. import levels as lv
 from .anatomy import SpineCurve, layout_levels, level_dimensions
+from .column import column_of
+from .inserts import insert_keys, insert_parts
+from .ribs import FOV_LENGTH_MM, RIB_RADIUS_MM, make_rib, paint_ribs
 from .shapes import VertebraModel, _boxes_meet, _dot, _in_box, _in_fat_lattice
 from .spec import TISSUES, VERSE_SACRUM, PhantomSpec
 
@@ -63,7 +68,8 @@ class SpineScene:
         rng = np.random.default_rng(spec.seed + 1)
         fractures = {f.level: f for f in spec.fractures}
         # 1. Shapes of all levels C7–S1 (the anatomy does not depend on which levels are drawn).
-        all_levels = [n for n in lv.LEVELS if lv.level_position(n) >= lv.level_position("C7")]
+        self.column = column_of(spec)
+        all_levels = list(self.column.names)
         models: dict[str, VertebraModel] = {}
         for name in all_levels:
             dims = level_dimensions(name)
@@ -72,7 +78,8 @@ class SpineScene:
             models[name] = VertebraModel(name, 0.0, dims.width_mm / 2, dims.depth_mm / 2, ratio * hp0, hp0,
                                          fractures.get(name))
         extents = {name: m.extents() for name, m in models.items()}
-        centres = layout_levels({n: e[0] for n, e in extents.items()}, {n: e[1] for n, e in extents.items()})
+        centres = layout_levels({n: e[0] for n, e in extents.items()}, {n: e[1] for n, e in extents.items()},
+                                all_levels)
         self.curve = SpineCurve(centres, spec.lordosis_deg, spec.kyphosis_deg, spec.scoliosis_deg)
         for name, model in models.items():
             model.s = centres[name]
@@ -80,7 +87,9 @@ class SpineScene:
             model.centre, model.axes = c, np.stack([e_lr, e_ap, e_cc])
         self.models = models
         self.extents = extents
-        self.levels = [n for n in all_levels if n in spec.levels]  # drawn levels, cranial first
+        self.levels = self.column.drawn(spec.levels)  # drawn levels, cranial first
+        if not self.levels:
+            raise ValueError(f"none of the levels {', '.join(spec.levels)} is in this spine")
         # Disc mid-planes: arc length halfway between the adjacent endplates.
         self.disc_mid_s: dict[tuple[str, str], float] = {}
         for upper, lower in zip(all_levels[:-1], all_levels[1:]):
@@ -91,12 +100,14 @@ class SpineScene:
         self.s_low = self._slab_limits(last)[0] - spec.fov_margin_mm
         self.s_high = self._slab_limits(first)[1] + spec.fov_margin_mm
         self.tubes = self._make_tubes(rng)
+        self.ribs = [make_rib(models[name], level_dimensions(name), side, self.column.ribs[name])
+                     for name in self.levels if name in self.column.ribs for side in ("left", "right")]
         self._reach = None  # set by prepare_bounds
 
     # -- geometry helpers -----------------------------------------------------------------------
     def _slab_limits(self, level: str) -> tuple[float, float]:
         """Arc lengths of the mid-disc planes below and above ``level`` (its muscle slab)."""
-        names = [n for n in lv.LEVELS if lv.level_position(n) >= lv.level_position("C7")]
+        names = self.column.names
         index = names.index(level)
         model = self.models[level]
         top, bottom = self.extents[level]
@@ -131,7 +142,7 @@ class SpineScene:
         auto_r_lr = lambda s: 15.0 + 7.0 * lumbar(s)  # noqa: E731
         auto_ap = lambda s: canal_centre(s) - canal_ap(s) - lamina(s) - 1.5 - auto_r_ap(s)  # noqa: E731
         # Iliopsoas: lateral to the bodies from T12 down, growing to L5.
-        s_t12, s_l5 = self.models["T12"].s, self.models["L5"].s
+        s_t12, s_l5 = self.models["T12"].s, self.models[self.column.last_lumbar()].s  # L5, or L4 / L6
         psoas_r_lr = lambda s: np.interp(s, [s_l5, s_t12], [20.0, 5.0])  # noqa: E731
         psoas_r_ap = lambda s: 0.9 * psoas_r_lr(s)  # noqa: E731
         psoas_lr = lambda s: half_width(s) + psoas_r_lr(s) + 2.0  # noqa: E731
@@ -165,7 +176,8 @@ class SpineScene:
               box: tuple[np.ndarray, np.ndarray] | None = None, hint_iterations: int = _HINTED_ITERATIONS,
               want_s: bool = False) -> dict[str, np.ndarray]:
         """Tissue, HU and labels of anatomy-frame points ``q`` (N, 3), by painter's order:
-        envelope, tubes, discs, vertebrae (posterior elements, then body), sacrum.
+        envelope, tubes, ribs, discs, vertebrae (posterior elements, body, what is inserted into
+        it), sacrum.
 
         ``s_hint`` (N,): arc lengths within a few millimetres of the points' foot points on the
         spine curve (NaN: none), from which ``hint_iterations`` Newton steps find them; ``box``:
@@ -204,6 +216,8 @@ class SpineScene:
         lo, hi = (q.min(axis=0), q.max(axis=0)) if box is None else box
         free = np.arange(n)  # points no structure has taken yet
         free = self._paint_spine(q, free, lo, hi, put)
+        if self.ribs and len(free):
+            free = paint_ribs(self.ribs, q, free, lo, hi, spec.cortex_mm, put)
         if len(free):
             free = self._paint_tubes(q, free, lo, hi, put, s_hint, hint_iterations, out.get("s"))
         if len(free):
@@ -303,8 +317,8 @@ class SpineScene:
         spec = self.spec
         t = TISSUES
         model = self.models[name]
-        total_id = lv.TOTAL_VERTEBRA_IDS[name]
-        verse_id = lv.VERSE_VERTEBRA_IDS.get(name, VERSE_SACRUM)
+        total_id = self.column.total_ids[name]
+        verse_id = self.column.verse_ids[name]
         top_extent, bottom_extent = self._w_extent(name)
         w = _dot(q[free], model.axes[2]) - model.axes[2] @ model.centre
         near = (w <= top_extent + 1.0) & (w >= -bottom_extent - 1.0)
@@ -332,22 +346,25 @@ class SpineScene:
         posterior = pedicles | lamina | spinous | transverse
         if name == "S1":
             posterior = pedicles | lamina  # the sacrum's dorsal parts are not modelled in detail
-        top, bottom = model.endplates(u, v)
-        a = model.half_width
-        ellipse = (u / a) ** 2 + (v / b) ** 2
-        body = (ellipse <= 1.0) & (w <= top) & (w >= bottom)
-        c = spec.cortex_mm
-        core = body & ((u / (a - c)) ** 2 + (v / (b - c)) ** 2 <= 1.0) & (w <= top - c) & (w >= bottom + c)
+        body, core = model.body_and_core(u, v, w, spec.cortex_mm)
         below = np.zeros(len(close), dtype=bool)
         if name == "S1":
-            below = (np.abs(u) <= a + 15.0) & (np.abs(v) <= b) & (w < bottom) & (w >= bottom - 50.0)
+            bottom = model.endplates(u, v)[1]
+            below = (np.abs(u) <= model.half_width + 15.0) & (np.abs(v) <= b) & (w < bottom) & (w >= bottom - 50.0)
         # Within the vertebra, later parts cover earlier ones: sacrum over body over posterior.
         put(close[posterior & ~body & ~below], t["posterior_bone"], total_id, 0, verse_id)
         put(close[body & ~core & ~below], t["cortical_bone"], total_id, lv.BODY_LABEL, verse_id)
         put(close[core & ~below], t["trabecular_bone"], total_id, lv.BODY_LABEL, verse_id, level=name)
         put(close[below], t["sacrum"], lv.TOTAL_SACRUM, 0, VERSE_SACRUM)
+        held = posterior | body | below
+        for mask, tissue, labelled in insert_parts(spec, model, d, u, v, w, core):  # lesion, cement, screws
+            if labelled:
+                put(close[mask & body], tissue, total_id, lv.BODY_LABEL, verse_id, level=name)
+            put(close[mask & ~body if labelled else mask], tissue, *((total_id, 0, verse_id) if labelled else ()),
+                level=name)
+            held |= mask
         taken = np.zeros(len(free), dtype=bool)
-        taken[np.flatnonzero(near)[posterior | body | below]] = True
+        taken[np.flatnonzero(near)[held]] = True
         return free[~taken]
 
     def hu_of_keys(self) -> np.ndarray:
@@ -362,11 +379,19 @@ class SpineScene:
             if tube.fat_fraction > 0:
                 painted.append((t["intramuscular_fat"], tube.total_label, None))
         for name in self.levels:
-            painted += [(tissue, lv.TOTAL_VERTEBRA_IDS[name], name)
+            total = self.column.total_ids[name]
+            painted += [(tissue, total, name)
                         for tissue in (t["posterior_bone"], t["cortical_bone"], t["trabecular_bone"])]
+            painted += [(tissue, total if labelled else 0, name) for tissue, labelled in insert_keys(self.spec, name)]
+        for rib in self.ribs:
+            painted += [(t["cortical_bone"], rib.total_label, None), (t["rib_marrow"], rib.total_label, rib.marrow_level)]
         table = np.full(1 << 16, np.nan, dtype=np.float32)
         for tissue, total, level in painted:
-            table[(tissue << 8) | total] = self.spec.tissue_hu(tissue, level)
+            key, hu = (tissue << 8) | total, self.spec.tissue_hu(tissue, level)
+            if not np.isnan(table[key]) and table[key] != np.float32(hu):
+                raise ValueError(f"two structures labelled {total} (L5 and L6 share L5's) differ in the HU of "
+                                 f"tissue {tissue}: give them the same trabecular HU and lesion HU")
+            table[key] = hu
         return table
 
     def _w_extent(self, name: str) -> tuple[float, float]:
@@ -441,6 +466,9 @@ class SpineScene:
             local = np.array([[u, v, w] for u in (-lateral, lateral) for v in (back, m.half_depth)
                               for w in (-bottom - (50.0 if name == "S1" else 0.0), top)])
             corners.append(m.centre + local @ m.axes)
+        for rib in self.ribs:  # the ribs' medial parts
+            line = rib.centre_line(FOV_LENGTH_MM)
+            corners += [line - RIB_RADIUS_MM, line + RIB_RADIUS_MM]
         corners = np.concatenate(corners)
         z_lo, z_hi = corners[:, 2].min(), corners[:, 2].max()
         lo = np.minimum(corners.min(axis=0), drawn.min(axis=0)) - 3.0
@@ -472,8 +500,9 @@ class SpineScene:
             rim = rim.reshape(len(edges) - 1, per * len(angles), 3)
             tubes.append((rim.min(axis=1) - 1.0, rim.max(axis=1) + 1.0))
         discs, disc_frames, frames = [], [], []
+        place = {name: index for index, name in enumerate(self.column.names)}
         for upper, lower in zip(self.levels[:-1], self.levels[1:]):
-            if lv.level_position(lower) - lv.level_position(upper) != 1:
+            if place[lower] - place[upper] != 1:
                 continue
             mu, ml = self.models[upper], self.models[lower]
             frame = self.curve.frame(self.disc_mid_s[(upper, lower)])

@@ -82,6 +82,21 @@ class VertebraModel:
         top, bottom = self.endplates(u[inside], v[inside])
         return float(np.sum(top - bottom) * step * step)
 
+    def body_and_core(self, u, v, w, cortex_mm: float) -> tuple[np.ndarray, np.ndarray]:
+        """Whether local points ``(u, v, w)`` lie in the body, and in its trabecular core (the
+        body less a cortical shell of ``cortex_mm``)."""
+        top, bottom = self.endplates(u, v)
+        a, b, c = self.half_width, self.half_depth, cortex_mm
+        body = ((u / a) ** 2 + (v / b) ** 2 <= 1.0) & (w <= top) & (w >= bottom)
+        core = body & ((u / (a - c)) ** 2 + (v / (b - c)) ** 2 <= 1.0) & (w <= top - c) & (w >= bottom + c)
+        return body, core
+
+    def mid_height(self) -> tuple[float, float]:
+        """Height of the middle of the body's central column (u = v = 0) above its centre, and
+        half that column's height (mm)."""
+        top, bottom = self.endplates(0.0, 0.0)
+        return 0.5 * float(top + bottom), 0.5 * float(top - bottom)
+
     def local(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Local ``(u, v, w)`` of anatomy-frame points ``q`` (N, 3)."""
         offsets = self.axes @ self.centre

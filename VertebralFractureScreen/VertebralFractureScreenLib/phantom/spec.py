@@ -1,5 +1,6 @@
-"""What defines a phantom: its :class:`PhantomSpec` (levels, pose, grid, fractures, intensities)
-and the codes its maps are written with.
+"""What defines a phantom: its :class:`PhantomSpec` (levels, pose, grid, fractures, intensities,
+and the optional cases: ribs, lesions, hardware, a lumbosacral transition) and the codes its maps
+are written with.
 
 Lengths are in mm, angles in degrees, intensities in HU. :meth:`PhantomSpec.tissue_hu` is the one
 place that says which HU each tissue of :data:`TISSUES` gets; the scene paints tissues and labels
@@ -15,15 +16,48 @@ import numpy as np
 from .. import levels as lv
 
 FRACTURE_SHAPES = ("wedge", "biconcave", "crush")
+LESION_KINDS = ("sclerotic", "lytic")
+HARDWARE_KINDS = ("cement", "screws")
+RIB_PAIRS = (0, 11, 12, 13)
+LUMBAR_COUNTS = (4, 5, 6)
+
+CEMENT_HU = 2500.0
+"""PMMA bone cement (with its barium or zirconia opacifier) of a vertebroplasty."""
+TITANIUM_HU = 8000.0
+"""Titanium on an extended HU scale: far above the 12-bit CT's 3071, to which the scanner clips it
+(:func:`.raster._scanner_ct`), so a voxel half filled with screw still reads 3071."""
 
 # Tissue codes of the phantom's tissue map (written as tissue.nii.gz).
 TISSUES = {
     "air": 0, "subcutaneous_fat": 1, "soft_tissue": 2, "muscle": 3, "intramuscular_fat": 4,
     "blood": 5, "csf": 6, "spinal_cord": 7, "disc": 8, "posterior_bone": 9,
     "cortical_bone": 10, "trabecular_bone": 11, "sacrum": 12,
+    "rib_marrow": 13, "lesion": 14, "cement": 15, "metal": 16,
 }
 
 VERSE_SACRUM = 26  # VerSe's sacrum id; the phantom's S1 and sacrum are written with it.
+
+
+def _fields(text: str, count: int, what: str, usage: str) -> list[str]:
+    """``text`` split at ``:`` into ``count`` fields, the first a level (upper-cased and checked),
+    the others lower-cased; ``what`` and ``usage`` name it in the error."""
+    parts = text.split(":")
+    if len(parts) != count:
+        raise ValueError(f"{what} {text!r} is not {usage}")
+    lv.level_position(parts[0])
+    return [parts[0].upper()] + [part.lower() for part in parts[1:]]
+
+
+def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{what} {value!r} is not one of {', '.join(choices)}")
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{what} {text!r} is not a number") from None
 
 
 @dataclass(frozen=True)
@@ -38,22 +72,70 @@ class Fracture:
     @classmethod
     def parse(cls, text: str) -> "Fracture":
         """Parse ``LEVEL:SHAPE:FRACTION``, e.g. ``L1:wedge:0.3``."""
-        parts = text.split(":")
-        if len(parts) != 3:
-            raise ValueError(f"fracture {text!r} is not LEVEL:SHAPE:FRACTION (e.g. L1:wedge:0.3)")
-        level, shape, fraction = parts[0].upper(), parts[1].lower(), parts[2]
-        lv.level_position(level)
-        try:
-            value = float(fraction)
-        except ValueError:
-            raise ValueError(f"fracture fraction {fraction!r} is not a number") from None
-        return cls(level, shape, value)
+        level, shape, fraction = _fields(text, 3, "fracture", "LEVEL:SHAPE:FRACTION (e.g. L1:wedge:0.3)")
+        return cls(level, shape, _number(fraction, "fracture fraction"))
 
     def __post_init__(self):
-        if self.shape not in FRACTURE_SHAPES:
-            raise ValueError(f"fracture shape {self.shape!r} is not one of {', '.join(FRACTURE_SHAPES)}")
+        _check_choice("fracture shape", self.shape, FRACTURE_SHAPES)
         if not 0.0 < self.fraction < 0.7:
             raise ValueError(f"fracture fraction {self.fraction} must lie between 0 and 0.7")
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """A bone lesion of one vertebral body: a sphere of ``diameter_mm`` at ``hu`` centred in the
+    body's trabecular bone (clipped to it), or with ``diffuse`` the whole trabecular bone at ``hu``
+    (``diameter_mm`` is then unused). ``kind`` in :data:`LESION_KINDS`."""
+
+    level: str
+    kind: str
+    diameter_mm: float
+    hu: float
+    diffuse: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> "Lesion":
+        """Parse ``LEVEL:KIND:DIAMETER:HU`` or ``LEVEL:KIND:diffuse:HU``, e.g. ``L2:sclerotic:12:900``,
+        ``L3:lytic:8:20``, ``T12:sclerotic:diffuse:600``."""
+        level, kind, size, hu = _fields(text, 4, "lesion", "LEVEL:KIND:DIAMETER:HU (e.g. L2:sclerotic:12:900)")
+        diffuse = size == "diffuse"
+        diameter = 0.0 if diffuse else _number(size, "lesion diameter")
+        return cls(level, kind, diameter, _number(hu, "lesion HU"), diffuse)
+
+    def __post_init__(self):
+        _check_choice("lesion kind", self.kind, LESION_KINDS)
+        if not self.diffuse and not self.diameter_mm > 0.0:
+            raise ValueError(f"lesion diameter {self.diameter_mm} must be positive")
+        if not -1000.0 <= self.hu <= 3071.0:
+            raise ValueError(f"lesion HU {self.hu} must lie in [-1000, 3071]")
+
+    @property
+    def text(self) -> str:
+        """The lesion as :meth:`parse` reads it."""
+        return f"{self.level}:{self.kind}:{'diffuse' if self.diffuse else self.diameter_mm}:{self.hu}"
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Hardware in one vertebra, ``kind`` in :data:`HARDWARE_KINDS`: ``cement`` (a vertebroplasty,
+    a blob of PMMA filling about 30 % of the body's trabecular bone, :data:`CEMENT_HU`) or
+    ``screws`` (two titanium pedicle screws of 6 mm through the pedicles into the body,
+    :data:`TITANIUM_HU`)."""
+
+    level: str
+    kind: str
+
+    @classmethod
+    def parse(cls, text: str) -> "Hardware":
+        """Parse ``LEVEL:KIND``, e.g. ``L1:cement``, ``L4:screws``."""
+        return cls(*_fields(text, 2, "hardware", "LEVEL:KIND (e.g. L1:cement)"))
+
+    def __post_init__(self):
+        _check_choice("hardware kind", self.kind, HARDWARE_KINDS)
+
+    @property
+    def text(self) -> str:
+        return f"{self.level}:{self.kind}"
 
 
 @dataclass(frozen=True)
@@ -93,6 +175,11 @@ class PhantomSpec:
     psf_fwhm_mm: float = 0.0
     supersampling: int | None = None  # odd sub-samples per axis; None: sub-sample spacing ≤ 0.5 mm
     seed: int = 0
+    # Optional cases (see :mod:`.column`, :mod:`.ribs`, :mod:`.inserts`); their defaults draw none.
+    rib_pairs: int = 0  # 0 (no ribs), 11, 12 or 13: rib n on T n; the 13th on the vertebra below T12
+    lesions: tuple[Lesion, ...] = ()
+    hardware: tuple[Hardware, ...] = ()
+    lumbar_vertebrae: int = 5  # 4, 5 or 6 vertebrae between T12 and the sacrum (6: an L6 below L5)
 
     def __post_init__(self):
         if not self.levels:
@@ -112,6 +199,13 @@ class PhantomSpec:
         for fraction in (self.autochthon_fat_fraction, self.iliopsoas_fat_fraction):
             if not 0.0 <= fraction <= 0.5:
                 raise ValueError("intramuscular fat fractions must lie in [0, 0.5]")
+        if self.rib_pairs not in RIB_PAIRS:
+            raise ValueError(f"rib_pairs must be one of {', '.join(map(str, RIB_PAIRS))}")
+        if self.lumbar_vertebrae not in LUMBAR_COUNTS:
+            raise ValueError(f"lumbar_vertebrae must be one of {', '.join(map(str, LUMBAR_COUNTS))}")
+        for what, items in (("lesion", self.lesions), ("hardware", self.hardware)):
+            if len({item.level for item in items}) != len(items):
+                raise ValueError(f"at most one {what} per level")
 
     def subsamples_per_axis(self) -> tuple[int, int, int]:
         """Odd number of partial-volume sub-samples along i, j, k.
@@ -132,9 +226,19 @@ class PhantomSpec:
         return tuple(counts)
 
     def trabecular_hu_of(self, level: str) -> float:
+        """Trabecular HU of ``level``; an L6 not in a per-level dict takes L5's (the two share a
+        ``total`` label, which with the tissue fixes a sample's HU)."""
         if isinstance(self.trabecular_hu, dict):
+            if level == "L6" and level not in self.trabecular_hu:
+                level = "L5"
             return float(self.trabecular_hu.get(level, 160.0))
         return float(self.trabecular_hu)
+
+    def lesion_of(self, level: str) -> Lesion | None:
+        return next((lesion for lesion in self.lesions if lesion.level == level), None)
+
+    def hardware_of(self, level: str) -> Hardware | None:
+        return next((item for item in self.hardware if item.level == level), None)
 
     @property
     def aorta_hu_value(self) -> float:
@@ -143,21 +247,31 @@ class PhantomSpec:
         return 250.0 if self.contrast else 40.0
 
     def tissue_hu(self, tissue: int, level: str | None = None) -> float:
-        """HU of a tissue (a :data:`TISSUES` code) in this phantom; trabecular bone's depends on
-        the ``level`` (:meth:`trabecular_hu_of`). Every other tissue has one HU everywhere, so a
-        sample's tissue and ``total`` label fix its HU (what the partial-volume pass relies on)."""
+        """HU of a tissue (a :data:`TISSUES` code) in this phantom; trabecular bone's and rib
+        marrow's depend on the ``level`` (:meth:`trabecular_hu_of`), a lesion's is that of the
+        ``level``'s lesion. Every other tissue has one HU everywhere, so a sample's tissue and
+        ``total`` label fix its HU (what the partial-volume pass relies on)."""
         t = TISSUES
-        if tissue == t["trabecular_bone"]:
+        if tissue in (t["trabecular_bone"], t["rib_marrow"]):
             return self.trabecular_hu_of(level)
+        if tissue == t["lesion"]:
+            return float(self.lesion_of(level).hu)
         return {
             t["air"]: -1000.0, t["subcutaneous_fat"]: self.fat_hu, t["soft_tissue"]: self.soft_tissue_hu,
             t["muscle"]: self.muscle_hu, t["intramuscular_fat"]: self.fat_hu, t["blood"]: self.aorta_hu_value,
             t["csf"]: self.csf_hu, t["spinal_cord"]: self.cord_hu, t["disc"]: self.disc_hu,
             t["posterior_bone"]: self.posterior_hu, t["cortical_bone"]: self.cortical_hu,
-            t["sacrum"]: self.sacrum_hu,
+            t["sacrum"]: self.sacrum_hu, t["cement"]: CEMENT_HU, t["metal"]: TITANIUM_HU,
         }[tissue]
 
     def to_json(self) -> dict:
+        """The spec as JSON: the optional cases only where they differ from their defaults (so
+        the truth of a phantom without them is what it was before they existed)."""
         d = asdict(self)
         d["fractures"] = [f"{f.level}:{f.shape}:{f.fraction}" for f in self.fractures]
+        d["lesions"] = [lesion.text for lesion in self.lesions]
+        d["hardware"] = [item.text for item in self.hardware]
+        for name, default in (("rib_pairs", 0), ("lesions", []), ("hardware", []), ("lumbar_vertebrae", 5)):
+            if d[name] == default:
+                del d[name]
         return d

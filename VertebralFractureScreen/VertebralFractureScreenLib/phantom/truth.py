@@ -5,6 +5,12 @@ plane, at 15 / 50 / 85 % of the body's depth from the anterior wall (SPEC §4). 
 fraction ``F`` loses ``F`` of the body's own normal height, so its true Genant grade is that of
 ``F`` (Genant 1993: grade 1 for 20–25 %, 2 for 25–40 %, 3 above 40 %). Muscles are given per
 level slab (between the mid-disc planes). Points and axes are in RAS (mm).
+
+The optional cases add their truth only where the spec draws them (so that the truth of a phantom
+without them is what it was before they existed; read them with ``.get``): per vertebra
+``lesion`` and ``hardware`` (with ``cement_fraction``) where the spec has lesions or hardware,
+``identity``, ``ribs`` (rib-bearing level → rib number)
+and ``anatomy`` (:func:`.column.anatomy_truth`) where there are ribs or a lumbosacral transition.
 """
 
 from __future__ import annotations
@@ -14,9 +20,10 @@ import numpy as np
 from .. import __version__, levels as lv
 from ..measure.grading import genant_grade, is_borderline
 from ..measure.morphometry import AP_FRACTIONS, MIDDLE_REGION, PROFILE_FRACTIONS  # where the truth is given, as measured
+from .column import anatomy_truth
+from .inserts import cement_fraction
 from .scene import SpineScene
 from .shapes import VertebraModel, _in_fat_lattice
-from .spec import VERSE_SACRUM
 
 
 def _touches_border(mask: np.ndarray) -> bool:
@@ -48,7 +55,7 @@ def _truth(spec, scene: SpineScene, ijk_to_ras, anatomy_to_ras, shape, total_map
     vertebrae = []
     for name in scene.levels:
         model = scene.models[name]
-        total_id = lv.TOTAL_VERTEBRA_IDS[name]
+        total_id = scene.column.total_ids[name]
         if total_id not in present:
             continue
         complete = not _touches_border(total_map == total_id)
@@ -65,7 +72,7 @@ def _truth(spec, scene: SpineScene, ijk_to_ras, anatomy_to_ras, shape, total_map
         vertebrae.append({
             "level": name,
             "total_id": total_id,
-            "verse_id": lv.VERSE_VERTEBRA_IDS.get(name, VERSE_SACRUM),
+            "verse_id": scene.column.verse_ids[name],
             "complete": complete,
             "ha_mm": heights["ha"], "hm_mm": heights["hm"], "hp_mm": heights["hp"],
             "ha_hp": heights["ha"] / heights["hp"], "hm_hp": heights["hm"] / heights["hp"],
@@ -87,6 +94,7 @@ def _truth(spec, scene: SpineScene, ijk_to_ras, anatomy_to_ras, shape, total_map
                          "cc": (rot @ model.axes[2]).tolist()},
             "height_points_ras": points,
             **_profile_truth(model),
+            **_case_truth(spec, scene, name, to_ras),
         })
     muscles = _muscle_truth(spec, scene, ijk_to_ras, anatomy_to_ras, shape)
     return {
@@ -105,7 +113,40 @@ def _truth(spec, scene: SpineScene, ijk_to_ras, anatomy_to_ras, shape, total_map
         "aorta": {"hu": spec.aorta_hu_value, "contrast_enhanced": spec.aorta_hu_value > 150.0,
                   "present": lv.TOTAL_AORTA in present},
         "anatomy_to_ras": np.asarray(anatomy_to_ras).tolist(),
+        **_column_truth(spec, scene),
     }
+
+
+def _case_truth(spec, scene: SpineScene, name: str, to_ras) -> dict:
+    """A vertebra's truth of the optional cases the spec draws (see the module docstring)."""
+    out = {}
+    model = scene.models[name]
+    if spec.lesions:
+        lesion = spec.lesion_of(name)
+        out["lesion"] = None if lesion is None else {
+            "kind": lesion.kind, "diameter_mm": None if lesion.diffuse else lesion.diameter_mm, "hu": lesion.hu,
+            "diffuse": lesion.diffuse, "centre_ras": to_ras(model.centre + model.axes[2] * model.mid_height()[0])}
+    if spec.hardware:
+        hardware = spec.hardware_of(name)
+        out["hardware"] = None if hardware is None else hardware.kind
+        out["cement_fraction"] = (cement_fraction(model, spec.cortex_mm)
+                                  if hardware is not None and hardware.kind == "cement" else None)
+    if _numbered(spec):
+        out["identity"] = scene.column.identities[name]
+    return out
+
+
+def _numbered(spec) -> bool:
+    """Whether the truth tells the column's numbering: where it has ribs or a lumbosacral transition."""
+    return bool(spec.rib_pairs) or spec.lumbar_vertebrae != 5
+
+
+def _column_truth(spec, scene: SpineScene) -> dict:
+    """The column's truth where it has ribs or a lumbosacral transition (see the module docstring)."""
+    if not _numbered(spec):
+        return {}
+    return {"ribs": {name: scene.column.ribs[name] for name in scene.levels if name in scene.column.ribs},
+            "anatomy": anatomy_truth(spec, scene.column, scene.levels)}
 
 
 def _muscle_truth(spec, scene: SpineScene, ijk_to_ras, anatomy_to_ras, shape, step: float = 0.5) -> list[dict]:
