@@ -3,8 +3,8 @@ heights and their guards, and agreement with the phantom's analytic truth."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from types import SimpleNamespace
 
 import pytest
 
@@ -12,6 +12,7 @@ from VertebralFractureScreenLib.measure import grading
 from VertebralFractureScreenLib import levels as lv
 from VertebralFractureScreenLib.phantom import render as phantom
 from VertebralFractureScreenLib.measure.grading import NORMAL_HA_HP, VertebraGrade, exam_fracture_summary, genant_grade, grade_spine, is_borderline
+from VertebralFractureScreenLib.measure.morphometry import VertebraHeights
 from VertebralFractureScreenLib.phantom.render import AP_FRACTIONS, Fracture, PhantomSpec, SpineScene
 from VertebralFractureScreenLib.phantom.anatomy import PHYSIOLOGICAL_HA_HP
 
@@ -19,8 +20,8 @@ NAN = float("nan")
 
 
 def vertebra(level, ha, hm, hp, complete=True):
-    """A VertebraHeights-like record."""
-    return SimpleNamespace(level=level, complete=complete, ha_mm=ha, hm_mm=hm, hp_mm=hp, flags=[])
+    """The morphometry's record of a vertebra with the given heights (mm), nothing else measured."""
+    return VertebraHeights(level, 0, complete, ha, hm, hp)
 
 
 def normal(level, mean_height=20.0, ratio=None):
@@ -272,14 +273,13 @@ def test_level_gap_is_flagged_and_not_bridged():
     assert "one_sided_reference" in grades["T12"].flags
 
 
-def test_output_order_mappings_and_duplicates():
-    records = [dict(level="L2", complete=True, ha_mm=20.0, hm_mm=20.0, hp_mm=20.0),
-               dict(level="L1", complete=True, ha_mm=14.0, hm_mm=18.0, hp_mm=20.0)]
+def test_output_order_and_duplicates():
+    records = [vertebra("L2", 20.0, 20.0, 20.0), vertebra("L1", 14.0, 18.0, 20.0)]
     grades = grade_spine(records)
     assert [g.level for g in grades] == ["L2", "L1"]
     assert grades[1].genant_grade == 1 and grades[1].hp_ref_mm == pytest.approx(20.0 / 0.965)
     with pytest.raises(ValueError):
-        grade_spine(records + [dict(records[0])])
+        grade_spine(records + [dataclasses.replace(records[0])])
 
 
 def test_unknown_level_is_not_graded():
@@ -376,8 +376,13 @@ def phantom_truth(fractures, levels="T4-S1"):
     return rows
 
 
+def truth_heights(truth):
+    """The true heights of :func:`phantom_truth`'s rows as the morphometry's records, to grade."""
+    return [vertebra(t["level"], t["ha_mm"], t["hm_mm"], t["hp_mm"], t["complete"]) for t in truth]
+
+
 def check_against_truth(truth, crush_tolerance=0.04):
-    grades = grade_spine(truth)
+    grades = grade_spine(truth_heights(truth))
     for t, g in zip(truth, grades):
         assert g.level == t["level"]
         if t["level"] == "S1":
@@ -415,7 +420,7 @@ def test_every_level_and_grade_against_phantom_truth(shape):
 
 
 def test_normal_phantom_spine_has_no_fracture():
-    grades = grade_spine(phantom_truth([], levels="T1-S1"))
+    grades = grade_spine(truth_heights(phantom_truth([], levels="T1-S1")))
     assert all(g.genant_grade == 0 for g in grades if g.level != "S1")
     assert max(g.height_loss for g in grades if g.level != "S1") < 0.05
 
@@ -447,9 +452,9 @@ def sized(level, scale=1.0, ratio=None, concavity=0.0, profile=None):
                    for f in fractions]
     middle = [(h, f) for h, f in zip(profile, fractions) if 0.25 <= f <= 0.75]
     hm_min, where = min(middle)
-    return SimpleNamespace(level=level, complete=True, ha_mm=profile[0], hm_mm=profile[fractions.index(0.5)],
-                           hp_mm=profile[-1], height_profile_mm=profile, hm_min_mm=hm_min, hm_min_fraction=where,
-                           depth_mm=30.0, sagittal_area_mm2=30.0 * 0.70 * grading.mean_profile(profile), flags=[])
+    return VertebraHeights(level, 0, True, profile[0], profile[fractions.index(0.5)], profile[-1], depth_mm=30.0,
+                           height_profile_mm=tuple(profile), hm_min_mm=hm_min, hm_min_fraction=where,
+                           sagittal_area_mm2=30.0 * 0.70 * grading.mean_profile(profile))
 
 
 def test_a_body_short_against_its_neighbours_is_graded_by_size_and_area():

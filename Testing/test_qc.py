@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import struct
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -295,10 +294,9 @@ def test_render_qc_from_morphometry_records_with_incomplete_and_unmeasured_verte
     heights[1].height_lines_ras.pop("hm")
     heights.append(VertebraHeights("L4", 28, False, flags=["implausible_body_volume"]))
     out = tmp_path / "qc.png"
-    render_qc(phantom.ct, phantom.ijk_to_ras, heights, out, hu={"L2": 120.0, "L3": {"mean_hu": 131.0}})
+    render_qc(phantom.ct, phantom.ijk_to_ras, heights, out, hu={"L2": 120.0, "L3": 131.0})
     assert _png_size(out)[1] > 500
-    # HU also as a list of records that carry their level (like attenuation's TrabecularROI).
-    records = qc.qc_vertebrae(heights, hu=[SimpleNamespace(level="L3", mean_hu=131.0)])
+    records = qc.qc_vertebrae(heights, hu={"L3": 131.0, "L4": math.nan})
     labels = {r.level: qc.vertebra_label(r) for r in records}
     assert labels["L1"][0] == "L1  incomplete · cut by FOV"
     assert labels["L2"][0] == "L2  incomplete · heights missing"

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_common as bc  # noqa: E402
 
 from VertebralFractureScreenLib import levels as lv  # noqa: E402
-from VertebralFractureScreenLib.measure.morphometry import measure_heights  # noqa: E402
+from VertebralFractureScreenLib.measure.morphometry import VertebraHeights, measure_heights  # noqa: E402
 from VertebralFractureScreenLib.phantom.render import Fracture, PhantomSpec  # noqa: E402
 
 GROUPS = {(1.0, 1.0, 1.0): "1 mm", (0.7, 0.7, 3.0): "0.7x0.7x3", (3.0, 3.0, 3.0): "3 mm"}
@@ -204,6 +204,14 @@ def _finite(value) -> bool:
 # ------------------------------------------------------------------------------------------------
 
 
+def _truth_heights(row: dict) -> VertebraHeights:
+    """A row of the phantom's ``truth["vertebrae"]`` as the morphometry's record, for grading: its
+    heights, height profile, middle minimum and sagittal area (no SDs, depth or endplate depression)."""
+    return VertebraHeights(row["level"], row["total_id"], row["complete"], row["ha_mm"], row["hm_mm"], row["hp_mm"],
+                           height_profile_mm=tuple(row["height_profile_mm"]), hm_min_mm=row["hm_min_mm"],
+                           hm_min_fraction=row["hm_min_fraction"], sagittal_area_mm2=row["sagittal_area_mm2"])
+
+
 def measure_case(case: Case, phantom: bc.CachedPhantom, grading, ts_module, args) -> tuple[list[dict], dict]:
     """Rows (one per truth-complete vertebra, S1 excluded) and per-case timings."""
     t0 = time.perf_counter()
@@ -216,8 +224,9 @@ def measure_case(case: Case, phantom: bc.CachedPhantom, grading, ts_module, args
         try:
             grades_by_level = {g.level: g for g in grading.grade_spine(ours)}
             # The phantom's true heights graded the same way isolate grading errors from
-            # measurement errors (grade_spine accepts mappings with level/complete/ha_mm/...).
-            truth_grades_by_level = {g.level: g for g in grading.grade_spine(phantom.truth["vertebrae"])}
+            # measurement errors.
+            truth_heights = [_truth_heights(row) for row in phantom.truth["vertebrae"]]
+            truth_grades_by_level = {g.level: g for g in grading.grade_spine(truth_heights)}
         except Exception as error:  # report, never stop the benchmark
             grading_error = f"{type(error).__name__}: {error}"
 

@@ -74,7 +74,8 @@ def screen_and_render(name, ct, labels, body_labels, ijk_to_ras, out: Path, titl
     t1 = time.perf_counter()
     rois, contrast = _bone_and_contrast(ct, labels, ijk_to_ras, heights, grades, body_labels)
     t2 = time.perf_counter()
-    render_qc(ct, ijk_to_ras, heights, out, grades=grades, hu=rois, mode=mode,
+    hu = None if rois is None else {r.level: r.mean_hu for r in rois}
+    render_qc(ct, ijk_to_ras, heights, out, grades=grades, hu=hu, mode=mode,
               title=f"{title} · {_contrast_text(contrast)}")
     t3 = time.perf_counter()
     print(f"{name}: {len(heights)} vertebrae on {ct.shape[::-1]} voxels; morphometry + grading {t1 - t0:.2f} s, "

@@ -36,7 +36,7 @@ measured with its flag beside them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -45,6 +45,7 @@ from scipy import ndimage
 from .. import levels as lv
 from ..geometry import voxel_volume_ml
 from .contrast import ContrastResult, measure_contrast  # noqa: F401  measure_contrast: re-exported
+from .grading import VertebraGrade
 from .trabecular_roi import ROI_MARGIN_MM, trabecular_roi_mask
 
 ROI_MIN_VOXELS = 30
@@ -159,15 +160,6 @@ class BoneSummary:
 # ------------------------------------------------------------------------------------------------
 
 
-def _grade_lookup(grades) -> dict[str, bool | None]:
-    out: dict[str, bool | None] = {}
-    for grade in grades or ():
-        level = grade["level"] if isinstance(grade, Mapping) else grade.level
-        value = grade["genant_grade"] if isinstance(grade, Mapping) else grade.genant_grade
-        out[str(level).upper()] = None if value is None else bool(value >= 1)
-    return out
-
-
 def measure_trabecular(
     ct: np.ndarray,
     labels: np.ndarray,
@@ -175,7 +167,7 @@ def measure_trabecular(
     heights: Sequence,
     *,
     body_labels: np.ndarray | None = None,
-    grades: Sequence | None = None,
+    grades: Sequence[VertebraGrade] | None = None,
     margin_mm: float = ROI_MARGIN_MM,
 ) -> list[TrabecularROI]:
     """Trabecular ROI statistics of every vertebra in ``heights`` (same order).
@@ -183,12 +175,13 @@ def measure_trabecular(
     ``ct``: HU ``[k, j, i]``; ``labels``: the vertebra label map the morphometry was measured on
     (its ids are ``heights[n].label``); ``ijk_to_ras``: the grid (mm); ``heights``: the
     :class:`~.morphometry.VertebraHeights` list; ``body_labels``: optional ``vertebrae_body``
-    map; ``grades``: optional :class:`~.grading.VertebraGrade` list (or mappings with ``level`` and
-    ``genant_grade``) to flag fractured vertebrae. Fractured and incomplete vertebrae are
+    map; ``grades``: optional :class:`~.grading.VertebraGrade` list (:func:`~.grading.grade_spine`
+    of ``heights``) to flag fractured vertebrae. Fractured and incomplete vertebrae are
     measured and flagged. HU are as measured (see :func:`measure_contrast` for the contrast phase).
     """
     ijk_to_ras = np.asarray(ijk_to_ras, dtype=float)
-    fractured = _grade_lookup(grades)
+    # level → Genant grade >= 1, None where not graded
+    fractured = {g.level: None if g.genant_grade is None else g.genant_grade >= 1 for g in grades or ()}
     voxel_ml = voxel_volume_ml(ijk_to_ras)
     out = []
     for h in heights:

@@ -8,10 +8,9 @@ from the nearest unfractured neighbours and the level's proportions (:func:`expe
 the middle region's deepest point, by height and sagittal area together. ``grade_basis`` says
 which part decided.
 
-Pure functions, no I/O. Input: one record per vertebra, cranial to caudal, with ``level``,
-``complete``, ``ha_mm``, ``hm_mm`` and ``hp_mm`` (a :class:`~.morphometry.VertebraHeights`, any
-object with those attributes, or a mapping with those keys such as the phantom's
-``truth["vertebrae"]`` rows). Output: one :class:`VertebraGrade` per input record, same order.
+Pure functions, no I/O. Input: one :class:`~.morphometry.VertebraHeights` per vertebra, cranial
+to caudal (a caller holding heights in another form, such as the phantom's ``truth["vertebrae"]``
+rows, builds them). Output: one :class:`VertebraGrade` per input record, same order.
 
 Definitions (Ha, Hm, Hp: anterior, middle and posterior heights; ``r`` the level's expected
 normal Ha/Hp from :data:`NORMAL_HA_HP`, in :mod:`.genant` with Genant's scales):
@@ -25,8 +24,9 @@ normal Ha/Hp from :data:`NORMAL_HA_HP`, in :mod:`.genant` with Genant's scales):
 * **height loss** = the largest of the three, clipped to [0, 1]; **shape** its argmax,
   ``normal`` below grade 1; **Genant grade** and **borderline** from :func:`genant_grade` and
   :func:`is_borderline`.
-* **grade uncertainty**: when the records carry the heights' standard deviations from the CT's
-  noise (``ha_sd_mm``, ``hm_sd_mm``, ``hp_sd_mm``, see :class:`~.morphometry.VertebraHeights`),
+* **grade uncertainty**: when the heights carry their standard deviations from the CT's noise
+  (``ha_sd_mm``, ``hm_sd_mm``, ``hp_sd_mm`` of :class:`~.morphometry.VertebraHeights`, NaN when
+  not measured),
   each loss gets its SD by first-order propagation (the reference's from the neighbours' Hp SDs),
   and a vertebra whose grade differs between all losses lowered by :data:`UNCERTAIN_SDS` SDs and
   all raised by as many is flagged ``grade_uncertain``. SPEC §4 fixes ``borderline`` at 3
@@ -157,28 +157,15 @@ class VertebraGrade:
         return self.genant_grade is not None and self.genant_grade >= 1
 
 
-def _field(record, name: str):
-    if isinstance(record, Mapping):
-        return record.get(name)
-    return getattr(record, name, None)
-
-
-def _height(record, name: str) -> float:
-    value = _field(record, name)
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return NAN
+def _positive(value: float) -> float:
+    """A measured length or area: ``value`` when finite and positive, else NaN (not measured)."""
+    value = float(value)
     return value if math.isfinite(value) and value > 0.0 else NAN
 
 
-def _sd(record, name: str) -> float:
-    """A height's SD (mm) from the record, 0 when it carries none (mask-only heights, truth rows)."""
-    value = _field(record, name)
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return 0.0
+def _sd(value: float) -> float:
+    """A height's SD (mm), 0 when not measured (NaN: mask-only heights)."""
+    value = float(value)
     return value if math.isfinite(value) and value >= 0.0 else 0.0
 
 
@@ -207,9 +194,11 @@ def _position(level: str) -> int | None:
     except ValueError:
         return None
 
-def grade_spine(heights: Iterable, normal_shape: Mapping[str, float] = NORMAL_HA_HP) -> list[VertebraGrade]:
-    """Grade every vertebra of one spine (SPEC §4). Returns one :class:`VertebraGrade` per input
-    record, in input order.
+def grade_spine(heights: Iterable[morphometry.VertebraHeights],
+                normal_shape: Mapping[str, float] = NORMAL_HA_HP) -> list[VertebraGrade]:
+    """Grade every vertebra of one spine (SPEC §4). ``heights``: one
+    :class:`~.morphometry.VertebraHeights` per vertebra, each level once (a level given twice
+    raises ``ValueError``). Returns one :class:`VertebraGrade` per input record, in input order.
 
     **Who is graded.** A vertebra is graded when it is ``complete`` and its Ha, Hm, Hp are finite
     and positive. Others get ``genant_grade = None`` and ``shape = ''``: they never produce a
@@ -238,12 +227,13 @@ def grade_spine(heights: Iterable, normal_shape: Mapping[str, float] = NORMAL_HA
     **Reader-like grade.** After the SPEC's losses (kept as ``quantitative_grade`` and
     ``quantitative_shape``), ``genant_grade``, ``shape``, ``borderline`` and the expected heights
     come from :func:`reader_grade` of each vertebra's shape, size and area losses against
-    :func:`expected_profile`. Records may carry the morphometry's ``height_profile_mm``,
-    ``hm_min_mm``, ``hm_min_fraction``, ``sagittal_area_mm2``, ``depth_mm`` and
-    ``endplate_depression_mm``; without them the profile is the line through Ha, Hm and Hp.
+    :func:`expected_profile`. Where the heights have no ``height_profile_mm`` (empty), ``hm_min_mm``,
+    ``hm_min_fraction``, ``sagittal_area_mm2``, ``depth_mm`` or ``endplate_depression_mm`` (NaN),
+    the profile is the line through Ha, Hm and Hp, the middle minimum Hm at 50 % and the area the
+    profile's.
     """
     records = list(heights)
-    levels = [str(_field(r, "level") or "").upper() for r in records]
+    levels = [r.level.upper() for r in records]
     seen: set[str] = set()
     for name in levels:
         if name in seen:
@@ -274,7 +264,7 @@ def grade_spine(heights: Iterable, normal_shape: Mapping[str, float] = NORMAL_HA
     return grades
 
 
-def _start_grades(records: list, levels: list[str], positions: list[int | None]):
+def _start_grades(records: list[morphometry.VertebraHeights], levels: list[str], positions: list[int | None]):
     """One :class:`VertebraGrade` per record with its measured ratios and flags, whether it is
     gradeable (complete, measured, a level from C1 to L5), its Hp (mm) and its heights' SDs
     ``(Ha, Hm, Hp)`` (mm, 0 when not given)."""
@@ -284,13 +274,13 @@ def _start_grades(records: list, levels: list[str], positions: list[int | None])
     hp: list[float] = []
     sds: list[tuple[float, float, float]] = []  # Ha, Hm, Hp SDs (mm), 0 when not given
     for record, name, position in zip(records, levels, positions):
-        a, m, p = (_height(record, key) for key in ("ha_mm", "hm_mm", "hp_mm"))
+        a, m, p = _positive(record.ha_mm), _positive(record.hm_mm), _positive(record.hp_mm)
         hp.append(p)
-        sds.append(tuple(_sd(record, f"{key}_sd_mm") for key in ("ha", "hm", "hp")))
+        sds.append((_sd(record.ha_sd_mm), _sd(record.hm_sd_mm), _sd(record.hp_sd_mm)))
         measured = all(math.isfinite(x) for x in (a, m, p))
-        complete = bool(_field(record, "complete")) and measured
+        complete = bool(record.complete) and measured
         grade = VertebraGrade(level=name, complete=complete)
-        if bool(_field(record, "complete")) and not measured:
+        if record.complete and not measured:
             grade.flags.append("heights_missing")
         if measured:
             grade.ha_hp, grade.hm_hp = a / p, m / p
@@ -401,28 +391,24 @@ PROFILE_FRACTIONS = tuple(float(f) for f in morphometry.PROFILE_FRACTIONS)
 85 % of the depth, from the anterior wall)."""
 
 
-def _profile(record) -> list[float] | None:
-    """The record's height profile at :data:`PROFILE_FRACTIONS` (mm): its own when it carries one,
-    else the line through Ha, Hm and Hp (a truth row, a mask-only record); None when unmeasured."""
-    own = _field(record, "height_profile_mm")
-    if own is not None and len(own) == len(PROFILE_FRACTIONS) and all(
-            isinstance(h, (int, float)) and math.isfinite(h) and h > 0 for h in own):
+def _profile(record: morphometry.VertebraHeights) -> list[float] | None:
+    """The vertebra's height profile at :data:`PROFILE_FRACTIONS` (mm): its own when it has one
+    measured throughout, else the line through Ha, Hm and Hp (mask-only heights); None when
+    unmeasured."""
+    own = record.height_profile_mm
+    if len(own) == len(PROFILE_FRACTIONS) and all(math.isfinite(h) and h > 0 for h in own):
         return [float(h) for h in own]
-    a, m, p = (_height(record, key) for key in ("ha_mm", "hm_mm", "hp_mm"))
+    a, m, p = _positive(record.ha_mm), _positive(record.hm_mm), _positive(record.hp_mm)
     if not all(math.isfinite(x) for x in (a, m, p)):
         return None
     middle = morphometry.AP_FRACTIONS["hm"]
     return [float(np.interp(f, (AP_SPAN_START, middle, AP_SPAN_END), (a, m, p))) for f in PROFILE_FRACTIONS]
 
 
-def _middle_minimum(record, profile: list[float]) -> tuple[float, float]:
-    """The middle region's smallest height and its depth fraction: the record's own when it
-    carries one, else Hm at 50 %."""
-    value, where = _height(record, "hm_min_mm"), _field(record, "hm_min_fraction")
-    try:
-        where = float(where)
-    except (TypeError, ValueError):
-        where = NAN
+def _middle_minimum(record: morphometry.VertebraHeights, profile: list[float]) -> tuple[float, float]:
+    """The middle region's smallest height and its depth fraction: the vertebra's own when
+    measured, else Hm at 50 %."""
+    value, where = _positive(record.hm_min_mm), float(record.hm_min_fraction)
     if math.isfinite(value) and math.isfinite(where):
         return value, where
     return profile[PROFILE_FRACTIONS.index(0.5)], 0.5
@@ -511,17 +497,13 @@ def _read_like_a_reader(records, levels, positions, grades, gradeable, normal_sh
         size = max(1.0 - profile[0] / e_a, 1.0 - hm_min / e_m, 1.0 - profile[-1] / e_p) if references else NAN
         grade.size_loss = _round(size)
         # The measured area over the expected outline's on the vertebra's own depth; the profile's
-        # mean height over the expected one where the record carries no area (NaN from _height).
-        area_ratio = (_height(records[i], "sagittal_area_mm2")
-                      / (_height(records[i], "depth_mm") * (AP_SPAN_END - AP_SPAN_START) * mean_profile(expected)))
+        # mean height over the expected one where the area or depth was not measured (NaN).
+        area_ratio = (_positive(records[i].sagittal_area_mm2)
+                      / (_positive(records[i].depth_mm) * (AP_SPAN_END - AP_SPAN_START) * mean_profile(expected)))
         if not math.isfinite(area_ratio):
             area_ratio = mean_profile(profile) / mean_profile(expected)
         grade.area_loss = _round(1.0 - area_ratio) if references else NAN
-        depression = _field(records[i], "endplate_depression_mm")
-        try:
-            grade.endplate_depression = _round(max(float(x) for x in depression) / e_m)
-        except (TypeError, ValueError):
-            grade.endplate_depression = NAN
+        grade.endplate_depression = _round(float(max(records[i].endplate_depression_mm)) / e_m)  # NaN: not measured
         finite = {k: v for k, v in shape_losses.items() if math.isfinite(v)}
         worst = max(SHAPES, key=lambda k: finite.get(k, -math.inf))
         grade.genant_grade, grade.grade_basis = reader_grade(finite[worst], grade.size_loss, grade.area_loss)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -37,9 +38,11 @@ from .. import levels as lv
 from ..errors import InputError
 from ..io.files import atomic_write
 from .measurements import HEIGHTS_CUT_FLAGS, HEIGHTS_MEANINGLESS_FLAGS
-from .qc_records import HU_ATTRIBUTES  # noqa: F401  (re-exported: callers read it from here)
-from .qc_records import LOST_HEIGHT, QCVertebra, hu_by_level, qc_vertebrae
+from .qc_records import LOST_HEIGHT, QCVertebra, qc_vertebrae
 from .reformat import SpineReformat, scan_sagittal_axis, spine_reformat
+
+if TYPE_CHECKING:  # only named in annotations
+    from ..measure.grading import VertebraGrade
 
 GRADE_COLOURS: dict[int | None, str] = {
     0: "#2ecc40",  # green
@@ -163,8 +166,8 @@ def render_qc(
     vertebrae: Sequence,
     out_path,
     *,
-    grades: Sequence | Mapping | None = None,
-    hu: Mapping | Sequence | None = None,
+    grades: Sequence[VertebraGrade] | Mapping[str, VertebraGrade] | None = None,
+    hu: Mapping[str, float] | None = None,
     title: str = "",
     mode: str = "curved",
     window: tuple[float, float] = DEFAULT_WINDOW,
@@ -180,9 +183,9 @@ def render_qc(
     ``vertebrae``: either :class:`QCVertebra` records, or the morphometry's
     :class:`~.morphometry.VertebraHeights` (then ``grades``, default
     :func:`~.grading.grade_spine` of them, complete them; see :func:`qc_vertebrae`). Any order;
-    drawn cranial at the top. ``hu``: optional trabecular HU per level (a mapping level → HU or
-    HU record, or records with a ``level``; see :func:`qc_vertebrae`), shown in the labels;
-    with :class:`QCVertebra` records it overrides their ``trabecular_hu``.
+    drawn cranial at the top. ``hu``: optional trabecular mean HU per level, a mapping level → HU
+    (NaN or absent where not measured; see :func:`qc_vertebrae`), shown in the labels; with
+    :class:`QCVertebra` records it overrides their ``trabecular_hu`` where it has the level.
     ``title``: first line(s) of the heading, e.g. the exam id and contrast status; a summary
     line (maximum grade, fractured levels) is added below it.
     ``mode``, ``pixel_mm``, ``slab_mm``, ``anterior_mm``, ``posterior_mm``: the reformat (see
@@ -209,8 +212,8 @@ def qc_figure(
     ijk_to_ras: np.ndarray,
     vertebrae: Sequence,
     *,
-    grades: Sequence | Mapping | None = None,
-    hu: Mapping | Sequence | None = None,
+    grades: Sequence[VertebraGrade] | Mapping[str, VertebraGrade] | None = None,
+    hu: Mapping[str, float] | None = None,
     title: str = "",
     mode: str = "curved",
     window: tuple[float, float] = DEFAULT_WINDOW,
@@ -226,10 +229,9 @@ def qc_figure(
     if records and not isinstance(records[0], QCVertebra):
         records = qc_vertebrae(records, grades, hu)
     elif hu:
-        by_level_hu = hu_by_level(hu)
         for v in records:
-            if v.level in by_level_hu:
-                v.trabecular_hu = by_level_hu[v.level]
+            if v.level in hu:
+                v.trabecular_hu = float(hu[v.level])
 
     def position(v: QCVertebra) -> int:
         try:
