@@ -236,7 +236,7 @@ def test_lumbar_length_follows_the_spine_curve(cohort_run, phantoms):
 
 def test_missing_values_stay_missing():
     values = features.exam_features({"bone": {"l1_hu": None}, "contrast": {"aorta_hu": None}}, [
-        {"level": "L1", "complete": "false", "genant_grade": "", "height_loss": "", "trabecular_hu_mean": "120"}])
+        {"level": "L1", "complete": False, "genant_grade": None, "height_loss": math.nan, "trabecular_hu_mean": 120.0}])
     assert values["graded_count"] == 0
     for name in ("max_genant_grade", "fractured_count", "l1_hu", "hu_L1", "aorta_hu", "contrast_enhanced",
                  "autochthon_volume_ml_per_cm"):

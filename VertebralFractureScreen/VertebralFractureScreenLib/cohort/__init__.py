@@ -80,8 +80,8 @@ from __future__ import annotations
 from .exams import (BODY_SUFFIXES, EXAM_ID_MAX_BYTES, EXAM_ID_RULE, MANIFEST_COLUMNS, SEG_SUFFIXES, CohortExam,
                     checked_exam_id, exams_from_files, find_exams, read_manifest)
 from .failures import ENVIRONMENT_FAILURE, INPUT_FAILURE
-from .one_exam import (ERROR_FILE, EXAMS_FOLDER, FINISHED_FILE, CohortSettings, ExamOutcome, exam_folder, exam_state,
-                       screen_cohort_exam)
+from .one_exam import EXAMS_FOLDER, CohortSettings, ExamOutcome, exam_folder, screen_cohort_exam
+from ..report.exam_folder import ERROR_FILE, FINISHED_FILE, exam_state
 from .progress import SUMMARY_FILE, CohortProgress, CohortSummary, TerminalProgress
 from .run import run_cohort
 from .tables import ERROR_COLUMNS, ERRORS_FILE, FEATURES_FILE, PREDICTION_COLUMNS, PREDICTIONS_FILE, write_tables

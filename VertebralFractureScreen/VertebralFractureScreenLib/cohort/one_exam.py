@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import socket
 import sys
 import time
@@ -23,12 +22,9 @@ from .exams import CohortExam
 from .failures import (ENVIRONMENT_FAILURE, INPUT_FAILURE, _environment_failure, _kind_of, _reason_of,
                        _stage_of)
 from .writes import _fault, _write_json
+from ..report.exam_folder import ERROR_FILE, SEGMENTATION_FOLDER, exam_state, remove_leftovers
 
 EXAMS_FOLDER = "exams"
-ERROR_FILE = "error.json"
-"""In an exam's folder: marks a failed exam (stage and reason)."""
-FINISHED_FILE = "exam.json"
-"""In an exam's folder: marks a finished exam (written last by :meth:`.ScreeningResult.write`)."""
 
 
 @dataclass(frozen=True)
@@ -69,15 +65,6 @@ class ExamOutcome:
 def exam_folder(out, exam_id: str) -> Path:
     """The folder of one exam's results inside the cohort output ``out``."""
     return Path(out) / EXAMS_FOLDER / exam_id
-
-
-def exam_state(folder: Path) -> str:
-    """``done`` (``exam.json`` present), ``failed`` (``error.json`` present) or ``todo``."""
-    if (folder / FINISHED_FILE).is_file():
-        return "done"
-    if (folder / ERROR_FILE).is_file():
-        return "failed"
-    return "todo"
 
 
 def _read_error(folder: Path) -> dict:
@@ -121,18 +108,6 @@ def _exclusive(folder: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _remove_leftovers(folder: Path) -> None:
-    """Staging folders and temporary files of a run that was killed while writing."""
-    for place in (folder, folder / "segmentation"):
-        if not place.is_dir():
-            continue
-        for entry in place.iterdir():
-            if entry.name.startswith(".vfscreen-partial-"):
-                shutil.rmtree(entry, ignore_errors=True)
-            elif entry.name.startswith(".") and ".tmp-" in entry.name:
-                entry.unlink(missing_ok=True)
-
-
 def _remove_interrupted_leftovers(exams: Sequence[CohortExam], out) -> None:
     """The staging folders and temporary files that stopped workers left in the folders of
     ``exams``: each folder whose lock is free (no process screens it any more) is cleaned, the
@@ -147,7 +122,7 @@ def _remove_interrupted_leftovers(exams: Sequence[CohortExam], out) -> None:
             with open(folder / ".lock", "rb") as handle:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 try:
-                    _remove_leftovers(folder)
+                    remove_leftovers(folder)
                 finally:
                     fcntl.flock(handle, fcntl.LOCK_UN)
         except OSError:  # no folder or lock (never started), or still held
@@ -217,11 +192,10 @@ def _screen_locked(exam: CohortExam, settings: CohortSettings, folder: Path, sta
     """:func:`screen_cohort_exam` once it holds the lock of the exam's folder."""
     if not _to_screen(folder, retry_failed or after is not None):
         return ExamOutcome(exam.exam_id, "skipped", worker=_worker_name(), worker_peak_rss_mib=_peak_rss_mib())
-    _remove_leftovers(folder)
+    remove_leftovers(folder)
     try:
         _fault("exam", exam.exam_id)
         if segment_only:
-            from ..exam.screening import SEGMENTATION_FOLDER
             from ..segment.totalsegmentator import segment_ct
 
             segment_ct(exam.ct, folder / SEGMENTATION_FOLDER, quality=settings.quality, device=settings.device,

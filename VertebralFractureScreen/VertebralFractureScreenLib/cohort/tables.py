@@ -9,7 +9,8 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..io.serialization import csv_text
-from ..model.features import FEATURE_NAMES, FEATURE_VERSION, exam_features, read_exam_folder
+from ..model.features import FEATURE_NAMES, FEATURE_VERSION, exam_features
+from ..report.exam_folder import read_finished
 from .exams import CohortExam
 from .failures import ENVIRONMENT_FAILURE, INPUT_FAILURE, _kind_of, _reason_of
 from .one_exam import ExamOutcome, _read_error, exam_folder, exam_state
@@ -69,8 +70,9 @@ def _write_tables(exams: Sequence[CohortExam], out, unrecorded: dict[str, ExamOu
         state = exam_state(folder)
         if state == "done":
             try:
-                exam_json, vertebrae = read_exam_folder(folder)
-                features = exam_features(exam_json, vertebrae)
+                finished = read_finished(folder)
+                exam_json = finished.exam
+                features = exam_features(exam_json, finished.vertebrae)
                 output = model.apply(features) if model is not None else (exam_json.get("model") or {})
             except (OSError, ValueError, KeyError) as error:  # a folder edited by hand
                 error_rows.append({"exam_id": exam.exam_id, "stage": "features",

@@ -14,19 +14,14 @@ The measurement chain, each step in its own module:
 5. :mod:`.muscles` measures the paraspinal muscles per level slab;
 6. :mod:`.qc` draws the QC picture.
 
-Output files are written atomically and in an order that never leaves a folder that looks
-complete: into a hidden temporary folder beside the destination, then moved into place with
-``exam.json`` last (its presence marks a finished exam). An earlier result in the same folder is
-replaced: its ``exam.json`` is removed first.
+The results folder's format (files, the order that never leaves a folder looking finished
+before it is, reading it back) belongs to :mod:`..report.exam_folder`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -51,6 +46,7 @@ from ..measure.morphometry import measure_heights
 from ..measure.level_slabs import lumbar_length_mm
 from ..measure.muscles import measure_muscles, muscle_summary
 from ..io.serialization import csv_text, jsonable
+from ..report.exam_folder import FINISHED_FILE, SEGMENTATION_FOLDER, publish
 from ..report.measurements import HEIGHTS_CUT_FLAGS, HEIGHTS_MEANINGLESS_FLAGS, MUSCLE_TABLE, VERTEBRA_TABLE, keys
 
 VERTEBRA_COLUMNS = keys(VERTEBRA_TABLE)
@@ -59,10 +55,6 @@ meanings in ``docs/outputs.md``): SPEC §5's, then the reader-like grade's basis
 MUSCLE_COLUMNS = keys(MUSCLE_TABLE)
 """Columns of ``muscles.csv`` as the registry declares them: SPEC §5's six, then the
 partial-volume-guarded companions, their standard errors, ``complete`` and ``flags``."""
-OUTPUT_FILES = ("vertebrae.csv", "muscles.csv", "qc.png", "exam.json")
-"""The files of one exam's folder; ``exam.json`` is written last and marks it finished."""
-SEGMENTATION_FOLDER = "segmentation"
-"""Sub-folder of the output where TotalSegmentator's label maps are kept for re-runs."""
 
 
 @dataclass
@@ -87,34 +79,19 @@ class ScreeningResult:
     inputs: ExamInputs = field(repr=False)
 
     def write(self, out_dir, *, qc: bool = True) -> dict[str, Path]:
-        """Write the SPEC §5 files into ``out_dir`` (created when absent); returns their paths."""
-        out_dir = Path(out_dir).expanduser()
-        out_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".vfscreen-partial-", dir=out_dir))
-        try:
-            files = {
-                "vertebrae.csv": csv_text(VERTEBRA_COLUMNS, self.vertebrae),
-                "muscles.csv": csv_text(MUSCLE_COLUMNS, self.muscles),
-            }
-            for name, text in files.items():
-                (staging / name).write_text(text, encoding="utf-8")
+        """Write the SPEC §5 files into ``out_dir`` (created when absent; see
+        :func:`.exam_folder.publish`: ``exam.json`` last); returns their paths."""
+
+        def write(staging: Path) -> None:
+            (staging / "vertebrae.csv").write_text(csv_text(VERTEBRA_COLUMNS, self.vertebrae), encoding="utf-8")
+            (staging / "muscles.csv").write_text(csv_text(MUSCLE_COLUMNS, self.muscles), encoding="utf-8")
             if qc:
                 started = time.perf_counter()
                 self._render_qc(staging / "qc.png")
                 self.exam["timings_s"]["qc"] = round(time.perf_counter() - started, 3)
-            (staging / "exam.json").write_text(json.dumps(jsonable(self.exam), indent=2) + "\n", encoding="utf-8")
-            # Replace: the old completion marker goes first, the new one comes last.
-            (out_dir / "exam.json").unlink(missing_ok=True)
-            written = {}
-            for name in OUTPUT_FILES:
-                if (staging / name).exists():
-                    os.replace(staging / name, out_dir / name)
-                    written[name] = out_dir / name
-                elif name == "qc.png":
-                    (out_dir / name).unlink(missing_ok=True)
-            return written
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            (staging / FINISHED_FILE).write_text(json.dumps(jsonable(self.exam), indent=2) + "\n", encoding="utf-8")
+
+        return publish(out_dir, write)
 
     def _render_qc(self, path: Path) -> None:
         from ..report.qc import render_qc  # matplotlib is imported only when a picture is drawn
@@ -127,7 +104,7 @@ class ScreeningResult:
         if contrast.get("contrast_enhanced") is not None:
             parts.append("contrast" if contrast["contrast_enhanced"] else "native")
         render_qc(self.inputs.ct.array, self.inputs.ct.ijk_to_ras, self.heights, path, grades=self.grades,
-                  hu={r.level: r for r in self.rois}, title="  ·  ".join(parts))
+                  hu={r.level: r.mean_hu for r in self.rois}, title="  ·  ".join(parts))
 
     def table(self) -> str:
         """A short per-vertebra table for a terminal."""

@@ -28,13 +28,11 @@ next to these features (:data:`CLINICAL_COLUMNS`).
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-from pathlib import Path
 
 from .. import levels as lv
 from ..report import measurements
+from ..report.exam_folder import read_finished
 
 FEATURE_VERSION = 1
 """Version of the feature list below; a model trained on another version is refused."""
@@ -54,7 +52,8 @@ MISSING = float("nan")
 
 
 def number_or_nan(value) -> float:
-    """A number, or NaN for None, empty text, text that is no number and non-finite values."""
+    """A cell of a feature table (``features.csv``, a manifest's clinical columns) as a number:
+    NaN for None, empty text, text that is no number and non-finite values."""
     if value is None or value == "":
         return MISSING
     try:
@@ -64,14 +63,20 @@ def number_or_nan(value) -> float:
     return number if math.isfinite(number) else MISSING
 
 
+def _value(number) -> float:
+    """A measured value (float, int or None, as screening produced it or
+    :func:`.exam_folder.read_finished` read it back) as a float, NaN when absent."""
+    return MISSING if number is None else float(number)
+
+
 def exam_features(exam: dict, vertebrae: list[dict]) -> dict[str, float]:
-    """The features of one exam from the content of its ``exam.json`` (a dict) and the rows of its
-    ``vertebrae.csv`` (dicts of text as :class:`csv.DictReader` gives them, or of values as
-    :attr:`.screening.ScreeningResult.vertebrae` holds them). Missing values are NaN."""
+    """The features of one exam from the content of its ``exam.json`` and the typed rows of its
+    ``vertebrae.csv`` (as :attr:`.screening.ScreeningResult.vertebrae` holds them and
+    :func:`.exam_folder.read_finished` reads them back). Missing values are NaN."""
     features = dict.fromkeys(FEATURE_NAMES, MISSING)
-    graded = [row for row in vertebrae if not math.isnan(number_or_nan(row.get("genant_grade")))]
-    grades = [number_or_nan(row["genant_grade"]) for row in graded]
-    losses = [loss for loss in (number_or_nan(row.get("height_loss")) for row in graded) if not math.isnan(loss)]
+    graded = [row for row in vertebrae if row.get("genant_grade") is not None]
+    grades = [float(row["genant_grade"]) for row in graded]
+    losses = [loss for loss in (_value(row.get("height_loss")) for row in graded) if not math.isnan(loss)]
     if grades:
         features["max_genant_grade"] = max(grades)
         features["fractured_count"] = float(sum(g >= 1 for g in grades))
@@ -81,47 +86,33 @@ def exam_features(exam: dict, vertebrae: list[dict]) -> dict[str, float]:
     features["graded_count"] = float(len(grades))
     for row in vertebrae:
         name = f"hu_{row.get('level')}"
-        if name in features and _is_true(row.get("complete")):
-            features[name] = number_or_nan(row.get("trabecular_hu_mean"))
+        if name in features and row.get("complete") is True:
+            features[name] = _value(row.get("trabecular_hu_mean"))
 
     bone = exam.get("bone") or {}
-    features["l1_hu"] = number_or_nan(bone.get("l1_hu"))
-    features["lumbar_mean_hu"] = number_or_nan(bone.get("lumbar_mean_hu"))
+    features["l1_hu"] = _value(bone.get("l1_hu"))
+    features["lumbar_mean_hu"] = _value(bone.get("lumbar_mean_hu"))
 
     muscle = exam.get("muscle") or {}
-    length_cm = number_or_nan(muscle.get("lumbar_length_mm")) / 10.0
+    length_cm = _value(muscle.get("lumbar_length_mm")) / 10.0
     for group in ("autochthon", "iliopsoas"):
         total = (muscle.get("lumbar") or {}).get(group)
         if not total or not total.get("complete"):
             continue
         if length_cm > 0:
-            features[f"{group}_volume_ml_per_cm"] = number_or_nan(total.get("volume_ml")) / length_cm
-        features[f"{group}_mean_hu"] = number_or_nan(total.get("mean_hu"))
-        features[f"{group}_imat_fraction"] = number_or_nan(total.get("imat_fraction"))
+            features[f"{group}_volume_ml_per_cm"] = _value(total.get("volume_ml")) / length_cm
+        features[f"{group}_mean_hu"] = _value(total.get("mean_hu"))
+        features[f"{group}_imat_fraction"] = _value(total.get("imat_fraction"))
 
     contrast = exam.get("contrast") or {}
-    features["aorta_hu"] = number_or_nan(contrast.get("aorta_hu"))
+    features["aorta_hu"] = _value(contrast.get("aorta_hu"))
     flag = contrast.get("contrast_enhanced")
     features["contrast_enhanced"] = MISSING if flag is None else float(bool(flag))
     return features
 
 
-def _is_true(value) -> bool:
-    return value is True or (isinstance(value, str) and value.strip().lower() == "true")
-
-
-def read_exam_folder(folder) -> tuple[dict, list[dict]]:
-    """The content of a finished exam folder's ``exam.json`` and the rows of its ``vertebrae.csv``.
-
-    Raises:
-        FileNotFoundError: the folder has no ``exam.json`` (the exam is not finished).
-    """
-    folder = Path(folder)
-    exam = json.loads((folder / "exam.json").read_text(encoding="utf-8"))
-    with (folder / "vertebrae.csv").open(newline="", encoding="utf-8") as handle:
-        return exam, list(csv.DictReader(handle))
-
-
 def features_from_folder(folder) -> dict[str, float]:
-    """The features of a finished exam folder (SPEC §5 files; ``exam.json`` marks it finished)."""
-    return exam_features(*read_exam_folder(folder))
+    """The features of a finished exam folder (SPEC §5 files; ``exam.json`` marks it finished),
+    read back through :func:`.exam_folder.read_finished`."""
+    finished = read_finished(folder)
+    return exam_features(finished.exam, finished.vertebrae)
