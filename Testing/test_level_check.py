@@ -8,11 +8,14 @@ skipped). Truth is the relabelling, not the checker.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
 from VertebralFractureScreenLib import levels as lv
 from VertebralFractureScreenLib.measure.level_check import check_levels
+from VertebralFractureScreenLib.phantom import mislabel
 from VertebralFractureScreenLib.phantom.render import PhantomSpec, make_phantom
 
 IDS = lv.TOTAL_VERTEBRA_IDS
@@ -84,3 +87,55 @@ def test_verse_transitional_labels_are_reported():
     check = check_levels(verse, phantom.ijk_to_ras, convention="verse")
     assert check.transitional == ("L6",) and check.doubtful
     assert check.not_checked["ribs"] and check.not_checked["sacrum"]
+
+
+RIBBED = ("T9", "T10", "T11", "T12", "L1", "L2", "L3", "L4", "L5", "S1")
+
+
+@functools.lru_cache(maxsize=None)
+def _ribbed(pairs: int):
+    return make_phantom(PhantomSpec(levels=RIBBED, spacing=(2.0, 2.0, 3.0), supersampling=1, rib_pairs=pairs,
+                                    rotation_deg=(0.0, 5.0, 6.0)))
+
+
+@pytest.mark.parametrize("pairs", [11, 12, 13])
+def test_ribs_meet_their_vertebrae_and_tell_eleven_and_thirteen_pairs(pairs):
+    """Twelve pairs agree with the labels; eleven (no rib on T12) and thirteen (a rib on the
+    vertebra a segmentation labels L1) make the levels doubtful, as a reader would count them."""
+    ribbed = _ribbed(pairs)
+    check = check_levels(ribbed.total, ribbed.ijk_to_ras)
+    assert "ribs" in check.checked
+    assert {n: level for n, level in check.rib_levels.items()} == {n: f"T{n}" for n in range(9, min(pairs, 12) + 1)}
+    if pairs == 12:
+        assert not check.doubtful
+    elif pairs == 11:
+        assert check.disagreements == ("T12 bears no rib while T11 does: 11 rib pairs, or labels one level off.",)
+    else:
+        assert check.disagreements == ("the vertebra labelled L1 bears a rib: 13 rib pairs, or labels one level off.",)
+
+
+def test_ribs_catch_labels_shifted_or_swapped():
+    ribbed = _ribbed(12)
+    up = mislabel.shift_levels(ribbed.total, -1)
+    assert "rib 12 meets the vertebra labelled T11, not T12." in check_levels(up, ribbed.ijk_to_ras).disagreements
+    without_s1 = ribbed.total.copy()
+    without_s1[ribbed.total == IDS["S1"]] = lv.TOTAL_SACRUM
+    down = check_levels(mislabel.shift_levels(without_s1, 1), ribbed.ijk_to_ras).disagreements
+    assert "rib 12 meets the vertebra labelled L1, not T12." in down
+    assert any("bears a rib" in finding for finding in down)
+    swapped = check_levels(mislabel.swap_levels(ribbed.total, "T11", "T12"), ribbed.ijk_to_ras).disagreements
+    assert "rib 11 meets the vertebra labelled T12, not T11." in swapped
+
+
+@pytest.mark.parametrize("lumbar", [4, 6])
+def test_four_or_six_lumbar_vertebrae_make_the_levels_doubtful(lumbar):
+    """Four: the sacrum lies below L4 (S1 labelled, L5 skipped). Six: the sixth lumbar vertebra
+    gets L5's label too, as TotalSegmentator labels it; VerSe names it L6."""
+    drawn = make_phantom(PhantomSpec(levels=LUMBAR_SPINE, spacing=(2.0, 2.0, 3.0), supersampling=1,
+                                     lumbar_vertebrae=lumbar))
+    check = check_levels(drawn.total, drawn.ijk_to_ras)
+    if lumbar == 4:
+        assert check.disagreements == ("L4 and S1 are 35 mm apart, one level: a level label was skipped.",)
+    else:
+        assert check.disagreements[0].startswith("two vertebrae are labelled L5")
+        assert check_levels(drawn.verse, drawn.ijk_to_ras, convention="verse").transitional == ("L6",)

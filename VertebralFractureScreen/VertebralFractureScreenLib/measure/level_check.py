@@ -5,13 +5,14 @@ levels in about 1–2 % of scans and at transitional vertebrae. Four checks, eac
 evidence is in the label map (the rest are named in ``not_checked``):
 
 * **order**: the labelled vertebrae lie cranial to caudal along the spine in their level order
-  (two swapped labels break it);
+  (two swapped labels break it), and no label holds two vertebrae (two large pieces half a body
+  apart along the spine: a sixth lumbar vertebra labelled L5 like its neighbour);
 * **spacing**: consecutive labels are one level apart (body centres about half a body, a disc and
   half a body apart, from the normal dimensions of :mod:`..anatomy` scaled to this patient by the
   median of all gaps): a gap of about two levels between consecutive labels means a vertebra
   without a label, a gap of about one level between labels two apart a skipped label;
-* **ribs** (TotalSegmentator's rib labels, :data:`..levels.TOTAL_RIB_IDS`): rib *n* articulates with
-  vertebra T\\ *n* (its head with the bodies of T\\ *n*-1 and T\\ *n*, its tubercle with the
+* **ribs** (TotalSegmentator's rib labels, :data:`..levels.TOTAL_RIB_IDS`, each connected piece
+  of a label a rib of its own): rib *n* articulates with vertebra T\\ *n* (its head with the bodies of T\\ *n*-1 and T\\ *n*, its tubercle with the
   transverse process of T\\ *n*; ribs 11 and 12 with T11 and T12 alone), so the vertebra touching
   most of a rib's medial end should be T\\ *n*. Twelve rib pairs end at T12: a rib on a vertebra
   labelled L1 means 13 pairs or labels one level off, and so does T12 without a rib while T11 has
@@ -39,6 +40,9 @@ RIB_CONTACT_MM = 3.0
 
 RIB_MEDIAL_MM = 30.0
 """A rib's medial end: its voxels within this distance of its point nearest a vertebral centre."""
+
+SHARED_PIECE = 0.3
+"""A piece of a vertebra label holding at least this share of its voxels counts as a vertebra."""
 
 GAP_MISSING = 1.6
 """Consecutive labels this many expected gaps apart or more: a vertebra between them has no label."""
@@ -88,6 +92,36 @@ def _centroids(labels: np.ndarray, boxes: list, ijk_to_ras: np.ndarray, ids: Map
     return dict(sorted(out.items(), key=lambda item: lv.level_position(item[0])))
 
 
+def _shared_labels(labels: np.ndarray, boxes: list, ijk_to_ras: np.ndarray, ids: Mapping[str, int],
+                   centres: dict) -> list[str]:
+    """The levels whose label holds two vertebrae: two large pieces (each at least
+    :data:`SHARED_PIECE` of the label's voxels) whose centres lie at least half a nominal gap
+    apart along the spine. A segmentation that knows five lumbar vertebrae labels a sixth like its
+    neighbour."""
+    from scipy import ndimage
+
+    names = list(centres)
+    axis = np.array(centres[names[0]]) - np.array(centres[names[-1]]) if len(names) > 1 else np.array([0, 0, 1.0])
+    axis = axis / np.linalg.norm(axis)
+    shared = []
+    for level in names:
+        label = ids[level]
+        box = boxes[label - 1]
+        pieces, count = ndimage.label(labels[box] == label)
+        if count < 2:
+            continue
+        sizes = np.bincount(pieces.ravel())[1:]
+        large = [p + 1 for p in np.flatnonzero(sizes >= SHARED_PIECE * sizes.sum())]
+        if len(large) < 2:
+            continue
+        origin = np.array([s.start for s in box], dtype=np.int64)
+        heights = [float(ijk_to_ras_points(ijk_to_ras, (np.argwhere(pieces == p) + origin)[:, ::-1]).mean(axis=0)
+                         @ axis) for p in large]
+        if max(heights) - min(heights) >= 0.5 * normal_body(level).height_mm:
+            shared.append(level)
+    return shared
+
+
 def _expected_gap(upper: str, lower: str) -> float:
     """Nominal distance (mm) between the body centres of two levels, ``upper`` cranial."""
     a, b = lv.level_position(upper), lv.level_position(lower)
@@ -126,44 +160,57 @@ def _order_and_spacing(centres: dict) -> list[str]:
     return findings
 
 
-def _rib_levels(labels: np.ndarray, boxes: list, ijk_to_ras: np.ndarray, ids: Mapping[str, int],
-                centres: dict) -> dict[int, str]:
-    """Rib number → the level whose label touches most of the rib's medial end (left and right
-    counted together)."""
+def _rib_contacts(labels: np.ndarray, boxes: list, ijk_to_ras: np.ndarray, ids: Mapping[str, int],
+                  centres: dict) -> list[tuple[int, str]]:
+    """``(rib number, level)`` for every rib (each connected piece of each rib label): the level
+    whose label touches most of the rib's medial end. A label may hold two ribs: a segmentation
+    that knows twelve gives a 13th rib the 12th's id."""
+    from scipy import ndimage
+    from scipy.spatial import cKDTree
+
     by_label = {label: level for level, label in ids.items()}
-    centre_points = np.array(list(centres.values()))
+    tree = cKDTree(np.array(list(centres.values())))
     spacing = voxel_spacing(ijk_to_ras)[::-1]  # k, j, i
-    contacts: dict[int, dict[str, int]] = {}
-    for (side, number), rib in lv.TOTAL_RIB_IDS.items():
+    reach = np.ceil(RIB_CONTACT_MM / spacing).astype(np.int64) + 1
+    found = []
+    for (_, number), rib in lv.TOTAL_RIB_IDS.items():
         box = boxes[rib - 1] if rib - 1 < len(boxes) else None
         if box is None:
             continue
+        pieces, count = ndimage.label(labels[box] == rib)
         origin = np.array([s.start for s in box], dtype=np.int64)
-        kji = np.argwhere(labels[box] == rib) + origin
-        if not len(kji):
-            continue
-        ras = ijk_to_ras_points(ijk_to_ras, kji[:, ::-1])
-        distance = np.min(np.linalg.norm(ras[:, None, :] - centre_points[None, :, :], axis=2), axis=1)
-        medial = kji[distance <= distance.min() + RIB_MEDIAL_MM]
-        reach = np.ceil(RIB_CONTACT_MM / spacing).astype(np.int64) + 1
-        lo = np.maximum(medial.min(axis=0) - reach, 0)
-        hi = np.minimum(medial.max(axis=0) + reach + 1, np.asarray(labels.shape, dtype=np.int64))
-        crop = labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-        rib_end = np.zeros(crop.shape, dtype=bool)
-        rib_end[tuple((medial - lo).T)] = True
-        near = distance_transform_edt(~rib_end, sampling=spacing) <= RIB_CONTACT_MM
-        touched, counts = np.unique(crop[near], return_counts=True)
-        tally = contacts.setdefault(number, {})
-        for label, count in zip(touched.tolist(), counts.tolist()):
-            if label in by_label:
-                tally[by_label[label]] = tally.get(by_label[label], 0) + count
-    return {number: max(tally, key=tally.get) for number, tally in sorted(contacts.items()) if tally}
+        for piece in range(1, count + 1):
+            kji = np.argwhere(pieces == piece) + origin
+            distance = tree.query(ijk_to_ras_points(ijk_to_ras, kji[:, ::-1]))[0]
+            medial = kji[distance <= distance.min() + RIB_MEDIAL_MM]
+            lo = np.maximum(medial.min(axis=0) - reach, 0)
+            hi = np.minimum(medial.max(axis=0) + reach + 1, np.asarray(labels.shape, dtype=np.int64))
+            crop = labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+            rib_end = np.zeros(crop.shape, dtype=bool)
+            rib_end[tuple((medial - lo).T)] = True
+            near = distance_transform_edt(~rib_end, sampling=spacing) <= RIB_CONTACT_MM
+            touched, counts = np.unique(crop[near], return_counts=True)
+            tally = {by_label[t]: c for t, c in zip(touched.tolist(), counts.tolist()) if t in by_label}
+            if tally:
+                found.append((number, max(tally, key=tally.get)))
+    return found
 
 
-def _rib_findings(rib_levels: dict[int, str], centres: dict) -> list[str]:
+def _rib_levels(contacts: list[tuple[int, str]]) -> dict[int, str]:
+    """Rib number n → its level: Tn when one of that number's ribs meets Tn, else the level its
+    ribs meet most often."""
+    out = {}
+    for number in sorted({n for n, _ in contacts}):
+        levels = [level for n, level in contacts if n == number]
+        out[number] = f"T{number}" if f"T{number}" in levels else max(set(levels), key=levels.count)
+    return out
+
+
+def _rib_findings(rib_levels: dict[int, str], bearing: set[str], centres: dict) -> list[str]:
+    """The rib check's findings: each rib number on the wrong vertebra, a rib on L1 (``bearing``:
+    every level a rib meets), none on T12 while T11 has one."""
     findings = [f"rib {number} meets the vertebra labelled {level}, not T{number}."
                 for number, level in rib_levels.items() if level != f"T{number}"]
-    bearing = set(rib_levels.values())
     if "L1" in bearing:
         findings.append("the vertebra labelled L1 bears a rib: 13 rib pairs, or labels one level off.")
     if "T11" in bearing and "T12" in centres and "T12" not in bearing and 12 not in rib_levels:
@@ -203,17 +250,20 @@ def check_levels(labels: np.ndarray, ijk_to_ras: np.ndarray, *, convention: str 
         findings.append(f"a transitional vertebra is labelled {name}.")
     if len(centres) >= 3:
         checked += ["order", "spacing"]
-        findings += _order_and_spacing(centres)
+        shared = _shared_labels(labels, boxes, ijk_to_ras, ids, centres)
+        findings += [f"two vertebrae are labelled {level}: a transitional vertebra (e.g. six lumbar-type "
+                     "vertebrae) or a label given twice." for level in shared]
+        findings += _order_and_spacing({level: c for level, c in centres.items() if level not in shared})
     else:
         not_checked.update(order="fewer than 3 vertebrae", spacing="fewer than 3 vertebrae")
     rib_levels = {}
     has = [convention == "totalsegmentator" and label - 1 < len(boxes) and boxes[label - 1] is not None
            for label in lv.TOTAL_RIB_IDS.values()]
-    if any(has) and centres:
-        rib_levels = _rib_levels(labels, boxes, ijk_to_ras, ids, centres)
+    contacts = _rib_contacts(labels, boxes, ijk_to_ras, ids, centres) if any(has) and centres else []
+    rib_levels = _rib_levels(contacts)
     if rib_levels:
         checked.append("ribs")
-        findings += _rib_findings(rib_levels, centres)
+        findings += _rib_findings(rib_levels, {level for _, level in contacts}, centres)
     else:
         not_checked["ribs"] = ("no rib labels in the segmentation" if not any(has)
                                else "no rib reaches a labelled vertebra in the scan")
