@@ -32,6 +32,7 @@ import numpy as np
 from .. import __version__
 from .. import levels as lv
 from ..measure.attenuation import CATEGORY_UNCERTAIN_SES, bone_summary, measure_trabecular
+from ..measure.confidence import review_reasons, vertebra_confidence
 from ..measure.contrast import ContrastResult, measure_contrast
 from ..measure.level_check import check_levels
 from ..measure.spine_shape import spine_curvature
@@ -104,7 +105,9 @@ class ScreeningResult:
         if contrast.get("contrast_enhanced") is not None:
             parts.append("contrast" if contrast["contrast_enhanced"] else "native")
         render_qc(self.inputs.ct.array, self.inputs.ct.ijk_to_ras, self.heights, path, grades=self.grades,
-                  hu={r.level: r.mean_hu for r in self.rois}, title="  ·  ".join(parts))
+                  hu={r.level: r.mean_hu for r in self.rois}, title="  ·  ".join(parts),
+                  confidence={row["level"]: row["confidence"] for row in self.vertebrae},
+                  review=self.exam["review"]["reasons"])
 
     def table(self) -> str:
         """A short per-vertebra table for a terminal."""
@@ -165,6 +168,9 @@ class ScreeningResult:
             lines.append(f"model provenance: {provenance.get('kind')} trained on {provenance.get('training_exams')} exams "
                          f"({provenance.get('training_positives')} with fracture"
                          + (f", cross-validated AUC {auc:.2f}" if auc is not None else "") + f"), {provenance.get('created_utc')}")
+        review = self.exam.get("review") or {}
+        if review.get("needed"):
+            lines.append("review needed: " + "; ".join(review["reasons"]))
         lines.extend(f"warning: {w}" for w in self.exam["warnings"])
         return "\n".join(lines)
 
@@ -283,15 +289,15 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
                   for h in heights if not h.complete]
     bone = _with_level_doubts(bone, level_check, warnings_)
 
-    vertebra_rows = _vertebra_rows(exam_id, heights, grades, rois)
+    vertebra_rows = _vertebra_rows(exam_id, heights, grades, rois, level_check.doubtful)
     # Every muscles.csv column but the exam's id is the row's attribute of the same name.
     muscle_table = [{"exam_id": exam_id} | {column: getattr(m, column) for column in MUSCLE_COLUMNS[1:]}
                     | {"flags": list(m.flags)} for m in muscle_rows]
     timings["total"] = round(time.perf_counter() - started, 3)
     exam = _exam_record(exam_id, inputs, {**inputs.sources, **(sources or {}), "labels": convention,
                                           "segmented_by": segmented_by},
-                        all_heights, heights, grades, bone, contrast, muscle_rows, spine, level_check,
-                        warnings_, timings)
+                        all_heights, heights, grades, vertebra_rows, bone, contrast, muscle_rows, spine,
+                        level_check, warnings_, timings)
     if model is not None:
         _apply_model(model, exam, vertebra_rows)
     return ScreeningResult(exam_id, vertebra_rows, muscle_table, exam, heights, grades, rois, muscle_rows, contrast,
@@ -384,7 +390,7 @@ def _bone_and_muscles(inputs: ExamInputs, convention: str, all_heights, heights,
     return rois, contrast, muscle_rows, bone_summary(rois, contrast)
 
 
-def _vertebra_rows(exam_id: str, heights, grades, rois) -> list[dict]:
+def _vertebra_rows(exam_id: str, heights, grades, rois, levels_doubtful: bool) -> list[dict]:
     """The rows of ``vertebrae.csv`` (keys of :data:`VERTEBRA_COLUMNS`)."""
     rows = []
     roi_by_level = {r.level: r for r in rois}
@@ -406,15 +412,17 @@ def _vertebra_rows(exam_id: str, heights, grades, rois) -> list[dict]:
             "expected_ha_mm": g.expected_ha_mm, "expected_hm_mm": g.expected_hm_mm, "expected_hp_mm": g.expected_hp_mm,
             "middle_loss": g.middle_loss, "size_loss": g.size_loss, "area_loss": g.area_loss,
             "endplate_depression": g.endplate_depression, "reference_levels": list(g.reference_levels),
+            "confidence": vertebra_confidence(g, flags, levels_doubtful),
         })
     return rows
 
 
-def _exam_record(exam_id, inputs: ExamInputs, sources: dict, all_heights, heights, grades, bone, contrast,
-                 muscle_rows, spine, level_check, warnings_: list[str], timings: dict) -> dict:
+def _exam_record(exam_id, inputs: ExamInputs, sources: dict, all_heights, heights, grades, vertebra_rows, bone,
+                 contrast, muscle_rows, spine, level_check, warnings_: list[str], timings: dict) -> dict:
     """The content of ``exam.json`` without the model's part (fields as
     :data:`.measurements.EXAM_FIELDS` declares them)."""
     ct_array, ijk_to_ras = inputs.ct.array, inputs.ct.ijk_to_ras
+    reasons = review_reasons(vertebra_rows, level_check.doubtful)
     return {
         "exam_id": exam_id,
         "software": {"name": "VertebralFractureScreen", "version": __version__},
@@ -436,6 +444,7 @@ def _exam_record(exam_id, inputs: ExamInputs, sources: dict, all_heights, height
         "contrast": asdict(contrast),
         "muscle": ({**muscle_summary(muscle_rows), "lumbar_length_mm": lumbar_length_mm(all_heights)} if muscle_rows
                    else {"lumbar": {}, "levels": [], "incomplete_levels": [], "lumbar_length_mm": None}),
+        "review": {"needed": bool(reasons), "reasons": reasons},
         "spine": _spine_json(spine),
         "level_check": level_check.as_dict(),
         "model": {"name": None, "probability": None, "threshold": None, "positive": None, "provenance": None,

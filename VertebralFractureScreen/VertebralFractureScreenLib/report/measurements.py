@@ -135,6 +135,9 @@ VERTEBRA_TABLE: tuple[Quantity, ...] = (
     _q("endplate_depression", "Endplate depression", "1", "the deeper endplate's depression below its chord, as a"
        " fraction of the expected middle height"),
     _q("reference_levels", "Reference levels", "", "the unfractured neighbours the expected shape comes from", "list"),
+    _q("confidence", "Confidence", "1", "trust in the vertebra's result, 0–1: the probability that its grade is right"
+       " given the heights' noise, times factors for a weak reference, doubtful levels, a suspected lesion or"
+       " hardware (measure/confidence.py); empty without a grade"),
 )
 
 def _by_key(table) -> dict[str, Quantity]:
@@ -222,6 +225,9 @@ EXAM_FIELDS: tuple[Quantity, ...] = (
     _q("spine.lordosis_deg", "Lumbar lordosis", "deg", "sagittal angle L1 to L5 (null without both)"),
     _q("spine.lordosis_levels", "Lordosis levels", "", "the end levels of lordosis_deg", "list"),
     _q("spine.levels", "Curvature levels", "", "the vertebrae whose centres are trusted for the curvature", "list"),
+    _q("review.needed", "Review needed", "", "a reader should look at this exam (reasons below)", "boolean"),
+    _q("review.reasons", "Review reasons", "", "why: low-confidence fractures, open grades, doubtful levels,"
+       " lesions, hardware, a mask off the bone", "list"),
     _q("level_check.doubtful", "Levels doubtful", "", "the label map's own evidence disagrees with its level labels",
        "boolean"),
     _q("level_check.checked", "Level checks run", "", "order, spacing, ribs, sacrum: the checks with evidence", "list"),

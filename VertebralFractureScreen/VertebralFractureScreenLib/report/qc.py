@@ -37,6 +37,7 @@ import numpy as np
 from .. import levels as lv
 from ..errors import InputError
 from ..io.files import atomic_write
+from ..measure.confidence import REVIEW_BELOW
 from .measurements import HEIGHTS_CUT_FLAGS, HEIGHTS_MEANINGLESS_FLAGS
 from .qc_records import LOST_HEIGHT, QCVertebra, qc_vertebrae
 from .reformat import SpineReformat, scan_sagittal_axis, spine_reformat
@@ -91,13 +92,16 @@ _FLAG_TEXT = {  # in order of priority: the first one present is shown
 
 
 def vertebra_label(v: QCVertebra) -> tuple[str, str]:
-    """Main and second line of a vertebra's label."""
+    """Main and second line of a vertebra's label (the second: HU, heights, and the confidence
+    when it is below :data:`~.confidence.REVIEW_BELOW`)."""
     heights = [v.ha_mm, v.hm_mm, v.hp_mm]
     hu = f"HU {v.trabecular_hu:.0f}" if math.isfinite(v.trabecular_hu) else ""
     hts = ("" if not any(math.isfinite(h) for h in heights) or HEIGHTS_CUT_FLAGS.intersection(v.flags)
            else "heights not measurable" if HEIGHTS_MEANINGLESS_FLAGS.intersection(v.flags)
            else "Ha/Hm/Hp " + "/".join("–" if not math.isfinite(h) else f"{h:.1f}" for h in heights) + " mm")
-    second = " · ".join(part for part in (hu, hts) if part)
+    trust = (f"confidence {v.confidence:.2f}" if math.isfinite(v.confidence) and v.confidence < REVIEW_BELOW
+             else "")
+    second = " · ".join(part for part in (hu, hts, trust) if part)
     if v.genant_grade is None:
         reasons = [text for flag, text in _FLAG_TEXT.items() if flag in v.flags]
         incomplete = not v.complete and v.level != "S1" and "not_graded" not in v.flags
@@ -168,6 +172,8 @@ def render_qc(
     *,
     grades: Sequence[VertebraGrade] | Mapping[str, VertebraGrade] | None = None,
     hu: Mapping[str, float] | None = None,
+    confidence: Mapping[str, float | None] | None = None,
+    review: Sequence[str] = (),
     title: str = "",
     mode: str = "curved",
     window: tuple[float, float] = DEFAULT_WINDOW,
@@ -186,6 +192,9 @@ def render_qc(
     drawn cranial at the top. ``hu``: optional trabecular mean HU per level, a mapping level → HU
     (NaN or absent where not measured; see :func:`qc_vertebrae`), shown in the labels; with
     :class:`QCVertebra` records it overrides their ``trabecular_hu`` where it has the level.
+    ``confidence``: level → the vertebra's confidence (``measure/confidence.py``), shown in its
+    label when below :data:`~.confidence.REVIEW_BELOW`; ``review``: the exam's review reasons,
+    shown in red under the summary.
     ``title``: first line(s) of the heading, e.g. the exam id and contrast status; a summary
     line (maximum grade, fractured levels) is added below it.
     ``mode``, ``pixel_mm``, ``slab_mm``, ``anterior_mm``, ``posterior_mm``: the reformat (see
@@ -201,9 +210,9 @@ def render_qc(
     Raises :class:`~.errors.InputError` when no vertebra has a centre or the file cannot be
     written.
     """
-    figure = qc_figure(ct, ijk_to_ras, vertebrae, grades=grades, hu=hu, title=title, mode=mode, window=window,
-                       pixel_mm=pixel_mm, slab_mm=slab_mm, anterior_mm=anterior_mm, posterior_mm=posterior_mm,
-                       dpi=dpi)
+    figure = qc_figure(ct, ijk_to_ras, vertebrae, grades=grades, hu=hu, confidence=confidence, review=review,
+                       title=title, mode=mode, window=window, pixel_mm=pixel_mm, slab_mm=slab_mm,
+                       anterior_mm=anterior_mm, posterior_mm=posterior_mm, dpi=dpi)
     _save_atomically(figure, Path(out_path), dpi)
 
 
@@ -214,6 +223,8 @@ def qc_figure(
     *,
     grades: Sequence[VertebraGrade] | Mapping[str, VertebraGrade] | None = None,
     hu: Mapping[str, float] | None = None,
+    confidence: Mapping[str, float | None] | None = None,
+    review: Sequence[str] = (),
     title: str = "",
     mode: str = "curved",
     window: tuple[float, float] = DEFAULT_WINDOW,
@@ -239,6 +250,9 @@ def qc_figure(
         except ValueError:
             return 10_000
 
+    for v in records:
+        if confidence and confidence.get(v.level) is not None:
+            v.confidence = float(confidence[v.level])
     records.sort(key=position)
     placed = [v for v in records if v.centre_ras is not None and np.all(np.isfinite(v.centre_ras))]
     if not placed:
@@ -249,7 +263,7 @@ def qc_figure(
     ap = [v.ap_ras if v.ap_ras is not None else np.array([0.0, 1.0, 0.0]) for v in guides]
     geometry = dict(mode=mode, pixel_mm=pixel_mm, anterior_mm=anterior_mm, posterior_mm=posterior_mm,
                     slab_mm=slab_mm)
-    notes, how = [], None
+    notes, how = (["Review needed: " + "; ".join(review) + "."] if review else []), None
     if sum(not ENDPLATE_CUT_FLAGS.intersection(v.flags) for v in guides) >= 2:
         reformat = spine_reformat(ct, ijk_to_ras, [v.centre_ras for v in guides], ap, cc_ras=guides[0].cc_ras,
                                   **geometry)

@@ -55,6 +55,8 @@ class QCVertebra:
     borderline: bool = False
     trabecular_hu: float = NAN
     flags: list[str] = field(default_factory=list)
+    confidence: float = NAN
+    """Trust in the result, 0–1 (``measure/confidence.py``); NaN when not given."""
     outline_ras: dict = field(default_factory=dict)
     """The measured endplates in the mid-sagittal plane, ``superior``/``inferior`` → (N, 3) RAS
     points along the depth (``morphometry.VertebraHeights.endplate_outline_ras``)."""
