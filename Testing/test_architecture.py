@@ -155,3 +155,29 @@ def test_functions_are_short_or_say_why():
     grown = {name: (n, LONG_FUNCTIONS.get(name)) for name, n in long_functions().items()
              if name not in LONG_FUNCTIONS or n > LONG_FUNCTIONS[name]}
     assert not grown, f"functions over {MAX_FUNCTION_LINES} lines (now, listed): {grown}"
+
+
+def test_no_test_reaches_into_a_measuring_module_s_private_names():
+    """Tests use the measuring modules' public names (issue 25): a private name is an
+    implementation detail a refactoring may change without a behaviour change."""
+    wrong = []
+    for path in sorted(LIB.parent.parent.joinpath("Testing").glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        aliases = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("VertebralFractureScreenLib.measure"):
+                for name in node.names:
+                    if name.name.startswith("_"):
+                        wrong.append(f"{path.name}:{node.lineno} imports {node.module}.{name.name}")
+                    if node.module == "VertebralFractureScreenLib.measure":
+                        aliases.add(name.asname or name.name)
+                    elif (LIB / "measure" / f"{name.name}.py").exists():
+                        aliases.add(name.asname or name.name)
+            elif isinstance(node, ast.Import):
+                aliases |= {name.asname for name in node.names
+                            if name.name.startswith("VertebralFractureScreenLib.measure.") and name.asname}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+                wrong.append(f"{path.name}:{node.lineno} uses {node.value.id}.{node.attr}")
+    assert not wrong, wrong

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from statistics import NormalDist
 
 import pytest
 
@@ -19,7 +20,7 @@ def test_the_grade_probability_follows_the_distance_to_a_boundary():
     assert cf.grade_probability(2, 0.30, 0.01) == pytest.approx(1.0, abs=1e-6)
     assert cf.grade_probability(0, 0.05, 0.02) == pytest.approx(1.0, abs=1e-6)
     # one SD from the 25 % boundary: about the normal distribution's 84 %
-    assert cf.grade_probability(1, 0.23, 0.02) == pytest.approx(cf._normal_cdf(1.0) - cf._normal_cdf(-1.5), abs=1e-9)
+    assert cf.grade_probability(1, 0.23, 0.02) == pytest.approx(NormalDist().cdf(1.0) - NormalDist().cdf(-1.5), abs=1e-9)
     # on a boundary: half
     assert cf.grade_probability(2, 0.25, 0.03) == pytest.approx(0.5, abs=0.01)
     # a NaN SD counts as the smallest one
