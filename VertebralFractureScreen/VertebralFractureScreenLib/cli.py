@@ -171,6 +171,10 @@ def _add_screen_parser(commands) -> None:
     p.add_argument("--exam-id", help="exam name in the outputs (default: the CT's file name): letters and digits of "
                                       "any script and . _ + -, starting with a letter or digit, as in cohorts")
     p.add_argument("--series", help="SeriesInstanceUID to read when the DICOM folder holds several series")
+    p.add_argument("--dicom-reference", type=Path, metavar="SERIES",
+                   help="the CT's DICOM series (folder) when the CT is given as NIfTI/NRRD: the DICOM objects "
+                        "(SEG, SR, QC capture, KOS) are written into OUT/dicom/ against it; a DICOM CT is its own")
+    p.add_argument("--no-dicom", action="store_true", help="do not write the DICOM objects of a DICOM CT")
     _add_screening_options(p, labels_of="--seg")
     p.set_defaults(run=_run_screen)
 
@@ -208,18 +212,46 @@ def _run_screen(args) -> int:
     out = args.out or Path.cwd() / f"{exam_id}_vfscreen"
     if out.exists() and not out.is_dir():
         raise VFSError(f"output path {out} exists and is not a folder.")
+    if args.no_dicom and args.dicom_reference is not None:
+        raise VFSError("--no-dicom and --dicom-reference contradict each other: give one.")
+    dicom = args.dicom_reference is not None or (not args.no_dicom and _is_dicom(args.ct))
     try:
         result = screen_exam(args.ct, seg=args.seg, body_seg=args.body_seg, convention=args.labels,
                              exam_id=exam_id, levels=_parse_levels(args.levels), series_uid=args.series,
                              out_dir=out, quality=args.quality, device=args.device, segment_body=args.body,
-                             keep_label_maps=False, model=args.model)
+                             keep_label_maps=dicom, model=args.model)  # the SEG needs the label maps
     except InputError as error:  # the library names its argument; on the command line it is --series
         raise InputError(str(error).replace("series_uid", "--series")) from None
     result.write(out, qc=not args.no_qc)
+    note = _write_dicom(result, out, args) if dicom else ""
     print(result.table())
     print(result.summary())
+    if note:
+        print(note)
     print(f"results in {out}")
     return 0
+
+
+def _is_dicom(ct: Path) -> bool:
+    """Whether the CT argument is a DICOM series folder or file (its objects are then written)."""
+    return ct.is_dir() or ct.suffix.lower() in (".dcm", ".dicom")
+
+
+def _write_dicom(result, out: Path, args) -> str:
+    """Write the DICOM objects into OUT/dicom/; a line for the terminal. Without the ``dicom`` extra,
+    a DICOM CT's objects are skipped with a note; asked for with --dicom-reference, it is an error."""
+    from .errors import DependencyError
+    from .report.dicom_objects import write_dicom_objects
+
+    required = args.dicom_reference is not None
+    try:
+        written = write_dicom_objects(result, out, reference=args.dicom_reference, series_uid=args.series,
+                                      required=required)
+    except DependencyError as error:
+        if required:
+            raise
+        return f"DICOM objects not written: {error}"
+    return f"DICOM objects ({', '.join(sorted(written))}) in {out / 'dicom'}" if written else ""
 
 
 def _add_cohort_parser(commands) -> None:
