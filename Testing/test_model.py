@@ -268,3 +268,60 @@ def test_the_shipped_demo_model_is_marked_and_loads():
     assert model.demonstration and "NOT FOR CLINICAL USE" in model.name and "DEMONSTRATION" in model.intended_use
     assert model.training["cross_validation"]["auc"] > 0.9
     assert fm.resolve_model("demo").name == model.name
+
+
+# ------------------------------------------------------------------------------------------------
+# Feature versions: a model of version 1 keeps working
+# ------------------------------------------------------------------------------------------------
+
+
+def test_the_version_1_demo_model_applies_to_version_2_features():
+    from VertebralFractureScreenLib.model.features import FEATURE_NAMES_BY_VERSION, exam_features
+
+    model = fm.resolve_model("demo")
+    assert model.feature_version == 1 and set(model.features) <= set(FEATURE_NAMES_BY_VERSION[1])
+    exam = {"bone": {"l1_hu": 95.0, "lumbar_mean_hu": 101.0, "l1_hu_for_phase": 77.0, "lumbar_mean_hu_for_phase": 83.0},
+            "contrast": {"aorta_hu": 190.0, "contrast_enhanced": True, "phase": "portal_venous",
+                         "phase_confident": True, "phase_candidates": ["portal_venous"]},
+            "muscle": {}}
+    rows = [{"level": "L1", "complete": True, "genant_grade": 2, "height_loss": 0.3, "trabecular_hu_mean": 95.0}]
+    old, new = model.apply(exam_features(exam, rows, version=1)), model.apply(exam_features(exam, rows))
+    assert old == new and 0.0 < new["probability"] < 1.0
+    assert new["provenance"]["feature_version"] == 1
+
+
+def test_feature_versions_of_model_files(model_dict, tmp_path):
+    from VertebralFractureScreenLib.model.features import FEATURE_NAMES_BY_VERSION
+
+    assert model_dict["feature_version"] == FEATURE_VERSION == 2
+    path = tmp_path / "model.json"
+    for version, accepted in ((1, True), (2, True), (0, False), (True, False), ("2", False)):
+        data = json.loads(json.dumps(model_dict))
+        data["feature_version"] = version
+        path.write_text(json.dumps(data))
+        if accepted:
+            assert fm.load_model(path).feature_version == version
+        else:
+            with pytest.raises(InputError, match="trained on features of version"):
+                fm.load_model(path)
+    data = json.loads(json.dumps(model_dict))
+    data.update(feature_version=1)
+    data["features"][0] = "phase_arterial"  # a feature of version 2 in a model of version 1
+    assert "phase_arterial" not in FEATURE_NAMES_BY_VERSION[1]
+    path.write_text(json.dumps(data))
+    with pytest.raises(InputError, match="does not compute: phase_arterial"):
+        fm.load_model(path)
+
+
+def test_a_version_1_features_table_still_trains(tmp_path):
+    from VertebralFractureScreenLib.model.features import FEATURE_NAMES_BY_VERSION
+
+    rows = [{key: value for key, value in row.items() if key not in FEATURE_NAMES or key in FEATURE_NAMES_BY_VERSION[1]}
+            for row in synthetic_cohort(40)]
+    for row in rows:
+        row["features_version"] = 1
+    table = fm.read_feature_table(write_table(rows, tmp_path / "v1.csv"), "fracture")
+    assert set(table.columns) - {"age", "sex"} <= set(FEATURE_NAMES_BY_VERSION[1])
+    rows[0]["features_version"] = 2  # one file, one version
+    with pytest.raises(InputError, match="holds features of version 1, 2"):
+        fm.read_feature_table(write_table(rows, tmp_path / "mixed.csv"), "fracture")

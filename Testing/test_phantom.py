@@ -918,3 +918,57 @@ def test_mislabel_helpers():
     np.testing.assert_array_equal(swap_levels(swapped, "L5", "L1"), total)
     with pytest.raises(ValueError):
         shift_levels(np.array([ids["S1"]]), 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Contrast phase: vessels and kidneys
+# ------------------------------------------------------------------------------------------------
+
+PHASE_LABELS = {"aorta": lv.TOTAL_AORTA, "inferior_vena_cava": lv.TOTAL_INFERIOR_VENA_CAVA,
+                "portal_vein_and_splenic_vein": lv.TOTAL_PORTAL_SPLENIC_VEIN}
+
+
+def test_a_phantom_without_a_phase_draws_no_vessels_or_kidneys():
+    spec = replace(BASE, levels=("L1", "L2"), fractures=(), spacing=(3.0, 3.0, 3.0))
+    phantom = make_phantom(spec)
+    absent = (lv.TOTAL_KIDNEY_RIGHT, lv.TOTAL_KIDNEY_LEFT, lv.TOTAL_INFERIOR_VENA_CAVA, lv.TOTAL_PORTAL_SPLENIC_VEIN)
+    assert not np.isin(phantom.total, absent).any() and "phase" not in phantom.truth
+    assert not {"phase", "phase_hu", "bone_enhancement_hu"} & set(spec.to_json())
+    assert "trabecular_hu_native" not in phantom.truth["vertebrae"][0]
+
+
+@pytest.mark.parametrize("phase", ["native", "arterial", "portal_venous", "delayed"])
+def test_phase_structures_have_their_phase_s_hu(phase):
+    spec = PhantomSpec(levels=("T12", "L1", "L2"), spacing=(2.5, 2.5, 2.5), supersampling=1, phase=phase,
+                       trabecular_hu={"T12": 150.0, "L1": 120.0, "L2": 150.0})
+    phantom = make_phantom(spec)
+    truth = phantom.truth["phase"]
+    assert truth["phase"] == phase and all(truth["present"].values())
+    hu = truth["hu"]
+    for name, label in PHASE_LABELS.items():  # noise-free, one sample a voxel: exact HU
+        assert np.all(phantom.ct[phantom.total == label] == hu[name]), name
+    for label in (lv.TOTAL_KIDNEY_RIGHT, lv.TOTAL_KIDNEY_LEFT):
+        kidney = phantom.total == label
+        cortex, medulla = kidney & (phantom.tissue == TISSUES["renal_cortex"]), kidney & (phantom.tissue == TISSUES["renal_medulla"])
+        assert np.all(cortex | medulla == kidney) and cortex.sum() > 100 and medulla.sum() > 100
+        assert np.all(phantom.ct[cortex] == hu["kidney_cortex"]) and np.all(phantom.ct[medulla] == hu["kidney_medulla"])
+        depth = ndimage.distance_transform_edt(kidney, sampling=2.5)  # mm to the nearest voxel outside
+        assert depth[cortex].max() <= 7.0 + 2.5 * np.sqrt(3) and depth[medulla].min() >= 7.0 - 2.5 * np.sqrt(3)
+    enhancement = {"native": 0.0, "arterial": 14.0, "portal_venous": 18.0, "delayed": 18.0}[phase]
+    assert truth["trabecular_enhancement_hu"] == enhancement
+    l1 = next(v for v in phantom.truth["vertebrae"] if v["level"] == "L1")
+    assert (l1["trabecular_hu_native"], l1["trabecular_hu"]) == (120.0, 120.0 + enhancement)
+    assert l1["category_native"] == "low-bone-density-possible"
+    trabecular = (phantom.total == lv.TOTAL_VERTEBRA_IDS["L1"]) & (phantom.tissue == TISSUES["trabecular_bone"])
+    assert np.all(phantom.ct[trabecular] == 120.0 + enhancement)
+    assert phantom.truth["aorta"]["hu"] == hu["aorta"]
+
+
+def test_phase_overrides_and_validation():
+    spec = PhantomSpec(levels=("L1",), phase="arterial", phase_hu={"aorta": 240.0}, bone_enhancement_hu=5.0)
+    assert spec.aorta_hu_value == 240.0 and spec.phase_structure_hu("kidney_cortex") == 210.0
+    assert spec.trabecular_enhancement_hu == 5.0 and spec.to_json()["phase_hu"] == {"aorta": 240.0}
+    for kwargs in ({"phase": "venous"}, {"phase": "arterial", "contrast": True}, {"phase_hu": {"aorta": 1.0}},
+                   {"phase": "native", "phase_hu": {"liver": 1.0}}, {"bone_enhancement_hu": 3.0}):
+        with pytest.raises(ValueError):
+            PhantomSpec(**kwargs)

@@ -27,8 +27,12 @@ SCREENING_LEVELS: tuple[str, ...] = LEVELS[LEVEL_INDEX["T4"] : LEVEL_INDEX["L5"]
 LUMBAR_LEVELS: tuple[str, ...] = ("L1", "L2", "L3", "L4", "L5")
 
 # --- TotalSegmentator `total` task -------------------------------------------------------------
+TOTAL_KIDNEY_RIGHT = 2
+TOTAL_KIDNEY_LEFT = 3
 TOTAL_SACRUM = 25
 TOTAL_AORTA = 52
+TOTAL_INFERIOR_VENA_CAVA = 63
+TOTAL_PORTAL_SPLENIC_VEIN = 64
 TOTAL_SPINAL_CORD = 79
 TOTAL_AUTOCHTHON_LEFT = 86
 TOTAL_AUTOCHTHON_RIGHT = 87
@@ -46,8 +50,12 @@ TOTAL_RIB_IDS.update({("right", n): 103 + n for n in range(1, 13)})
 104 … rib_right_12 115 (TotalSegmentator's ``map_to_binary.class_map["total"]``)."""
 
 TOTAL_CLASS_NAMES: dict[int, str] = {
+    TOTAL_KIDNEY_RIGHT: "kidney_right",
+    TOTAL_KIDNEY_LEFT: "kidney_left",
     TOTAL_SACRUM: "sacrum",
     TOTAL_AORTA: "aorta",
+    TOTAL_INFERIOR_VENA_CAVA: "inferior_vena_cava",
+    TOTAL_PORTAL_SPLENIC_VEIN: "portal_vein_and_splenic_vein",
     TOTAL_SPINAL_CORD: "spinal_cord",
     TOTAL_AUTOCHTHON_LEFT: "autochthon_left",
     TOTAL_AUTOCHTHON_RIGHT: "autochthon_right",

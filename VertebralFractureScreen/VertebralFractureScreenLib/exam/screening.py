@@ -31,10 +31,11 @@ import numpy as np
 
 from .. import __version__
 from .. import levels as lv
-from ..measure.attenuation import CATEGORY_UNCERTAIN_SES, bone_summary, measure_trabecular
+from ..measure.attenuation import CATEGORY_UNCERTAIN_SES, bone_for_phase, bone_summary, measure_trabecular
 from ..measure.confidence import review_reasons, vertebra_confidence
 from ..measure.contrast import ContrastResult, measure_contrast
 from ..measure.level_check import check_levels
+from ..measure.phase import estimate_phase, no_phase
 from ..measure.spine_shape import spine_curvature
 from ..errors import InputError
 from ..io.exam_inputs import ExamInputs, load_exam, read_ct_checked
@@ -102,7 +103,9 @@ class ScreeningResult:
         parts = [self.exam_id, f"max grade {summary['max_grade'] if summary['max_grade'] is not None else '–'}"]
         if summary["fractured_levels"]:
             parts.append("fractured " + ", ".join(summary["fractured_levels"]))
-        if contrast.get("contrast_enhanced") is not None:
+        if contrast.get("phase") not in (None, "uncertain"):
+            parts.append(contrast["phase"].replace("_", " ") + ("" if contrast.get("phase_confident") else "?"))
+        elif contrast.get("contrast_enhanced") is not None:
             parts.append("contrast" if contrast["contrast_enhanced"] else "native")
         render_qc(self.inputs.ct.array, self.inputs.ct.ijk_to_ras, self.heights, path, grades=self.grades,
                   hu={r.level: r.mean_hu for r in self.rois}, title="  ·  ".join(parts),
@@ -143,6 +146,13 @@ class ScreeningResult:
                             if bone.get("lumbar_mean_hu") is not None else ""))
         if contrast.get("aorta_hu") is not None:
             lines.append(f"aorta {contrast['aorta_hu']:.0f} HU → {'contrast-enhanced' if contrast['contrast_enhanced'] else 'native'}")
+        if contrast.get("phase") not in (None, "uncertain") or contrast.get("phase_candidates"):
+            phase = contrast["phase"].replace("_", " ")
+            lines.append(f"phase: {phase}" + ("" if contrast.get("phase_confident") else
+                                               f" (not certain: {' or '.join(contrast.get('phase_candidates') or [])})")
+                         + (f"; bone category for this phase: {bone['category_for_phase']}"
+                            f" (L1 ≤ {bone['phase_osteoporosis_threshold_hu']:.0f} / > {bone['phase_normal_threshold_hu']:.0f} HU)"
+                            if bone.get("category_for_phase") and bone.get("phase_offset_hu") is not None else ""))
         lumbar = self.exam["muscle"].get("lumbar", {})
         for group in ("autochthon", "iliopsoas"):
             if group in lumbar and "not_segmented" in lumbar[group]["flags"]:
@@ -283,8 +293,10 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
     t = time.perf_counter()
     rois, contrast, muscle_rows, bone = _bone_and_muscles(inputs, convention, all_heights, heights, grades,
                                                           keep_label_maps, warnings_)
+    phase = _phase(inputs, convention)
     timings["attenuation_and_muscles"] = round(time.perf_counter() - t, 3)
     warnings_ += list(bone.warnings) + [w for w in contrast.warnings if w not in bone.warnings]
+    warnings_ += list(phase.warnings) if phase is not None else []
     warnings_ += [f"{h.level} incomplete ({', '.join(h.flags) or 'not measurable'}): not graded"
                   for h in heights if not h.complete]
     bone = _with_level_doubts(bone, level_check, warnings_)
@@ -296,7 +308,7 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
     timings["total"] = round(time.perf_counter() - started, 3)
     exam = _exam_record(exam_id, inputs, {**inputs.sources, **(sources or {}), "labels": convention,
                                           "segmented_by": segmented_by},
-                        all_heights, heights, grades, vertebra_rows, bone, contrast, muscle_rows, spine,
+                        all_heights, heights, grades, vertebra_rows, bone, contrast, phase, muscle_rows, spine,
                         level_check, warnings_, timings)
     if model is not None:
         _apply_model(model, exam, vertebra_rows)
@@ -390,6 +402,14 @@ def _bone_and_muscles(inputs: ExamInputs, convention: str, all_heights, heights,
     return rois, contrast, muscle_rows, bone_summary(rois, contrast)
 
 
+def _phase(inputs: ExamInputs, convention: str):
+    """The contrast phase from the vessels and kidneys (None for a VerSe segmentation, which has
+    none of them)."""
+    if convention != "totalsegmentator":
+        return None
+    return estimate_phase(inputs.ct.array, inputs.labels.array, inputs.ct.ijk_to_ras, label_boxes=inputs.label_boxes)
+
+
 def _vertebra_rows(exam_id: str, heights, grades, rois, levels_doubtful: bool) -> list[dict]:
     """The rows of ``vertebrae.csv`` (keys of :data:`VERTEBRA_COLUMNS`)."""
     rows = []
@@ -418,7 +438,7 @@ def _vertebra_rows(exam_id: str, heights, grades, rois, levels_doubtful: bool) -
 
 
 def _exam_record(exam_id, inputs: ExamInputs, sources: dict, all_heights, heights, grades, vertebra_rows, bone,
-                 contrast, muscle_rows, spine, level_check, warnings_: list[str], timings: dict) -> dict:
+                 contrast, phase, muscle_rows, spine, level_check, warnings_: list[str], timings: dict) -> dict:
     """The content of ``exam.json`` without the model's part (fields as
     :data:`.measurements.EXAM_FIELDS` declares them)."""
     ct_array, ijk_to_ras = inputs.ct.array, inputs.ct.ijk_to_ras
@@ -440,8 +460,8 @@ def _exam_record(exam_id, inputs: ExamInputs, sources: dict, all_heights, height
                          for h in heights},
         # SD of each graded vertebra's height loss from those (grading.VertebraGrade.height_loss_sd)
         "height_loss_sd": {g.level: round(float(g.height_loss_sd), 4) for g in grades if g.graded},
-        "bone": _bone_json(bone),
-        "contrast": asdict(contrast),
+        "bone": {**_bone_json(bone), **bone_for_phase(bone, phase if phase is not None else no_phase())},
+        "contrast": {**asdict(contrast), **(phase if phase is not None else no_phase()).exam_fields()},
         "muscle": ({**muscle_summary(muscle_rows), "lumbar_length_mm": lumbar_length_mm(all_heights)} if muscle_rows
                    else {"lumbar": {}, "levels": [], "incomplete_levels": [], "lumbar_length_mm": None}),
         "review": {"needed": bool(reasons), "reasons": reasons},

@@ -32,6 +32,16 @@ lies within :data:`CATEGORY_UNCERTAIN_SES` standard errors of a category thresho
 
 The contrast phase (:func:`.contrast.measure_contrast`) is measured apart; HU are reported as
 measured with its flag beside them.
+
+**Category for the contrast phase** (:func:`phase_adjusted_category`, :func:`bone_for_phase`).
+Contrast raises trabecular HU, so beside the category above the summary gives the category under
+thresholds raised by the phase's published mean enhancement of L1 (:data:`PHASE_BONE_OFFSETS_HU`,
+sources in :data:`PHASE_OFFSET_SOURCES` and ``docs/methods.md``), for the phase of
+:func:`.phase.estimate_phase`: arterial + 14 HU (124 / 174 HU), portal venous and delayed + 18 HU
+(128 / 178 HU). Equivalently the L1 HU minus the offset (``l1_hu_for_phase``, an unenhanced-
+equivalent HU) goes under the unenhanced thresholds. When the phase is not confident, every phase
+the values allow is tried: the category is given when they all agree (their offsets differ by
+4 HU at most) and is None otherwise, and it is marked uncertain either way, never guessed.
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ from .. import levels as lv
 from ..geometry import voxel_volume_ml
 from .contrast import ContrastResult, measure_contrast  # noqa: F401  measure_contrast: re-exported
 from .grading import VertebraGrade
+from .phase import ENHANCED, ENHANCED_PHASES, PHASES, PhaseResult
 from .trabecular_roi import ROI_MARGIN_MM, trabecular_roi_mask
 
 ROI_MIN_VOXELS = 30
@@ -310,3 +321,103 @@ def bone_summary(rois: Sequence[TrabecularROI], contrast: ContrastResult | None 
             summary.warnings.append(f"contrast-enhanced exam (aorta {contrast.aorta_hu:.0f} HU): trabecular HU "
                                     "are as measured, not corrected for contrast")
     return summary
+
+
+# ------------------------------------------------------------------------------------------------
+# Category for the contrast phase
+# ------------------------------------------------------------------------------------------------
+
+PHASE_BONE_OFFSETS_HU = {"native": 0.0, "arterial": 14.0, "portal_venous": 18.0, "delayed": 18.0}
+"""Mean rise of L1 trabecular HU over the unenhanced scan, per phase (HU): the category thresholds
+of a phase are :data:`CATEGORY_THRESHOLDS_HU` plus its offset. Sources in :data:`PHASE_OFFSET_SOURCES`."""
+
+PHASE_OFFSET_SOURCES = {
+    "native": "Pickhardt et al., Ann Intern Med 2013;158:588 (L1 110 / 160 HU)",
+    "arterial": "+14 HU: Pompe et al., Eur Radiol 2015;25:283 (paired L1, arterial +13.5 / +14.1 HU)",
+    "portal_venous": "+18 HU: Pompe et al., Eur Radiol 2015;25:283 (paired L1, portal venous +18.2 / +18.0 HU)",
+    "delayed": "+18 HU: this project's choice, as portal venous (Boutin et al., AJR 2016;207:1046)",
+}
+"""Where each offset comes from, as ``exam.json`` names it (the comparison with other published
+offsets, TotalSegmentator's spine report's among them, is in ``docs/methods.md``)."""
+
+
+@dataclass(frozen=True)
+class PhaseCategory:
+    """The opportunistic category of an L1 HU under the thresholds of a contrast phase.
+
+    ``phases``: the phases tried (the phase itself, or every phase the values allow when it is not
+    confident); ``offset_hu`` their common offset and ``thresholds_hu`` their thresholds (None when
+    the phases tried differ); ``hu_for_phase`` the HU minus the offset (the unenhanced-equivalent
+    HU; None when the offset is); ``category`` the category they all give (None when they differ);
+    ``uncertain`` True when the phase is not confident, the phases tried disagree, or the HU ± 2
+    standard errors spans a threshold; ``reason`` says which; ``source`` the offsets' sources."""
+
+    category: str | None
+    uncertain: bool
+    offset_hu: float | None
+    thresholds_hu: tuple[float, float] | None
+    hu_for_phase: float | None
+    phases: tuple[str, ...]
+    source: str
+    reason: str | None = None
+
+
+def phase_offset(phase: str, candidates=None) -> tuple[tuple[str, ...], float | None]:
+    """The phases to try for an answer of :func:`.phase.estimate_phase` (the phase itself; else
+    its ``candidates``, or every enhanced phase for ``enhanced``, or every phase) and their common
+    offset (None when they differ)."""
+    if phase in PHASES:
+        phases = (phase,)
+    else:
+        phases = tuple(p for p in candidates or () if p in PHASES) or (ENHANCED_PHASES if phase == ENHANCED else PHASES)
+    offsets = {PHASE_BONE_OFFSETS_HU[p] for p in phases}
+    return phases, (offsets.pop() if len(offsets) == 1 else None)
+
+
+def phase_adjusted_category(l1_hu: float, phase: str, *, candidates=None, hu_se: float | None = None) -> PhaseCategory:
+    """The category of ``l1_hu`` under the thresholds of ``phase`` (one of
+    :data:`.phase.PHASE_ANSWERS`; ``candidates`` the estimate's candidate phases; ``hu_se`` the
+    HU's standard error). See the module docstring and :class:`PhaseCategory`."""
+    if not np.isfinite(l1_hu):
+        raise ValueError("a NaN attenuation has no bone category")
+    phases, offset = phase_offset(phase, candidates)
+    categories = {opportunistic_category(l1_hu - PHASE_BONE_OFFSETS_HU[p]) for p in phases}
+    category = next(iter(categories)) if len(categories) == 1 else None
+    why = []
+    if phase not in PHASES:
+        why.append(f"contrast phase {phase}: tried {', '.join(phases)}" + ("" if category else ", which disagree"))
+    if hu_se is not None and np.isfinite(hu_se) and category is not None:
+        span = CATEGORY_UNCERTAIN_SES * hu_se
+        if any(opportunistic_category(l1_hu - PHASE_BONE_OFFSETS_HU[p] - span)
+               != opportunistic_category(l1_hu - PHASE_BONE_OFFSETS_HU[p] + span) for p in phases):
+            why.append(f"within {CATEGORY_UNCERTAIN_SES:g} standard errors ({span:.1f} HU) of a threshold")
+    return PhaseCategory(
+        category=category, uncertain=bool(why), offset_hu=offset,
+        thresholds_hu=None if offset is None else tuple(t + offset for t in CATEGORY_THRESHOLDS_HU),
+        hu_for_phase=None if offset is None else float(l1_hu - offset), phases=phases,
+        source="; ".join(PHASE_OFFSET_SOURCES[p] for p in phases), reason="; ".join(why) or None)
+
+
+def bone_for_phase(summary: BoneSummary, phase: PhaseResult) -> dict:
+    """The fields the contrast phase adds to ``exam.json``'s ``bone`` object: the category under
+    the phase's thresholds (:func:`phase_adjusted_category` of ``summary.l1_hu``), whether it is
+    uncertain and why, the offset and the two thresholds applied (L1 at or below the first:
+    osteoporosis likely; above the second: normal) and their source, and L1's and the lumbar
+    mean's HU minus the offset (None where the offset or the HU is unknown)."""
+    phases, offset = phase_offset(phase.phase, phase.candidates)
+    result = None
+    if summary.l1_hu is not None and np.isfinite(summary.l1_hu):
+        result = phase_adjusted_category(summary.l1_hu, phase.phase, candidates=phase.candidates,
+                                         hu_se=summary.l1_hu_se)
+    lumbar = summary.lumbar_mean_hu
+    return {
+        "category_for_phase": None if result is None else result.category,
+        "category_for_phase_uncertain": None if result is None else result.uncertain,
+        "category_for_phase_reason": None if result is None else result.reason,
+        "phase_offset_hu": offset,
+        "phase_osteoporosis_threshold_hu": None if offset is None else CATEGORY_THRESHOLDS_HU[0] + offset,
+        "phase_normal_threshold_hu": None if offset is None else CATEGORY_THRESHOLDS_HU[1] + offset,
+        "phase_threshold_source": "; ".join(PHASE_OFFSET_SOURCES[p] for p in phases),
+        "l1_hu_for_phase": None if result is None else result.hu_for_phase,
+        "lumbar_mean_hu_for_phase": None if lumbar is None or offset is None else float(lumbar - offset),
+    }

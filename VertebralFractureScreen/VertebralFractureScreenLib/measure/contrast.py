@@ -8,6 +8,9 @@ id 52): voxels whose centre is at least :data:`AORTA_CORE_MM` plus one voxel spa
 mask's outline, so partial volume with the wall and the surrounding fat does not bias it;
 ``contrast_enhanced`` when above 150 HU. HU metrics (:mod:`.attenuation`, :mod:`.muscles`) are
 reported as measured with the flag beside them.
+
+The contrast phase (arterial, portal venous, ...) is :mod:`.phase`'s, which crops its labels as
+here (:func:`label_box`, :func:`thinned_crop`).
 """
 
 from __future__ import annotations
@@ -64,32 +67,59 @@ def measure_contrast(
     The image border is not treated as the aorta's wall (an aorta cut by the field of view keeps
     its end slices). Without an aorta label the result is None with a warning. ``label_boxes``:
     ``ndimage.find_objects(labels)`` when the caller has it already."""
-    ijk_to_ras = np.asarray(ijk_to_ras, dtype=float)
     result = ContrastResult(threshold_hu=threshold_hu)
-    if label_boxes is not None:
-        box = label_boxes[aorta_label - 1] if len(label_boxes) >= aorta_label else None
-    else:  # one pass, no full-size temporary
-        box = (find_label_boxes(labels, aorta_label)[aorta_label - 1]
-               if np.issubdtype(labels.dtype, np.integer) else None)
+    if label_boxes is None and np.issubdtype(labels.dtype, np.integer):  # one pass, no full-size temporary
+        label_boxes = find_label_boxes(labels, aorta_label)
+    box = label_box(label_boxes, aorta_label)
     if box is None:
         result.warnings.append(f"no aorta (label {aorta_label}) in the segmentation: contrast phase unknown")
         return result
-    lo = np.maximum(np.array([s.start for s in box]) - 1, 0)
-    hi = np.minimum(np.array([s.stop for s in box]) + 1, labels.shape)
-    spacing_kji = voxel_spacing(ijk_to_ras)[::-1].copy()
-    # Thin slices: every m-th slice is enough for a mean (slices about 2 mm apart); the grid of
-    # the kept slices is still orthogonal, so the distance map on it is Euclidean in mm.
-    m = max(1, int(2.0 // spacing_kji[0]))
-    slices = (slice(lo[0], hi[0], m), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
-    spacing_kji[0] *= m
-    mask = labels[slices] == aorta_label
-    distance = distance_transform_edt(mask, sampling=spacing_kji)  # scipy's, with less memory
-    core = distance >= core_mm + float(spacing_kji.max())
-    if core.sum() < _AORTA_MIN_CORE_VOXELS:
-        core = distance >= 0.5 * float(distance.max())
+    values, central_half = lumen_core_values(ct, labels, ijk_to_ras, aorta_label, box, core_mm=core_mm)
+    if central_half:
         result.warnings.append("aorta too thin for its central lumen at this voxel size: mean over its central half")
-    values = ct[slices][core].astype(np.float64)
     result.aorta_voxels = int(values.size)
     result.aorta_hu = float(values.mean())
     result.contrast_enhanced = bool(result.aorta_hu > threshold_hu)
     return result
+
+
+def label_box(label_boxes: list | None, label: int) -> tuple[slice, ...] | None:
+    """The box of ``label`` in ``label_boxes`` (``ndimage.find_objects`` of the map), None when the
+    label is absent or there are no boxes."""
+    if not label_boxes or len(label_boxes) < label:
+        return None
+    return label_boxes[label - 1]
+
+
+def thinned_crop(box: tuple[slice, ...], shape, ijk_to_ras: np.ndarray, *,
+                 in_plane: bool = False) -> tuple[tuple[slice, ...], np.ndarray]:
+    """The slices ``[k, j, i]`` of ``box`` grown by one voxel (within the grid ``shape``), with only
+    every m-th slice of slices 1 mm or thinner (about 2 mm apart: a median or a mean needs no more;
+    with ``in_plane`` the rows and columns too), and the voxel size in mm along ``(k, j, i)`` of
+    that crop (each thinned axis's spacing m times the grid's). The grid of the kept voxels is still
+    orthogonal, so a distance map on it is Euclidean in mm."""
+    lo = np.maximum(np.array([s.start for s in box], dtype=np.intp) - 1, 0)
+    hi = np.minimum(np.array([s.stop for s in box], dtype=np.intp) + 1, np.asarray(shape, dtype=np.intp))
+    spacing_kji = voxel_spacing(np.asarray(ijk_to_ras, dtype=float))[::-1].copy()
+    steps = [max(1, int(2.0 // spacing_kji[axis])) if axis == 0 or in_plane else 1 for axis in range(3)]
+    spacing_kji *= steps
+    return tuple(slice(lo[axis], hi[axis], steps[axis]) for axis in range(3)), spacing_kji
+
+
+def lumen_core_values(ct: np.ndarray, labels: np.ndarray, ijk_to_ras: np.ndarray, label: int,
+                      box: tuple[slice, ...], *, core_mm: float = AORTA_CORE_MM) -> tuple[np.ndarray, bool]:
+    """HU (float64) of a vessel's central lumen: the voxels of ``label`` (within its ``box``, on the
+    :func:`thinned_crop`) whose centre lies at least ``core_mm`` plus the crop's largest voxel size
+    inside the mask (Euclidean distance in mm to the nearest voxel outside it), so partial volume
+    with the wall and the fat around it leaves them alone. A vessel too thin for such a core (fewer
+    than 10 voxels) gives its central half instead (distance at least half the largest): the
+    second value is then True. The image border is not the vessel's wall: a vessel cut by the
+    field of view keeps its end slices."""
+    slices, spacing_kji = thinned_crop(box, labels.shape, ijk_to_ras)
+    mask = labels[slices] == label
+    distance = distance_transform_edt(mask, sampling=spacing_kji)  # scipy's, with less memory
+    core = distance >= core_mm + float(spacing_kji.max())
+    central_half = int(core.sum()) < _AORTA_MIN_CORE_VOXELS
+    if central_half:
+        core = distance >= 0.5 * float(distance.max())
+    return ct[slices][core].astype(np.float64), central_half

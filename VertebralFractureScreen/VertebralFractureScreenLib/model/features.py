@@ -1,8 +1,11 @@
 """Exam features: one row of numbers per screened exam, the input of the fracture model.
 
 The list is versioned (:data:`FEATURE_VERSION`): a model file names the version and the features
-it was trained on, and a model refuses features of another version. Change the list only with a
-new version number.
+it was trained on, and a model of a version this software does not compute is refused. Change the
+list only with a new version number. Each version keeps the features of the one before, with the
+same definitions, and adds its own after them (:data:`FEATURE_NAMES_BY_VERSION`), so a model of
+an older version finds its columns among the current features;
+``exam_features(exam, rows, version=1)`` gives exactly version 1's.
 
 Every feature is computed from one exam's SPEC §5 files (``exam.json`` and ``vertebrae.csv``), so
 a cohort's ``features.csv`` can be rebuilt from finished exam folders at any time without
@@ -22,6 +25,17 @@ Features (:data:`FEATURES`, from the measurement registry, gives each one's unit
   intramuscular fat fraction, for the autochthonous muscles and the iliopsoas (left + right);
 * contrast: the aorta's mean HU and the ``contrast_enhanced`` flag (1 / 0).
 
+Version 2 adds the contrast phase (:mod:`..measure.phase`, in ``exam.json``'s ``contrast``):
+
+* the phase one-hot, ``phase_native`` … ``phase_delayed`` (not ordinal: trabecular enhancement
+  is not monotone in time after injection, arterial < portal venous ≥ delayed): 1 for a confident
+  phase, 0 for a phase the estimate rules out, missing for one of several candidates (``enhanced``
+  or ``uncertain``), all missing when the exam has no phase (an older ``exam.json``);
+* the unenhanced-equivalent HU, ``l1_hu_for_phase`` and ``lumbar_mean_hu_for_phase``: L1's and the
+  lumbar mean's HU minus the phase's mean trabecular enhancement (``bone.l1_hu_for_phase``,
+  ``bone.lumbar_mean_hu_for_phase``, :func:`..measure.attenuation.bone_for_phase`), missing where
+  the enhancement is unknown.
+
 Clinical columns (``age``, ``sex``) are not measured here: a cohort manifest passes them through
 next to these features (:data:`CLINICAL_COLUMNS`).
 """
@@ -31,11 +45,20 @@ from __future__ import annotations
 import math
 
 from .. import levels as lv
+from ..measure.phase import PHASES
 from ..report import measurements
 from ..report.exam_folder import read_finished
 
-FEATURE_VERSION = 1
-"""Version of the feature list below; a model trained on another version is refused."""
+FEATURE_VERSION = 2
+"""Version of the feature list this software computes by default."""
+
+FEATURE_NAMES_BY_VERSION: dict[int, tuple[str, ...]] = {
+    1: measurements.keys(measurements.FEATURE_TABLE_V1),
+    2: measurements.keys(measurements.FEATURE_TABLE),
+}
+"""The features of every version this software computes; a model of another version is refused."""
+
+FEATURE_VERSIONS = tuple(FEATURE_NAMES_BY_VERSION)
 
 
 PER_LEVEL_HU = tuple(f"hu_{level}" for level in lv.SCREENING_LEVELS)
@@ -69,11 +92,20 @@ def _value(number) -> float:
     return MISSING if number is None else float(number)
 
 
-def exam_features(exam: dict, vertebrae: list[dict]) -> dict[str, float]:
-    """The features of one exam from the content of its ``exam.json`` and the typed rows of its
-    ``vertebrae.csv`` (as :attr:`.screening.ScreeningResult.vertebrae` holds them and
+def feature_names(version: int = FEATURE_VERSION) -> tuple[str, ...]:
+    """The features of ``version``, in column order (ValueError for a version not computed here)."""
+    try:
+        return FEATURE_NAMES_BY_VERSION[version]
+    except (KeyError, TypeError):
+        raise ValueError(f"feature version {version!r} is not one of {FEATURE_VERSIONS}") from None
+
+
+def exam_features(exam: dict, vertebrae: list[dict], version: int = FEATURE_VERSION) -> dict[str, float]:
+    """The features of ``version`` of one exam from the content of its ``exam.json`` and the typed
+    rows of its ``vertebrae.csv`` (as :attr:`.screening.ScreeningResult.vertebrae` holds them and
     :func:`.exam_folder.read_finished` reads them back). Missing values are NaN."""
-    features = dict.fromkeys(FEATURE_NAMES, MISSING)
+    names = feature_names(version)
+    features = dict.fromkeys(FEATURE_NAMES_BY_VERSION[1], MISSING)
     graded = [row for row in vertebrae if row.get("genant_grade") is not None]
     grades = [float(row["genant_grade"]) for row in graded]
     losses = [loss for loss in (_value(row.get("height_loss")) for row in graded) if not math.isnan(loss)]
@@ -108,7 +140,26 @@ def exam_features(exam: dict, vertebrae: list[dict]) -> dict[str, float]:
     features["aorta_hu"] = _value(contrast.get("aorta_hu"))
     flag = contrast.get("contrast_enhanced")
     features["contrast_enhanced"] = MISSING if flag is None else float(bool(flag))
-    return features
+    if version >= 2:
+        features.update(_phase_features(contrast, bone))
+    return {name: features[name] for name in names}
+
+
+def _phase_features(contrast: dict, bone: dict) -> dict[str, float]:
+    """Version 2's features of the contrast phase (see the module docstring)."""
+    phase = contrast.get("phase")
+    candidates = contrast.get("phase_candidates")
+    out = {f"phase_{name}": MISSING for name in PHASES}
+    if isinstance(phase, str) and isinstance(candidates, list):
+        confident = contrast.get("phase_confident") is True and phase in PHASES
+        for name in PHASES:
+            if confident:
+                out[f"phase_{name}"] = float(name == phase)
+            elif candidates and name not in candidates:
+                out[f"phase_{name}"] = 0.0
+    out["l1_hu_for_phase"] = _value(bone.get("l1_hu_for_phase"))
+    out["lumbar_mean_hu_for_phase"] = _value(bone.get("lumbar_mean_hu_for_phase"))
+    return out
 
 
 def features_from_folder(folder) -> dict[str, float]:

@@ -10,7 +10,8 @@ Model file (JSON only, never pickle: a model file can be shared and read without
 
 * ``format`` / ``format_version``: :data:`MODEL_FORMAT`, :data:`MODEL_FORMAT_VERSION`;
 * ``name``, ``kind`` (``logistic`` or ``gradient_boosting``), ``created_utc``, ``software``;
-* ``features``: the columns, in order, with ``feature_version`` (:data:`.features.FEATURE_VERSION`);
+* ``features``: the columns, in order, with ``feature_version`` (one of :data:`.features.FEATURE_VERSIONS`:
+  a model of an older version is applied to its own columns, which every later version keeps);
 * ``imputation``: the median of each feature in the training cohort (missing values take it);
 * ``scaling``: mean and scale of each feature after imputation (standardisation);
 * ``logistic``: ``coefficients`` and ``intercept`` on the standardised features, or
@@ -50,7 +51,8 @@ import numpy as np
 
 from .. import __version__
 from ..errors import InputError
-from .features import CLINICAL_COLUMNS, FEATURE_NAMES, FEATURE_VERSION, number_or_nan
+from .features import (CLINICAL_COLUMNS, FEATURE_NAMES, FEATURE_VERSION, FEATURE_VERSIONS, feature_names,
+                       number_or_nan)
 from ..io.serialization import jsonable
 
 MODEL_FORMAT = "VertebralFractureScreen fracture model"
@@ -285,14 +287,16 @@ def model_from_dict(data, *, source: str = "") -> FractureModel:
     if not isinstance(version, int) or version > MODEL_FORMAT_VERSION or version < 1:
         raise InputError(f"{where} has model format version {version!r}; this software reads version "
                          f"{MODEL_FORMAT_VERSION}: update VertebralFractureScreen or retrain the model.")
-    if data.get("feature_version") != FEATURE_VERSION:
-        raise InputError(f"{where} was trained on features of version {data.get('feature_version')!r}, but this "
-                         f"software computes version {FEATURE_VERSION}: retrain it on a features.csv of this version.")
+    feature_version = data.get("feature_version")
+    if isinstance(feature_version, bool) or feature_version not in FEATURE_VERSIONS:
+        raise InputError(f"{where} was trained on features of version {feature_version!r}, but this software "
+                         f"computes versions {', '.join(map(str, FEATURE_VERSIONS))}: retrain it on a features.csv "
+                         f"of version {FEATURE_VERSION}.")
     features = data.get("features")
     if (not isinstance(features, list) or not features or not all(isinstance(name, str) for name in features)
             or len(set(features)) != len(features)):
         raise InputError(f"{where} has no valid feature list.")
-    unknown = [name for name in features if name not in KNOWN_COLUMNS]
+    unknown = [name for name in features if name not in feature_names(feature_version) + CLINICAL_COLUMNS]
     if unknown:
         raise InputError(f"{where} uses features this software does not compute: {', '.join(unknown)}.")
     kind = data.get("kind")
@@ -336,7 +340,7 @@ def model_from_dict(data, *, source: str = "") -> FractureModel:
         imputation_median=median, scaling_mean=mean, scaling_scale=scale, threshold=threshold,
         parameters=parameters, threshold_rule=str(data["threshold"].get("rule", "")),
         training=training, intended_use=str(data.get("intended_use") or INTENDED_USE),
-        demonstration=bool(data.get("demonstration")), feature_version=FEATURE_VERSION,
+        demonstration=bool(data.get("demonstration")), feature_version=feature_version,
         created_utc=str(data.get("created_utc", "")), software_version=str(software.get("version", "")), source=source)
 
 
@@ -483,9 +487,10 @@ def read_feature_table(path, label: str) -> FeatureTable:
         raise InputError(f"{path} has no label column {label!r} (columns: {', '.join(header[:12])}"
                          f"{', ...' if len(header) > 12 else ''}).")
     versions = {row.get("features_version", "") for row in rows} - {""}
-    if versions and versions != {str(FEATURE_VERSION)}:
-        raise InputError(f"{path} holds features of version {', '.join(sorted(versions))}; this software uses "
-                         f"version {FEATURE_VERSION}: rebuild it with 'vfscreen cohort'.")
+    known = {str(version) for version in FEATURE_VERSIONS}
+    if len(versions) > 1 or versions - known:
+        raise InputError(f"{path} holds features of version {', '.join(sorted(versions))}; this software reads "
+                         f"one version of {', '.join(sorted(known))} a file: rebuild it with 'vfscreen cohort'.")
     columns = tuple(name for name in KNOWN_COLUMNS if name in header and name != label)
     if not any(name in FEATURE_NAMES for name in columns):
         raise InputError(f"{path} has none of the exam feature columns (is it a features.csv from 'vfscreen cohort'?).")

@@ -13,7 +13,8 @@ Everything is in the anatomy frame (mm, see :mod:`.anatomy` for the frames and d
   intramuscular fat as a lattice of spheres occupying a chosen volume fraction;
 * the aorta (native or contrast-enhanced) down to L4, and a body envelope with subcutaneous fat;
 * the optional cases: ribs (:mod:`.ribs`), lesions, cement and screws in a vertebra
-  (:mod:`.inserts`), and a column with 4 or 6 lumbar vertebrae or a T13 (:mod:`.column`).
+  (:mod:`.inserts`), a column with 4 or 6 lumbar vertebrae or a T13 (:mod:`.column`), and with a
+  contrast phase the vena cava, portal vein and kidneys (:mod:`.organs`).
 
 Each structure is evaluated only on points whose box it can reach, from the top of the painter's
 order down, each point by the first structure that holds it. The HU of a painted tissue is the
@@ -30,6 +31,7 @@ from .. import levels as lv
 from .anatomy import SpineCurve, layout_levels, level_dimensions
 from .column import column_of
 from .inserts import insert_keys, insert_parts
+from .organs import hu_keys, make_kidneys, paint_kidneys, vessel_tubes, widen_box
 from .ribs import FOV_LENGTH_MM, RIB_RADIUS_MM, make_rib, paint_ribs
 from .shapes import VertebraModel, _boxes_meet, _dot, _in_box, _in_fat_lattice
 from .spec import TISSUES, VERSE_SACRUM, PhantomSpec
@@ -100,6 +102,7 @@ class SpineScene:
         self.s_low = self._slab_limits(last)[0] - spec.fov_margin_mm
         self.s_high = self._slab_limits(first)[1] + spec.fov_margin_mm
         self.tubes = self._make_tubes(rng)
+        self.kidneys = make_kidneys(self) if spec.phase is not None else []
         self.ribs = [make_rib(models[name], level_dimensions(name), side, self.column.ribs[name])
                      for name in self.levels if name in self.column.ribs for side in ("left", "right")]
         self._reach = None  # set by prepare_bounds
@@ -166,6 +169,8 @@ class SpineScene:
         tubes.append(Tube("canal", s_all, canal_centre, const(0.0), canal_ap, canal_lr, t["csf"]))
         tubes.append(Tube("spinal_cord", (conus_s, s_all[1]), canal_centre, const(0.0), const(4.5), const(4.5),
                           t["spinal_cord"], lv.TOTAL_SPINAL_CORD))
+        if spec.phase is not None:
+            tubes.extend(vessel_tubes(self, Tube, half_depth))
         # Clip every tube to the drawn stretch of spine.
         for tube in tubes:
             tube.s_range = (max(tube.s_range[0], self.s_low - 80.0), min(tube.s_range[1], self.s_high + 80.0))
@@ -176,8 +181,8 @@ class SpineScene:
               box: tuple[np.ndarray, np.ndarray] | None = None, hint_iterations: int = _HINTED_ITERATIONS,
               want_s: bool = False) -> dict[str, np.ndarray]:
         """Tissue, HU and labels of anatomy-frame points ``q`` (N, 3), by painter's order:
-        envelope, tubes, ribs, discs, vertebrae (posterior elements, body, what is inserted into
-        it), sacrum.
+        envelope, kidneys, tubes, ribs, discs, vertebrae (posterior elements, body, what is
+        inserted into it), sacrum.
 
         ``s_hint`` (N,): arc lengths within a few millimetres of the points' foot points on the
         spine curve (NaN: none), from which ``hint_iterations`` Newton steps find them; ``box``:
@@ -220,6 +225,8 @@ class SpineScene:
             free = paint_ribs(self.ribs, q, free, lo, hi, spec.cortex_mm, put)
         if len(free):
             free = self._paint_tubes(q, free, lo, hi, put, s_hint, hint_iterations, out.get("s"))
+        if self.kidneys and len(free):
+            free = paint_kidneys(self.kidneys, q, free, lo, hi, put)
         if len(free):
             self._paint_envelope(q, free, lo, hi, put)
         return out
@@ -385,6 +392,7 @@ class SpineScene:
             painted += [(tissue, total if labelled else 0, name) for tissue, labelled in insert_keys(self.spec, name)]
         for rib in self.ribs:
             painted += [(t["cortical_bone"], rib.total_label, None), (t["rib_marrow"], rib.total_label, rib.marrow_level)]
+        painted += hu_keys(self.kidneys)
         table = np.full(1 << 16, np.nan, dtype=np.float32)
         for tissue, total, level in painted:
             key, hu = (tissue << 8) | total, self.spec.tissue_hu(tissue, level)
@@ -474,6 +482,7 @@ class SpineScene:
         lo = np.minimum(corners.min(axis=0), drawn.min(axis=0)) - 3.0
         hi = np.maximum(corners.max(axis=0), drawn.max(axis=0)) + 3.0
         lo[2], hi[2] = z_lo, z_hi
+        widen_box(self.kidneys, lo, hi)
         self.spine_box = (lo, hi)
         y = self.curve.points[:, 1]
         self.body_box = (np.array([-176.0, y.min() + 45.0 - 151.0, z_lo]),

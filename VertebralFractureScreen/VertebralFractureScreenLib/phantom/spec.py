@@ -1,6 +1,6 @@
 """What defines a phantom: its :class:`PhantomSpec` (levels, pose, grid, fractures, intensities,
-and the optional cases: ribs, lesions, hardware, a lumbosacral transition) and the codes its maps
-are written with.
+and the optional cases: ribs, lesions, hardware, a lumbosacral transition, a contrast phase with
+its vessels and kidneys) and the codes its maps are written with.
 
 Lengths are in mm, angles in degrees, intensities in HU. :meth:`PhantomSpec.tissue_hu` is the one
 place that says which HU each tissue of :data:`TISSUES` gets; the scene paints tissues and labels
@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .. import levels as lv
+from ..measure.attenuation import PHASE_BONE_OFFSETS_HU
+from ..measure.phase import PHASES
 
 FRACTURE_SHAPES = ("wedge", "biconcave", "crush")
 LESION_KINDS = ("sclerotic", "lytic")
@@ -33,7 +35,22 @@ TISSUES = {
     "blood": 5, "csf": 6, "spinal_cord": 7, "disc": 8, "posterior_bone": 9,
     "cortical_bone": 10, "trabecular_bone": 11, "sacrum": 12,
     "rib_marrow": 13, "lesion": 14, "cement": 15, "metal": 16,
+    "ivc_blood": 17, "portal_blood": 18, "renal_cortex": 19, "renal_medulla": 20,
 }
+
+PHASE_STRUCTURES = ("aorta", "inferior_vena_cava", "portal_vein_and_splenic_vein", "kidney_cortex", "kidney_medulla")
+PHASE_HU = {
+    "native": (40.0, 38.0, 40.0, 35.0, 35.0),
+    "arterial": (350.0, 90.0, 150.0, 210.0, 90.0),
+    "portal_venous": (190.0, 150.0, 200.0, 190.0, 170.0),
+    "delayed": (115.0, 110.0, 115.0, 130.0, 150.0),
+}
+"""HU of :data:`PHASE_STRUCTURES` per contrast phase in a phantom with a ``phase``: typical values at
+120 kV (late arterial: aorta 290–360 HU, portal vein ~145 HU, renal cortex far above the medulla;
+portal venous at ~70 s: portal vein above the aorta, a small corticomedullary difference left;
+delayed at 3–5 min: every vessel near 110–120 HU, the medulla above the cortex as excretion
+begins). Sources in ``docs/methods.md``; the phase estimate's ranges were set from the same
+literature, and these values sit inside them."""
 
 VERSE_SACRUM = 26  # VerSe's sacrum id; the phantom's S1 and sacrum are written with it.
 
@@ -180,6 +197,13 @@ class PhantomSpec:
     lesions: tuple[Lesion, ...] = ()
     hardware: tuple[Hardware, ...] = ()
     lumbar_vertebrae: int = 5  # 4, 5 or 6 vertebrae between T12 and the sacrum (6: an L6 below L5)
+    # A contrast phase (see :mod:`.organs`): None draws no vena cava, portal vein or kidneys and the
+    # aorta as ``contrast`` says; a phase of PHASES draws them at PHASE_HU (``phase_hu`` overrides it
+    # per structure) and raises trabecular bone and marrow by ``bone_enhancement_hu`` (None: the
+    # phase's offset of measure.attenuation.PHASE_BONE_OFFSETS_HU).
+    phase: str | None = None
+    phase_hu: dict | None = None
+    bone_enhancement_hu: float | None = None
 
     def __post_init__(self):
         if not self.levels:
@@ -206,6 +230,14 @@ class PhantomSpec:
         for what, items in (("lesion", self.lesions), ("hardware", self.hardware)):
             if len({item.level for item in items}) != len(items):
                 raise ValueError(f"at most one {what} per level")
+        if self.phase is not None:
+            _check_choice("phase", self.phase, PHASES)
+            if self.contrast:
+                raise ValueError("give either contrast or phase (the phase decides the aorta's HU)")
+        unknown = set(self.phase_hu or ()) - set(PHASE_STRUCTURES)
+        if unknown or (self.phase is None and (self.phase_hu or self.bone_enhancement_hu is not None)):
+            raise ValueError(f"phase_hu takes {', '.join(PHASE_STRUCTURES)}, and it and bone_enhancement_hu "
+                             "need a phase")
 
     def subsamples_per_axis(self) -> tuple[int, int, int]:
         """Odd number of partial-volume sub-samples along i, j, k.
@@ -244,7 +276,24 @@ class PhantomSpec:
     def aorta_hu_value(self) -> float:
         if self.aorta_hu is not None:
             return float(self.aorta_hu)
+        if self.phase is not None:
+            return self.phase_structure_hu("aorta")
         return 250.0 if self.contrast else 40.0
+
+    def phase_structure_hu(self, name: str) -> float:
+        """HU of one of :data:`PHASE_STRUCTURES` in this phantom's phase (``phase_hu`` first)."""
+        if self.phase_hu and name in self.phase_hu:
+            return float(self.phase_hu[name])
+        return PHASE_HU[self.phase][PHASE_STRUCTURES.index(name)]
+
+    @property
+    def trabecular_enhancement_hu(self) -> float:
+        """HU added to trabecular bone and rib marrow by the contrast phase (0 without a phase)."""
+        if self.phase is None:
+            return 0.0
+        if self.bone_enhancement_hu is not None:
+            return float(self.bone_enhancement_hu)
+        return PHASE_BONE_OFFSETS_HU[self.phase]
 
     def tissue_hu(self, tissue: int, level: str | None = None) -> float:
         """HU of a tissue (a :data:`TISSUES` code) in this phantom; trabecular bone's and rib
@@ -253,9 +302,11 @@ class PhantomSpec:
         ``total`` label fix its HU (what the partial-volume pass relies on)."""
         t = TISSUES
         if tissue in (t["trabecular_bone"], t["rib_marrow"]):
-            return self.trabecular_hu_of(level)
+            return self.trabecular_hu_of(level) + self.trabecular_enhancement_hu
         if tissue == t["lesion"]:
             return float(self.lesion_of(level).hu)
+        if tissue in _PHASE_TISSUES:
+            return self.phase_structure_hu(_PHASE_TISSUES[tissue])
         return {
             t["air"]: -1000.0, t["subcutaneous_fat"]: self.fat_hu, t["soft_tissue"]: self.soft_tissue_hu,
             t["muscle"]: self.muscle_hu, t["intramuscular_fat"]: self.fat_hu, t["blood"]: self.aorta_hu_value,
@@ -271,7 +322,12 @@ class PhantomSpec:
         d["fractures"] = [f"{f.level}:{f.shape}:{f.fraction}" for f in self.fractures]
         d["lesions"] = [lesion.text for lesion in self.lesions]
         d["hardware"] = [item.text for item in self.hardware]
-        for name, default in (("rib_pairs", 0), ("lesions", []), ("hardware", []), ("lumbar_vertebrae", 5)):
+        for name, default in (("rib_pairs", 0), ("lesions", []), ("hardware", []), ("lumbar_vertebrae", 5),
+                              ("phase", None), ("phase_hu", None), ("bone_enhancement_hu", None)):
             if d[name] == default:
                 del d[name]
         return d
+
+
+_PHASE_TISSUES = {TISSUES["ivc_blood"]: "inferior_vena_cava", TISSUES["portal_blood"]: "portal_vein_and_splenic_vein",
+                  TISSUES["renal_cortex"]: "kidney_cortex", TISSUES["renal_medulla"]: "kidney_medulla"}

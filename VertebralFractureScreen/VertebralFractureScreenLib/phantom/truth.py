@@ -10,7 +10,10 @@ The optional cases add their truth only where the spec draws them (so that the t
 without them is what it was before they existed; read them with ``.get``): per vertebra
 ``lesion`` and ``hardware`` (with ``cement_fraction``) where the spec has lesions or hardware,
 ``identity``, ``ribs`` (rib-bearing level → rib number)
-and ``anatomy`` (:func:`.column.anatomy_truth`) where there are ribs or a lumbosacral transition.
+and ``anatomy`` (:func:`.column.anatomy_truth`) where there are ribs or a lumbosacral transition;
+with a contrast phase, ``phase`` (:func:`_phase_truth`) and per vertebra ``trabecular_hu_native``
+(its ``trabecular_hu`` is the HU drawn, enhancement included) and ``category_native`` (the
+opportunistic category of the unenhanced HU, the truth the phase-adjusted category is held to).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import __version__, levels as lv
+from ..measure.attenuation import opportunistic_category
 from ..measure.grading import genant_grade, is_borderline
 from ..measure.morphometry import AP_FRACTIONS, MIDDLE_REGION, PROFILE_FRACTIONS  # where the truth is given, as measured
 from .column import anatomy_truth
@@ -84,7 +88,7 @@ def _truth(spec, scene: SpineScene, ijk_to_ras, anatomy_to_ras, shape, total_map
             "genant_grade": genant_grade(loss),
             "shape": model.fracture.shape if model.fracture and genant_grade(loss) > 0 else "normal",
             "borderline": is_borderline(loss),
-            "trabecular_hu": spec.trabecular_hu_of(name),
+            "trabecular_hu": spec.trabecular_hu_of(name) + spec.trabecular_enhancement_hu,
             "cortical_hu": spec.cortical_hu,
             "body_volume_ml": model.volume_mm3() / 1000.0,
             "body_width_mm": 2 * model.half_width,
@@ -114,7 +118,23 @@ def _truth(spec, scene: SpineScene, ijk_to_ras, anatomy_to_ras, shape, total_map
                   "present": lv.TOTAL_AORTA in present},
         "anatomy_to_ras": np.asarray(anatomy_to_ras).tolist(),
         **_column_truth(spec, scene),
+        **_phase_truth(spec, scene, present),
     }
+
+
+def _phase_truth(spec, scene: SpineScene, present: set) -> dict:
+    """With a contrast phase: the phase, the HU of its structures, the trabecular enhancement, and
+    the ``total`` id of each drawn structure with whether it lies in the image."""
+    if spec.phase is None:
+        return {}
+    from .spec import PHASE_STRUCTURES
+
+    labels = {"aorta": lv.TOTAL_AORTA, "inferior_vena_cava": lv.TOTAL_INFERIOR_VENA_CAVA,
+              "portal_vein_and_splenic_vein": lv.TOTAL_PORTAL_SPLENIC_VEIN}
+    labels.update({kidney.name: kidney.total_label for kidney in scene.kidneys})
+    return {"phase": {"phase": spec.phase, "hu": {name: spec.phase_structure_hu(name) for name in PHASE_STRUCTURES},
+                      "trabecular_enhancement_hu": spec.trabecular_enhancement_hu, "labels": labels,
+                      "present": {name: label in present for name, label in labels.items()}}}
 
 
 def _case_truth(spec, scene: SpineScene, name: str, to_ras) -> dict:
@@ -133,6 +153,9 @@ def _case_truth(spec, scene: SpineScene, name: str, to_ras) -> dict:
                                   if hardware is not None and hardware.kind == "cement" else None)
     if _numbered(spec):
         out["identity"] = scene.column.identities[name]
+    if spec.phase is not None:
+        out["trabecular_hu_native"] = spec.trabecular_hu_of(name)
+        out["category_native"] = opportunistic_category(spec.trabecular_hu_of(name))
     return out
 
 

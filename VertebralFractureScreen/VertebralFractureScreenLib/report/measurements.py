@@ -216,6 +216,20 @@ EXAM_FIELDS: tuple[Quantity, ...] = (
     _q("bone.contrast_enhanced", "Contrast (bone)", "", "the contrast flag the bone summary was read under",
        "boolean"),
     _q("bone.warnings", "Bone warnings", "", "what limits the bone summary", "list"),
+    _q("bone.category_for_phase", "Bone category for the phase", "", "the category under the detected phase's"
+       " thresholds (null without L1 HU or when the candidate phases disagree)", "text",
+       _private("bone_category_phase", "Opportunistic bone category for the contrast phase")),
+    _q("bone.category_for_phase_uncertain", "Phase category uncertain", "", "the phase is not certain, or l1_hu ± 2"
+       " standard errors spans a threshold", "boolean"),
+    _q("bone.category_for_phase_reason", "Phase category reason", "", "why it is uncertain", "text"),
+    _hu("bone.phase_offset_hu", "Phase offset", "HU that contrast of the detected phase adds to L1 trabecular bone"
+        " (null when the phase is not known)", _private("phase_offset", "Contrast phase offset")),
+    _q("bone.phase_osteoporosis_threshold_hu", "Phase osteoporosis threshold", "[hnsf'U]", "110 HU plus the offset"),
+    _q("bone.phase_normal_threshold_hu", "Phase normal threshold", "[hnsf'U]", "160 HU plus the offset"),
+    _q("bone.phase_threshold_source", "Phase threshold source", "", "the publication behind the offset", "text"),
+    _hu("bone.l1_hu_for_phase", "L1 HU for the phase", "l1_hu minus the phase offset", MEAN),
+    _hu("bone.lumbar_mean_hu_for_phase", "Lumbar mean HU for the phase", "lumbar_mean_hu minus the phase offset",
+        MEAN),
     _q("spine.coronal_cobb_deg", "Coronal Cobb angle", "deg", "the largest coronal curve's Cobb angle from the"
        " centre line's tangents at the body centres (null with fewer than 3 usable vertebrae)"),
     _q("spine.coronal_cobb_levels", "Cobb end vertebrae", "", "upper and lower end vertebra of that curve (empty"
@@ -241,6 +255,21 @@ EXAM_FIELDS: tuple[Quantity, ...] = (
     _q("contrast.threshold_hu", "Contrast threshold", "[hnsf'U]", "aorta HU above which the exam counts as"
        " contrast-enhanced"),
     _q("contrast.warnings", "Contrast warnings", "", "what limits the contrast estimate", "list"),
+    _q("contrast.phase", "Contrast phase", "", "native, arterial, portal_venous, delayed, enhanced (phase unknown) or"
+       " uncertain, from the vessels and kidneys (measure/phase.py)", "text",
+       _private("contrast_phase", "Contrast phase")),
+    _q("contrast.phase_confident", "Phase confident", "", "one phase fits and at least two structures were measured",
+       "boolean"),
+    _q("contrast.phase_candidates", "Phase candidates", "", "the phases the measured HU allow", "list"),
+    *(_hu(f"contrast.phase_hu.{name}", f"Phase HU: {name}", f"median HU of the {name.replace('_', ' ')} core",
+          MEDIAN) for name in ("aorta", "inferior_vena_cava", "portal_vein_and_splenic_vein", "kidney_cortex",
+                               "kidney_medulla")),
+    *(_q(f"contrast.phase_voxels.{name}", f"Phase voxels: {name}", "{voxels}", f"voxels behind phase_hu.{name}",
+         "integer") for name in ("aorta", "inferior_vena_cava", "portal_vein_and_splenic_vein", "kidney_cortex",
+                                 "kidney_medulla")),
+    _q("contrast.phase_missing", "Phase structures missing", "", "structures absent or too small", "list"),
+    _q("contrast.phase_reasons", "Phase reasons", "", "why each other phase was ruled out", "list"),
+    _q("contrast.phase_warnings", "Phase warnings", "", "what limits the phase estimate", "list"),
     *(_q(f"muscle.lumbar.<muscle>.{q.key}", q.title, q.unit, f"L1–L5 total: {q.description}", q.kind, q.code,
          q.derivation) for q in MUSCLE_TABLE if q.key not in ("exam_id", "muscle", "level")),
     _q("muscle.lumbar.<muscle>.voxels", "Voxels", "{voxels}", "L1–L5 total: voxel count (partial shares summed)"),
@@ -278,7 +307,7 @@ _MUSCLE_FEATURES = tuple(
     )
 )
 
-FEATURE_TABLE: tuple[Quantity, ...] = (
+FEATURE_TABLE_V1: tuple[Quantity, ...] = (
     _q("max_genant_grade", "Maximum grade", "{grade}", "highest Genant grade among graded vertebrae"),
     _q("max_height_loss", "Maximum height loss", "1", "largest height loss among graded vertebrae"),
     _q("fractured_count", "Fractures", "{vertebrae}", "graded vertebrae with Genant grade ≥ 1"),
@@ -292,6 +321,26 @@ FEATURE_TABLE: tuple[Quantity, ...] = (
     _hu("aorta_hu", "Aorta HU", "mean HU of the aorta", MEAN),
     _q("contrast_enhanced", "Contrast-enhanced", "1", "1 when the aorta's mean HU is above 150 HU"),
 )
+"""The features of version 1 (``features.FEATURE_VERSION`` 1): what models trained before the
+contrast phase use."""
+
+PHASE_FEATURES: tuple[Quantity, ...] = (
+    *(_q(f"phase_{phase}", f"Phase {phase.replace('_', ' ')}", "1",
+         f"(version 2) contrast phase one-hot: 1 when the exam's phase is {phase.replace('_', ' ')} (confident), 0 "
+         "when the estimate rules it out, empty when it is one of several candidates")
+      for phase in ("native", "arterial", "portal_venous", "delayed")),
+    _hu("l1_hu_for_phase", "L1 HU for phase", "(version 2) l1_hu minus the contrast phase's mean trabecular "
+        "enhancement (unenhanced-equivalent; empty when the phase, or the enhancement of its candidates, is unknown)",
+        MEAN),
+    _hu("lumbar_mean_hu_for_phase", "Lumbar mean HU for phase", "(version 2) lumbar_mean_hu minus the contrast "
+        "phase's mean trabecular enhancement (as l1_hu_for_phase)", MEAN),
+)
+"""The features version 2 adds to version 1's (read from ``exam.json``'s ``contrast.phase*`` and
+``bone.*_for_phase``)."""
+
+FEATURE_TABLE: tuple[Quantity, ...] = FEATURE_TABLE_V1 + PHASE_FEATURES
+"""The features of the current version (``features.FEATURE_VERSION``), in ``features.csv``'s column
+order: version 1's, then :data:`PHASE_FEATURES`."""
 
 FLAGS: dict[str, str] = {
     # morphometry: the body, its field of view and its heights

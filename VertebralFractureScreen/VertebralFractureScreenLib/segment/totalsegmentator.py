@@ -3,11 +3,12 @@
 :func:`segment_ct` runs TotalSegmentator through its Python API (``totalsegmentator.python_api``):
 
 * task ``total`` with a ``roi_subset`` of the classes screening needs (:data:`SCREENING_CLASSES`:
-  vertebrae T1–S1, sacrum, spinal cord, autochthonous back muscles, iliopsoas, aorta). With a
+  vertebrae T1–S1, sacrum, spinal cord, autochthonous back muscles, iliopsoas, aorta, vena cava,
+  portal vein). With a
   ``roi_subset`` TotalSegmentator first runs its coarse 6 mm ``total`` model to crop the CT around
   those classes, then its ``total`` model(s) on the crop: ``quality="fast"`` is the 3 mm model
   (dataset 297), ``"normal"`` the 1.5 mm models, only the parts holding the requested classes
-  (datasets 292 vertebrae, 293 aorta, 294 muscles and cord). The output keeps TotalSegmentator's
+  (datasets 292 vertebrae, 293 aorta and veins, 294 muscles and cord). The output keeps TotalSegmentator's
   ``total`` label ids (SPEC §3) and holds only the requested classes.
 * optionally (``body=True``) the open ``vertebrae_body`` task (dataset 305, 1.5 mm, no licence):
   1 = vertebral bodies, 2 = intervertebral discs.
@@ -80,9 +81,12 @@ __all__ = [
 SCREENING_CLASSES: tuple[str, ...] = (
     tuple(f"vertebrae_{level}" for level in levels.LEVELS[levels.LEVEL_INDEX["T1"]:])
     + ("sacrum", "spinal_cord", "autochthon_left", "autochthon_right", "iliopsoas_left", "iliopsoas_right",
-       "aorta")
+       "aorta", "inferior_vena_cava", "portal_vein_and_splenic_vein")
 )
-"""TotalSegmentator ``total`` classes that screening needs (the default ``roi_subset``)."""
+"""TotalSegmentator ``total`` classes that screening needs (the default ``roi_subset``). The vena cava
+and portal vein (for the contrast phase) come from the aorta's model part at no extra cost; the
+kidneys and ribs would each add a model part at ``normal`` quality and are left out: the phase and
+the level check use them when a given segmentation holds them."""
 
 QUALITIES: tuple[str, ...] = ("fast", "normal")
 """``fast``: TotalSegmentator's 3 mm model; ``normal``: its 1.5 mm models (slower, finer)."""
