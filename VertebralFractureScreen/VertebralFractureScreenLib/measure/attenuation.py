@@ -205,7 +205,7 @@ def measure_trabecular(
         slices, roi, flags = trabecular_roi_mask(h, labels, ijk_to_ras, body_labels=body_labels, margin_mm=margin_mm)
         result.flags.extend(flags)
         if roi is not None and roi.any():
-            lesion = _focal_lesion(ct[slices], roi)
+            lesion = focal_lesion(ct[slices], roi)
             if lesion.any():
                 roi = roi & ~lesion
                 result.flags.append("focal_lesion_excluded")
@@ -232,7 +232,7 @@ def measure_trabecular(
     return out
 
 
-def _focal_lesion(ct_crop: np.ndarray, roi: np.ndarray) -> np.ndarray:
+def focal_lesion(ct_crop: np.ndarray, roi: np.ndarray) -> np.ndarray:
     """The ROI voxels of focal lesions (see the module docstring): outliers of the ROI's HU
     distribution and their face neighbours in the ROI. A boolean like ``roi``."""
     values = ct_crop[roi].astype(np.float64)

@@ -39,7 +39,7 @@ import numpy as np
 from .. import __version__
 from .. import levels as lv
 from ..geometry import find_label_boxes
-from ..measure.attenuation import _focal_lesion
+from ..measure.attenuation import focal_lesion
 from ..measure.muscles import MUSCLE_LABELS
 from ..measure.trabecular_roi import trabecular_roi_mask
 from . import dicom_codes as dc
@@ -122,7 +122,7 @@ def _roi_segment(result, heights, roi) -> Segment | None:
                                           body_labels=inputs.body_labels)
     if mask is None:
         return None
-    lesion = _focal_lesion(inputs.ct.array[slices], mask)
+    lesion = focal_lesion(inputs.ct.array[slices], mask)
     mask = mask & ~lesion
     if int(np.count_nonzero(mask)) != roi.voxels:
         return None
