@@ -32,8 +32,10 @@ import numpy as np
 from .. import __version__
 from .. import levels as lv
 from ..measure.attenuation import CATEGORY_UNCERTAIN_SES, bone_for_phase, bone_summary, measure_trabecular
+from ..measure.confidence import PATHOLOGY_FLAGS as LESION_FLAGS
 from ..measure.confidence import review_reasons, vertebra_confidence
 from ..measure.contrast import ContrastResult, measure_contrast
+from ..measure.lesions import find_lesions
 from ..measure.level_check import check_levels
 from ..measure.phase import estimate_phase, no_phase
 from ..measure.spine_shape import spine_curvature
@@ -119,6 +121,8 @@ class ScreeningResult:
             level, ha, hm, hp, loss, grade, shape, hu = vertebra_cells(row)
             loss = loss if loss == "–" else loss + "%"
             note = "  heights imprecise" if "imprecise_heights" in row["flags"] and ha != "–" else ""
+            if LESION_FLAGS.intersection(row["flags"]) and row["genant_grade"]:
+                note += "  possibly pathological"
             lines.append(f"{level:<6}{ha:>6}{hm:>6}{hp:>6}{loss:>7}  {grade:<6}{shape:<15}{hu:>6}{note}")
         return "\n".join(lines)
 
@@ -132,6 +136,9 @@ class ScreeningResult:
             lines.append(f"fractures: {', '.join(fracture['fractured_levels'])} (max Genant grade {fracture['max_grade']})")
         else:
             lines.append(f"fractures: none among {fracture['graded_levels']} graded vertebrae")
+        if fracture.get("possibly_pathological_levels"):
+            lines.append(f"possibly pathological (lesion or implant; not counted above): "
+                         f"{', '.join(fracture['possibly_pathological_levels'])}")
         if fracture.get("uncertain_grade_levels"):
             lines.append(f"grades the image's noise leaves open: {', '.join(fracture['uncertain_grade_levels'])} "
                          "(heights' SDs span a grade boundary)")
@@ -384,6 +391,14 @@ def _bone_and_muscles(inputs: ExamInputs, convention: str, all_heights, heights,
     what limits them to ``warnings_``."""
     ct_array, labels, ijk_to_ras = inputs.ct.array, inputs.labels.array, inputs.ct.ijk_to_ras
     rois = measure_trabecular(ct_array, labels, ijk_to_ras, heights, body_labels=inputs.body_labels, grades=grades)
+    lesions = {found.level: found for found in find_lesions(ct_array, labels, ijk_to_ras, all_heights,
+                                                            body_labels=inputs.body_labels,
+                                                            label_boxes=inputs.label_boxes, convention=convention)}
+    for roi in rois:  # the lesion flags reach the vertebra's row through its ROI's
+        found = lesions.get(roi.level)
+        if found is not None:
+            extra = [*found.flags, *(["diffuse_lesion"] if found.suspected_lesion and found.diffuse else [])]
+            roi.flags += [f for f in extra if f != "lesions_not_assessed" and f not in roi.flags]
     if not keep_label_maps:
         inputs.body_labels = None
     if convention == "totalsegmentator":
@@ -399,6 +414,12 @@ def _bone_and_muscles(inputs: ExamInputs, convention: str, all_heights, heights,
         contrast = ContrastResult(warnings=["no aorta label in a VerSe segmentation: contrast not assessed"])
         muscle_rows = []
         warnings_.append("VerSe labels carry no muscles: muscle metrics not measured")
+    for found in lesions.values():
+        what = found.suspected_lesion and f"a {found.suspected_lesion} lesion" or found.instrumented
+        if what and found.level in {h.level for h in heights}:
+            warnings_.append(f"{found.level}: suspected {what}: a fracture there is reported as possibly pathological"
+                             " and not counted as osteoporotic" + ("" if found.suspected_lesion and not found.diffuse
+                                                                    else "; its HU is left out of the bone summary"))
     return rois, contrast, muscle_rows, bone_summary(rois, contrast)
 
 
@@ -453,7 +474,8 @@ def _exam_record(exam_id, inputs: ExamInputs, sources: dict, all_heights, height
                      "ijk_to_ras": np.round(ijk_to_ras, 6).tolist()},
         "levels_present": [h.level for h in heights],
         "levels_complete": [h.level for h in heights if h.complete],
-        "fracture": exam_fracture_summary(grades),
+        "fracture": exam_fracture_summary(grades, [r["level"] for r in vertebra_rows
+                                                   if LESION_FLAGS.intersection(r["flags"])]),
         "grading": GRADING_BASIS,
         # SD of each height from the CT's noise (morphometry.VertebraHeights.ha_sd_mm); NaN → null
         "height_sd_mm": {h.level: {key: round(float(getattr(h, f"{key}_sd_mm")), 3) for key in ("ha", "hm", "hp")}

@@ -126,9 +126,9 @@ class TrabecularROI:
     @property
     def usable(self) -> bool:
         """Whether this ROI may stand for its level in the exam's bone summary: complete vertebra,
-        not fractured, ROI not small."""
+        not fractured, ROI not small, no suspected lesion or hardware (:data:`PATHOLOGY_FLAGS`)."""
         return (self.complete and self.fractured is not True and self.voxels >= ROI_MIN_VOXELS
-                and "roi_small" not in self.flags)
+                and "roi_small" not in self.flags and not PATHOLOGY_FLAGS.intersection(self.flags))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -264,6 +264,12 @@ def opportunistic_category(hu: float) -> str:
     return CATEGORIES[2]
 
 
+PATHOLOGY_FLAGS = frozenset({"diffuse_lesion", "instrumented"})
+"""Flags (from :mod:`.lesions`, copied onto the ROI by screening) after which a vertebra's HU says
+nothing about osteoporosis: it is left out of the bone summary. A focal lesion is not among them:
+the ROI already leaves its voxels out (``focal_lesion_excluded``)."""
+
+
 def _why_unusable(roi: TrabecularROI | None) -> str:
     if roi is None:
         return "missing"
@@ -271,6 +277,10 @@ def _why_unusable(roi: TrabecularROI | None) -> str:
         return "incomplete"
     if roi.fractured:
         return "fractured"
+    if "instrumented" in roi.flags:
+        return "cement or screws"
+    if "diffuse_lesion" in roi.flags:
+        return "diffuse lesion"
     if roi.voxels == 0:
         return "no ROI"
     return "ROI too small"

@@ -351,20 +351,24 @@ def _grade_by_ratios(grade: VertebraGrade, hp: float, sds: tuple[float, float, f
     grade.quantitative_grade, grade.quantitative_shape = grade.genant_grade, grade.shape
 
 
-def exam_fracture_summary(grades: Sequence[VertebraGrade]) -> dict:
+def exam_fracture_summary(grades: Sequence[VertebraGrade], pathological: Sequence[str] = ()) -> dict:
     """Fracture summary of one exam (for ``exam.json``, SPEC §5).
 
     ``max_grade``: highest Genant grade among graded vertebrae (None when none was graded);
     ``fractured_levels``: levels with grade ≥ 1, cranial to caudal as given; ``count``: their
     number; ``graded_levels``: number of graded vertebrae; ``borderline_levels``: graded levels
     whose loss lies near a grade boundary; ``uncertain_grade_levels``: graded levels whose grade
-    the heights' noise leaves open (flag ``grade_uncertain``)."""
+    the heights' noise leaves open (flag ``grade_uncertain``); ``possibly_pathological_levels``:
+    graded levels of ``pathological`` (a suspected lesion or hardware) with grade ≥ 1: reported
+    here, not counted as osteoporotic fractures in the others."""
     graded = [g for g in grades if g.genant_grade is not None]
-    fractured = [g.level for g in graded if g.genant_grade >= 1]
+    counted = [g for g in graded if g.level not in pathological]
+    fractured = [g.level for g in counted if g.genant_grade >= 1]
     return {
-        "max_grade": max((g.genant_grade for g in graded), default=None),
+        "max_grade": max((g.genant_grade for g in counted), default=None),
         "fractured_levels": fractured,
         "count": len(fractured),
+        "possibly_pathological_levels": [g.level for g in graded if g.level in pathological and g.genant_grade >= 1],
         "graded_levels": len(graded),
         "borderline_levels": [g.level for g in graded if g.borderline],
         "uncertain_grade_levels": [g.level for g in graded if "grade_uncertain" in g.flags],

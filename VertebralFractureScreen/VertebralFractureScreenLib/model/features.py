@@ -46,6 +46,7 @@ import math
 
 from .. import levels as lv
 from ..measure.phase import PHASES
+from ..measure.confidence import PATHOLOGY_FLAGS
 from ..report import measurements
 from ..report.exam_folder import read_finished
 
@@ -106,6 +107,8 @@ def exam_features(exam: dict, vertebrae: list[dict], version: int = FEATURE_VERS
     :func:`.exam_folder.read_finished` reads them back). Missing values are NaN."""
     names = feature_names(version)
     features = dict.fromkeys(FEATURE_NAMES_BY_VERSION[1], MISSING)
+    # A vertebra with a suspected lesion or hardware measures no osteoporosis (measure/lesions.py).
+    vertebrae = [row for row in vertebrae if not PATHOLOGY_FLAGS.intersection(row.get("flags") or ())]
     graded = [row for row in vertebrae if row.get("genant_grade") is not None]
     grades = [float(row["genant_grade"]) for row in graded]
     losses = [loss for loss in (_value(row.get("height_loss")) for row in graded) if not math.isnan(loss)]

@@ -185,10 +185,13 @@ EXAM_FIELDS: tuple[Quantity, ...] = (
     _q("geometry.ijk_to_ras", "IJK to RAS", "", "the 4x4 matrix from voxel indices to RAS millimetres", "list"),
     _q("levels_present", "Levels present", "", "vertebrae in the segmentation, cranial to caudal", "list"),
     _q("levels_complete", "Levels complete", "", "vertebrae measured whole", "list"),
-    _q("fracture.max_grade", "Maximum grade", "{grade}", "highest Genant grade among graded vertebrae (null when"
+    _q("fracture.max_grade", "Maximum grade", "{grade}", "highest Genant grade among graded vertebrae without a"
+       " suspected lesion or hardware (null when"
        " none was graded)", "integer", _private("max_genant", "Maximum Genant grade")),
     _q("fracture.fractured_levels", "Fractured levels", "", "levels with grade ≥ 1", "list"),
     _q("fracture.count", "Fractures", "{vertebrae}", "number of fractured levels", "integer"),
+    _q("fracture.possibly_pathological_levels", "Possibly pathological", "", "levels with grade ≥ 1 and a suspected"
+       " lesion or hardware: not counted in max_grade, fractured_levels or count", "list"),
     _q("fracture.graded_levels", "Graded vertebrae", "{vertebrae}", "number of graded vertebrae", "integer"),
     _q("fracture.borderline_levels", "Borderline levels", "", "graded levels near a grade boundary", "list"),
     _q("fracture.uncertain_grade_levels", "Uncertain grades", "", "graded levels whose grade the image's noise"
@@ -372,6 +375,13 @@ FLAGS: dict[str, str] = {
     "roi_limits_from_mask": "the ROI's limits come from the mask, not the fitted endplates",
     "fractured": "a fractured vertebra: its HU is reported, not used for the bone category",
     "incomplete_vertebra": "an incomplete vertebra: its HU is not used for the bone category",
+    "suspected_lesion": "a sclerotic or lytic lesion is suspected (measure/lesions.py): a fracture there is possibly"
+    " pathological, not counted as osteoporotic, and the vertebra is left out of the model's features",
+    "instrumented": "cement or screws in or beside the body: as suspected_lesion, and its HU is left out of the bone"
+    " summary",
+    "diffuse_lesion": "the suspected lesion fills the body: its HU is left out of the bone summary",
+    "lesions_not_assessed": "the body's core could not be assessed for lesions (no frame, too small, or hardware);"
+    " kept in measure/lesions.py's result, not in vertebrae.csv",
     "focal_lesion_excluded": "a focal outlier (dense island or lytic focus) was left out of the ROI",
     "roi_small": "the ROI holds few voxels: its HU is imprecise",
     "roi_empty": "no ROI could be placed: no HU",
