@@ -294,9 +294,14 @@ def test_exam_fracture_summary():
               VertebraGrade("L3", True, genant_grade=1, shape="crush")]
     grades[3].flags.append("grade_uncertain")
     assert exam_fracture_summary(grades) == {"max_grade": 2, "fractured_levels": ["L1", "L3"], "count": 2,
+                                             "possibly_pathological_levels": [],
                                              "graded_levels": 3, "borderline_levels": ["L1"],
                                              "uncertain_grade_levels": ["L3"]}
     assert exam_fracture_summary([VertebraGrade("L2", False)])["max_grade"] is None
+    # A fracture at a suspected lesion is reported apart and not counted as osteoporotic.
+    summary = exam_fracture_summary(grades, pathological=["L1", "T12"])
+    assert summary["possibly_pathological_levels"] == ["L1"] and summary["fractured_levels"] == ["L3"]
+    assert summary["max_grade"] == 1 and summary["count"] == 1 and summary["graded_levels"] == 3
 
 
 # ------------------------------------------------------------------------------------------------
