@@ -144,15 +144,16 @@ def segment_structure(segment_id: str, name: str, terminology: str, label_value:
     label map loaded as a segmentation without names (``Segment_<n>``, or ``Label_<n>`` from the
     Segmentations module's import) with ``n`` equal to the segment's label value, and ``n`` is an
     id of ``known``: a TotalSegmentator NIfTI loaded with "Add data" keeps its label values. The
-    display name alone never decides, because users rename segments freely.
+    display name alone never decides, because users rename segments freely; but a name that names
+    another structure than the terminology or the label value vetoes the match.
     """
     segment_id = (segment_id or "").strip()
     if segment_id in known:
         return segment_id, ""
+    name = (name or "").strip()
+    named = name if name in known or name in levels.TOTAL_CLASS_NAMES.values() else vertebra_from_text(name)
     structure = structure_from_terminology(terminology) if terminology else None
     if structure is not None:
-        name = (name or "").strip()
-        named = name if name in known or name in levels.TOTAL_CLASS_NAMES.values() else vertebra_from_text(name)
         if named is not None and named != structure:
             return None, f"its name names {named} but its terminology {structure}"
         return structure, ""
@@ -160,5 +161,7 @@ def segment_structure(segment_id: str, name: str, terminology: str, label_value:
     if generic and label_value is not None and int(generic.group(1)) == int(label_value):
         by_id = {label: cls for cls, label in known.items()}
         if int(label_value) in by_id:
+            if named is not None and named != by_id[int(label_value)]:
+                return None, f"its name names {named} but its label value {by_id[int(label_value)]}"
             return by_id[int(label_value)], ""
     return None, "no matching segment ID, terminology or label value"
