@@ -264,3 +264,18 @@ def add_common_arguments(parser) -> None:
     parser.add_argument("--rerender", action="store_true", help="render again even when cached")
     parser.add_argument("--no-ts", action="store_true", help="skip TotalSegmentator's spine-report measurement")
     parser.add_argument("--verbose", action="store_true", help="show TotalSegmentator's own printing")
+
+
+def bench_parser(doc: str):
+    """The command line every phantom benchmark shares: ``--cache``, ``--rerender``, ``--jobs`` and
+    ``--only`` (a benchmark adds its own options to the returned parser)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
+                        help=f"cache directory of rendered phantoms (default {DEFAULT_CACHE})")
+    parser.add_argument("--rerender", action="store_true", help="render again even when cached")
+    parser.add_argument("--jobs", type=int, default=1, help="processes for rendering missing phantoms (default 1)")
+    parser.add_argument("--only", default="", help="run only the cases whose name contains this text")
+    return parser

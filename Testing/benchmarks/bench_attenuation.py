@@ -486,13 +486,7 @@ def speed(cache: Path, repeat: int, rerender: bool):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cache", type=Path, default=bc.DEFAULT_CACHE,
-                        help=f"cache directory of rendered phantoms (default {bc.DEFAULT_CACHE})")
-    parser.add_argument("--rerender", action="store_true", help="render again even when cached")
-    parser.add_argument("--jobs", type=int, default=1, help="processes for rendering missing phantoms (default 1)")
-    parser.add_argument("--only", default="", help="run only the cases whose name contains this text")
+    parser = bc.bench_parser(__doc__)
     parser.add_argument("--repeat", type=int, default=3, help="runs of the speed measurement; the best counts")
     parser.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
     parser.add_argument("--speed-only", action="store_true", help="only the speed measurement")

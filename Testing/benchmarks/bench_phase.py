@@ -196,13 +196,7 @@ def print_details(results: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cache", type=Path, default=bc.DEFAULT_CACHE,
-                        help=f"cache directory of rendered phantoms (default {bc.DEFAULT_CACHE})")
-    parser.add_argument("--rerender", action="store_true", help="render again even when cached")
-    parser.add_argument("--jobs", type=int, default=1, help="processes for rendering missing phantoms (default 1)")
-    parser.add_argument("--only", default="", help="run only the cases whose name contains this text")
+    parser = bc.bench_parser(__doc__)
     args = parser.parse_args(argv)
     cache = args.cache.expanduser()
     cases = [c for c in build_suite() if args.only in c.name]
