@@ -33,7 +33,6 @@ The first run renders 7 phantoms (about 30 minutes on 2 cores); later runs take 
 
 from __future__ import annotations
 
-import argparse
 import gc
 import itertools
 import sys

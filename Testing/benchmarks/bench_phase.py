@@ -33,7 +33,6 @@ The first run renders 52 phantoms (about 3 minutes on 2 cores); later runs take 
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import statistics
 import sys
