@@ -304,7 +304,10 @@ def write_dicom_series(folder: Path, orientations, spacing=2.0, size=8) -> None:
         pixels = np.full((size, size), 24, dtype=np.uint16)
         pixels[2:6, 2:6] = 1324
         ds.PixelData = pixels.tobytes()
-        ds.save_as(folder / f"slice{n:03d}.dcm", enforce_file_format=True)
+        try:
+            ds.save_as(folder / f"slice{n:03d}.dcm", enforce_file_format=True)
+        except TypeError:  # pydicom 2 (Slicer 5.8's stack): the same request under its old name
+            ds.save_as(folder / f"slice{n:03d}.dcm", write_like_original=False)
 
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
