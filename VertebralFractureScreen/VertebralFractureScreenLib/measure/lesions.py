@@ -37,35 +37,43 @@ where a surface found on that grid may lie (:data:`.trabecular_roi.SURFACE_UNCER
 wall clearance is an erosion by an ellipsoid of semi-axes ``margin + 1.25 × voxel size`` per grid
 axis, the endplate clearance a probe of the body mask ``margin + 0.75 × voxel extent`` above and
 below each voxel along the vertebra's own cranio-caudal axis (so a depressed endplate is
-followed). The core's median HU (``core_hu``) is the body's own trabecular bone; its robust SD
-(1.4826 × MAD, at least 1 HU) the noise (``noise_hu``). A core under :data:`MIN_CORE_ML` is not
-assessed (``lesions_not_assessed``: small thoracic bodies at 3 mm, severe crushes).
+followed). The core's median HU (``core_hu``) is what the diffuse rule and the other vertebrae
+compare; its robust SD (1.4826 × MAD, at least 1 HU) the noise (``noise_hu``). A core under
+:data:`MIN_CORE_ML` is not assessed (``lesions_not_assessed``: small thoracic bodies at 3 mm,
+severe crushes).
 
-**Diffuse lesions**, against the exam's other vertebrae (``reference``: the median core HU of the
-other thoracic and lumbar vertebrae assessed, at least :data:`MIN_REFERENCE_VERTEBRAE` of them):
+**Diffuse lesions**, against the exam's other vertebrae (``reference``: the quartiles of the core
+HU of the other thoracic and lumbar vertebrae assessed, at least :data:`MIN_REFERENCE_VERTEBRAE` of
+them; a diffuse lesion must stand out from three quarters of them, so that other abnormal bodies
+do not make a normal one look abnormal: five fractured bodies of eight with compacted cores of
+340 HU made two 90 HU bodies "lytic" against their median):
 
 * ``sclerotic``: the core's median at least :data:`DIFFUSE_SCLEROTIC_HU` *and* at least
-  :data:`DIFFUSE_EXCESS_HU` above the reference, or at least :data:`CERTAIN_SCLEROTIC_HU`
+  :data:`DIFFUSE_EXCESS_HU` above the third quartile, or at least :data:`CERTAIN_SCLEROTIC_HU`
   whatever the reference (or without one). Adults' L1 trabecular bone reads 226 ± 44 HU under
   30 years and falls 2.5 HU a year (Jang et al., Radiology 2019;291:360, 20 374 CTs, contrast
   changing it little), so 350 HU is 2.8 SDs above the densest age group; osteoblastic
   metastases read 654 ± 176 HU (Ulano et al. 2016). Contrast (10–30 HU) and the spine's own
   gradient (T4 to L5, about 65 HU on the phantoms) stay far below 150 HU.
-* ``lytic``: the core's median at least :data:`DIFFUSE_DEFICIT_HU` below the reference *and* at
+* ``lytic``: the core's median at least :data:`DIFFUSE_DEFICIT_HU` below the first quartile *and* at
   most :data:`LYTIC_MAX_HU` (a body of soft-tissue density). Never without a reference: one
   vertebra alone cannot tell a lytic body from severe osteoporosis.
 
 **Focal lesions**, against the body's own bone, in the core less its posterior fifth
 (:data:`.trabecular_roi.POSTERIOR_EXCLUDED`: the basivertebral vein, low-density or, with
 contrast, enhancing). The body's own bone is a peak of the histogram of its smoothed HU, the one
-nearest to the exam's reference (:func:`_bone_hu`): the median where the bone is uniform, and
+nearest to the other vertebrae's median (:func:`_bone_hu`): the median where the bone is uniform, and
 still the bone where a large lesion fills much of a small core. The core's HU are smoothed at
 each of :data:`SMOOTHING_MM` (Gaussian SDs; a normalised convolution within the region, so
 nothing outside it leaks in): the fine scale keeps a 5 mm lesion's contrast at 1 mm voxels (99 %
 at its centre; 90 % with 1 mm), the coarse one averages 3 mm voxels' noise. At each scale a voxel
 seeds a lesion when its departure from the bone is at least :data:`DETECTION_SDS` times the
-noise of its smoothed value (``noise_hu`` times the kernel's own noise gain at that voxel; white
-noise gives such a departure once in 10⁹ voxels) and it is
+noise of its smoothed value: the kernel's own noise gain at that voxel times ``noise_hu``, or
+times more where the smoothed HU spread more on the side away from the lesion looked for
+(:func:`_noise_per_gain`; noise correlated between voxels, as a soft kernel makes it, and
+texture average out less than white noise: with the white-noise gain alone, soft-kernel
+0.7x0.7x3 mm spines at 30 HU got lytic false flags). White noise departs that far once in 10⁹
+voxels. The voxel must also be
 
 * ``sclerotic``: at least :data:`SCLEROTIC_MIN_HU` and :data:`SCLEROTIC_MIN_EXCESS_HU` above
   the bone: above young adults' trabecular bone (226 + 2 × 44 HU) and about where
@@ -80,8 +88,8 @@ noise gives such a departure once in 10⁹ voxels) and it is
 Each seed grows to its lesion: the connected voxels departing by at least half the seed's peak
 departure (the lesion's half-contrast outline) at the scale that found it; the fine scale's
 lesions are taken first, and a coarse one touching them is the same lesion. A lesion counts from
-:data:`MIN_LESION_ML` (the half-contrast region of a 5 mm sphere at 1 mm voxels keeps about
-0.05 ml); ``lesion_volume_ml`` and ``lesion_hu`` (its voxels' mean HU, partial volume included)
+:data:`MIN_LESION_ML` (the half-contrast region of a 5 mm sphere at 1 mm voxels keeps
+0.04–0.05 ml); ``lesion_volume_ml`` and ``lesion_hu`` (its voxels' mean HU, partial volume included)
 are the largest lesion's, a diffuse lesion's the core's.
 
 **Not seen**: lesions in the cortex, under the endplates, in the posterior fifth of the body or in
@@ -129,21 +137,21 @@ MIN_REFERENCE_VERTEBRAE = 2
 """Other assessed vertebrae needed for the exam's reference HU (diffuse lesions)."""
 
 DIFFUSE_SCLEROTIC_HU = 350.0
-"""A core median at least this (HU), and :data:`DIFFUSE_EXCESS_HU` above the reference, is a
-diffuse sclerotic lesion: 2.8 SDs above young adults' L1 (226 ± 44 HU, Jang et al. 2019)."""
+"""A core median at least this (HU), and :data:`DIFFUSE_EXCESS_HU` above the other vertebrae's
+third quartile, is a diffuse sclerotic lesion: 2.8 SDs above young adults' L1 (226 ± 44 HU, Jang et al. 2019)."""
 DIFFUSE_EXCESS_HU = 150.0
 """... above the exam's other vertebrae (HU): more than contrast and the spine's own gradient."""
 CERTAIN_SCLEROTIC_HU = 500.0
 """A core median at least this (HU) is sclerotic whatever the other vertebrae read: 6 SDs above
 young adults' L1 (a spine sclerotic throughout)."""
 DIFFUSE_DEFICIT_HU = 100.0
-"""A core median this far (HU) below the reference, and at most :data:`LYTIC_MAX_HU`, is a
-diffuse lytic lesion."""
+"""A core median this far (HU) below the other vertebrae's first quartile, and at most
+:data:`LYTIC_MAX_HU`, is a diffuse lytic lesion."""
 
 SMOOTHING_MM = (0.7, 2.5)
 """Gaussian SDs (mm) of the two scales at which focal lesions are looked for."""
 DETECTION_SDS = 6.0
-"""A seed departs from the core's median by at least this many SDs of its smoothed noise."""
+"""A seed departs from the body's bone by at least this many SDs of its smoothed noise."""
 SCLEROTIC_MIN_HU = 300.0
 """A sclerotic seed reads at least this (HU): above young adults' trabecular bone (226 + 2 × 44)
 and about where osteoblastic metastases begin (654 − 2 × 176 HU, Ulano et al. 2016)."""
@@ -258,21 +266,18 @@ def _examine(h, ct, labels, ijk_to_ras, body_labels, label_boxes) -> _Examined:
     limits, _ = _body_limits(h, ijk_to_ras, labels.shape, body_mask)
     if limits is None:
         return result
-    grow = np.ceil(METAL_REACH_MM / voxel_spacing(ijk_to_ras)).astype(np.intp)[::-1]  # (k, j, i)
-    crop = tuple(slice(max(0, s.start - g), min(n, s.stop + g)) for s, g, n in zip(box, grow, labels.shape))
-    crop_to_ras = ijk_to_ras.copy()
-    crop_to_ras[:3, 3] += ijk_to_ras[:3, :3] @ np.array([crop[2].start, crop[1].start, crop[0].start], dtype=float)
-    labels_crop = labels[crop]
-    mine = labels_crop == label
-    v = local_coordinate(h.frame, crop_to_ras, mine.shape, 1)
-    body = body_mask(crop) if body_labels is not None else mine & (v >= limits.v_post)
-    ct_crop = ct[crop]
+    box_to_ras = _crop_to_ras(ijk_to_ras, box)
+    if body_labels is not None:
+        body = body_mask(box)
+    else:
+        body = (labels[box] == label) & (local_coordinate(h.frame, box_to_ras, labels[box].shape, 1) >= limits.v_post)
+    ct_box = ct[box]
     result.hardware, result.metal_voxels, result.cement_ml = _hardware(
-        ct_crop, labels_crop, mine, body, v, limits, h.frame, crop_to_ras, voxel_volume_ml(ijk_to_ras))
+        ct, labels, body_labels, box, body, ct_box, label, h.frame, limits, ijk_to_ras)
     if result.hardware is not None or not body.any():
         return result
-    core_box, core, focal = _core(body, v, limits, h.frame, ijk_to_ras)
-    values = ct_crop[core_box].astype(np.float32)
+    core_box, core, focal = _core(body, box_to_ras, limits, h.frame, ijk_to_ras)
+    values = ct_box[core_box].astype(np.float32)
     if core.any():
         inside = values[core]
         result.core_hu = float(np.median(inside))
@@ -282,24 +287,40 @@ def _examine(h, ct, labels, ijk_to_ras, body_labels, label_boxes) -> _Examined:
     return result
 
 
-def _hardware(ct_crop, labels_crop, mine, body, v, limits, frame, crop_to_ras, voxel_ml) -> tuple[str | None, int, float]:
-    """``(kind, metal voxels, cement ml)`` of one vertebra's crop (rules in the module docstring).
-    ``mine``/``body``: the vertebra's and its body's voxels; ``v``: the crop's antero-posterior
-    coordinate (mm); ``limits``: the body's walls and endplates in its frame."""
-    metal = ct_crop >= METAL_HU
-    stray = metal & (labels_crop == 0) & (v < limits.v_post)  # unlabelled, behind the body
-    if stray.any():
-        index = np.nonzero(stray)
-        ijk = np.stack([index[2], index[1], index[0]], axis=1).astype(float)
-        w = frame.to_local(ijk @ crop_to_ras[:3, :3].T + crop_to_ras[:3, 3])[:, 2]
-        beside = (w >= limits.bottom_knots.min()) & (w <= limits.top_knots.max())
-        stray[tuple(axis[~beside] for axis in index)] = False
-    metal &= mine | stray
-    outside_ml = np.count_nonzero(metal & ~body) * voxel_ml
-    dense = body & (ct_crop >= CEMENT_HU)
-    dense_count = np.count_nonzero(dense)
-    metal_in_body = np.count_nonzero(dense & metal)
-    cement_ml = (dense_count - metal_in_body) * voxel_ml
+def _crop_to_ras(ijk_to_ras: np.ndarray, slices) -> np.ndarray:
+    """IJK→RAS of a crop (``slices`` along ``k, j, i``) of a grid."""
+    out = np.array(ijk_to_ras, dtype=float)
+    out[:3, 3] += out[:3, :3] @ np.array([slices[2].start, slices[1].start, slices[0].start], dtype=float)
+    return out
+
+
+def _hardware(ct, labels, body_labels, box, body, ct_box, label, frame, limits,
+              ijk_to_ras) -> tuple[str | None, int, float]:
+    """``(kind, metal voxels, cement ml)`` of one vertebra (rules in the module docstring).
+    ``box``: its label box, ``body`` and ``ct_box`` its body and the CT there. When the box holds
+    metal (a screw's shaft is labelled as its vertebra), it is looked for in the box grown by
+    :data:`METAL_REACH_MM` (the heads) and placed in the vertebra's frame."""
+    voxel_ml = voxel_volume_ml(ijk_to_ras)
+    metal_box = ct_box >= METAL_HU
+    dense = body & (ct_box >= CEMENT_HU)
+    dense_count = int(np.count_nonzero(dense))
+    metal_in_body = int(np.count_nonzero(dense & metal_box))
+    metal_count, outside_ml = 0, 0.0
+    if metal_box.any():  # a screw's shaft lies in the label box; only then are its head's voxels looked for
+        grow = np.ceil(METAL_REACH_MM / voxel_spacing(ijk_to_ras)).astype(np.intp)[::-1]  # (k, j, i)
+        crop = tuple(slice(max(0, s.start - g), min(n, s.stop + g)) for s, g, n in zip(box, grow, labels.shape))
+        index = np.nonzero(ct[crop] >= METAL_HU)
+        crop_to_ras = _crop_to_ras(ijk_to_ras, crop)
+        ijk = np.stack(index[::-1], axis=1).astype(float)
+        local = frame.to_local(ijk @ crop_to_ras[:3, :3].T + crop_to_ras[:3, 3])
+        owner = labels[crop][index]
+        in_body = (owner == label) & (body_labels[crop][index] == lv.BODY_LABEL if body_labels is not None
+                                      else local[:, 1] >= limits.v_post)
+        stray = ((owner == 0) & (local[:, 1] < limits.v_post) & (local[:, 2] >= limits.bottom_knots.min())
+                 & (local[:, 2] <= limits.top_knots.max()))  # unlabelled, behind the body, at its height
+        mine = (owner == label) | stray
+        metal_count = int(np.count_nonzero(mine))
+        outside_ml = np.count_nonzero(mine & ~in_body) * voxel_ml
     kind = None
     if outside_ml >= SCREW_MIN_ML:
         kind = "screws"
@@ -307,12 +328,13 @@ def _hardware(ct_crop, labels_crop, mine, body, v, limits, frame, crop_to_ras, v
         kind = "cement" if metal_in_body <= 0.5 * dense_count else "screws"
     elif metal_in_body * voxel_ml >= SCREW_MIN_ML:
         kind = "screws"
-    return kind, int(np.count_nonzero(metal)), float(cement_ml)
+    return kind, metal_count, float((dense_count - metal_in_body) * voxel_ml)
 
 
-def _core(body, v, limits, frame, ijk_to_ras) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray]:
-    """The body's core on the body's box (slices of the crop): ``(box, core, focal)``, ``focal``
-    the core less the body's posterior fifth (clearances in the module docstring)."""
+def _core(body, box_to_ras, limits, frame, ijk_to_ras) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray]:
+    """The body's core on the body's box (slices of ``body``'s array, whose IJK→RAS is
+    ``box_to_ras``): ``(box, core, focal)``, ``focal`` the core less the body's posterior fifth
+    (clearances in the module docstring)."""
     box = mask_box(body)
     inside = body[box]
     spacing_kji = voxel_spacing(ijk_to_ras)[::-1]
@@ -332,18 +354,23 @@ def _core(body, v, limits, frame, ijk_to_ras) -> tuple[tuple[slice, ...], np.nda
                                             cval=0.0, prefilter=False)
             keep &= probe >= 0.5
         core[tuple(axis[~keep] for axis in index)] = False
+    v = local_coordinate(frame, _crop_to_ras(box_to_ras, box), inside.shape, 1)
     posterior = limits.v_post + POSTERIOR_EXCLUDED * (limits.v_ant - limits.v_post)
-    return box, core, core & (v[box] >= posterior)
+    return box, core, core & (v >= posterior)
 
 
-def _reference(examined: list[_Examined], this: _Examined) -> float | None:
-    """The exam's reference HU for ``this`` vertebra: the median core HU of the other assessed
-    thoracic and lumbar vertebrae; None with fewer than :data:`MIN_REFERENCE_VERTEBRAE`."""
+def _reference(examined: list[_Examined], this: _Examined) -> tuple[float, float, float] | None:
+    """The exam's reference HU for ``this`` vertebra: the first quartile, median and third quartile
+    of the core HU of the other assessed thoracic and lumbar vertebrae; None with fewer than
+    :data:`MIN_REFERENCE_VERTEBRAE`."""
     others = [e.core_hu for e in examined if e is not this and e.assessed and e.level[0] in "TL"]
-    return float(np.median(others)) if len(others) >= MIN_REFERENCE_VERTEBRAE else None
+    if len(others) < MIN_REFERENCE_VERTEBRAE:
+        return None
+    return tuple(float(q) for q in np.percentile(others, [25, 50, 75]))
 
 
-def _judge(e: _Examined, reference: float | None, spacing_kji: np.ndarray, voxel_ml: float) -> VertebraLesions:
+def _judge(e: _Examined, reference: tuple[float, float, float] | None, spacing_kji: np.ndarray,
+           voxel_ml: float) -> VertebraLesions:
     """The vertebra's result from its examination and the exam's reference HU."""
     common = dict(level=e.level, label=e.label, instrumented=e.hardware, metal_voxels=e.metal_voxels,
                   cement_ml=e.cement_ml, core_hu=e.core_hu, core_ml=e.core_ml, noise_hu=e.noise_hu)
@@ -355,7 +382,8 @@ def _judge(e: _Examined, reference: float | None, spacing_kji: np.ndarray, voxel
     if kind is not None:
         return VertebraLesions(**common, suspected_lesion=kind, diffuse=True, lesion_volume_ml=e.core_ml,
                                lesion_hu=e.core_hu, flags=("suspected_lesion",))
-    found = _focal_lesion(e.values, e.focal, e.noise_hu, reference, spacing_kji, voxel_ml)
+    found = _focal_lesion(e.values, e.focal, e.noise_hu, None if reference is None else reference[1], spacing_kji,
+                          voxel_ml)
     if found is None:
         return VertebraLesions(**common)
     kind, volume, hu = found
@@ -363,12 +391,13 @@ def _judge(e: _Examined, reference: float | None, spacing_kji: np.ndarray, voxel
                            flags=("suspected_lesion",))
 
 
-def _diffuse(core_hu: float, reference: float | None) -> str | None:
-    """``"sclerotic"``, ``"lytic"`` or None: a diffuse lesion by the core's median HU."""
+def _diffuse(core_hu: float, reference: tuple[float, float, float] | None) -> str | None:
+    """``"sclerotic"``, ``"lytic"`` or None: a diffuse lesion by the core's median HU against the
+    other vertebrae's quartiles (:func:`_reference`): above the third, below the first."""
     if core_hu >= CERTAIN_SCLEROTIC_HU or (
-            core_hu >= DIFFUSE_SCLEROTIC_HU and (reference is None or core_hu >= reference + DIFFUSE_EXCESS_HU)):
+            core_hu >= DIFFUSE_SCLEROTIC_HU and (reference is None or core_hu >= reference[2] + DIFFUSE_EXCESS_HU)):
         return "sclerotic"
-    if reference is not None and core_hu <= min(reference - DIFFUSE_DEFICIT_HU, LYTIC_MAX_HU):
+    if reference is not None and core_hu <= min(reference[0] - DIFFUSE_DEFICIT_HU, LYTIC_MAX_HU):
         return "lytic"
     return None
 
@@ -381,7 +410,7 @@ def _focal_lesion(values, focal, noise_hu, reference, spacing_kji, voxel_ml) -> 
         return None
     values, focal = values[box], focal[box]  # exact: voxels outside ``focal`` weigh nothing
     scales = [_smooth(values, focal, scale / spacing_kji) for scale in SMOOTHING_MM]
-    bone = _bone_hu(*scales[-1], focal, noise_hu, reference)
+    bone = _bone_hu(scales[-1][0], noise_hu * scales[-1][1], focal, reference)
     taken = np.zeros_like(focal)
     best = None
     for smooth, gain in scales:
@@ -391,7 +420,8 @@ def _focal_lesion(values, focal, noise_hu, reference, spacing_kji, voxel_ml) -> 
                 beyond = smooth >= max(SCLEROTIC_MIN_HU, bone + SCLEROTIC_MIN_EXCESS_HU)
             else:
                 beyond = smooth <= min(LYTIC_MAX_HU, bone - LYTIC_MIN_DROP_HU)
-            seeds = focal & beyond & (contrast >= DETECTION_SDS * noise_hu * gain)
+            noise = gain * _noise_per_gain(contrast, gain, focal, noise_hu)
+            seeds = focal & beyond & (contrast >= DETECTION_SDS * noise)
             if not seeds.any():
                 continue
             for region in _grown(seeds, contrast, focal, taken):
@@ -402,9 +432,24 @@ def _focal_lesion(values, focal, noise_hu, reference, spacing_kji, voxel_ml) -> 
     return best
 
 
-def _bone_hu(smooth, gain, focal, noise_hu, reference: float | None) -> float:
+def _noise_per_gain(contrast, gain, focal, noise_hu: float) -> float:
+    """The noise SD (HU) that, times a voxel's kernel gain, is the SD of its smoothed value: the
+    white noise's ``noise_hu``, or more where the smoothed HU spread more about the bone (noise
+    correlated between neighbouring voxels, as a soft kernel makes it, and texture average out
+    less than white noise). The spread is read on the side away from the lesion looked for (the
+    voxels whose ``contrast``, the departure towards the lesion, is negative: their median
+    distance is 0.6745 SDs), over the median gain: a lesion, however large, and the blur around
+    it lie on the other side."""
+    away = -contrast[focal & (contrast < 0)]
+    if away.size < 10:
+        return noise_hu
+    spread = float(np.median(away)) / 0.6745
+    return max(noise_hu, spread / max(float(np.median(gain[focal])), 1e-6))
+
+
+def _bone_hu(smooth, noise, focal, reference: float | None) -> float:
     """The body's own bone (HU) from the coarse-smoothed HU in ``focal``: a peak of their histogram
-    (1 HU bins, smoothed by the smoothed noise's SD, at least 2 HU), of the peaks at least a tenth
+    (1 HU bins, smoothed by the smoothed noise's SD ``noise``, at least 2 HU), of the peaks at least a tenth
     as high as the highest the one nearest to the exam's ``reference`` (the highest without one).
     Where the bone is uniform that is its median; where a lesion fills much of a small core it is
     still the bone's (the median moves towards the lesion, and the highest peak may be the
@@ -412,7 +457,7 @@ def _bone_hu(smooth, gain, focal, noise_hu, reference: float | None) -> float:
     inside = smooth[focal]
     lo, hi = np.floor(inside.min()), np.ceil(inside.max()) + 1.0
     counts, edges = np.histogram(inside, bins=np.arange(lo, hi + 1.0))
-    width = max(2.0, noise_hu * float(np.median(gain[focal])))
+    width = max(2.0, float(np.median(noise[focal])))
     density = ndimage.gaussian_filter1d(counts.astype(float), width, mode="constant")
     padded = np.pad(density, 1)
     peaks = np.flatnonzero((density >= padded[:-2]) & (density > padded[2:]) & (density >= 0.1 * density.max()))
