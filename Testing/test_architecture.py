@@ -23,7 +23,7 @@ LAYERS = {
     "phantom": 4,  # the synthetic spine (its truth uses the measurement definitions)
     "face": 5,  # cli, cohort, slicer_*, dependencies: what users and Slicer call
 }
-FACES = {"cli", "cohort", "slicer_nodes", "slicer_results", "slicer_segmentation", "dependencies"}
+FACES = {"cli", "cohort", "pacs", "slicer_nodes", "slicer_results", "slicer_segmentation", "slicer_dicom", "dependencies"}
 PEERS_APART = {("measure", "io"), ("io", "measure")}
 """Parts on one layer that must not import each other: a measurement reads no file, a reader
 measures nothing."""
