@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from VertebralFractureScreenLib import levels as lv
+from VertebralFractureScreenLib.measure import level_check
 from VertebralFractureScreenLib.measure.level_check import check_levels
 from VertebralFractureScreenLib.phantom import mislabel
 from VertebralFractureScreenLib.phantom.render import PhantomSpec, make_phantom
@@ -139,3 +140,87 @@ def test_four_or_six_lumbar_vertebrae_make_the_levels_doubtful(lumbar):
     else:
         assert check.disagreements[0].startswith("two vertebrae are labelled L5")
         assert check_levels(drawn.verse, drawn.ijk_to_ras, convention="verse").transitional == ("L6",)
+
+
+def _without_s1(phantom) -> np.ndarray:
+    """The S1 segment merged into the sacrum, as a segmentation that knows no S1 vertebra gives it."""
+    merged = phantom.total.copy()
+    merged[phantom.total == IDS["S1"]] = lv.TOTAL_SACRUM
+    return merged
+
+
+@pytest.mark.parametrize("s1_labelled", [True, False], ids=["S1 kept", "S1 in the sacrum"])
+def test_ribs_and_sacrum_agree_on_a_cranial_shift_and_moving_the_labels_undoes_it(s1_labelled):
+    """Every lumbar and thoracic label one level too cranial (truth: the shift drawn), with the S1
+    segment kept or merged into the sacrum: ribs and sacrum both say +1, and the moved labels are
+    the true ones."""
+    ribbed = _ribbed(12)
+    truth = ribbed.total if s1_labelled else _without_s1(ribbed)
+    up = level_check.shifted_labels(truth, -1, keep_s1=True)
+    check = check_levels(up, ribbed.ijk_to_ras)
+    assert check.doubtful and check.shift == 1
+    moved = level_check.shifted_labels(up, check.shift, keep_s1=True)
+    assert np.array_equal(moved, truth)
+    assert not check_levels(moved, ribbed.ijk_to_ras).doubtful
+    assert check.as_dict()["shift"] == 1 and check.as_dict()["relabelled_by"] == 0
+
+
+@pytest.mark.parametrize("case", ["right", "13 pairs", "11 pairs", "shift down", "swap"])
+def test_no_shift_is_proposed_without_two_agreeing_witnesses(case):
+    """Right labels, 11 or 13 rib pairs (the ribs alone disagree), labels one level too caudal
+    (the sacrum cannot tell a lumbar vertebra labelled S1 from S1) and two swapped labels propose
+    no shift."""
+    pairs = {"13 pairs": 13, "11 pairs": 11}.get(case, 12)
+    ribbed = _ribbed(pairs)
+    labels = {"right": ribbed.total, "13 pairs": ribbed.total, "11 pairs": ribbed.total,
+              "shift down": mislabel.shift_levels(_without_s1(ribbed), 1),
+              "swap": mislabel.swap_levels(ribbed.total, "T11", "T12")}[case]
+    check = check_levels(labels, ribbed.ijk_to_ras)
+    assert check.shift == 0
+    assert check.doubtful == (case != "right")
+
+
+def test_four_lumbar_vertebrae_propose_no_shift():
+    """A lumbosacral transition (four lumbar vertebrae, labels right): the sacrum says +1, the
+    ribs 0: no shift."""
+    drawn = make_phantom(PhantomSpec(levels=RIBBED, spacing=(2.0, 2.0, 3.0), supersampling=1, rib_pairs=12,
+                                     lumbar_vertebrae=4))
+    check = check_levels(drawn.total, drawn.ijk_to_ras)
+    assert check.doubtful and check.shift == 0
+
+
+def test_shifted_labels_refuses_to_leave_the_levels_or_land_on_s1():
+    labels = np.array([[[IDS["L5"], IDS["S1"], 0, lv.TOTAL_SACRUM]]], dtype=np.uint8)
+    with pytest.raises(ValueError):
+        level_check.shifted_labels(labels, 1, keep_s1=True)
+    with pytest.raises(ValueError):
+        level_check.shifted_labels(labels, 1)
+    assert level_check.shifted_labels(labels, -1).tolist() == [[[IDS["L4"], IDS["L5"], 0, lv.TOTAL_SACRUM]]]
+
+
+def test_screening_moves_the_labels_only_when_asked_and_then_reads_l1_at_l1():
+    """A spine labelled one level too cranial: screened as given, the levels are doubtful and the
+    bone category uncertain; with ``relabel_levels`` the labels move back, L1's HU is the true
+    L1's, and the exam says what was done."""
+    from VertebralFractureScreenLib.exam.screening import screen_exam
+    from VertebralFractureScreenLib.io.volume import Volume
+
+    ribbed = make_phantom(PhantomSpec(levels=RIBBED, spacing=(2.0, 2.0, 3.0), supersampling=1, rib_pairs=12,
+                                      rotation_deg=(0.0, 5.0, 6.0), noise_hu=5.0,
+                                      trabecular_hu={level: 170.0 - 10.0 * i for i, level in enumerate(RIBBED)}))
+    ct = Volume(ribbed.ct, ribbed.ijk_to_ras)
+    up = level_check.shifted_labels(ribbed.total, -1, keep_s1=True)
+    right = screen_exam(ct, seg=ribbed.total, exam_id="right", levels=lv.parse_level_range("T9-L5"))
+    as_given = screen_exam(ct, seg=up, exam_id="up", levels=lv.parse_level_range("T9-L5"))
+    moved = screen_exam(ct, seg=up, exam_id="moved", levels=lv.parse_level_range("T9-L5"), relabel_levels=True)
+    assert not right.exam["level_check"]["doubtful"]
+    assert as_given.exam["level_check"]["doubtful"] and as_given.exam["level_check"]["shift"] == 1
+    assert as_given.exam["bone"]["category_uncertain"] is True
+    assert as_given.exam["bone"]["l1_hu"] < right.exam["bone"]["l1_hu"] - 5.0  # read at the true L2
+    assert moved.exam["level_check"]["relabelled_by"] == 1 and not moved.exam["level_check"]["doubtful"]
+    assert moved.exam["bone"]["l1_hu"] == right.exam["bone"]["l1_hu"]
+    assert moved.exam["bone"]["category_uncertain"] is right.exam["bone"]["category_uncertain"]
+    assert any(w.startswith("levels relabelled: every vertebra label moved 1 level(s) caudally")
+               for w in moved.exam["warnings"])
+    assert "level labels moved by +1 (see level_check)" in moved.exam["review"]["reasons"]
+    assert [r["level"] for r in moved.vertebrae] == [r["level"] for r in right.vertebrae]

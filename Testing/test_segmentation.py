@@ -362,3 +362,26 @@ def test_totalsegmentator_runs_off_the_main_thread_use_spawn():
     worker.start()
     worker.join()
     assert seen["main"] == before and seen["thread"] == "forkserver" and seen["after"] == before
+
+
+@pytest.mark.slow
+def test_segment_ribs_asks_totalsegmentator_for_the_ribs_too(offline, trap, tmp_path, capsys):
+    """``--segment-ribs``: the 24 rib classes join the ``roi_subset`` (the manifest says so), and
+    at ``normal`` quality the ribs' model part joins the models that run."""
+    from VertebralFractureScreenLib.cli import main
+    from VertebralFractureScreenLib.segment import totalsegmentator as ts_module
+
+    ct_path = tmp_path / "ct.nii.gz"
+    write_volume(ct_path, phantom_ct("RAS"))
+    out = tmp_path / "out"
+    assert main(["screen", str(ct_path), "--out", str(out), "--quality", "fast", "--segment-ribs"]) == 0, \
+        capsys.readouterr().err
+    manifest = json.loads((out / "segmentation" / segmentation.MANIFEST_FILE).read_text())
+    subset = set(manifest["total"]["roi_subset"])
+    assert set(ts_module.RIB_CLASSES) <= subset and set(segmentation.SCREENING_CLASSES) <= subset
+    assert len(ts_module.RIB_CLASSES) == 24 and "rib_left_1" in ts_module.RIB_CLASSES
+    ts = ts_module._load_totalsegmentator()
+    plain = ts_module._datasets(ts, "total", "normal", segmentation.SCREENING_CLASSES, loaded_only=True)
+    ribbed = ts_module._datasets(ts, "total", "normal", segmentation.SCREENING_CLASSES + ts_module.RIB_CLASSES,
+                                 loaded_only=True)
+    assert len(ribbed) == len(plain) + 1

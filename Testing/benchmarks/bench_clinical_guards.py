@@ -102,6 +102,7 @@ def run_case(case) -> dict:
         graded.append((truth["genant_grade"], grades[level].genant_grade, borderline, bool(truth["genant_grade"])))
     cobb = spine_curvature(heights).coronal_cobb_deg
     return {"name": name, "spacing": name.split(" #")[0], "checks": {k: c.doubtful for k, c in checks.items()},
+            "shifts": {k: c.shift for k, c in checks.items()},
             "findings": {k: list(c.disagreements) for k, c in checks.items()}, "graded": graded,
             "cobb": cobb, "cobb_drawn": _drawn_curvature(phantom).coronal_cobb_deg, "render_s": rendered,
             "measure_s": measured}
@@ -122,6 +123,13 @@ def report(results: list[dict]) -> None:
               f"| {sum(r['checks']['swap'] for r in rows)}/{len(rows)} "
               f"| {exact}/{len(run_rows)} ({100.0 * exact / max(1, len(run_rows)):.1f} %) "
               f"| {max(errors, default=math.nan):.1f}° |")
+    print("\nAgreed level shift (ribs and sacrum; what --relabel-levels would apply): 'up' should give +1, "
+          "every other case 0")
+    for case in ("true", "up", "down", "swap"):
+        tally = {}
+        for r in results:
+            tally[r["shifts"][case]] = tally.get(r["shifts"][case], 0) + 1
+        print(f"  {case:<5} " + ", ".join(f"shift {k:+d}: {n}" for k, n in sorted(tally.items())))
     wrong = [(r["name"], t, m) for r in results for t, m, b, _ in r["graded"] if not b and t != m]
     if wrong:
         print("\nwrong grades (truth → measured):", "; ".join(f"{n}: {t}→{m}" for n, t, m in wrong))

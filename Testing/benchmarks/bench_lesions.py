@@ -11,18 +11,23 @@ Suite: 48 T10–L5 spines, every combination of
   fractured endplate, as ``Testing/test_lesions.py`` draws them);
 * contents: (A) a focal sclerotic lesion of 10–20 mm, a lytic one of 5–10 mm, cement; (B) a lytic
   lesion of 10–20 mm, a sclerotic one of 5–10 mm, screws; (C) a diffuse sclerotic and a diffuse
-  lytic body and a focal sclerotic lesion of 10–20 mm; (D) nothing;
+  lytic body and a focal sclerotic lesion of 10–20 mm; (D) nothing; (E, 12 more spines)
+  pathological fractures: a lytic and a sclerotic lesion of 10–20 mm in fractured bodies and cement
+  in a third (vertebroplasty), grades 1–3;
 
-with noise of 10–30 HU. Sizes, HU (sclerotic 400–1200 HU, lytic −50, 0, 20 or 40 HU, diffuse
+with noise of 10–30 HU (60 spines in all). Sizes, HU (sclerotic 400–1200 HU, lytic −50, 0, 20 or 40 HU, diffuse
 sclerotic 400–800 HU, diffuse lytic 0–40 HU), levels and fractures are drawn per spine from a
-seeded generator; a lesion never shares its level with a fracture or hardware.
+seeded generator; in (A)–(D) a lesion never shares its level with a fracture or hardware.
 
-Every exam: ``measure_heights`` (CT and ``vertebrae_body`` map), then ``find_lesions`` (timed).
+Every exam: ``measure_heights`` (CT and ``vertebrae_body`` map), then ``find_lesions`` (timed),
+``grade_spine`` and the exam's fracture summary as screening makes it (``exam_fracture_summary``
+with the flagged levels as possibly pathological).
 Prints lesion sensitivity (the right kind at the lesion's level) for focal lesions of at least
 10 mm and of 5–10 mm and for diffuse ones, per voxel size; lytic lesions whose contrast the rule
 does not call lytic (a soft-tissue lesion in osteoporotic bone: at most 60 HU below the bone, or
 above 100 HU) apart; hardware sensitivity; false flags per vertebra without lesion or hardware,
-per base spine; vertebrae not assessed; the runtime of ``find_lesions`` per exam. A per-vertebra
+per base spine; vertebrae not assessed; grades ≥ 1 on vertebrae with a lesion or hardware and how
+many of them the summary counts as osteoporotic (goal 0); the runtime of ``find_lesions`` per exam. A per-vertebra
 CSV goes to ``<cache>/lesions.csv``.
 
 Run by hand (never collected by pytest)::
@@ -52,6 +57,7 @@ from test_lesions import compaction_bands  # noqa: E402  (the fractured endplate
 from VertebralFractureScreenLib import levels as lv  # noqa: E402
 from VertebralFractureScreenLib.geometry import find_label_boxes  # noqa: E402
 from VertebralFractureScreenLib.measure import lesions as le  # noqa: E402
+from VertebralFractureScreenLib.measure.grading import exam_fracture_summary, grade_spine  # noqa: E402
 from VertebralFractureScreenLib.measure.morphometry import measure_heights  # noqa: E402
 from VertebralFractureScreenLib.phantom import render as ph  # noqa: E402
 
@@ -65,6 +71,8 @@ BASES = {
     "fractured": dict(trabecular_hu=110.0),
 }
 CONTENTS = ("A", "B", "C", "D")
+PATHOLOGICAL = "E"
+PATHOLOGICAL_FRACTIONS = (0.22, 0.3, 0.45)  # height loss of grades 1, 2, 3
 BAND_MM, BAND_HU = 3.0, 200.0
 
 
@@ -95,22 +103,33 @@ def _contents(rng, content: str, levels: list[str]) -> tuple[tuple, tuple]:
         return ((ph.Lesion(levels[0], "sclerotic", 0.0, float(np.round(rng.uniform(400.0, 800.0), -1)), diffuse=True),
                  ph.Lesion(levels[1], "lytic", 0.0, float(rng.choice([0.0, 20.0, 40.0])), diffuse=True),
                  ph.Lesion(levels[2], "sclerotic", _size(rng, True), sclerotic_hu())), ())
+    if content == PATHOLOGICAL:
+        return ((ph.Lesion(levels[0], "lytic", _size(rng, True), lytic_hu()),
+                 ph.Lesion(levels[1], "sclerotic", _size(rng, True), sclerotic_hu())), (ph.Hardware(levels[2], "cement"),))
     return (), ()
+
+
+def _pathological_fractures(rng, levels: list[str]) -> tuple:
+    """Fractures of the first three free ``levels``, where (E) puts its lesions and cement."""
+    return tuple(ph.Fracture(level, str(rng.choice(ph.FRACTURE_SHAPES)), float(rng.choice(PATHOLOGICAL_FRACTIONS)))
+                 for level in levels[:3])
 
 
 def build_suite() -> list[Case]:
     cases = []
-    for index in range(48):
+    for index in range(60):
         rng = np.random.default_rng(1000 + index)
         group = list(SPACINGS)[index % 3]
         base = list(BASES)[(index // 3) % 4]
-        content = CONTENTS[(index // 12) % 4]
+        content = CONTENTS[index // 12] if index < 48 else PATHOLOGICAL
         levels = [str(level) for level in rng.permutation(LEVELS)]
         fractures = ()
         if base == "fractured":
             fractures = tuple(ph.Fracture(levels.pop(), str(rng.choice(ph.FRACTURE_SHAPES)),
                                           float(rng.choice([0.22, 0.3, 0.45]))) for _ in range(2))
         lesions, hardware = _contents(rng, content, levels)
+        if content == PATHOLOGICAL:
+            fractures += _pathological_fractures(rng, levels)
         rotation = (15.0, 0.0, 10.0) if index % 5 == 4 else (0.0, 0.0, 0.0)
         spec = ph.PhantomSpec(levels=LEVELS, spacing=SPACINGS[group], rotation_deg=rotation, fractures=fractures,
                               lesions=lesions, hardware=hardware, noise_hu=float(rng.choice([10, 15, 20, 25, 30])),
@@ -127,6 +146,9 @@ def measure(case: Case, phantom: bc.CachedPhantom) -> tuple[list[dict], float]:
     t0 = time.perf_counter()
     found = le.find_lesions(ct, phantom.total, phantom.ijk_to_ras, heights, body_labels=phantom.vertebrae_body)
     seconds = time.perf_counter() - t0
+    grades = {g.level: g for g in grade_spine(heights)}
+    summary = exam_fracture_summary(list(grades.values()),
+                                    [r.level for r in found if r.suspected_lesion or r.instrumented])
     truth = {vt["level"]: vt for vt in phantom.truth["vertebrae"]}
     rows = []
     for result in found:
@@ -137,7 +159,10 @@ def measure(case: Case, phantom: bc.CachedPhantom) -> tuple[list[dict], float]:
             "level": result.level, "trabecular_hu": vt["trabecular_hu"], "fractured": bool(vt.get("fracture")),
             "true_lesion": lesion.get("kind"), "true_diameter_mm": lesion.get("diameter_mm"),
             "true_diffuse": lesion.get("diffuse"), "true_lesion_hu": lesion.get("hu"),
-            "true_hardware": vt.get("hardware"), **{k: v for k, v in result.to_dict().items() if k != "label"},
+            "true_hardware": vt.get("hardware"),
+            "genant_grade": getattr(grades.get(result.level), "genant_grade", None),
+            "counted_osteoporotic": result.level in summary["fractured_levels"],
+            "possibly_pathological": result.level in summary["possibly_pathological_levels"], **{k: v for k, v in result.to_dict().items() if k != "label"},
             "flags": " ".join(result.flags)})
     return rows, seconds
 
@@ -225,6 +250,23 @@ def print_false_flags(rows: list[dict]):
                               for r in skipped) if skipped else ""))
 
 
+def print_pathological(rows: list[dict]):
+    print("\n=== Grades >= 1 on vertebrae with a lesion or hardware (truth): counted as osteoporotic? (goal 0) ===")
+    print(f"{'voxels':<12}{'vertebrae':<12}{'grade >= 1':<14}{'counted':<10}{'reported possibly pathological':<32}"
+          "true fractures among them graded >= 1")
+    for group in [*SPACINGS, "all"]:
+        mine = [r for r in rows if group in ("all", r["group"]) and (r["true_lesion"] or r["true_hardware"])]
+        graded = [r for r in mine if (r["genant_grade"] or 0) >= 1]
+        counted = [r for r in graded if r["counted_osteoporotic"]]
+        reported = [r for r in graded if r["possibly_pathological"]]
+        true = [r for r in mine if r["fractured"]]
+        print(f"{group:<12}{len(mine):<12}{len(graded):<14}{len(counted):<10}{len(reported):<32}"
+              f"{_rate(true, lambda r: (r['genant_grade'] or 0) >= 1)}")
+        for r in counted if group == "all" else ():
+            print(f"  counted: {r['case']} {r['level']} grade {r['genant_grade']} "
+                  f"({r['true_lesion'] or r['true_hardware']}; flags {r['flags'] or '-'})")
+
+
 def print_runtime(times: list[tuple[Case, float]]):
     print("\n=== Runtime of find_lesions per exam (8 vertebrae; morphometry not included) ===")
     for group in [*SPACINGS, "all"]:
@@ -298,6 +340,7 @@ def main(argv=None) -> int:
         print_lesions(rows)
         print_hardware(rows)
         print_false_flags(rows)
+        print_pathological(rows)
         print_runtime(times)
         path = cache / f"lesions{('_' + args.only.replace(' ', '_')) if args.only else ''}.csv"
         write_csv(rows, path)

@@ -190,6 +190,10 @@ def _add_screening_options(p, labels_of: str) -> None:
     p.add_argument("--device", default="cpu", help="TotalSegmentator device: cpu (default), gpu, gpu:N")
     p.add_argument("--body", action="store_true", help="also run TotalSegmentator's vertebrae_body task")
     p.add_argument("--no-qc", action="store_true", help="skip the QC picture")
+    p.add_argument("--segment-ribs", action="store_true", help="TotalSegmentator also segments the ribs, for the "
+                                                                  "level check (slower)")
+    p.add_argument("--relabel-levels", action="store_true", help="move the vertebra labels by the level shift that "
+                   "ribs and sacrum agree on, if then consistent (docs/methods.md); default: report the doubt only")
 
 
 def _parse_levels(text: str) -> tuple[str, ...]:
@@ -219,7 +223,8 @@ def _run_screen(args) -> int:
         result = screen_exam(args.ct, seg=args.seg, body_seg=args.body_seg, convention=args.labels,
                              exam_id=exam_id, levels=_parse_levels(args.levels), series_uid=args.series,
                              out_dir=out, quality=args.quality, device=args.device, segment_body=args.body,
-                             keep_label_maps=dicom, model=args.model)  # the SEG needs the label maps
+                             keep_label_maps=dicom,  # the SEG needs the label maps
+                             model=args.model, relabel_levels=args.relabel_levels, segment_ribs=args.segment_ribs)
     except InputError as error:  # the library names its argument; on the command line it is --series
         raise InputError(str(error).replace("series_uid", "--series")) from None
     result.write(out, qc=not args.no_qc)
@@ -294,7 +299,8 @@ def _run_cohort(args) -> int:
     from .cohort import CohortSettings, TerminalProgress, run_cohort
 
     settings = CohortSettings(convention=args.labels, levels=_parse_levels(args.levels), quality=args.quality,
-                              device=args.device, segment_body=args.body, qc=not args.no_qc, model=args.model)
+                              device=args.device, segment_body=args.body, qc=not args.no_qc, model=args.model,
+                              relabel_levels=args.relabel_levels, segment_ribs=args.segment_ribs)
     summary = run_cohort(args.inputs, args.out, settings=settings, workers=args.workers, scheduler=args.scheduler,
                          retry_failed=args.retry_failed, segment_resources=args.segment_resources,
                          measure_resources=args.measure_resources, progress=TerminalProgress())
@@ -496,6 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_parser(commands)
     _add_phantom_parser(commands)
     _add_setup_segmentation_parser(commands)
+    from .pacs.commands import add_pacs_parser  # the logic lives in pacs/ (docs/pacs.md)
+
+    add_pacs_parser(commands, _add_screening_options)
     return parser
 
 

@@ -39,6 +39,10 @@ class CohortSettings:
     qc: bool = True
     model: str | None = None
     """Fracture model file (or ``"demo"``) applied to every exam; its output goes to ``exam.json``."""
+    relabel_levels: bool = False
+    """Move vertebra labels by the level shift ribs and sacrum agree on (``screen_exam``'s option)."""
+    segment_ribs: bool = False
+    """TotalSegmentator also segments the ribs, for the level check (``screen_exam``'s option)."""
 
 
 @dataclass
@@ -196,10 +200,11 @@ def _screen_locked(exam: CohortExam, settings: CohortSettings, folder: Path, sta
     try:
         _fault("exam", exam.exam_id)
         if segment_only:
-            from ..segment.totalsegmentator import segment_ct
+            from ..segment.totalsegmentator import RIB_CLASSES, SCREENING_CLASSES, segment_ct
 
+            classes = SCREENING_CLASSES + (RIB_CLASSES if settings.segment_ribs else ())  # as screen_exam asks
             segment_ct(exam.ct, folder / SEGMENTATION_FOLDER, quality=settings.quality, device=settings.device,
-                       body=settings.segment_body, series_uid=exam.series_uid)
+                       body=settings.segment_body, series_uid=exam.series_uid, classes=classes)
             return ExamOutcome(exam.exam_id, "segmented", seconds=time.perf_counter() - started,
                                worker=_worker_name(), worker_peak_rss_mib=_peak_rss_mib())
         from ..exam.screening import screen_exam
@@ -208,7 +213,8 @@ def _screen_locked(exam: CohortExam, settings: CohortSettings, folder: Path, sta
                              convention=exam.convention or settings.convention, exam_id=exam.exam_id,
                              levels=settings.levels, series_uid=exam.series_uid, out_dir=folder,
                              quality=settings.quality, device=settings.device,
-                             segment_body=settings.segment_body, keep_label_maps=False, model=settings.model)
+                             segment_body=settings.segment_body, keep_label_maps=False, model=settings.model,
+                             relabel_levels=settings.relabel_levels, segment_ribs=settings.segment_ribs)
         result.write(folder, qc=settings.qc)
         (folder / ERROR_FILE).unlink(missing_ok=True)
     except Exception as error:  # noqa: BLE001 - one exam's failure never stops the cohort

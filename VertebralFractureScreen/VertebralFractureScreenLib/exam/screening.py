@@ -36,13 +36,13 @@ from ..measure.confidence import PATHOLOGY_FLAGS as LESION_FLAGS
 from ..measure.confidence import review_reasons, vertebra_confidence
 from ..measure.contrast import ContrastResult, measure_contrast
 from ..measure.lesions import find_lesions
-from ..measure.level_check import check_levels
+from ..measure.level_check import check_levels, shifted_labels
 from ..measure.phase import estimate_phase, no_phase
 from ..measure.spine_shape import spine_curvature
 from ..errors import InputError
 from ..io.exam_inputs import ExamInputs, load_exam, read_ct_checked
 from ..model.features import exam_features
-from ..geometry import voxel_spacing
+from ..geometry import find_label_boxes, voxel_spacing
 from ..io.files import split_image_suffix
 from ..measure.grading import GRADING_BASIS, exam_fracture_summary, grade_spine
 from ..model.fracture_model import resolve_model
@@ -245,7 +245,8 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
                 levels=lv.SCREENING_LEVELS, series_uid: str | None = None, out_dir=None,
                 quality: str = "normal", device: str = "cpu", segment_body: bool = False,
                 keep_label_maps: bool = True, model=None, sources: dict | None = None,
-                notes: tuple[str, ...] = ()) -> ScreeningResult:
+                notes: tuple[str, ...] = (), relabel_levels: bool = False,
+                segment_ribs: bool = False) -> ScreeningResult:
     """Screen one exam.
 
     Args:
@@ -262,8 +263,8 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
         series_uid: DICOM series to read when the CT folder holds several.
         out_dir: only used for TotalSegmentator's label maps; :meth:`ScreeningResult.write`
             writes the results.
-        quality, device, segment_body: TotalSegmentator settings (``fast``/``normal``,
-            ``cpu``/``gpu``, also run the ``vertebrae_body`` task).
+        quality, device, segment_body, segment_ribs: TotalSegmentator settings (``fast``/``normal``,
+            ``cpu``/``gpu``, also run the ``vertebrae_body`` task, also segment the ribs).
         keep_label_maps: False lets the label maps go as soon as no step needs them (the
             ``vertebrae_body`` map after the trabecular ROIs), which lowers the peak memory when
             they were read from files; the result's ``inputs`` then lack them.
@@ -273,6 +274,8 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
             ``vertebrae_body``) when they are not files, e.g. Slicer nodes.
         notes: warnings the caller found before screening (e.g. segments it left out), listed
             first among the exam's warnings.
+        relabel_levels: move every vertebra label by the level shift that ribs and sacrum agree on
+            (:mod:`..measure.level_check`), when the moved labels then pass every check.
 
     Raises:
         InputError: bad input (one sentence); DependencyError / SegmentationError: segmentation
@@ -282,19 +285,15 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
     started = time.perf_counter()
     model = resolve_model(model)  # a bad model file is refused before any work
     exam_id = exam_id or exam_id_of(ct)
-    segmented = _segmented(ct, seg, body_seg, convention, series_uid, out_dir, quality, device, segment_body)
-    ct, seg, body_seg, convention, segmented_by = segmented[:5]
-    if segmented[5] is not None:
-        timings["segmentation"] = segmented[5]
-    inputs = load_exam(ct, seg, body_seg, convention=convention, series_uid=series_uid)
-    timings["read"] = round(time.perf_counter() - started - timings.get("segmentation", 0.0), 3)
+    inputs, convention, segmented_by = _read_inputs(ct, seg, body_seg, convention, series_uid, out_dir, timings,
+                                                    dict(quality=quality, device=device, segment_body=segment_body,
+                                                         segment_ribs=segment_ribs))
     warnings_ = list(notes) + [w for w in inputs.warnings if w not in notes]
 
     t = time.perf_counter()
+    inputs, level_check = _checked_levels(inputs, convention, relabel_levels, warnings_)
     all_heights, heights, grades = _vertebrae(inputs, convention, levels)
     spine = spine_curvature(all_heights)
-    level_check = check_levels(inputs.labels.array, inputs.ct.ijk_to_ras, convention=convention,
-                               label_boxes=inputs.label_boxes)
     timings["morphometry"] = round(time.perf_counter() - t, 3)
 
     t = time.perf_counter()
@@ -323,6 +322,31 @@ def screen_exam(ct, *, seg=None, body_seg=None, convention: str = "totalsegmenta
                            bone, inputs)
 
 
+def _checked_levels(inputs: ExamInputs, convention: str, relabel: bool, warnings_: list[str]):
+    """``(inputs, level check)``: the labels' own evidence on their levels. With ``relabel``
+    and a shift that ribs and sacrum agree on, the labels are moved by it (S1 kept) and checked
+    again; the moved labels are used only when that check finds nothing (a warning says so)."""
+    ijk_to_ras = inputs.ct.ijk_to_ras
+    check = check_levels(inputs.labels.array, ijk_to_ras, convention=convention, label_boxes=inputs.label_boxes)
+    if not (relabel and check.shift):
+        return inputs, check
+    try:
+        moved = shifted_labels(inputs.labels.array, check.shift, convention, keep_s1=True)
+    except ValueError:
+        return inputs, check
+    boxes = find_label_boxes(moved)
+    recheck = check_levels(moved, ijk_to_ras, convention=convention, label_boxes=boxes)
+    direction = "caudally" if check.shift > 0 else "cranially"
+    if recheck.doubtful:
+        warnings_.append(f"levels not relabelled: moved {abs(check.shift)} level(s) {direction} as ribs and sacrum "
+                         f"suggest, the labels still disagree ({recheck.disagreements[0]})")
+        return inputs, check
+    warnings_.append(f"levels relabelled: every vertebra label moved {abs(check.shift)} level(s) {direction}, where "
+                     f"ribs and sacrum agree ({'; '.join(check.disagreements)})")
+    labels = replace(inputs.labels, array=moved)
+    return replace(inputs, labels=labels, label_boxes=boxes), replace(recheck, relabelled_by=check.shift)
+
+
 def _with_level_doubts(bone, level_check, warnings_: list[str]):
     """The bone summary, its category marked uncertain when the levels are doubtful (it rests on L1
     being L1); appends one warning per finding of the level check to ``warnings_``."""
@@ -345,17 +369,32 @@ def _apply_model(model, exam: dict, vertebra_rows: list[dict]) -> None:
                                 f"cohort's medians ({', '.join(imputed)})")
 
 
-def _segmented(ct, seg, body_seg, convention, series_uid, out_dir, quality, device, segment_body):
+def _read_inputs(ct, seg, body_seg, convention, series_uid, out_dir, timings: dict, segmenting: dict):
+    """``(inputs, convention, segmented_by)``: the exam read, segmented first when ``seg`` is None
+    (``segmenting``: :func:`_segmented`'s TotalSegmentator settings); the seconds go to ``timings``."""
+    started = time.perf_counter()
+    ct, seg, body_seg, convention, segmented_by, seconds = _segmented(ct, seg, body_seg, convention, series_uid,
+                                                                      out_dir, **segmenting)
+    if seconds is not None:
+        timings["segmentation"] = seconds
+    inputs = load_exam(ct, seg, body_seg, convention=convention, series_uid=series_uid)
+    timings["read"] = round(time.perf_counter() - started - (seconds or 0.0), 3)
+    return inputs, convention, segmented_by
+
+
+def _segmented(ct, seg, body_seg, convention, series_uid, out_dir, *, quality, device, segment_body, segment_ribs):
     """The exam's CT and segmentations, segmenting with TotalSegmentator when ``seg`` is None:
     ``(ct, seg, body_seg, convention, segmented_by, seconds)`` (seconds None when given)."""
     if seg is not None:
         return ct, seg, body_seg, convention, "given", None
     if out_dir is None:
         raise ValueError("segmentation by TotalSegmentator needs out_dir to keep its label maps")
-    from ..segment.totalsegmentator import segment_ct
+    from ..segment.totalsegmentator import RIB_CLASSES, SCREENING_CLASSES, segment_ct
 
     volume = read_ct_checked(ct, series_uid)
-    result = segment_ct(volume, Path(out_dir) / SEGMENTATION_FOLDER, quality=quality, device=device, body=segment_body)
+    classes = SCREENING_CLASSES + (RIB_CLASSES if segment_ribs else ())
+    result = segment_ct(volume, Path(out_dir) / SEGMENTATION_FOLDER, quality=quality, device=device, body=segment_body,
+                        classes=classes)
     if result.body_path is not None and body_seg is None:
         body_seg = result.body_path
     segmented_by = (f"TotalSegmentator {result.totalsegmentator_version} ({result.quality}"
@@ -463,7 +502,8 @@ def _exam_record(exam_id, inputs: ExamInputs, sources: dict, all_heights, height
     """The content of ``exam.json`` without the model's part (fields as
     :data:`.measurements.EXAM_FIELDS` declares them)."""
     ct_array, ijk_to_ras = inputs.ct.array, inputs.ct.ijk_to_ras
-    reasons = review_reasons(vertebra_rows, level_check.doubtful)
+    reasons = review_reasons(vertebra_rows, level_check.doubtful) + (
+        [f"level labels moved by {level_check.relabelled_by:+d} (see level_check)"] if level_check.relabelled_by else [])
     return {
         "exam_id": exam_id,
         "software": {"name": "VertebralFractureScreen", "version": __version__},

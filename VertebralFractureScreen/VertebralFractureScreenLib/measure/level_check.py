@@ -21,7 +21,17 @@ evidence is in the label map (the rest are named in ``not_checked``):
   to it means four or six lumbar-type vertebrae (a lumbosacral transition) or shifted labels.
 
 VerSe's transitional labels (L6, T13) are reported as such. The result says what disagreed in one
-sentence each; any disagreement makes the levels *doubtful*. Nothing is relabelled.
+sentence each; any disagreement makes the levels *doubtful*.
+
+**The one shift all evidence agrees on** (``shift``): labels one or more levels off are told from
+a transitional spine by two independent witnesses. The ribs give a shift when every rib number
+seen (at least :data:`MIN_RIBS_FOR_SHIFT` of them) meets the vertebra that many levels from
+T\\ *n*; the sacrum gives one from the lowest vertebra above it that is not labelled S1 (L4
+there: one level too cranial). ``shift`` is set only when both give the same non-zero shift. The
+sacrum cannot single out a shift towards the sacrum (a lumbar vertebra labelled S1 looks like a
+right S1 from there), so such a shift is never proposed. Nothing is relabelled here:
+:func:`shifted_labels` does it, and screening only when asked (``relabel_levels``), and only when
+the shifted labels then pass every check.
 """
 
 from __future__ import annotations
@@ -47,6 +57,9 @@ SHARED_PIECE = 0.3
 GAP_MISSING = 1.6
 """Consecutive labels this many expected gaps apart or more: a vertebra between them has no label."""
 
+MIN_RIBS_FOR_SHIFT = 2
+"""Rib numbers that must agree on a level shift before the ribs witness it."""
+
 GAP_SKIPPED = 0.7
 """Labels two or more levels apart that lie less than this fraction of their expected gap apart: a
 label was skipped."""
@@ -59,13 +72,18 @@ class LevelCheck:
     ``checked`` / ``not_checked``: the checks run, and those without evidence (with why);
     ``disagreements``: one sentence per finding; ``rib_levels``: rib number → the level of the
     vertebra its medial end touches most (both sides merged); ``transitional``: VerSe's L6/T13
-    labels present. ``doubtful``: any disagreement."""
+    labels present. ``doubtful``: any disagreement. ``shift``: the level shift that ribs and
+    sacrum agree on (levels to add to every label, caudal positive; 0: none proposed);
+    ``relabelled_by``: the shift already applied to the labels checked here (screening's
+    ``relabel_levels``)."""
 
     checked: tuple[str, ...] = ()
     not_checked: dict = field(default_factory=dict)
     disagreements: tuple[str, ...] = ()
     rib_levels: dict = field(default_factory=dict)
     transitional: tuple[str, ...] = ()
+    shift: int = 0
+    relabelled_by: int = 0
 
     @property
     def doubtful(self) -> bool:
@@ -75,7 +93,7 @@ class LevelCheck:
         """The ``level_check`` block of ``exam.json``."""
         return {"doubtful": self.doubtful, "checked": list(self.checked), "not_checked": dict(self.not_checked),
                 "disagreements": list(self.disagreements), "rib_levels": dict(self.rib_levels),
-                "transitional": list(self.transitional)}
+                "transitional": list(self.transitional), "shift": self.shift, "relabelled_by": self.relabelled_by}
 
 
 def _centroids(labels: np.ndarray, boxes: list, ijk_to_ras: np.ndarray, ids: Mapping[str, int]) -> dict:
@@ -218,19 +236,51 @@ def _rib_findings(rib_levels: dict[int, str], bearing: set[str], centres: dict) 
     return findings
 
 
-def _sacrum_finding(labels: np.ndarray, boxes: list, ijk_to_ras: np.ndarray, centres: dict) -> str | None:
-    """The sacrum check: the labelled vertebra nearest the sacrum's cranial end should be L5 or S1."""
+def _next_to_sacrum(labels: np.ndarray, boxes: list, ijk_to_ras: np.ndarray, centres: dict) -> str:
+    """The labelled vertebra (of ``centres``) nearest the sacrum."""
     box = boxes[lv.TOTAL_SACRUM - 1] if lv.TOTAL_SACRUM - 1 < len(boxes) else None
     origin = np.array([s.start for s in box], dtype=np.int64)
     ras = ijk_to_ras_points(ijk_to_ras, (np.argwhere(labels[box] == lv.TOTAL_SACRUM) + origin)[:, ::-1])
     names = list(centres)
     points = np.array([centres[n] for n in names])
-    nearest = names[int(np.argmin(np.min(np.linalg.norm(points[:, None, :] - ras[None, ::max(1, len(ras) // 4000)],
-                                                        axis=2), axis=1)))]
-    if nearest in ("L5", "S1"):
-        return None
-    return (f"the vertebra next to the sacrum is labelled {nearest}, not L5: a lumbosacral transition (four or six "
-            "lumbar-type vertebrae) or labels shifted.")
+    return names[int(np.argmin(np.min(np.linalg.norm(points[:, None, :] - ras[None, ::max(1, len(ras) // 4000)],
+                                                     axis=2), axis=1)))]
+
+
+def _agreed_shift(rib_levels: dict[int, str], above_sacrum: str | None) -> int:
+    """The shift ribs and sacrum agree on (module docstring), 0 when they do not or cannot;
+    ``above_sacrum``: the lowest vertebra above the sacrum not labelled S1."""
+    if above_sacrum is None or len(rib_levels) < MIN_RIBS_FOR_SHIFT:
+        return 0
+    from_ribs = {lv.level_position(f"T{number}") - lv.level_position(level) for number, level in rib_levels.items()}
+    from_sacrum = lv.level_position("L5") - lv.level_position(above_sacrum)
+    return from_sacrum if from_ribs == {from_sacrum} else 0
+
+
+def shifted_labels(labels: np.ndarray, shift: int, convention: str = "totalsegmentator", *,
+                   keep_s1: bool = False) -> np.ndarray:
+    """A new label map with every vertebra label moved ``shift`` levels (caudal positive: 1 turns
+    the label L4 into L5); other labels unchanged, and S1 too with ``keep_s1`` (a segmentation
+    that mislabels the lumbar spine still knows the S1 segment fused to the sacrum). A label that
+    would leave the convention's levels, or land on a kept S1, is a ``ValueError``."""
+    ids = lv.vertebra_ids(convention)
+    present = set(np.unique(labels).tolist())
+    kept = {ids["S1"]} & present if keep_s1 and "S1" in ids else set()
+    mapping = {}
+    for level, label in ids.items():
+        if label not in present or label in kept:
+            continue
+        position = lv.level_position(level) + shift
+        target = lv.LEVELS[position] if 0 <= position < len(lv.LEVELS) else None
+        if target not in ids or ids[target] in kept:
+            raise ValueError(f"{level} moved by {shift} levels leaves the {convention} levels or lands on S1")
+        mapping[label] = ids[target]
+    if labels.size and labels.min() < 0:
+        raise ValueError("a label map with negative labels cannot be relabelled")
+    lookup = np.arange(max(int(labels.max(initial=0)), *mapping.values(), 0) + 1).astype(labels.dtype)
+    for old, new in mapping.items():
+        lookup[old] = new
+    return lookup[labels]  # one pass over the volume, whatever the number of labels
 
 
 def check_levels(labels: np.ndarray, ijk_to_ras: np.ndarray, *, convention: str = "totalsegmentator",
@@ -256,24 +306,28 @@ def check_levels(labels: np.ndarray, ijk_to_ras: np.ndarray, *, convention: str 
         findings += _order_and_spacing({level: c for level, c in centres.items() if level not in shared})
     else:
         not_checked.update(order="fewer than 3 vertebrae", spacing="fewer than 3 vertebrae")
-    rib_levels = {}
     has = [convention == "totalsegmentator" and label - 1 < len(boxes) and boxes[label - 1] is not None
            for label in lv.TOTAL_RIB_IDS.values()]
     contacts = _rib_contacts(labels, boxes, ijk_to_ras, ids, centres) if any(has) and centres else []
     rib_levels = _rib_levels(contacts)
-    if rib_levels:
-        checked.append("ribs")
-        findings += _rib_findings(rib_levels, {level for _, level in contacts}, centres)
-    else:
+    if not rib_levels:
         not_checked["ribs"] = ("no rib labels in the segmentation" if not any(has)
                                else "no rib reaches a labelled vertebra in the scan")
     sacrum = (convention == "totalsegmentator" and lv.TOTAL_SACRUM - 1 < len(boxes)
               and boxes[lv.TOTAL_SACRUM - 1] is not None)
+    if rib_levels:
+        checked.append("ribs")
+        findings += _rib_findings(rib_levels, {level for _, level in contacts}, centres)
+    above_sacrum = None
     if sacrum and any(level.startswith("L") for level in centres):
         checked.append("sacrum")
-        finding = _sacrum_finding(labels, boxes, ijk_to_ras, centres)
-        if finding:
-            findings.append(finding)
+        nearest = _next_to_sacrum(labels, boxes, ijk_to_ras, centres)
+        lumbar = {level: c for level, c in centres.items() if level != "S1"}
+        above_sacrum = nearest if nearest != "S1" else _next_to_sacrum(labels, boxes, ijk_to_ras, lumbar)
+        if nearest not in ("L5", "S1"):
+            findings.append(f"the vertebra next to the sacrum is labelled {nearest}, not L5: a lumbosacral transition "
+                            "(four or six lumbar-type vertebrae) or labels shifted.")
     else:
         not_checked["sacrum"] = "no sacrum or no lumbar vertebra in the segmentation"
-    return LevelCheck(tuple(checked), not_checked, tuple(findings), rib_levels, transitional)
+    return LevelCheck(tuple(checked), not_checked, tuple(findings), rib_levels, transitional,
+                      shift=_agreed_shift(rib_levels, above_sacrum))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import levels as lv
+from ..measure.level_check import shifted_labels
 
 _ORDER = [lv.TOTAL_VERTEBRA_IDS[name] for name in lv.LEVELS]  # C1 … S1, cranial first
 
@@ -26,16 +27,8 @@ def _relabelled(total: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
 def shift_levels(total: np.ndarray, by: int) -> np.ndarray:
     """Every vertebra label moved ``by`` levels, caudally for ``by`` > 0 (``by=1``: L1 → L2,
     T12 → L1, L5 → S1), cranially for ``by`` < 0. A vertebra whose label would leave C1 … S1 is a
-    ``ValueError``."""
-    present = set(np.unique(total).tolist())
-    mapping = {}
-    for index, label in enumerate(_ORDER):
-        if label not in present:
-            continue
-        if not 0 <= index + by < len(_ORDER):
-            raise ValueError(f"{lv.LEVELS[index]} moved by {by} levels is past C1 or S1")
-        mapping[label] = _ORDER[index + by]
-    return _relabelled(total, mapping)
+    ``ValueError``. (The screening's own relabelling, the same rule.)"""
+    return shifted_labels(np.asarray(total), by)
 
 
 def swap_levels(total: np.ndarray, a: str, b: str) -> np.ndarray:

@@ -252,6 +252,10 @@ EXAM_FIELDS: tuple[Quantity, ...] = (
     _q("level_check.disagreements", "Level disagreements", "", "one sentence per finding", "list"),
     _q("level_check.rib_levels", "Rib levels", "", "rib number → the level its medial end touches most", "object"),
     _q("level_check.transitional", "Transitional vertebrae", "", "VerSe's L6 or T13 labels present", "list"),
+    _q("level_check.shift", "Agreed level shift", "", "levels to add to every vertebra label (caudal positive) on which"
+       " ribs and sacrum agree; 0: none", "integer"),
+    _q("level_check.relabelled_by", "Levels relabelled by", "", "the shift applied before measuring (relabel_levels,"
+       " --relabel-levels); 0: labels as given", "integer"),
     _hu("contrast.aorta_hu", "Aorta HU", "mean HU of the aorta's central lumen", MEAN),
     _q("contrast.aorta_voxels", "Aorta voxels", "{voxels}", "voxels behind aorta_hu", "integer"),
     _q("contrast.contrast_enhanced", "Contrast-enhanced", "", "aorta_hu above threshold_hu", "boolean"),

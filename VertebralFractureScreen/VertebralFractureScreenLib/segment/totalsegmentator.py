@@ -86,7 +86,13 @@ SCREENING_CLASSES: tuple[str, ...] = (
 """TotalSegmentator ``total`` classes that screening needs (the default ``roi_subset``). The vena cava
 and portal vein (for the contrast phase) come from the aorta's model part at no extra cost; the
 kidneys and ribs would each add a model part at ``normal`` quality and are left out: the phase and
-the level check use them when a given segmentation holds them."""
+the level check use them when a given segmentation holds them, and screening asks for the ribs
+with ``segment_ribs`` (:data:`RIB_CLASSES`)."""
+
+RIB_CLASSES: tuple[str, ...] = tuple(levels.TOTAL_CLASS_NAMES[label] for label in sorted(levels.TOTAL_RIB_IDS.values()))
+"""The 24 rib classes, for the level check's rib evidence (``segment_ribs``): at ``normal``
+quality they add TotalSegmentator's ribs model part, and with either quality the crop around the
+requested classes grows to the rib cage."""
 
 QUALITIES: tuple[str, ...] = ("fast", "normal")
 """``fast``: TotalSegmentator's 3 mm model; ``normal``: its 1.5 mm models (slower, finer)."""
