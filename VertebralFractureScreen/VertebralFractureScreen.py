@@ -399,6 +399,8 @@ class VertebralFractureScreenWidget(ScriptedLoadableModuleWidget, VTKObservation
             written = self.logic.export(self._result, self._made, folder, qc=qc)
             note = "" if "qc.png" in written else _(" (no qc.png: it needs matplotlib and the measurements of "
                                                      "this session; press Apply to make it)")
+            if self._result is not None:
+                note += self.logic.exportToDicomDatabase(self._result, self._parameterNode.inputVolume, folder)
             self.ui.progressLabel.text = _("Results written to {folder}").format(folder=folder) + note
 
     def ensureQcRequirements(self):
@@ -568,6 +570,27 @@ class VertebralFractureScreenLogic(ScriptedLoadableModuleLogic):
         if result is None:
             return slicer_results.restore_result(made).write(folder, qc=False)
         return result.write(folder, qc=qc)
+
+    @staticmethod
+    def exportToDicomDatabase(result, volumeNode, folder):
+        """When the CT came from Slicer's DICOM database: its SEG, SR, QC capture and KOS written
+        into ``folder/dicom`` against the CT's own files and imported into the database, where
+        QuantitativeReporting shows them. Returns a note for the panel ("" when not from DICOM)."""
+        from VertebralFractureScreenLib import slicer_dicom
+        from VertebralFractureScreenLib.errors import DependencyError
+
+        database = getattr(slicer, "dicomDatabase", None)
+        if volumeNode is None or database is None or not database.isOpen:
+            return ""
+        from DICOMLib import DICOMUtils
+
+        try:
+            written = slicer_dicom.export_to_dicom_database(
+                result, volumeNode, folder, database.fileForInstance,
+                lambda path: DICOMUtils.importDicom(path, database))
+        except DependencyError as error:  # highdicom/pydicom missing from Slicer's Python
+            return _("; DICOM results not written: {error}").format(error=error)
+        return _("; DICOM SEG, SR, QC capture and KOS added to the DICOM database") if written else ""
 
     @staticmethod
     def jumpToVertebra(made, level):
