@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -104,13 +105,20 @@ class OrthancServer:
     folder: Path
     process: subprocess.Popen
     authenticated: bool
+    certificate: Path | None = None
+    """The self-signed certificate (PEM) of the https proxy in front of the server, when started."""
+    proxy: object | None = None
 
     @property
     def url(self) -> str:
+        """Orthanc's own REST API (plain http, for the tests' set-up)."""
         return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def dicomweb_url(self) -> str:
+        """The DICOMweb root: through the https proxy when there is one."""
+        if self.proxy is not None:
+            return f"https://127.0.0.1:{self.proxy.server_address[1]}/dicom-web"
         return f"{self.url}/dicom-web"
 
     def rest(self, path: str, method: str = "GET", data: bytes | None = None):
@@ -145,6 +153,9 @@ class OrthancServer:
             flag.unlink()
 
     def stop(self) -> None:
+        if self.proxy is not None:
+            self.proxy.shutdown()
+            self.proxy.server_close()
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -152,6 +163,59 @@ class OrthancServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """``(certificate, key)``: a self-signed certificate for 127.0.0.1, made with openssl; it is its
+    own authority (the CA bundle a client needs)."""
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def https_proxy(target: str, certificate: Path, key: Path):
+    """A TLS-terminating reverse proxy on 127.0.0.1 (a free port) in front of ``target``
+    (``http://host:port``), serving in a daemon thread: what a hospital puts in front of a PACS.
+    (Debian's Orthanc 1.10 resets https connections after the handshake with OpenSSL 3, so its own
+    ``SslEnabled`` cannot serve here.)"""
+    import http.server
+    import threading
+
+    class Forward(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _forward(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
+            request = urllib.request.Request(target + self.path, data=body, method=self.command)
+            for name, value in self.headers.items():
+                if name.lower() not in ("host", "content-length", "connection", "accept-encoding"):
+                    request.add_header(name, value)
+            try:
+                answer = urllib.request.urlopen(request, timeout=60)
+            except urllib.error.HTTPError as error:
+                answer = error
+            data = answer.read()
+            self.send_response(answer.status if hasattr(answer, "status") else answer.code)
+            for name, value in answer.headers.items():
+                if name.lower() not in ("content-length", "connection", "transfer-encoding"):
+                    self.send_header(name, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = do_PUT = do_DELETE = _forward
+
+        def log_message(self, *args):  # quiet
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(certificate), str(key))
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
 
 
 def configuration(folder: Path, http_port: int, dicom_port: int, client_port: int, authenticated: bool) -> dict:
@@ -179,9 +243,10 @@ def configuration(folder: Path, http_port: int, dicom_port: int, client_port: in
 
 
 def start_orthanc(folder=None, authenticated: bool = False, client_port: int | None = None,
-                  timeout: float = 60.0) -> OrthancServer:
+                  timeout: float = 60.0, tls: bool = False) -> OrthancServer:
     """Start Orthanc in ``folder`` (a new temporary folder when None) and wait until its REST API
-    answers; raises RuntimeError with the end of its log when it does not start."""
+    answers; raises RuntimeError with the end of its log when it does not start. ``tls``: DICOMweb
+    through an https proxy with a self-signed certificate (:func:`https_proxy`)."""
     folder = Path(folder or tempfile.mkdtemp(prefix="vfscreen-orthanc-"))
     (folder / "storage").mkdir(parents=True, exist_ok=True)
     (folder / "filter.lua").write_text(lua_filter(folder))
@@ -200,6 +265,9 @@ def start_orthanc(folder=None, authenticated: bool = False, client_port: int | N
             break
         try:
             server.rest("/system")
+            if tls:
+                server.certificate, key = self_signed_certificate(folder)
+                server.proxy = https_proxy(server.url, server.certificate, key)
             return server
         except (urllib.error.URLError, ConnectionError, OSError):
             time.sleep(0.2)

@@ -373,3 +373,36 @@ def test_watch_screens_each_study_once_across_sigkill(pacs, example_data, tmp_pa
             assert len(instances(pacs, study, modality)) == 1, (study, modality)
         local = pydicom.dcmread(str(out / study / "dicom" / "sr.dcm")).SOPInstanceUID
         assert read_back(pacs, study, "SR").SOPInstanceUID == local
+
+
+# ------------------------------------------------------------------------------------------------
+# TLS: DICOMweb over https, verified against the CA bundle given
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_orthanc(tmp_path_factory):
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: no certificate for the TLS server")
+    server = start_orthanc(tmp_path_factory.mktemp("orthanc-tls"), authenticated=True, tls=True)
+    yield server
+    server.stop()
+
+
+def test_dicomweb_over_https_trusts_only_the_ca_bundle_given(tls_orthanc, example_data, tmp_path, capsys,
+                                                            environment):
+    """An https PACS whose certificate the system does not know: with ``--ca-bundle`` (its
+    authority) the query answers; without it, one sentence naming the option, nothing else."""
+    tls_orthanc.clear()
+    study, files = copy_study(example_data, tmp_path / "ct", patient="TLS1")
+    tls_orthanc.upload(files)
+    url = tls_orthanc.dicomweb_url
+    assert url.startswith("https://")
+    status, text, err = vfscreen(capsys, "pacs", "query", "--url", url, "--ca-bundle", tls_orthanc.certificate,
+                                 "--accession", "ATLS1")
+    assert status == 0 and text.startswith(study), err
+    status, _, err = vfscreen(capsys, "pacs", "query", "--url", url, "--accession", "ATLS1")
+    assert status != 0
+    assert "is not trusted" in one_sentence(err) and "ca_bundle" in err

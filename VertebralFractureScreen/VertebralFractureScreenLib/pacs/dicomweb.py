@@ -37,6 +37,9 @@ class DicomwebConnection(PacsConnection):
         if config.username is not None:
             session.auth = (config.username, config.password)
         session.verify = str(Path(config.ca_bundle).expanduser()) if config.ca_bundle else True
+        if config.ca_bundle:  # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override a session's own
+            session.trust_env = False  # bundle: the configured one must win; proxies still come from the environment
+            session.proxies.update(requests.utils.get_environ_proxies(config.url))
         if config.client_cert:
             session.cert = (config.client_cert, config.client_key) if config.client_key else config.client_cert
         options = {"session": session}
