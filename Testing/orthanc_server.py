@@ -106,7 +106,7 @@ class OrthancServer:
     process: subprocess.Popen
     authenticated: bool
     certificate: Path | None = None
-    """The self-signed certificate (PEM) of the https proxy in front of the server, when started."""
+    """The self-signed certificate (PEM) of its DICOM TLS and of the https proxy in front of it."""
     proxy: object | None = None
 
     @property
@@ -245,14 +245,21 @@ def configuration(folder: Path, http_port: int, dicom_port: int, client_port: in
 def start_orthanc(folder=None, authenticated: bool = False, client_port: int | None = None,
                   timeout: float = 60.0, tls: bool = False) -> OrthancServer:
     """Start Orthanc in ``folder`` (a new temporary folder when None) and wait until its REST API
-    answers; raises RuntimeError with the end of its log when it does not start. ``tls``: DICOMweb
-    through an https proxy with a self-signed certificate (:func:`https_proxy`)."""
+    answers; raises RuntimeError with the end of its log when it does not start. ``tls``: a
+    self-signed certificate (:func:`self_signed_certificate`) for DIMSE over TLS (Orthanc's
+    ``DicomTls*`` options; every association on its DICOM port then uses TLS) and for DICOMweb
+    through an https proxy (:func:`https_proxy`)."""
     folder = Path(folder or tempfile.mkdtemp(prefix="vfscreen-orthanc-"))
     (folder / "storage").mkdir(parents=True, exist_ok=True)
     (folder / "filter.lua").write_text(lua_filter(folder))
     (folder / REJECT_FLAG).write_text("")
     http_port, dicom_port = free_port(), free_port()
     config = configuration(folder, http_port, dicom_port, client_port or free_port(), authenticated)
+    certificate = key = None
+    if tls:
+        certificate, key = self_signed_certificate(folder)
+        config.update(DicomTlsEnabled=True, DicomTlsCertificate=str(certificate), DicomTlsPrivateKey=str(key),
+                      DicomTlsTrustedCertificates=str(certificate), DicomTlsRemoteCertificateRequired=False)
     (folder / "orthanc.json").write_text(json.dumps(config, indent=1))
     log = open(folder / "orthanc.log", "wb")
     process = subprocess.Popen([orthanc_binary(), str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT,
@@ -266,8 +273,7 @@ def start_orthanc(folder=None, authenticated: bool = False, client_port: int | N
         try:
             server.rest("/system")
             if tls:
-                server.certificate, key = self_signed_certificate(folder)
-                server.proxy = https_proxy(server.url, server.certificate, key)
+                server.certificate, server.proxy = certificate, https_proxy(server.url, certificate, key)
             return server
         except (urllib.error.URLError, ConnectionError, OSError):
             time.sleep(0.2)

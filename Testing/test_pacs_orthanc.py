@@ -376,7 +376,7 @@ def test_watch_screens_each_study_once_across_sigkill(pacs, example_data, tmp_pa
 
 
 # ------------------------------------------------------------------------------------------------
-# TLS: DICOMweb over https, verified against the CA bundle given
+# TLS: DICOMweb over https and DIMSE over TLS, verified against the CA bundle given
 # ------------------------------------------------------------------------------------------------
 
 
@@ -406,3 +406,20 @@ def test_dicomweb_over_https_trusts_only_the_ca_bundle_given(tls_orthanc, exampl
     status, _, err = vfscreen(capsys, "pacs", "query", "--url", url, "--accession", "ATLS1")
     assert status != 0
     assert "is not trusted" in one_sentence(err) and "ca_bundle" in err
+
+
+def test_dimse_over_tls_pulls_screens_and_pushes_and_trusts_only_the_ca_bundle(tls_orthanc, example_data, tmp_path,
+                                                                              capsys, environment, monkeypatch):
+    """``tls = true``: C-FIND, C-GET and C-STORE over TLS; the SR arrives. Without the CA bundle,
+    the TLS setup fails in one sentence and nothing is screened."""
+    tls_orthanc.clear()
+    study, files = copy_study(example_data, tmp_path / "ct", patient="TLS2")
+    tls_orthanc.upload(files)
+    segs = seg_folder(example_data, tmp_path / "segs", study)
+    monkeypatch.setenv("VFS_PACS_TLS", "true")
+    status, text, err = vfscreen(capsys, "pacs", "screen", *connection_args(tls_orthanc, "dimse"), "--ca-bundle",
+                                 tls_orthanc.certificate, "--study", study, "--seg-dir", segs, "--out", tmp_path / "out")
+    assert status == 0, err
+    assert len(instances(tls_orthanc, study, "SR")) == 1
+    status, _, err = vfscreen(capsys, "pacs", "query", *connection_args(tls_orthanc, "dimse"), "--study", study)
+    assert status != 0 and "over TLS" in one_sentence(err) and "certificate is not trusted" in err

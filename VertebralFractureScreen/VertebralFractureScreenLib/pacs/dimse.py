@@ -74,6 +74,9 @@ class DimseConnection(PacsConnection):
         if association.is_rejected:
             raise PacsError(f"cannot {what}: {self.describe()} rejected the association (is {self.config.called_aet} "
                             f"its AE title, and does it know this client's AE title {self.config.calling_aet}?).")
+        if self.config.tls:  # pynetdicom aborts quietly when the server's certificate fails verification
+            raise PacsError(f"cannot {what}: {self.describe()} does not answer over TLS (connection refused, or its "
+                            "certificate is not trusted: give its CA bundle as ca_bundle, VFS_PACS_CA_BUNDLE).")
         raise PacsError(f"cannot {what}: {self.describe()} does not answer (connection refused, timed out or "
                         "aborted).")
 
