@@ -209,6 +209,32 @@ def test_pull_screen_push_and_read_back(pacs, protocol, example_data, tmp_path, 
     assert PASSWORD not in everything
 
 
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)], ids=["in process", "dask"])
+def test_a_query_becomes_a_cohort_pulled_once(workers, pacs, example_data, tmp_path, capsys, environment):
+    """``pacs cohort``: the studies of a date range, each CT series pulled once into
+    OUT/pacs-series, screened by the cohort engine (one worker, or a local Dask cluster) into
+    features.csv; a second run pulls and screens nothing again, and nothing is pushed."""
+    studies = [copy_study(example_data, tmp_path / f"ct{n}", patient=f"COHORT{n}", study_date="20240301")
+               for n in (1, 2)]
+    for _, files in studies:
+        pacs.upload(files)
+    uids = sorted(uid for uid, _ in studies)
+    segs = seg_folder(example_data, tmp_path / "segs", *uids)
+    out = tmp_path / "cohort"
+    args = ("pacs", "cohort", *connection_args(pacs, "dicomweb"), "--date", "20240301", "--seg-dir", segs, "--out", out,
+            "--workers", workers, "--no-qc")
+    status, text, err = vfscreen(capsys, *args)
+    assert status == 0, err
+    rows = list(csv.DictReader((out / "features.csv").open()))
+    assert sorted(r["exam_id"] for r in rows) == uids
+    assert all((out / "pacs-series" / uid / ".retrieved.json").is_file() for uid in uids)
+    pulled = {uid: (out / "pacs-series" / uid / ".retrieved.json").stat().st_mtime_ns for uid in uids}
+    status, text, err = vfscreen(capsys, *args)
+    assert status == 0, err
+    assert {uid: (out / "pacs-series" / uid / ".retrieved.json").stat().st_mtime_ns for uid in uids} == pulled
+    assert all(not instances(pacs, uid, "SR") for uid in uids)  # a cohort pushes nothing
+
+
 def test_query_names_each_study_s_series(pacs, example_data, tmp_path, capsys, environment):
     study, files = copy_study(example_data, tmp_path / "ct", patient="QUERY1")
     pacs.upload(files)
