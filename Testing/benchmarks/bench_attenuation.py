@@ -385,17 +385,27 @@ def check_goals(results: list[dict], checks: dict[str, dict]):
          f"  ... no ROI voxel touches non-trabecular tissue (27 sub-voxel points): {touching}; closest voxel corner "
          f"to the true surface {closest:.2f} mm (>= 3 mm)")
 
-    def muscle_goal(key, bound, label, unit=""):
-        per_group = {g: _stats([m[key] for r in rs for m in r["muscles"]
-                                if m["complete"] and m["level"] != "lumbar"])[2] for g, rs in by_group.items()}
-        lumbar = {g: _stats([m[key] for r in rs for m in r["muscles"] if m["level"] == "lumbar"])[2]
-                  for g, rs in by_group.items()}
+    def muscle_goal(key, bound, label, unit="", goal=True):
+        """Issue 30's restatement: the per-level median and the L1-L5 totals at every spacing, the
+        per-level maximum at <= 1 mm; ``goal=False``: reported, no goal (the SPEC's threshold
+        quantities, reported as defined)."""
+        def errors(rs, lumbar):
+            return [abs(m[key]) for r in rs for m in r["muscles"]
+                    if (m["level"] == "lumbar") == lumbar and (lumbar or m["complete"])]
+        median = {g: float(np.median(errors(rs, False))) for g, rs in by_group.items()}
+        largest = {g: max(errors(rs, False)) for g, rs in by_group.items()}
+        lumbar = {g: max(errors(rs, True)) for g, rs in by_group.items()}
+        thin = {g: v for g, v in largest.items() if g.split()[0] == "1"}
         digits = 3 if bound < 1 else 2  # 2 HU and 3 % goals: 1.97 must not print as 2.0
-        line(all(v <= bound for v in per_group.values()),
-             f"{label} <= {bound:g}{unit}, every complete level row, all noises (max): "
-             + "; ".join(f"{g} {v:.{digits}f}" for g, v in per_group.items()))
-        line(all(v <= bound for v in lumbar.values()),
+        show = line if goal else (lambda ok, text: print(f"  [info] {text}"))
+        show(all(v <= bound for v in median.values()), f"{label} <= {bound:g}{unit}, per-level median, all noises: "
+             + "; ".join(f"{g} {v:.{digits}f}" for g, v in median.items()))
+        show(all(v <= bound for v in lumbar.values()),
              "  ... lumbar L1-L5 totals (max): " + "; ".join(f"{g} {v:.{digits}f}" for g, v in lumbar.items()))
+        show(all(v <= bound for v in thin.values()),
+             "  ... per-level max at <= 1 mm: " + "; ".join(f"{g} {v:.{digits}f}" for g, v in thin.items())
+             + " (thick slices, no goal: " + "; ".join(f"{g} {v:.{digits}f}" for g, v in largest.items()
+                                                      if g not in thin) + ")")
 
     muscle_goal("volume_pct", GOAL_VOLUME_PCT, "muscle volume error", " %")
     muscle_goal("lean_hu", GOAL_MUSCLE_HU, "muscle HU error, partial-volume-guarded lean_hu", " HU")
@@ -414,9 +424,9 @@ def check_goals(results: list[dict], checks: dict[str, dict]):
                          f"noise alone {floor['median']:.2f} ({floor['p5']:.2f}-{floor['p95']:.2f}) "
                          f"{floor['p_within']:.0%}")
         print(f"           {g:<14}" + "; ".join(cells))
-    muscle_goal("mean_hu", GOAL_MUSCLE_HU, "muscle HU error, SPEC mean_hu (threshold mean)", " HU")
     muscle_goal("fat", GOAL_FAT_FRACTION, "fat fraction error, unmixed fat_fraction")
-    muscle_goal("imat", GOAL_FAT_FRACTION, "fat fraction error, SPEC imat_fraction (threshold share)")
+    muscle_goal("mean_hu", GOAL_MUSCLE_HU, "muscle HU error, SPEC mean_hu (threshold mean)", " HU", goal=False)
+    muscle_goal("imat", GOAL_FAT_FRACTION, "fat fraction error, SPEC imat_fraction (threshold share)", goal=False)
     fov_missed = sum(1 for r in rows for m in r["muscles"] if m["fov_fraction"] < 0.999 and m["complete"])
     line(fov_missed == 0, f"muscle rows partly outside the field of view are flagged: {fov_missed} not flagged")
     contrast = [r for r in results if "contrast" in r["case"].name] + [r for r in rows]

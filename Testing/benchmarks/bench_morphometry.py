@@ -42,6 +42,8 @@ GROUPS = {(1.0, 1.0, 1.0): "1 mm", (0.7, 0.7, 3.0): "0.7x0.7x3", (3.0, 3.0, 3.0)
 GROUP_ORDER = ("1 mm", "0.7x0.7x3", "3 mm")
 HEIGHT_KEYS = ("ha", "hm", "hp")
 GOALS = {"median_abs_1mm": 0.3, "median_abs_3mm": 0.6, "exact_grade": 0.97, "rotation_mm": 0.5}
+THIN_GROUPS = ("1 mm",)
+"""Spacing groups of voxels up to 1 mm, where the rotation goal is the maximum (issue 30)."""
 
 # ------------------------------------------------------------------------------------------------
 # The phantom suite
@@ -524,15 +526,23 @@ def check_goals(rows: list[dict], have_grading: bool):
         print("  [skip] grading goals: grading not available")
     rot = rotation_stats(rows, "ours")
     floors = rotation_noise_floor(rows)
-    # The issue does not name a spacing for this goal: report it per spacing group.
+    # Issue 30 restated the rotation goal: max |difference| <= 0.5 mm at <= 1 mm voxels; at thick slices each
+    # pair's largest difference within the 95th percentile its reported SDs give, and the median <= 0.5 mm.
     for group in [g for g in GROUP_ORDER if g in rot] + sorted(set(rot) - set(GROUP_ORDER)):
         worst, median, n, unmeasured = rot[group]
-        line(math.isfinite(worst) and worst <= GOALS["rotation_mm"] and not unmeasured,
-             f"rotation 0° vs 20° at {group}: max |height difference| {worst:.3f} mm, median {median:.3f} mm "
-             f"over {n} vertebrae{f' ({unmeasured} unmeasured)' if unmeasured else ''} (goal ≤ 0.5 mm)")
-        for pair, floor in sorted(floors.items()):
-            if floor["group"] != group:
-                continue
+        mine = {pair: f for pair, f in sorted(floors.items()) if f["group"] == group}
+        if group in THIN_GROUPS:
+            line(math.isfinite(worst) and worst <= GOALS["rotation_mm"] and not unmeasured,
+                 f"rotation 0° vs 20° at {group}: max |height difference| {worst:.3f} mm, median {median:.3f} mm "
+                 f"over {n} vertebrae{f' ({unmeasured} unmeasured)' if unmeasured else ''} (goal ≤ 0.5 mm)")
+        else:
+            within = all(f["observed"] <= f["p95"] for f in mine.values())
+            line(within and math.isfinite(median) and median <= GOALS["rotation_mm"] and not unmeasured,
+                 f"rotation 0° vs 20° at {group}: each pair's max within the 95th percentile its SDs give ("
+                 + ", ".join(f"{f['observed']:.2f} vs {f['p95']:.2f} mm" for f in mine.values())
+                 + f"); median {median:.3f} mm over {n} vertebrae (goal ≤ 0.5 mm)"
+                 + (f"; {unmeasured} unmeasured" if unmeasured else ""))
+        for pair, floor in mine.items():
             without = f", {floor['without_sd']} without SD" if floor["without_sd"] else ""
             print(f"         {pair} {floor['case'].removesuffix('-r0'):<16} max {floor['observed']:.2f} mm; noise alone "
                   f"(reported SDs, {floor['heights']} heights{without}): {floor['median']:.2f} mm "
