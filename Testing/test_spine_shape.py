@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from VertebralFractureScreenLib.measure.morphometry import VertebraFrame, measure_heights
+from VertebralFractureScreenLib.measure import spine_shape
 from VertebralFractureScreenLib.measure.spine_shape import coronal_cobb, spine_curvature
 from VertebralFractureScreenLib.phantom.render import Fracture, PhantomSpec, make_phantom
 
@@ -84,3 +85,46 @@ def test_the_largest_of_two_curves_is_reported_and_noise_does_not_split_a_curve(
     tilts = [12.0, 8.0, 9.0, -5.0, -20.0, -15.0, -8.0, -2.0, -3.0]
     assert coronal_cobb(levels, tilts) == (32.0, ("L0", "L4"))
     assert coronal_cobb(levels[:2], tilts[:2])[1] is None
+
+
+def _frame(lateral_deg: float) -> VertebraFrame:
+    """A vertebra frame tilted laterally by ``lateral_deg`` (about the antero-posterior axis)."""
+    a = math.radians(lateral_deg)
+    lr = np.array([math.cos(a), 0.0, math.sin(a)])
+    cc = np.array([-math.sin(a), 0.0, math.cos(a)])
+    return VertebraFrame(np.zeros(3), lr, np.cross(cc, lr), cc)
+
+
+@pytest.mark.parametrize("lateral, slices, flagged", [
+    (10.0, 3.0, True), (7.0, 2.0, True), (6.0, 3.0, False), (20.0, 1.0, False), (0.0, 3.0, False)])
+def test_a_lateral_tilt_against_thick_slices_is_flagged(lateral, slices, flagged):
+    """The angle between the vertebra's left-right axis and the slice plane; a sagittal tilt
+    (about that axis) is no lateral tilt; thin slices flag nothing."""
+    grid = np.diag([0.7, 0.7, slices, 1.0])
+    assert spine_shape.lateral_tilt_deg(_frame(lateral), grid) == pytest.approx(lateral)
+    vertebra = SimpleNamespace(level="L1", frame=_frame(lateral), flags=["existing"])
+    assert spine_shape.flag_lateral_tilt([vertebra], grid) == (["L1"] if flagged else [])
+    assert vertebra.flags == (["existing", "lateral_tilt"] if flagged else ["existing"])
+    sagittal = SimpleNamespace(level="L5", flags=[], frame=VertebraFrame(
+        np.zeros(3), np.array([1.0, 0.0, 0.0]), np.array([0.0, math.cos(0.4), -math.sin(0.4)]),
+        np.array([0.0, math.sin(0.4), math.cos(0.4)])))
+    assert spine_shape.flag_lateral_tilt([sagittal], grid) == []
+
+
+def test_the_flag_follows_the_drawn_tilt_of_a_scoliotic_spine_at_thick_slices():
+    """Truth: each drawn vertebra's own left-right axis against the slices; the measured frames
+    flag the vertebrae drawn at least a degree beyond the threshold and none drawn a degree below."""
+    phantom = make_phantom(PhantomSpec(levels=("T11", "T12", "L1", "L2", "L3", "L4"), spacing=(1.5, 1.5, 3.0),
+                                       supersampling=1, scoliosis_deg=30.0))
+    heights = measure_heights(phantom.total, phantom.ijk_to_ras)
+    flagged = set(spine_shape.flag_lateral_tilt(heights, phantom.ijk_to_ras))
+    drawn = {v["level"]: spine_shape.lateral_tilt_deg(SimpleNamespace(lr=np.asarray(v["axes_ras"]["lr"])),
+                                                      phantom.ijk_to_ras) for v in phantom.truth["vertebrae"]}
+    assert any(t >= spine_shape.LATERAL_TILT_DEG + 1 for t in drawn.values())
+    assert any(t < spine_shape.LATERAL_TILT_DEG - 1 for t in drawn.values())
+    for level, tilt in drawn.items():
+        if tilt >= spine_shape.LATERAL_TILT_DEG + 1.0:
+            assert level in flagged, (level, tilt)
+        elif tilt < spine_shape.LATERAL_TILT_DEG - 1.0:
+            assert level not in flagged, (level, tilt)
+    assert all("lateral_tilt" in h.flags for h in heights if h.level in flagged)

@@ -38,7 +38,7 @@ from ..measure.contrast import ContrastResult, measure_contrast
 from ..measure.lesions import find_lesions
 from ..measure.level_check import check_levels, shifted_labels
 from ..measure.phase import estimate_phase, no_phase
-from ..measure.spine_shape import spine_curvature
+from ..measure.spine_shape import flag_lateral_tilt, spine_curvature
 from ..errors import InputError
 from ..io.exam_inputs import ExamInputs, load_exam, read_ct_checked
 from ..model.features import exam_features
@@ -409,6 +409,7 @@ def _vertebrae(inputs: ExamInputs, convention: str, levels) -> tuple[list, list,
     labels, ijk_to_ras = inputs.labels.array, inputs.ct.ijk_to_ras
     all_heights = measure_heights(labels, ijk_to_ras, convention=convention, body_labels=inputs.body_labels,
                                   ct=inputs.ct.array, label_boxes=inputs.label_boxes, label_grid=inputs.label_grid)
+    flag_lateral_tilt(all_heights, ijk_to_ras)  # before grading: the flag lowers the confidence
     off_bone = [h.level for h in all_heights if "mask_off_bone" in h.flags]
     if all_heights and 2 * len(off_bone) >= len(all_heights):
         raise InputError(f"the segmentation does not lie on the CT's bone ({len(off_bone)} of {len(all_heights)} "

@@ -155,3 +155,51 @@ def spine_curvature(vertebrae: Sequence) -> SpineCurvature:
 
 def _rounded(value: float) -> float:
     return round(float(value), 1) if math.isfinite(value) else NAN
+
+
+# ------------------------------------------------------------------------------------------------
+# Heights the lateral tilt makes imprecise
+# ------------------------------------------------------------------------------------------------
+
+LATERAL_TILT_FLAG = "lateral_tilt"
+
+LATERAL_TILT_DEG = 7.0
+"""A vertebra tilted laterally against the slices by at least this (degrees) is flagged
+:data:`LATERAL_TILT_FLAG` when the slices are thick (:data:`THICK_SLICE_MM`). Measured on the
+independent images (docs/validation.md, "Lateral tilt at thick slices")."""
+
+THICK_SLICE_MM = 1.5
+"""Slices at least this far apart (mm, along the slice normal) are thick: at 1 mm the heights do
+not depend on the tilt; at 3 mm a lateral tilt of 10° or more puts Hm 1–2.5 mm long."""
+
+
+def lateral_tilt_deg(frame, ijk_to_ras: np.ndarray) -> float:
+    """The angle (degrees) between a vertebra's left-right axis and the scan's slice plane: its
+    lateral (coronal) tilt against the slices. A sagittal tilt (lordosis) turns the vertebra about
+    that axis and leaves it in the slice plane; a lateral tilt lifts one side of each endplate
+    through the slices."""
+    normal = np.cross(np.asarray(ijk_to_ras, float)[:3, 0], np.asarray(ijk_to_ras, float)[:3, 1])
+    normal = _unit(normal)
+    return float(np.degrees(np.arcsin(min(1.0, abs(float(np.asarray(frame.lr, float) @ normal))))))
+
+
+def slice_spacing_mm(ijk_to_ras: np.ndarray) -> float:
+    """The distance (mm) between neighbouring slices along the slice normal."""
+    m = np.asarray(ijk_to_ras, float)[:3, :3]
+    normal = _unit(np.cross(m[:, 0], m[:, 1]))
+    return abs(float(m[:, 2] @ normal))
+
+
+def flag_lateral_tilt(vertebrae: Sequence, ijk_to_ras: np.ndarray) -> list[str]:
+    """Append :data:`LATERAL_TILT_FLAG` to the ``flags`` of every measured vertebra (records with
+    ``frame`` and ``flags``, the morphometry's) tilted laterally against thick slices by at least
+    :data:`LATERAL_TILT_DEG`; returns their levels. Nothing is flagged at thin slices."""
+    if slice_spacing_mm(ijk_to_ras) < THICK_SLICE_MM:
+        return []
+    flagged = []
+    for v in vertebrae:
+        if v.frame is not None and lateral_tilt_deg(v.frame, ijk_to_ras) >= LATERAL_TILT_DEG:
+            if LATERAL_TILT_FLAG not in v.flags:
+                v.flags.append("lateral_tilt")  # LATERAL_TILT_FLAG, spelt out for the flag registry's check
+            flagged.append(v.level)
+    return flagged

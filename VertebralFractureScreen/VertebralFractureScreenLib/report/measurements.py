@@ -361,6 +361,8 @@ FLAGS: dict[str, str] = {
     "endplates_cross": "the fitted endplates cross: heights from the mask",
     "endplate_from_mask": "an endplate could not be placed on the CT: the mask's is used",
     "imprecise_heights": "a height's SD from the CT's noise is above 0.5 mm",
+    "lateral_tilt": "tilted laterally against thick slices (≥ 7° at slices ≥ 1.5 mm apart): heights may err by"
+                    " 1–2.5 mm, more than their SDs say",
     "heights_not_measurable": "a height could not be measured: not graded",
     "implausible_height": "a height outside the plausible range for a vertebral body: not graded",
     "implausible_depth": "a body depth outside the plausible range: not graded",
