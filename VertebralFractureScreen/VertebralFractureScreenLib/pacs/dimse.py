@@ -129,7 +129,12 @@ class DimseConnection(PacsConnection):
 
         def on_store(event):
             received.append(folder / f"{len(received) + 1:06d}.dcm")
-            received[-1].write_bytes(event.encoded_dataset())
+            if hasattr(event, "encoded_dataset"):  # pynetdicom >= 2.1: the bytes as sent
+                received[-1].write_bytes(event.encoded_dataset())
+            else:  # pynetdicom 2.0 (the newest for Python 3.9): the decoded dataset, in its transfer syntax
+                dataset = event.dataset
+                dataset.file_meta = event.file_meta
+                dataset.save_as(str(received[-1]), write_like_original=False)
             return SUCCESS
 
         roles = [self._net.build_role(sop_class, scp_role=True) for sop_class in RETRIEVED_CLASSES]
