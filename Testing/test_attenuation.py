@@ -137,7 +137,13 @@ def test_focal_lesions_are_left_out_of_the_roi(rotated):
     for level, value in (("L2", 1000), ("T12", -50)):
         slices, mask, _ = tr.trabecular_roi_mask(next(h for h in rotated.heights if h.level == level), p.total,
                                                  p.ijk_to_ras, body_labels=p.vertebrae_body)
-        k, j, i = np.argwhere(mask)[len(np.argwhere(mask)) // 2] + [s.start for s in slices]
+        # The middle one of the ROI's voxels whose 2x2x2 cube (towards lower indices) lies in the ROI:
+        # the lesion must be inside the ROI whatever its shape (the middle voxel alone had a cube
+        # half outside once the ROI lost 2 of its 196 voxels to a 0.05 mm change of T12's heights).
+        whole = mask[1:, 1:, 1:] & mask[:-1, 1:, 1:] & mask[1:, :-1, 1:] & mask[1:, 1:, :-1] \
+            & mask[:-1, :-1, 1:] & mask[:-1, 1:, :-1] & mask[1:, :-1, :-1] & mask[:-1, :-1, :-1]
+        inside = np.argwhere(whole) + 1
+        k, j, i = inside[len(inside) // 2] + [s.start for s in slices]
         ct[k - 1:k + 1, j - 1:j + 1, i - 1:i + 1] = value  # 2x2x2 voxels, 5 mm across
     lesioned = {r.level: r for r in at.measure_trabecular(ct, p.total, p.ijk_to_ras, rotated.heights,
                                                            body_labels=p.vertebrae_body, grades=rotated.grades)}
@@ -259,8 +265,12 @@ def test_bone_summary_without_grades_uses_l1_and_warns(rotated):
 
 def test_roi_mean_carries_its_standard_error(rotated):
     """The phantom's trabecular bone is uniform, so with Gaussian noise of 20 HU added the ROI mean's
-    true standard error is 20 / sqrt(voxels); the reported one (ROI SD / sqrt(voxels)) must match it
-    and the spread of the means over noise draws (same ROIs: the heights of the noise-free exam)."""
+    true standard error is 20 / sqrt(voxels); the reported one must match it and the spread of the
+    means over noise draws (same ROIs: the heights of the noise-free exam). The reported SE is
+    measured on the noise of block means in the soft tissue around the body (issue 30), not on the
+    ROI's SD: the partial-volume edges of the phantom's soft tissue make it 10–15 % larger here
+    (block variance x voxels 500–520 HU² against 400 with this white noise; 396 on pure noise), so
+    it must lie within 20 % of the true SE and never below it by more than 5 %."""
     p = rotated.phantom
     noise_free = {r.level: r for r in rotated.rois()}
     assert all(r.mean_hu_se == pytest.approx(0.0, abs=1e-9) for r in noise_free.values())  # uniform bone
@@ -275,7 +285,7 @@ def test_roi_mean_carries_its_standard_error(rotated):
             ses[r.level].append(r.mean_hu_se)
     for level, roi in noise_free.items():
         true_se = 20.0 / np.sqrt(roi.voxels)
-        assert np.median(ses[level]) == pytest.approx(true_se, rel=0.05)
+        assert 0.95 * true_se <= np.median(ses[level]) <= 1.2 * true_se
         assert np.std(means[level], ddof=1) == pytest.approx(true_se, rel=0.35)  # 40 draws: ±11 % (1 SD)
 
 

@@ -100,16 +100,20 @@ def test_screen_writes_the_spec_files(screened, truth):
     assert any("L1" in w for w in exam["warnings"])
     assert exam["software"]["version"] and exam["timings_s"]["total"] > 0
     assert exam["model"]["probability"] is None
-    # each height's SD from the noise: known for every CT-fitted height, below the
-    # ``imprecise_heights`` threshold (0.5 mm) on this 2 mm phantom
+    # each height's SD: known for every CT-fitted height. Since issue 30 it is at least the
+    # model's own error (body.ENDPLATE_MODEL_SD_MM and _VOXELS, measured on independently rendered
+    # images: 0.54–0.64 mm a height at these 2 mm voxels), where it was the noise's alone (below
+    # 0.5 mm here); the noise's part stays below the ``imprecise_heights`` threshold (no flag)
     for row in rows:
         sd = exam["height_sd_mm"][row["level"]]
         for key in ("ha", "hm", "hp"):
-            assert 0.0 < sd[key] < 0.5, (row["level"], key, sd)
-    # ... and each grade's height loss its SD from those: small here, no grade left open
+            assert 0.5 < sd[key] < 1.0, (row["level"], key, sd)
+        assert "imprecise_heights" not in row["flags"], row["level"]
+    # ... and each grade's height loss its SD from those (about 3 points here, 2 % before the model's
+    # term); only the fractures' grades (losses of 35 and 45 %, within two SDs of 40 %) may be open
     assert set(exam["height_loss_sd"]) == {row["level"] for row in rows}
-    assert all(0.0 < sd < 0.02 for sd in exam["height_loss_sd"].values()), exam["height_loss_sd"]
-    assert exam["fracture"]["uncertain_grade_levels"] == []
+    assert all(0.0 < sd < 0.05 for sd in exam["height_loss_sd"].values()), exam["height_loss_sd"]
+    assert set(exam["fracture"]["uncertain_grade_levels"]) <= {"L1", "L3"}
     assert (screened / "qc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -36,6 +36,14 @@ deepest point, wherever it lies, rather than the fixed middle position)."""
 CENTRAL_BAND = 0.15
 """Half-width of the band of lines across the body's left-right width, as a fraction of it."""
 
+LATERAL_DISH_MM = 4.0
+"""Deepest lateral dish (mm) an endplate fit may follow across the body's width, as a parabola
+over the width ``W`` (curvature ``4·LATERAL_DISH_MM / W²``): the band's endplate is moved to the
+mid-sagittal plane by the curvature fitted across the band (SPEC §4 measures the heights in that
+plane), at most 3 % of this depth (0.12 mm), because the band spans the central 30 % of the
+width. Normal endplates are concave by up to a few millimetres; the bound keeps a Schmorl's node
+beside the plane from moving it further."""
+
 THICK_VOXEL_MM = 2.0
 """Voxels spanning more than this along a vertebra's cranio-caudal axis (mm) are thick: there a
 bent endplate's heights are not refined locally (the few voxels near one position add more noise
@@ -49,8 +57,27 @@ plane's."""
 
 IMPRECISE_HEIGHT_SD_MM = 0.5
 """A vertebra whose endplates were fitted on the CT is flagged ``imprecise_heights`` when a
-height's standard deviation from the noise (:attr:`VertebraHeights.ha_sd_mm` …) exceeds this
-(mm): two of them, 1 mm, are 4 % of a 25 mm body, more than the grading's borderline margin."""
+height's standard deviation from the noise (the noise's part of :attr:`VertebraHeights.ha_sd_mm` …)
+exceeds this (mm): two of them, 1 mm, are 4 % of a 25 mm body, more than the grading's borderline
+margin. The model's term (:data:`ENDPLATE_MODEL_SD_MM`) is left out: it is the same for every
+vertebra of an exam and says nothing about this one."""
+
+ENDPLATE_MODEL_SD_MM = 0.13
+ENDPLATE_MODEL_SD_VOXELS = 0.18
+"""The model's own error of one CT-fitted endplate: an SD of ``ENDPLATE_MODEL_SD_MM`` (mm) and
+``ENDPLATE_MODEL_SD_VOXELS`` of the voxel's extent along the vertebra's axis in quadrature
+(:meth:`BodyMeasurement.model_sd`). A height's reported SD (:attr:`VertebraHeights.ha_sd_mm`, so
+``grade_uncertain`` follows) is the larger of its SD from the noise and the two endplates' model
+SDs in quadrature. The first term is the cortical plate's unknown thickness (0.5–1.5 mm against
+the model's 1 mm; the images do not tell it from the scanner's blur, ``docs/validation.md``), of
+which half moves the surface; the second the partial-volume model's misfit across a voxel (a
+dished, rimmed endplate drawn through a thick slice). The larger, not the sum in quadrature:
+where the noise's SD is large (3 mm slices) it is the residual's likelihood spread, whose
+residual variance already holds the misfit, and the sum over-covered (98 % within two SDs). Both
+constants were measured on the independently rendered spines of ``bench_independent.py``
+(issue 30), per spacing group, as what puts about 95 % of the height errors within two SDs (1 mm
+voxels: a quadrature floor of 0.31 mm per height; 3 mm along the axis: 0.76–0.87 mm); never on
+the phantom suite, whose images are the fit's own model."""
 
 REFIT_REACH_MM = 1.0
 """When the plate's HU is fitted again on fitted endplates, each may shift, and tilt its end
@@ -84,12 +111,12 @@ class VertebraHeights:
     ha_sd_mm: float = float("nan")
     hm_sd_mm: float = float("nan")
     hp_sd_mm: float = float("nan")
-    """Standard deviations (mm) of the heights from the CT's noise, from the two endplate fits
-    (their least-squares covariance, at thick slices at least their residual's likelihood spread;
-    each fit combined with the mask's endplate, :data:`.endplate_fit.MASK_ENDPLATE_SD_VOXELS`; NaN where an
-    endplate comes from the mask alone). They leave out the model's own errors and assume
-    uncorrelated voxel noise: a reconstruction kernel that correlates neighbouring voxels makes
-    the true spread larger."""
+    """Standard deviations (mm) of the heights: the larger of the SD from the CT's noise (the two
+    endplate fits' least-squares covariance, at thick slices at least their residual's likelihood
+    spread; each fit combined with the mask's endplate, :data:`.endplate_fit.MASK_ENDPLATE_SD_VOXELS`)
+    and the SD from the model's own errors (:data:`ENDPLATE_MODEL_SD_MM`,
+    :data:`ENDPLATE_MODEL_SD_VOXELS`, measured on independently rendered images); NaN where an
+    endplate comes from the mask alone."""
     height_profile_mm: tuple[float, ...] = ()
     """Height (mm) at each of :data:`PROFILE_FRACTIONS` of the depth, from the endplate profiles
     (natural splines through their five knots); empty when the endplates were not found."""
@@ -246,6 +273,7 @@ class BodyMeasurement:
     def finish(self) -> VertebraHeights:
         """Heights Ha, Hm, Hp and their lines from the endplates found."""
         result, frame = self.result, self.frame
+        noise_sd = {}
         for (key, v_f), (top, bottom), (sd_top, sd_bottom) in zip(zip(AP_FRACTIONS, self.knots_v), self.edges,
                                                                    self.edge_sd):
             if not np.isfinite(top - bottom):
@@ -257,19 +285,28 @@ class BodyMeasurement:
                     result.flags.append("endplates_cross")
                 continue
             setattr(result, f"{key}_mm", float(top - bottom))
-            setattr(result, f"{key}_sd_mm", float(np.hypot(sd_top, sd_bottom)))
+            noise_sd[key] = float(np.hypot(sd_top, sd_bottom))
+            setattr(result, f"{key}_sd_mm", float(np.fmax(noise_sd[key], np.sqrt(2.0) * self.model_sd()))
+                    if np.isfinite(noise_sd[key]) else float("nan"))
             result.height_lines_ras[key] = (frame.to_ras(np.array([[self.u_mid, v_f, top]]))[0],
                                            frame.to_ras(np.array([[self.u_mid, v_f, bottom]]))[0])
         fitted = sum(self.fitted)
         result.endplate_method = "ct" if fitted == 2 else ("mixed" if fitted else "mask")
         if self.has_ct and result.endplate_method != "ct":
             result.flags.append("endplate_from_mask")
-        if fitted == 2 and not max(result.ha_sd_mm, result.hm_sd_mm, result.hp_sd_mm) <= IMPRECISE_HEIGHT_SD_MM:
+        if fitted == 2 and not max(noise_sd.get(key, np.nan) for key in AP_FRACTIONS) <= IMPRECISE_HEIGHT_SD_MM:
             result.flags.append("imprecise_heights")
         result.axis_point_ras, result.axis_point_from_ct = self.axis_point()
         self.profile()
         _check_plausible(result)
         return result
+
+    def model_sd(self) -> float:
+        """The SD (mm) of one CT-fitted endplate from the model's own errors
+        (:data:`ENDPLATE_MODEL_SD_MM` and :data:`ENDPLATE_MODEL_SD_VOXELS` of the voxel's extent
+        along the vertebra's axis, in quadrature): a height's SD is at least two of them in
+        quadrature."""
+        return float(np.hypot(ENDPLATE_MODEL_SD_MM, ENDPLATE_MODEL_SD_VOXELS * self.s_w))
 
     def profile(self) -> None:
         """The height profile, the deepest point of the middle region, the sagittal area, the
@@ -398,8 +435,10 @@ class BodyMeasurement:
         fit = EndplateProfileFit(self.ct_flat[window], self.voxel_local[window], direction, self.knots_v, self.frame,
                                  self.ijk_to_ras, self.cortex_mm, 0.5 * s_w + 0.8, plate_hu, disc_hu,
                                  thorough=s_w > THICK_VOXEL_MM)
+        width = self.result.width_mm
+        lateral = None if straight_only else (self.u_mid, 4.0 * LATERAL_DISH_MM / width ** 2)
         return fit.fit(mask_edges, local_half=max(0.05 * self.result.depth_mm, self.s_v) if s_w <= THICK_VOXEL_MM
-                       else None, straight_only=straight_only, halfway=True)
+                       else None, straight_only=straight_only, halfway=True, lateral=lateral)
 
 
 def crossings(profiles: np.ndarray, coords: np.ndarray, starts: np.ndarray, direction: int,

@@ -28,12 +28,29 @@ would arise by noise alone with at most this probability (a chi-squared test, an
 Bayesian information criterion). With the criterion alone (about 3 % at 3 mm slices, where an
 endplate has about 100 voxels) noise bent flat endplates."""
 
+MIN_BEND_MM = 0.3
+"""A bent endplate that dishes into the body (the normal concave endplate, a biconcave
+depression) must also depart from the straight fit by at least this much (mm) at some knot. The
+threshold is in millimetres, not in voxels: the normal dish is 1–3 mm deep whatever the slices,
+and a third of a voxel (1 mm at 3 mm slices, the earlier rule for every bend) fitted most dished
+endplates straight at thick and oblique slices, so that Hm read long by up to the dish's depth
+(issue 30). 0.3 mm is the old rule's value at 1 mm voxels; on the independent images 0 and 0.3
+mm gave the same heights, on the phantom suite 0.3 mm kept flat endplates flat (0.7x0.7x3 mm p90
+0.17 mm against 0.18 mm with none)."""
+
 MIN_BEND_VOXELS = 1.0 / 3.0
-"""A bent endplate must also depart from the straight fit by at least this fraction of the
-voxel's extent along the vertebra's axis at some knot (1 mm at 3 mm slices). The partial-volume
-model is not exact (a plate drawn on sub-voxel samples, whole-number HU, neighbouring
-structures), and with the thousand voxels of an endplate at 0.7x0.7x3 mm the test above accepts
-bends that only fit that misfit; fractures' bends are millimetres deep."""
+"""Any other bent endplate (one that bulges towards the disc somewhere more than it dishes) must
+depart from the straight fit by at least this fraction of the voxel's extent along the vertebra's
+axis (1 mm at 3 mm slices), and at least :data:`MIN_BEND_MM`. The partial-volume model is not
+exact (a plate drawn on sub-voxel samples, whole-number HU, neighbouring structures), and with
+the thousand voxels of an endplate at 0.7x0.7x3 mm the test above accepts bends that only fit that
+misfit: a flat thoracic endplate facing a thin disc bulged by 0.2 mm and moved Ha by 0.75 mm
+(``Testing/test_morphometry.py::test_thin_thoracic_discs_at_thick_slices``). Fractures' and
+dishes' bends are concave."""
+
+LATERAL_STEPS = 21
+"""Grid of curvatures of the lateral search (:meth:`EndplateProfileFit.lateral_offset`), refined by
+a parabola."""
 
 LINE_SEARCH_STEP_MM = 0.3
 """Grid step of the endplate fits' line searches (mm); the least-squares polish refines them."""
@@ -86,7 +103,7 @@ class EndplateProfileFit:
         self.measured_v = measured_v = np.asarray(knots_v, dtype=float)[self.order]
         self.kv = kv = np.empty(2 * len(measured_v) - 1)
         kv[0::2], kv[1::2] = measured_v, 0.5 * (measured_v[1:] + measured_v[:-1])
-        self.v, self.w = local[:, 1], local[:, 2]
+        self.u, self.v, self.w = local[:, 0], local[:, 1], local[:, 2]
         self.segment = np.clip(np.searchsorted(kv, self.v) - 1, 0, len(kv) - 2)
         self.dv = np.diff(kv)
         # The profile is linear in its knots: surface(v) = basis(v) @ knots, so a line search only
@@ -265,16 +282,44 @@ class EndplateProfileFit:
         """Whether the data ask for the bent profile: its residual (HU²) is finite and, unless the
         straight one's is not, lower by more than noise would make it (:data:`BEND_FALSE_ALARM`,
         at least the Bayesian information criterion) and it departs from the straight knots (mm)
-        by at least :data:`MIN_BEND_VOXELS` of a voxel: noise and the model's misfit must not
-        bend a flat endplate."""
+        by at least :data:`MIN_BEND_MM` when it dishes into the body below the chord between its end
+        knots more than it bulges above it, else :data:`MIN_BEND_VOXELS` of a voxel: noise and the
+        model's misfit must not bend a flat endplate."""
         n = len(self.values)
         extra = len(self.kv) - 2  # parameters the bent profile has beyond the straight one
         evidence = max(extra * np.log(n), float(stats.chi2.isf(BEND_FALSE_ALARM, extra)))
-        min_bend = MIN_BEND_VOXELS * voxel_extent_along(self.frame.cc, self.ijk_to_ras)
+        dish = False
+        if bent is not None:  # below the chord between its end knots, into the body (> 0)
+            chord = bent[0] + (bent[-1] - bent[0]) * (self.kv - self.kv[0]) / (self.kv[-1] - self.kv[0])
+            dip = -self.direction * (bent - chord)[1:-1]
+            dish = bool(dip.max() >= -dip.min())
+        min_bend = MIN_BEND_MM if dish else max(MIN_BEND_MM, MIN_BEND_VOXELS * voxel_extent_along(
+            self.frame.cc, self.ijk_to_ras))
         return bool(np.isfinite(rss_bent) and (
             not np.isfinite(rss_straight)
             or (n * np.log(max(rss_straight, 1e-9) / max(rss_bent, 1e-9)) > evidence
                 and np.max(np.abs(bent - straight)) >= min_bend)))
+
+    def lateral_offset(self, knots: np.ndarray, centre_u: float, max_curvature: float) -> float:
+        """How far (mm along ``w``) the endplate lies in the mid-sagittal plane ``u = centre_u``
+        beyond the profile ``knots`` fitted over the whole band: the profile's voxels span the
+        band's width, so it is the endplate averaged across the band, and a dished endplate is
+        deepest in the middle. The surface gets a lateral parabola ``c·((u - centre_u)² - m)``
+        (``m`` the voxels' mean of ``(u - centre_u)²``, so that the band's mean stays put) with
+        ``c`` searched on :data:`LATERAL_STEPS` curvatures within ``±max_curvature`` (1/mm) and
+        refined by a parabola; the offset is ``-c·m``. The bound keeps a Schmorl's node beside the
+        plane from dragging the plane into its pit by more than a dish could."""
+        q = (self.u - centre_u) ** 2
+        mean_q = float(q.mean())
+        if not (mean_q > 0.0 and max_curvature > 0.0):
+            return 0.0
+        curvatures = np.linspace(-max_curvature, max_curvature, LATERAL_STEPS)
+        surfaces = (self.basis @ knots)[None, :] + curvatures[:, None] * (q - mean_q)[None, :]
+        residual, _ = self.residuals(surfaces, knots)
+        if not np.isfinite(residual).any():
+            return 0.0
+        curvature = float(np.clip(parabolic_minimum(curvatures, residual), -max_curvature, max_curvature))
+        return -curvature * mean_q
 
     def refine_locally(self, knots: np.ndarray, disc: float, local_half: float) -> np.ndarray:
         """A bent profile's knots (local ``w``, mm) each refined on the voxels within ``local_half``
@@ -301,12 +346,14 @@ class EndplateProfileFit:
         return refined
 
     def fit(self, edges_guess: np.ndarray, local_half: float | None = None, straight_only: bool = False,
-            halfway: bool = False) -> tuple | None:
+            halfway: bool = False, lateral: tuple[float, float] | None = None) -> tuple | None:
         """Fit the endplate from the mask's endplate ``edges_guess`` (local ``w`` at ``knots_v``,
         mm, same order): the straight profile (:meth:`fit_straight`) and, unless
         ``straight_only``, the bent one (:meth:`fit_bent`), which is kept only when the data ask
         for it (:meth:`bend_is_real`); a kept bent profile is refined locally
-        (:meth:`refine_locally`) when ``local_half`` is given and the plate's HU is known.
+        (:meth:`refine_locally`) when ``local_half`` is given and the plate's HU is known. With
+        ``lateral`` (``centre_u``, ``max_curvature``) the profile is moved to the mid-sagittal
+        plane (:meth:`lateral_offset`).
 
         Returns the surface's ``w`` at ``knots_v`` (same order), the disc HU and the standard
         deviation of the surface at ``knots_v`` from the noise (:meth:`knot_sd`; mm, inf where the
@@ -331,6 +378,8 @@ class EndplateProfileFit:
             knots, disc, sd = straight, disc_straight, self.knot_sd(straight, [self.shift, self.tilt], guess_line)
         else:
             return None
+        if lateral is not None:
+            knots = knots + self.lateral_offset(knots, *lateral)
         result, result_sd = np.empty(len(self.measured_v)), np.empty(len(self.measured_v))
         result[self.order], result_sd[self.order] = knots[0::2], sd[0::2]
         if halfway:

@@ -24,9 +24,9 @@ normal Ha/Hp from :data:`NORMAL_HA_HP`, in :mod:`.genant` with Genant's scales):
 * **height loss** = the largest of the three, clipped to [0, 1]; **shape** its argmax,
   ``normal`` below grade 1; **Genant grade** and **borderline** from :func:`genant_grade` and
   :func:`is_borderline`.
-* **grade uncertainty**: when the heights carry their standard deviations from the CT's noise
-  (``ha_sd_mm``, ``hm_sd_mm``, ``hp_sd_mm`` of :class:`~.morphometry.VertebraHeights`, NaN when
-  not measured),
+* **grade uncertainty**: when the heights carry their standard deviations (``ha_sd_mm``,
+  ``hm_sd_mm``, ``hp_sd_mm`` of :class:`~.morphometry.VertebraHeights`: the CT's noise, at least
+  the fit's model error, NaN when not measured),
   each loss gets its SD by first-order propagation (the reference's from the neighbours' Hp SDs),
   and a vertebra whose grade differs between all losses lowered by :data:`UNCERTAIN_SDS` SDs and
   all raised by as many is flagged ``grade_uncertain``. SPEC §4 fixes ``borderline`` at 3
@@ -36,8 +36,8 @@ normal Ha/Hp from :data:`NORMAL_HA_HP`, in :mod:`.genant` with Genant's scales):
 Losses are taken relative to each level's expected *normal shape*, not to a flat box: that is
 how the physiological wedging of T11–L1 (and of the mid-thoracic kyphosis) and L5's short
 posterior wall (Ha > Hp) are kept from being called fractures (SPEC §4 false-positive sources).
-Schmorl's nodes are handled upstream (heights are medians over bundles of lines in
-:mod:`.morphometry`) and scoliosis by measuring in each vertebra's own frame; a level
+Schmorl's nodes are handled upstream (heights come from the whole central band in
+:mod:`.morphometry`, a median over its lines or a fit over its voxels with a bounded lateral term) and scoliosis by measuring in each vertebra's own frame; a level
 misidentification shows here only as a gap in the level sequence, which is flagged.
 """
 
