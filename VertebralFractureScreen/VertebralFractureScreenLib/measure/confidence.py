@@ -13,12 +13,12 @@ right given the image's noise, times a factor for each known reason to doubt it:
 * *its identity* (:data:`LEVELS_DOUBTFUL_FACTOR`): the level check doubts the labels;
 * *what it is* (:data:`PATHOLOGY_FACTOR`): a suspected lesion or hardware — its shape then does
   not measure osteoporosis;
-* *how it lies in the scan* (:data:`LATERAL_TILT_FACTOR`): tilted laterally against thick slices
-  (flag ``lateral_tilt``, :mod:`.spine_shape`), where the heights err by more than their SDs say.
+* *how it lies in the scan* (:data:`LATERAL_TILT_FACTOR`): tilted laterally against the slices
+  beyond the tilts validated (flag ``lateral_tilt``, :mod:`.spine_shape`).
 
 **Per exam** (``review``): ``needed`` with its ``reasons``: a fractured vertebra below
 :data:`REVIEW_BELOW`, a grade the noise leaves open, doubtful levels, a suspected lesion or
-hardware, a mask off the bone, a fracture measured on a laterally tilted vertebra at thick slices.
+hardware, a mask off the bone, a fracture on a vertebra tilted beyond the validated tilts.
 
 The factors are the project's judgement, not fitted values: each halves or less what a reader
 would trust in the result for that reason; they order the vertebrae for review and are not
@@ -47,7 +47,7 @@ PATHOLOGY_FACTOR = 0.3
 PATHOLOGY_FLAGS = frozenset({"suspected_lesion", "instrumented"})
 
 LATERAL_TILT_FACTOR = 0.7
-"""Tilted laterally against thick slices: heights 1–2.5 mm off on the independent images."""
+"""Tilted laterally beyond the tilts at which the heights were validated."""
 
 REVIEW_BELOW = 0.8
 """A fractured vertebra with a lower confidence makes the exam need a review."""
@@ -106,5 +106,5 @@ def review_reasons(rows: Sequence[dict], levels_doubtful: bool) -> list[str]:
             why.append(f"{words}: {', '.join(levels)}")
     tilted = [r["level"] for r in rows if "lateral_tilt" in r["flags"] and r.get("genant_grade")]
     if tilted:
-        why.append(f"fracture measured on a vertebra tilted against thick slices: {', '.join(tilted)}")
+        why.append(f"fracture on a vertebra tilted beyond the validated 30°: {', '.join(tilted)}")
     return why

@@ -163,14 +163,12 @@ def _rounded(value: float) -> float:
 
 LATERAL_TILT_FLAG = "lateral_tilt"
 
-LATERAL_TILT_DEG = 7.0
-"""A vertebra tilted laterally against the slices by at least this (degrees) is flagged
-:data:`LATERAL_TILT_FLAG` when the slices are thick (:data:`THICK_SLICE_MM`). Measured on the
-independent images (docs/validation.md, "Lateral tilt at thick slices")."""
-
-THICK_SLICE_MM = 1.5
-"""Slices at least this far apart (mm, along the slice normal) are thick: at 1 mm the heights do
-not depend on the tilt; at 3 mm a lateral tilt of 10° or more puts Hm 1–2.5 mm long."""
+LATERAL_TILT_DEG = 30.0
+"""A vertebra tilted laterally against the slices by more than this (degrees) is flagged
+:data:`LATERAL_TILT_FLAG`: its heights lie beyond the tilts measured on independently rendered
+images (docs/validation.md, "Lateral tilt"). Up to 30°, at 1 mm, 0.7x0.7x3 mm and 3 mm, the
+heights err no more than untilted ones once the fit follows the concave endplate through thick
+slices (before that, Hm read 1–2 mm long from 7° on at thick slices)."""
 
 
 def lateral_tilt_deg(frame, ijk_to_ras: np.ndarray) -> float:
@@ -183,22 +181,13 @@ def lateral_tilt_deg(frame, ijk_to_ras: np.ndarray) -> float:
     return float(np.degrees(np.arcsin(min(1.0, abs(float(np.asarray(frame.lr, float) @ normal))))))
 
 
-def slice_spacing_mm(ijk_to_ras: np.ndarray) -> float:
-    """The distance (mm) between neighbouring slices along the slice normal."""
-    m = np.asarray(ijk_to_ras, float)[:3, :3]
-    normal = _unit(np.cross(m[:, 0], m[:, 1]))
-    return abs(float(m[:, 2] @ normal))
-
-
 def flag_lateral_tilt(vertebrae: Sequence, ijk_to_ras: np.ndarray) -> list[str]:
     """Append :data:`LATERAL_TILT_FLAG` to the ``flags`` of every measured vertebra (records with
-    ``frame`` and ``flags``, the morphometry's) tilted laterally against thick slices by at least
-    :data:`LATERAL_TILT_DEG`; returns their levels. Nothing is flagged at thin slices."""
-    if slice_spacing_mm(ijk_to_ras) < THICK_SLICE_MM:
-        return []
+    ``frame`` and ``flags``, the morphometry's) tilted laterally against the slices by more than
+    :data:`LATERAL_TILT_DEG`; returns their levels."""
     flagged = []
     for v in vertebrae:
-        if v.frame is not None and lateral_tilt_deg(v.frame, ijk_to_ras) >= LATERAL_TILT_DEG:
+        if v.frame is not None and lateral_tilt_deg(v.frame, ijk_to_ras) > LATERAL_TILT_DEG:
             if LATERAL_TILT_FLAG not in v.flags:
                 v.flags.append("lateral_tilt")  # LATERAL_TILT_FLAG, spelt out for the flag registry's check
             flagged.append(v.level)

@@ -194,11 +194,12 @@ EXAM_FIELDS: tuple[Quantity, ...] = (
        " lesion or hardware: not counted in max_grade, fractured_levels or count", "list"),
     _q("fracture.graded_levels", "Graded vertebrae", "{vertebrae}", "number of graded vertebrae", "integer"),
     _q("fracture.borderline_levels", "Borderline levels", "", "graded levels near a grade boundary", "list"),
-    _q("fracture.uncertain_grade_levels", "Uncertain grades", "", "graded levels whose grade the image's noise"
-       " leaves open", "list"),
+    _q("fracture.uncertain_grade_levels", "Uncertain grades", "", "graded levels whose grade the heights' SDs"
+       " leave open", "list"),
     _q("grading", "Grading basis", "", "how genant_grade and quantitative_grade are defined, and their boundaries",
        "object"),
-    *(_q(f"height_sd_mm.<level>.{h}", f"{h.capitalize()} SD", "mm", f"SD of {h.capitalize()} from the CT's noise",
+    *(_q(f"height_sd_mm.<level>.{h}", f"{h.capitalize()} SD", "mm",
+         f"SD of {h.capitalize()}: the larger of the CT's noise and the endplate model's own error",
          code=_by_key(VERTEBRA_TABLE)[f"{h}_mm"].code, derivation=STANDARD_DEVIATION) for h in ("ha", "hm", "hp")),
     _q("height_loss_sd.<level>", "Height loss SD", "1", "SD of height_loss from the heights' SDs",
        code=_by_key(VERTEBRA_TABLE)["height_loss"].code, derivation=STANDARD_DEVIATION),
@@ -361,8 +362,8 @@ FLAGS: dict[str, str] = {
     "endplates_cross": "the fitted endplates cross: heights from the mask",
     "endplate_from_mask": "an endplate could not be placed on the CT: the mask's is used",
     "imprecise_heights": "a height's SD from the CT's noise is above 0.5 mm",
-    "lateral_tilt": "tilted laterally against thick slices (≥ 7° at slices ≥ 1.5 mm apart): heights may err by"
-                    " 1–2.5 mm, more than their SDs say",
+    "lateral_tilt": "tilted laterally against the slices by more than 30°: heights beyond the tilts validated on"
+                    " independent images",
     "heights_not_measurable": "a height could not be measured: not graded",
     "implausible_height": "a height outside the plausible range for a vertebral body: not graded",
     "implausible_depth": "a body depth outside the plausible range: not graded",
@@ -376,7 +377,7 @@ FLAGS: dict[str, str] = {
     "no_reference": "no usable neighbour: no crush criterion",
     "crushed_neighbour_excluded": "a neighbour suspected of a crush was left out of the reference",
     "level_gap": "the adjacent level is absent from the segmentation (a missing vertebra or a labelling error?)",
-    "grade_uncertain": "the heights' noise leaves the grade open (two SDs change it)",
+    "grade_uncertain": "the heights' SDs (noise or model error) leave the grade open (two SDs change it)",
     # trabecular ROI
     "roi_limits_from_mask": "the ROI's limits come from the mask, not the fitted endplates",
     "fractured": "a fractured vertebra: its HU is reported, not used for the bone category",
