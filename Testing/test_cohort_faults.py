@@ -439,8 +439,11 @@ def test_ctrl_c_with_local_workers_is_one_sentence_and_a_rerun_resumes(small, tm
     finished exams and screens the others."""
     names = [f"e{n}" for n in range(5)]
     inputs, out = exam_files(small, tmp_path / "in", *names), tmp_path / "out"
+    # A terminal's foreground job gets SIGINT's default action; a shell's background job (CI started
+    # with `&`) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt: restore it.
     run = subprocess.Popen(cli_command("cohort", str(inputs), "--out", str(out), "--workers", "2", *LEVELS),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while run.poll() is None and not list(out.glob(f"{cohort.EXAMS_FOLDER}/*/.lock")):  # an exam has started

@@ -365,6 +365,7 @@ def test_totalsegmentator_runs_off_the_main_thread_use_spawn():
 
 
 @pytest.mark.slow
+@needs_totalsegmentator
 def test_segment_ribs_asks_totalsegmentator_for_the_ribs_too(offline, trap, tmp_path, capsys):
     """``--segment-ribs``: the 24 rib classes join the ``roi_subset`` (the manifest says so), and
     at ``normal`` quality the ribs' model part joins the models that run."""
