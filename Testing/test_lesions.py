@@ -228,3 +228,22 @@ def test_screening_counts_no_pathological_fracture_and_keeps_cement_out_of_the_b
     bone = result.exam["bone"]
     assert "L2" not in bone["lumbar_levels"] and bone["excluded_lumbar"]["L2"] == "cement or screws"
     assert result.exam["review"]["needed"] and any("L1" in r for r in result.exam["review"]["reasons"])
+
+
+def test_a_fracture_too_collapsed_to_check_for_a_lesion_asks_for_a_review():
+    """A T10 crushed by 45 % at 3 mm voxels leaves no core to look for a lesion in: the fracture
+    is still graded and counted, but its row says `lesions_not_assessed` and the exam asks for a
+    review (it may be pathological); the unfractured vertebrae carry no such flag."""
+    from VertebralFractureScreenLib.exam.screening import screen_exam
+    from VertebralFractureScreenLib.io.volume import Volume
+
+    levels = lv.parse_level_range("T9-L1")
+    phantom = make_phantom(PhantomSpec(levels=levels, spacing=(3.0, 3.0, 3.0), trabecular_hu=110.0, noise_hu=10.0,
+                                       fractures=(Fracture.parse("T10:crush:0.45"),), seed=23))
+    result = screen_exam(Volume(phantom.ct, phantom.ijk_to_ras), seg=phantom.total, body_seg=phantom.vertebrae_body,
+                         exam_id="collapsed", levels=levels)
+    rows = {row["level"]: row for row in result.vertebrae}
+    assert rows["T10"]["genant_grade"] == 3 and "lesions_not_assessed" in rows["T10"]["flags"]
+    assert result.exam["fracture"]["fractured_levels"] == ["T10"]  # counted: nothing says it is pathological
+    assert not any("lesions_not_assessed" in rows[level]["flags"] for level in rows if level != "T10")
+    assert "fracture whose body could not be checked for a lesion: T10" in result.exam["review"]["reasons"]

@@ -434,11 +434,14 @@ def _bone_and_muscles(inputs: ExamInputs, convention: str, all_heights, heights,
     lesions = {found.level: found for found in find_lesions(ct_array, labels, ijk_to_ras, all_heights,
                                                             body_labels=inputs.body_labels,
                                                             label_boxes=inputs.label_boxes, convention=convention)}
+    fractured = {g.level for g in grades if (g.genant_grade or 0) >= 1}
     for roi in rois:  # the lesion flags reach the vertebra's row through its ROI's
         found = lesions.get(roi.level)
         if found is not None:
             extra = [*found.flags, *(["diffuse_lesion"] if found.suspected_lesion and found.diffuse else [])]
-            roi.flags += [f for f in extra if f != "lesions_not_assessed" and f not in roi.flags]
+            # an unassessed body matters on a fracture (it may be pathological), not elsewhere
+            unchecked = roi.level in fractured and not found.instrumented
+            roi.flags += [f for f in extra if (f != "lesions_not_assessed" or unchecked) and f not in roi.flags]
     if not keep_label_maps:
         inputs.body_labels = None
     if convention == "totalsegmentator":

@@ -18,7 +18,9 @@ right given the image's noise, times a factor for each known reason to doubt it:
 
 **Per exam** (``review``): ``needed`` with its ``reasons``: a fractured vertebra below
 :data:`REVIEW_BELOW`, a grade the noise leaves open, doubtful levels, a suspected lesion or
-hardware, a mask off the bone, a fracture on a vertebra tilted beyond the validated tilts.
+hardware, a mask off the bone, a fracture whose body could not be checked for a lesion (a
+collapse leaves no core: the fracture may be pathological), a fracture on a vertebra tilted beyond
+the validated tilts.
 
 The factors are the project's judgement, not fitted values: each halves or less what a reader
 would trust in the result for that reason; they order the vertebrae for review and are not
@@ -100,7 +102,8 @@ def review_reasons(rows: Sequence[dict], levels_doubtful: bool) -> list[str]:
     if levels_doubtful:
         why.append("level labels doubtful (see level_check)")
     for flag, words in (("suspected_lesion", "suspected lesion"), ("instrumented", "cement or screws"),
-                        ("mask_off_bone", "segmentation off the bone")):
+                        ("mask_off_bone", "segmentation off the bone"),
+                        ("lesions_not_assessed", "fracture whose body could not be checked for a lesion")):
         levels = [r["level"] for r in rows if flag in r["flags"]]
         if levels:
             why.append(f"{words}: {', '.join(levels)}")

@@ -387,8 +387,8 @@ FLAGS: dict[str, str] = {
     "instrumented": "cement or screws in or beside the body: as suspected_lesion, and its HU is left out of the bone"
     " summary",
     "diffuse_lesion": "the suspected lesion fills the body: its HU is left out of the bone summary",
-    "lesions_not_assessed": "the body's core could not be assessed for lesions (no frame, too small, or hardware);"
-    " kept in measure/lesions.py's result, not in vertebrae.csv",
+    "lesions_not_assessed": "a fractured body whose core could not be checked for lesions (collapsed too far, no"
+    " frame): the fracture may be pathological; the exam asks for a review",
     "focal_lesion_excluded": "a focal outlier (dense island or lytic focus) was left out of the ROI",
     "roi_small": "the ROI holds few voxels: its HU is imprecise",
     "roi_empty": "no ROI could be placed: no HU",
