@@ -101,6 +101,7 @@ reading is not osteoporosis's, not what the lesion is.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -110,7 +111,7 @@ from scipy import ndimage
 from .. import levels as lv
 from ..geometry import find_label_boxes, mask_box, voxel_extent_along, voxel_spacing, voxel_volume_ml
 from .frames import local_coordinate
-from .trabecular_roi import POSTERIOR_EXCLUDED, SURFACE_UNCERTAINTY, _body_limits
+from .trabecular_roi import POSTERIOR_EXCLUDED, SURFACE_UNCERTAINTY, _body_limits, body_voxels
 
 LESION_KINDS = ("sclerotic", "lytic")
 HARDWARE_KINDS = ("cement", "screws")
@@ -257,12 +258,7 @@ def _examine(h, ct, labels, ijk_to_ras, body_labels, label_boxes) -> _Examined:
     if h.frame is None or box is None:
         return result
 
-    def body_mask(slices):
-        mask = labels[slices] == label
-        if body_labels is not None:
-            mask &= body_labels[slices] == lv.BODY_LABEL
-        return mask
-
+    body_mask = functools.partial(body_voxels, labels, label, body_labels)
     limits, _ = _body_limits(h, ijk_to_ras, labels.shape, body_mask)
     if limits is None:
         return result

@@ -36,6 +36,7 @@ handled alike.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -200,12 +201,7 @@ def trabecular_roi_mask(
     if frame is None:
         return None, None, ["not_measured"]
 
-    def body_mask(slices):
-        mask = labels[slices] == label
-        if body_labels is not None:
-            mask &= body_labels[slices] == lv.BODY_LABEL
-        return mask
-
+    body_mask = functools.partial(body_voxels, labels, label, body_labels)
     limits, flags = _body_limits(heights, ijk_to_ras, labels.shape, body_mask)
     if limits is None:
         return None, None, flags
@@ -227,6 +223,15 @@ def trabecular_roi_mask(
     if roi is None:
         return None, None, flags + ["roi_empty"]
     return slices, roi, flags
+
+
+def body_voxels(labels: np.ndarray, label: int, body_labels, slices) -> np.ndarray:
+    """The vertebra's body in the crop ``slices`` of the label map: its ``label``, within the
+    ``vertebrae_body`` map's bodies when that map is given (else the whole label)."""
+    mask = labels[slices] == label
+    if body_labels is not None:
+        mask &= body_labels[slices] == lv.BODY_LABEL
+    return mask
 
 
 def _body_limits(heights, ijk_to_ras: np.ndarray, shape_kji, body_mask) -> tuple[_BodyLimits | None, list[str]]:
