@@ -298,9 +298,7 @@ def _add_cohort_parser(commands) -> None:
 def _run_cohort(args) -> int:
     from .cohort import CohortSettings, TerminalProgress, run_cohort
 
-    settings = CohortSettings(convention=args.labels, levels=_parse_levels(args.levels), quality=args.quality,
-                              device=args.device, segment_body=args.body, qc=not args.no_qc, model=args.model,
-                              relabel_levels=args.relabel_levels, segment_ribs=args.segment_ribs)
+    settings = CohortSettings.from_options(args, _parse_levels(args.levels))
     summary = run_cohort(args.inputs, args.out, settings=settings, workers=args.workers, scheduler=args.scheduler,
                          retry_failed=args.retry_failed, segment_resources=args.segment_resources,
                          measure_resources=args.measure_resources, progress=TerminalProgress())

@@ -44,6 +44,21 @@ class CohortSettings:
     segment_ribs: bool = False
     """TotalSegmentator also segments the ribs, for the level check (``screen_exam``'s option)."""
 
+    @classmethod
+    def from_options(cls, options, levels: tuple[str, ...]) -> CohortSettings:
+        """The screening options of the command line (``--labels`` … ``--segment-ribs``, shared by
+        ``vfscreen cohort`` and ``vfscreen pacs``), with ``levels`` already parsed."""
+        return cls(convention=options.labels, levels=levels, quality=options.quality, device=options.device,
+                   segment_body=options.body, qc=not options.no_qc, model=options.model,
+                   relabel_levels=options.relabel_levels, segment_ribs=options.segment_ribs)
+
+    def screen_options(self, convention: str | None = None) -> dict:
+        """These settings as :func:`.screening.screen_exam`'s keyword arguments (``qc`` is
+        :meth:`.ScreeningResult.write`'s); ``convention``: the exam's own label convention, if any."""
+        return dict(convention=convention or self.convention, levels=self.levels, quality=self.quality,
+                    device=self.device, segment_body=self.segment_body, model=self.model,
+                    relabel_levels=self.relabel_levels, segment_ribs=self.segment_ribs)
+
 
 @dataclass
 class ExamOutcome:
@@ -209,12 +224,9 @@ def _screen_locked(exam: CohortExam, settings: CohortSettings, folder: Path, sta
                                worker=_worker_name(), worker_peak_rss_mib=_peak_rss_mib())
         from ..exam.screening import screen_exam
 
-        result = screen_exam(exam.ct, seg=exam.seg, body_seg=exam.body_seg,
-                             convention=exam.convention or settings.convention, exam_id=exam.exam_id,
-                             levels=settings.levels, series_uid=exam.series_uid, out_dir=folder,
-                             quality=settings.quality, device=settings.device,
-                             segment_body=settings.segment_body, keep_label_maps=False, model=settings.model,
-                             relabel_levels=settings.relabel_levels, segment_ribs=settings.segment_ribs)
+        result = screen_exam(exam.ct, seg=exam.seg, body_seg=exam.body_seg, exam_id=exam.exam_id,
+                             series_uid=exam.series_uid, out_dir=folder, keep_label_maps=False,
+                             **settings.screen_options(exam.convention))
         result.write(folder, qc=settings.qc)
         (folder / ERROR_FILE).unlink(missing_ok=True)
     except Exception as error:  # noqa: BLE001 - one exam's failure never stops the cohort

@@ -125,7 +125,8 @@ def _query(args) -> StudyQuery:
 
 
 def _options(args) -> ScreenOptions:
-    from ..levels import parse_level_range
+    from ..cli import _parse_levels  # the command line's one levels rule
+    from ..cohort import CohortSettings
 
     if args.min_slices < 1:
         raise VFSError(f"--min-slices must be at least 1, not {args.min_slices}.")
@@ -133,14 +134,8 @@ def _options(args) -> ScreenOptions:
         raise VFSError(f"--seg-dir {args.seg_dir} is not a folder.")
     if args.out.exists() and not args.out.is_dir():
         raise VFSError(f"output path {args.out} exists and is not a folder.")
-    try:
-        levels = parse_level_range(args.levels)
-    except ValueError as error:
-        raise VFSError(f"{error}.") from None
-    return ScreenOptions(seg_dir=args.seg_dir, convention=args.labels, levels=levels, quality=args.quality,
-                         device=args.device, segment_body=args.body, qc=not args.no_qc, model=args.model,
-                         min_slices=args.min_slices, relabel_levels=getattr(args, "relabel_levels", False),
-                         segment_ribs=getattr(args, "segment_ribs", False))
+    settings = CohortSettings.from_options(args, _parse_levels(args.levels))
+    return ScreenOptions(settings, seg_dir=args.seg_dir, min_slices=args.min_slices)
 
 
 def run_query(args) -> int:

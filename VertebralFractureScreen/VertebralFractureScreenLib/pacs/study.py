@@ -24,11 +24,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import InputError, VFSError
 from .config import PacsError
 from .journal import DONE, FAILED, SCREENED, Journal, folder_for
 from .selection import MIN_SLICES, choose_series, describe
+
+if TYPE_CHECKING:  # the cohort package reads images (SimpleITK): not imported when the parser is built
+    from ..cohort import CohortSettings
 
 SEG_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha")
 """Suffixes of a study's segmentation in ``--seg-dir``: ``<StudyInstanceUID><suffix>``, and
@@ -39,20 +43,12 @@ PULL_PREFIX = ".pull-"
 
 @dataclass(frozen=True)
 class ScreenOptions:
-    """How studies are screened: ``vfscreen screen``'s options, the segmentation folder and the
-    series rule's minimum number of images."""
+    """How studies are screened: ``settings``, ``vfscreen screen``'s options (as a cohort holds
+    them), the segmentation folder and the series rule's minimum number of images."""
 
+    settings: CohortSettings
     seg_dir: Path | None = None
-    convention: str = "totalsegmentator"
-    levels: tuple = ()
-    quality: str = "normal"
-    device: str = "cpu"
-    segment_body: bool = False
-    qc: bool = True
-    model: str | None = None
     min_slices: int = MIN_SLICES
-    relabel_levels: bool = False
-    segment_ribs: bool = False
 
 
 def segmentations(seg_dir, study_uid: str) -> tuple[Path | None, Path | None]:
@@ -149,14 +145,10 @@ def _pull_and_screen(connection, study_uid: str, out: Path, folder: Path, option
             raise
         try:
             seg, body = segmentations(options.seg_dir, study_uid)
-            levels = {"levels": options.levels} if options.levels else {}
-            levels.update({k: True for k in ("relabel_levels", "segment_ribs") if getattr(options, k)})
-            result = screen_exam(scratch, seg=seg, body_seg=body, convention=options.convention, exam_id=study_uid,
-                                 **levels, series_uid=series_uid, out_dir=folder,
-                                 quality=options.quality, device=options.device, segment_body=options.segment_body,
-                                 keep_label_maps=True, model=options.model,
+            result = screen_exam(scratch, seg=seg, body_seg=body, exam_id=study_uid, series_uid=series_uid,
+                                 out_dir=folder, keep_label_maps=True, **options.settings.screen_options(),
                                  sources={"ct": f"{connection.describe()}, study {study_uid}, series {series_uid}"})
-            result.write(folder, qc=options.qc)
+            result.write(folder, qc=options.settings.qc)
             write_dicom_objects(result, folder, reference=scratch, series_uid=series_uid, required=True)
         except VFSError as error:
             error.stage = "screen"
