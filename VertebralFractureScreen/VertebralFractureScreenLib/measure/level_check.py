@@ -236,15 +236,15 @@ def _rib_findings(rib_levels: dict[int, str], bearing: set[str], centres: dict) 
     return findings
 
 
-def _next_to_sacrum(labels: np.ndarray, boxes: list, ijk_to_ras: np.ndarray, centres: dict) -> str:
-    """The labelled vertebra (of ``centres``) nearest the sacrum."""
+def _by_distance_to_sacrum(labels: np.ndarray, boxes: list, ijk_to_ras: np.ndarray, centres: dict) -> list[str]:
+    """The labelled vertebrae (of ``centres``), nearest the sacrum first."""
     box = boxes[lv.TOTAL_SACRUM - 1] if lv.TOTAL_SACRUM - 1 < len(boxes) else None
     origin = np.array([s.start for s in box], dtype=np.int64)
     ras = ijk_to_ras_points(ijk_to_ras, (np.argwhere(labels[box] == lv.TOTAL_SACRUM) + origin)[:, ::-1])
     names = list(centres)
     points = np.array([centres[n] for n in names])
-    return names[int(np.argmin(np.min(np.linalg.norm(points[:, None, :] - ras[None, ::max(1, len(ras) // 4000)],
-                                                     axis=2), axis=1)))]
+    distance = np.min(np.linalg.norm(points[:, None, :] - ras[None, ::max(1, len(ras) // 4000)], axis=2), axis=1)
+    return [names[i] for i in np.argsort(distance, kind="stable")]
 
 
 def _agreed_shift(rib_levels: dict[int, str], above_sacrum: str | None) -> int:
@@ -321,9 +321,9 @@ def check_levels(labels: np.ndarray, ijk_to_ras: np.ndarray, *, convention: str 
     above_sacrum = None
     if sacrum and any(level.startswith("L") for level in centres):
         checked.append("sacrum")
-        nearest = _next_to_sacrum(labels, boxes, ijk_to_ras, centres)
-        lumbar = {level: c for level, c in centres.items() if level != "S1"}
-        above_sacrum = nearest if nearest != "S1" else _next_to_sacrum(labels, boxes, ijk_to_ras, lumbar)
+        order = _by_distance_to_sacrum(labels, boxes, ijk_to_ras, centres)
+        nearest = order[0]
+        above_sacrum = next(level for level in order if level != "S1")  # a lumbar one exists (checked above)
         if nearest not in ("L5", "S1"):
             findings.append(f"the vertebra next to the sacrum is labelled {nearest}, not L5: a lumbosacral transition "
                             "(four or six lumbar-type vertebrae) or labels shifted.")
