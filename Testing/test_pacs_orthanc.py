@@ -295,8 +295,10 @@ def test_missing_slices_are_refused_until_the_slice_arrives(pacs, example_data, 
     out, segs = tmp_path / "out", seg_folder(example_data, tmp_path / "segs", study)
     args = ("pacs", "watch", *connection_args(pacs, "dicomweb"), "--once", "--min-slices", 10, "--seg-dir", segs,
             "--out", out)
+    handler = signal.getsignal(signal.SIGTERM)
     status, _, _ = vfscreen(capsys, *args)
     assert status == 0 and study not in journal(out)  # first poll: seen, waiting to settle
+    assert signal.getsignal(signal.SIGTERM) is handler  # the watcher's own SIGTERM handler is gone again
     for attempt in (1, 2):
         status, _, err = vfscreen(capsys, *args)
         assert status == 1

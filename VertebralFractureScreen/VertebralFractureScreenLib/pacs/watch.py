@@ -23,6 +23,7 @@ stderr and the next tick tries again; ``once`` makes it the command's failure in
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import time
@@ -80,15 +81,23 @@ def tick(connection, journal: Journal, out, options: ScreenOptions, *, since_day
     return report
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM ends the watcher like Ctrl-C (exit 130): between two studies' steps, journal intact."""
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """While watching, SIGTERM ends the watcher like Ctrl-C (exit 130): between two studies'
+    steps, journal intact. The previous handler comes back afterwards (``watch --once`` from a
+    library caller leaves the process as it found it)."""
     def stop(signum, frame):
         raise KeyboardInterrupt
 
     try:
-        signal.signal(signal.SIGTERM, stop)
+        previous = signal.signal(signal.SIGTERM, stop)
     except ValueError:  # not the main thread (a library caller): leave the handler alone
-        pass
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def watch(connect, out, options: ScreenOptions, *, interval_s: float = DEFAULT_INTERVAL_S,
@@ -102,8 +111,7 @@ def watch(connect, out, options: ScreenOptions, *, interval_s: float = DEFAULT_I
             the output folder.
     """
     journal = Journal(out)
-    _stop_on_sigterm()
-    with journal.locked():
+    with _stop_on_sigterm(), journal.locked():
         while True:
             started = time.monotonic()
             try:
